@@ -1,0 +1,176 @@
+"""Attacks by name, from torchattacks, plus the two the libraries lack in the form we need.
+
+* ``TrackedPGD`` / ``TrackedTPGD``: torchattacks' PGD and TRADES-PGD, unchanged, that also count
+  per sample the iterations at which the prediction (before the update) was still correct:
+  GAIRAT's kappa, as its authors' code counts it. On the device, no host sync.
+* ``CWLinf``: PGD under the Linf budget on the CW margin loss (confidence 50, true class masked
+  with -1e4 before the max over other classes), the "CW" of the reweighting papers' tables.
+  torchattacks' ``CW`` is the L2 optimisation attack, a different thing.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torchattacks
+from torchattacks.attack import Attack
+from torch import Tensor, nn
+
+from .errors import OptionError
+
+
+def cw_margin_loss(logits: Tensor, y: Tensor, confidence: float = 50.0) -> Tensor:
+    """Per-sample CW margin loss ``-clamp(z_y - max_{j != y} z_j + confidence, min=0)``.
+
+    The max over other classes masks the true class with -1e4 (so it is right even when all
+    logits are negative). Ascending this loss pushes the true logit below the best other one.
+    """
+    onehot = torch.nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
+    real = (onehot * logits).sum(1)
+    other = ((1.0 - onehot) * logits - onehot * 1e4).max(1).values
+    return -torch.clamp(real - other + confidence, min=0.0)
+
+
+class _CountsCorrect:
+    """Mixin for torchattacks attacks whose loop calls ``get_logits`` once per iteration on an
+    input that requires grad. Leaves ``self.kappa`` ``[B]`` (long) after each call."""
+
+    kappa: Tensor
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
+        self._labels = labels.to(images.device)
+        self.kappa = torch.zeros(labels.shape[0], dtype=torch.long, device=images.device)
+        return super().forward(images, labels)  # type: ignore[misc]
+
+    def get_logits(self, inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        logits = super().get_logits(inputs, *args, **kwargs)  # type: ignore[misc]
+        if inputs.requires_grad:
+            self.kappa += logits.detach().argmax(1) == self._labels
+        return logits
+
+
+class TrackedPGD(_CountsCorrect, torchattacks.PGD):
+    """torchattacks.PGD recording GAIRAT's kappa (iterations still correctly classified).
+
+    >>> atk = TrackedPGD(model, eps=8/255, alpha=2/255, steps=10); x_adv = atk(x, y); atk.kappa
+    """
+
+
+class TrackedTPGD(_CountsCorrect, torchattacks.TPGD):
+    """torchattacks.TPGD (TRADES' KL attack from x + 0.001 N(0, 1)) recording kappa."""
+
+
+class CWLinf(Attack):
+    """PGD on the CW margin loss under an Linf budget (Carlini & Wagner loss, Madry's PGD).
+
+    As in the GAIRAT / MAIL / LRAT evaluation code: confidence 50, random start, sign steps.
+
+    >>> atk = CWLinf(model, eps=8/255, alpha=2/255, steps=20); x_adv = atk(x, y)
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20,
+                 confidence: float = 50.0, random_start: bool = True) -> None:
+        super().__init__("CWLinf", model)
+        self.eps, self.alpha, self.steps = eps, alpha, steps
+        self.confidence, self.random_start = confidence, random_start
+        self.supported_mode = ["default"]
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        adv = images.clone()
+        if self.random_start:
+            adv = torch.clamp(adv + torch.empty_like(adv).uniform_(-self.eps, self.eps), 0, 1)
+        for _ in range(self.steps):
+            adv.requires_grad_(True)
+            cost = cw_margin_loss(self.get_logits(adv), labels, self.confidence).sum()
+            grad = torch.autograd.grad(cost, adv)[0]
+            adv = adv.detach() + self.alpha * grad.sign()
+            adv = torch.clamp(images + torch.clamp(adv - images, -self.eps, self.eps), 0, 1).detach()
+        return adv
+
+
+def set_bn_mode(attack: Attack, bn: str) -> Attack:
+    """``eval``: the whole model in eval mode while attacking (torchattacks' default; TRADES,
+    MART, MAIL, GAIRAT code). ``train``: train mode, BatchNorm uses and updates batch statistics
+    (robust_overfitting, AWP code)."""
+    if bn == "train":
+        attack.set_model_training_mode(model_training=True, batchnorm_training=True, dropout_training=False)
+    elif bn != "eval":
+        raise OptionError(f"--attack-bn: {bn!r} is not one of eval, train")
+    return attack
+
+
+TRAIN_ATTACKS = ("pgd", "tpgd", "cw", "fgsm", "apgd-ce", "apgdt")
+
+
+def make_attack(name: str, model: nn.Module, *, eps: float, alpha: float, steps: int, bn: str = "eval",
+                num_classes: int = 10, seed: int = 0, **extra: Any) -> Attack:
+    """A torchattacks attack by name under an Linf budget.
+
+    ``pgd`` (TrackedPGD), ``tpgd`` (TrackedTPGD), ``cw`` (CWLinf), ``fgsm``, ``apgd-ce`` (APGD on
+    CE), ``apgdt`` (targeted APGD-DLR; ``n_target_classes`` in ``extra``, default all).
+    """
+    if eps <= 0:
+        raise OptionError(f"eps must be > 0, got {eps}")
+    if steps < 1:
+        raise OptionError(f"attack steps must be >= 1, got {steps}")
+    if name == "pgd":
+        atk = TrackedPGD(model, eps=eps, alpha=alpha, steps=steps, random_start=extra.get("random_start", True))
+    elif name == "tpgd":
+        atk = TrackedTPGD(model, eps=eps, alpha=alpha, steps=steps)
+    elif name == "cw":
+        atk = CWLinf(model, eps=eps, alpha=alpha, steps=steps, confidence=extra.get("confidence", 50.0))
+    elif name == "fgsm":
+        atk = torchattacks.FGSM(model, eps=eps)
+    elif name == "apgd-ce":
+        atk = torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, loss="ce", seed=seed, n_restarts=1)
+    elif name == "apgdt":
+        atk = torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, seed=seed, n_classes=num_classes)
+        atk.n_target_classes = int(extra.get("n_target_classes", num_classes - 1))
+    else:
+        raise OptionError(f"unknown attack {name!r} (choose from {', '.join(TRAIN_ATTACKS)})")
+    return set_bn_mode(atk, bn)
+
+
+_EVAL_RE = re.compile(r"^(natural|fgsm|pgd|cw|apgd-ce|aa)(\d+)?$")
+EVAL_ATTACKS = "natural, fgsm, pgdK (e.g. pgd20), cw / cwK (CW-Linf margin, PGD-K), apgd-ce, aa (AutoAttack standard)"
+
+
+def parse_eval_attack(spec: str) -> tuple[str, int | None]:
+    m = _EVAL_RE.match(spec.lower())
+    if not m:
+        raise OptionError(f"unknown attack {spec!r} (choose from {EVAL_ATTACKS})")
+    kind, steps = m.group(1), int(m.group(2)) if m.group(2) else None
+    if kind in ("natural", "fgsm", "aa") and steps is not None:
+        raise OptionError(f"attack {spec!r}: {kind} takes no step count")
+    if steps is not None and steps < 1:
+        raise OptionError(f"attack {spec!r}: steps must be >= 1")
+    return kind, steps
+
+
+def display_name(spec: str) -> str:
+    kind, steps = parse_eval_attack(spec)
+    return {
+        "natural": "Natural", "fgsm": "FGSM", "pgd": f"PGD-{steps or 20}",
+        "cw": f"CW-Linf margin (PGD-{steps or 20})", "apgd-ce": f"APGD-CE-{steps or 100}", "aa": "AutoAttack",
+    }[kind]
+
+
+def make_eval_attack(spec: str, model: nn.Module, *, eps: float, alpha: float | None, num_classes: int,
+                     seed: int = 0) -> Attack | None:
+    """An evaluation attack by spec (``None`` for ``natural``). PGD/CW step size defaults to eps/4."""
+    kind, steps = parse_eval_attack(spec)
+    alpha = alpha if alpha is not None else eps / 4
+    if kind == "natural":
+        return None
+    if kind == "fgsm":
+        return torchattacks.FGSM(model, eps=eps)
+    if kind == "pgd":
+        return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps or 20, random_start=True)
+    if kind == "cw":
+        return CWLinf(model, eps=eps, alpha=alpha, steps=steps or 20)
+    if kind == "apgd-ce":
+        return torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps or 100, loss="ce", seed=seed)
+    return torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed)

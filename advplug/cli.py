@@ -1,0 +1,217 @@
+"""The ``advplug`` command line (click)."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import AdvplugError, OptionError
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+class _Group(click.Group):
+    """Turns advplug's own errors into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdvplugError as e:
+            _fail(e)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="advplug")
+def cli() -> None:
+    """advplug: adversarial training with instance-reweighting plugins."""
+
+
+def parse_extra(args: list[str]) -> dict[str, str]:
+    """``--mail-gamma 10`` / ``--mail-gamma=10`` pairs from click's leftover arguments."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or len(a) < 3:
+            raise OptionError(f"unexpected argument {a!r}")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise OptionError(f"option {a} needs a value")
+            k, v = a[2:], args[i + 1]
+            i += 2
+        out[k] = v
+    return out
+
+
+def _csv_ints(s: str | None) -> tuple[int, ...] | None:
+    if s is None:
+        return None
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise OptionError(f"--milestones: expected comma-separated epochs, got {s!r}") from None
+
+
+@cli.command(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True))
+@click.option("--plugin", "plugins", multiple=True, help="Enable a plugin (repeatable). See `advplug plugins`.")
+@click.option("--objective", default=None, help="Loss owner: at (default), trades or mart.")
+@click.option("--data", default=None, help="digits (embedded, default), mnist, fashion-mnist, cifar10, cifar100, svhn.")
+@click.option("--data-root", default=None, help="Where torchvision data sets live.")
+@click.option("--download", is_flag=True, default=None, help="Download the data set (needs a network).")
+@click.option("--model", default=None, help="Model name or module:callable (default per data set).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="Initial learning rate (SGD).")
+@click.option("--momentum", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--milestones", default=None, help="Epochs at which the learning rate is multiplied by --lr-gamma, e.g. 60,90.")
+@click.option("--lr-gamma", type=float, default=None)
+@click.option("--eps", type=float, default=None, help="Linf budget (inputs in [0, 1]).")
+@click.option("--alpha", type=float, default=None, help="PGD step size.")
+@click.option("--steps", type=int, default=None, help="PGD steps of the training attack.")
+@click.option("--attack-bn", type=click.Choice(["eval", "train"]), default=None,
+              help="BatchNorm mode while generating training attacks (default eval).")
+@click.option("--seed", type=int, default=None)
+@click.option("--eval-every", type=int, default=None, help="Evaluate clean and PGD accuracy every N epochs.")
+@click.option("--eval-steps", type=int, default=None, help="PGD steps of the per-epoch evaluation.")
+@click.option("--n-eval", type=int, default=None, help="Test samples for the per-epoch evaluation.")
+@click.option("--val-size", type=float, default=None, help="Held-out validation split (fraction or count) for plugins that need one.")
+@click.option("--out", default=None, help="Run directory (default runs/<plugins>-<objective>).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click.option("--tensorboard", is_flag=True, default=None, help="Also log to TensorBoard (RUN_DIR/tensorboard).")
+@click.option("--no-progress", is_flag=True, default=False, help="No progress bars.")
+@click.option("--workers", type=int, default=None, help="DataLoader workers (torchvision data sets).")
+@click.option("--config", "config_file", default=None, help="JSON or TOML file with the same settings.")
+@click.option("--resume", default=None, help="Continue the run in this directory from its last checkpoint.")
+@click.pass_context
+def train(ctx: click.Context, plugins: tuple[str, ...], config_file: str | None, resume: str | None,
+          no_progress: bool, milestones: str | None, **kw: Any) -> None:
+    """Adversarial training; plugin options as --<plugin>-<option> VALUE."""
+    from .config import TrainConfig, load_config_file
+    from .trainer import Trainer, resume_config
+
+    extra = parse_extra(ctx.args)
+    if resume:
+        given = [k for k, v in kw.items() if v is not None] + (["plugin"] if plugins else []) + list(extra)
+        if given or config_file or milestones:
+            raise OptionError(f"--resume continues the saved configuration; drop {', '.join('--' + g.replace('_', '-') for g in given) or '--config/--milestones'}")
+        cfg = resume_config(resume)
+        cfg.progress = not no_progress
+        Trainer(cfg, resume=True).fit()
+        return
+    settings: dict[str, Any] = load_config_file(config_file) if config_file else {}
+    settings.update({k: v for k, v in kw.items() if v is not None})
+    if plugins:
+        settings["plugins"] = tuple(plugins)
+    if milestones is not None:
+        settings["milestones"] = _csv_ints(milestones)
+    popts = dict(settings.pop("plugin_options", {}) or {})
+    popts.update(extra)
+    settings["plugin_options"] = popts
+    if "out" not in settings:
+        name = "-".join([*settings.get("plugins", ()), settings.get("objective", "at")])
+        settings["out"] = f"runs/{name}"
+    settings["progress"] = not no_progress
+    try:
+        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    except TypeError as e:
+        raise OptionError(str(e)) from None
+    Trainer(cfg).fit()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins: version, hooks, options with defaults."""
+    from .objectives import OBJECTIVES
+    from .plugins import describe_plugin, list_plugins
+
+    found, errors = list_plugins()
+    objectives = [describe_plugin(n, c, __version__) for n, c in OBJECTIVES.items()]
+    if as_json:
+        click.echo(json.dumps({"plugins": found, "objectives": objectives, "errors": errors}, indent=2, default=str))
+        return
+    if not found:
+        click.echo("no plugins installed (pip install plugins/advplug-<name>)")
+    for section, items in (("plugins (--plugin NAME)", found), ("objectives (--objective NAME)", objectives)):
+        click.echo(f"{section}:")
+        for p in items:
+            click.echo(f"  {p['name']} {p['version'] or ''}  {p['summary']}")
+            click.echo(f"    hooks: {', '.join(p['hooks']) or '-'}")
+            for o in p["options"]:
+                extra = f" {list(o['choices'])}" if o.get("choices") else ""
+                click.echo(f"    {o['flag']} ({o['type']}, default {o['default']}){extra}: {o['help']}")
+    for e in errors:
+        click.echo(f"! {e}", err=True)
+
+
+@cli.command()
+@click.option("--plugin", "plugins", multiple=True, help="Enabled plugins, as for train.")
+@click.option("--objective", default="at")
+def hooks(plugins: tuple[str, ...], objective: str) -> None:
+    """Show, per hook, which implementations run for these plugins and in what order."""
+    from .plugins import enable, hook_order, loss_owners
+
+    en = enable(list(plugins), objective)
+    owners = loss_owners(en)
+    for spec, impls in hook_order(en.pm).items():
+        click.echo(f"{spec}:")
+        if not impls:
+            default = {"generate_adversaries": "  (core: PGD-K, torchattacks)"}.get(spec, "  -")
+            click.echo(default)
+        for i in impls:
+            tags = [t for t, on in (("wrapper", i["wrapper"]), ("tryfirst", i["tryfirst"]), ("trylast", i["trylast"])) if on]
+            if spec == "combine_loss" and not i["wrapper"]:
+                tags.append("owns the loss" if i["plugin"] in owners else "yields")
+            click.echo(f"  {i['plugin']}" + (f"  [{', '.join(tags)}]" if tags else ""))
+
+
+@cli.command(name="eval")
+@click.argument("target")
+@click.option("--attack", "attacks", multiple=True, help="natural, fgsm, pgdK, cw / cwK, apgd-ce, aa (repeatable).")
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", help="Checkpoint of a run directory.")
+@click.option("--backend", type=click.Choice(["torchattacks", "art"]), default="torchattacks")
+@click.option("--eps", type=float, default=None, help="Default: the run's eps.")
+@click.option("--alpha", type=float, default=None, help="PGD/CW step (default eps/4).")
+@click.option("--n-eval", type=int, default=None, help="Evaluate on the first N test samples.")
+@click.option("--batch-size", type=int, default=256)
+@click.option("--device", default=None)
+@click.option("--data-root", default=None)
+def eval_cmd(target: str, attacks: tuple[str, ...], which: str, backend: str, eps: float | None, alpha: float | None,
+             n_eval: int | None, batch_size: int, device: str | None, data_root: str | None) -> None:
+    """Evaluate a checkpoint (or a run directory's best/last) under attacks."""
+    from . import checkpoint
+    from .config import TrainConfig
+    from .data import load_dataset
+    from .evaluate import evaluate, gather_tensors
+    from .models import build_model
+    from .report import results_table
+    from .trainer import pick_device
+
+    ck = checkpoint.load(target, which)
+    cfg = TrainConfig.from_json(json.loads(ck["config"])).resolved()
+    if data_root:
+        cfg.data_root = data_root
+    dev = pick_device(device)
+    model = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"])).to(dev)
+    checkpoint.load_model_state(model, ck, cfg.model)
+    data = load_dataset(cfg.data, cfg.data_root, False)
+    x, y = gather_tensors(data.test, n_eval, dev)
+    eps = eps if eps is not None else cfg.eps
+    res = evaluate(model, x, y, attacks or ("natural", "pgd20", "cw20"), eps=eps, alpha=alpha,
+                   num_classes=int(ck["num_classes"]), batch_size=batch_size, backend=backend, progress=True)
+    click.echo(results_table({f"{which if ck['path'].endswith(which + '.pt') else 'checkpoint'} (epoch {int(ck['epoch']) + 1})": res},
+                             f"{ck['path']}: {len(y)} test samples, eps {eps:.4g}, backend {backend}"))
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,145 @@
+"""The run configuration: one dataclass, with the papers' defaults per data set."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import OptionError
+
+# Defaults per data set where the papers differ. CIFAR/SVHN: GAIRAT/MAIL settings (eps 8/255,
+# step 2/255, PGD-10, 120 epochs, lr 0.1 dropped at 60 and 90); SVHN step 1/255 (Rice et al.);
+# MNIST: Madry et al. (eps 0.3, step 0.01, PGD-40). Digits: tuned so that a one-minute CPU run
+# gives a clearly robust model.
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": dict(model="digits-cnn", eps=0.2, alpha=0.05, steps=10, epochs=20, batch_size=64, lr=0.05,
+                   milestones=(12, 17), weight_decay=5e-4, eval_steps=10),
+    "mnist": dict(model="small-cnn", eps=0.3, alpha=0.01, steps=40, epochs=100, batch_size=128, lr=0.01,
+                  milestones=(55, 75, 90), weight_decay=5e-4, eval_steps=20),
+    "fashion-mnist": dict(model="small-cnn", eps=0.1, alpha=0.01, steps=40, epochs=100, batch_size=128, lr=0.01,
+                          milestones=(55, 75, 90), weight_decay=5e-4, eval_steps=20),
+    "cifar10": dict(model="preactresnet18", eps=8 / 255, alpha=2 / 255, steps=10, epochs=120, batch_size=128, lr=0.1,
+                    milestones=(60, 90), weight_decay=5e-4, eval_steps=20),
+    "cifar100": dict(model="preactresnet18", eps=8 / 255, alpha=2 / 255, steps=10, epochs=120, batch_size=128, lr=0.1,
+                     milestones=(60, 90), weight_decay=5e-4, eval_steps=20),
+    "svhn": dict(model="preactresnet18", eps=8 / 255, alpha=1 / 255, steps=10, epochs=80, batch_size=128, lr=0.01,
+                 milestones=(40, 60), weight_decay=5e-4, eval_steps=20),
+}
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    data_root: str = "./data"
+    download: bool = False
+    model: str | None = None
+    objective: str = "at"
+    plugins: tuple[str, ...] = ()
+    plugin_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    milestones: tuple[int, ...] | None = None
+    lr_gamma: float = 0.1
+    eps: float | None = None
+    alpha: float | None = None
+    steps: int | None = None
+    attack_bn: str = "eval"
+    seed: int = 0
+    eval_every: int = 1
+    eval_steps: int | None = None
+    n_eval: int | None = 1000
+    final_attacks: tuple[str, ...] = ("natural", "pgd20", "cw20")
+    val_size: float = 0.1
+    out: str = "runs/latest"
+    device: str | None = None
+    progress: bool = True
+    tensorboard: bool = False
+    workers: int = 4
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the ``None`` fields from the data set's defaults and validate everything."""
+        if self.data not in DATA_DEFAULTS:
+            raise OptionError(f"unknown data set {self.data!r} (choose from {', '.join(DATA_DEFAULTS)})")
+        d = DATA_DEFAULTS[self.data]
+        cfg = dataclasses.replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
+        cfg.milestones = tuple(int(m) for m in cfg.milestones)
+        cfg.plugins = tuple(cfg.plugins)
+        cfg.final_attacks = tuple(cfg.final_attacks)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.eps > 0, f"--eps must be > 0, got {self.eps}"),
+            (self.alpha > 0, f"--alpha (attack step size) must be > 0, got {self.alpha}"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 < self.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {self.lr_gamma}"),
+            (all(0 < m for m in self.milestones), f"--milestones must be positive epochs, got {self.milestones}"),
+            (list(self.milestones) == sorted(self.milestones), f"--milestones must increase, got {self.milestones}"),
+            (self.attack_bn in ("eval", "train"), f"--attack-bn must be eval or train, got {self.attack_bn!r}"),
+            (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
+            (self.eval_steps >= 1, f"--eval-steps must be >= 1, got {self.eval_steps}"),
+            (self.n_eval is None or self.n_eval >= 1, f"--n-eval must be >= 1, got {self.n_eval}"),
+            (0 < self.val_size, f"--val-size must be > 0, got {self.val_size}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise OptionError(msg)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise OptionError(f"config has unknown keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        for k in ("plugins", "milestones", "final_attacks"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON or TOML file with run settings; plugin options under ``[plugin_options]`` as
+    ``"mail-gamma" = 10`` or nested ``[mail] gamma = 10`` tables."""
+    p = Path(path)
+    if not p.is_file():
+        raise OptionError(f"config file {str(p)!r} not found")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            raw = json.loads(text)
+    except ValueError as e:
+        raise OptionError(f"config file {str(p)!r} cannot be parsed: {e}") from None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    popts: dict[str, Any] = dict(raw.pop("plugin_options", {}) or {})
+    for k, v in raw.items():
+        key = k.replace("-", "_")
+        if key in names:
+            out[key] = v
+        elif isinstance(v, dict):  # [mail] gamma = 10
+            for fk, fv in v.items():
+                popts[f"{k}-{fk}"] = fv
+        else:
+            raise OptionError(f"config file {str(p)!r}: unknown setting {k!r}")
+    if popts:
+        out["plugin_options"] = popts
+    return out

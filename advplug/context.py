@@ -1,0 +1,165 @@
+"""The small data types that flow through the hooks: Variant, Weights, StepContext, TrainContext."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+NATURAL = "natural"
+
+
+@dataclass
+class Variant:
+    """One adversarial view of the batch.
+
+    ``name`` identifies the view (unique within a step), ``x`` has the batch's shape, and
+    ``stats`` holds per-sample signals ``[B]`` the attack recorded for free while iterating
+    (e.g. ``"kappa"``: PGD iterations at which the sample was still classified correctly).
+    """
+
+    name: str
+    x: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Weights:
+    """Per-sample weights returned by ``compute_weights``.
+
+    ``adv``: ``[B]`` (one weight per instance, broadcast over variants) or ``[V, B]`` (one per
+    variant, in the order of the ``variants`` list). ``nat``: ``[B]`` weights on the natural
+    term of objectives that have one (TRADES' CE, MeoW's mixture). Either may be ``None``.
+    Weights are returned at the scale the plugin's method defines; see ``compose.combine_weights``.
+    """
+
+    adv: Tensor | None = None
+    nat: Tensor | None = None
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    head = getattr(model, "advplug_head", None)
+    if isinstance(head, nn.Linear):
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TypeError(f"{type(model).__name__} has no nn.Linear layer to take penultimate features from")
+    return linears[-1]
+
+
+class FeatureTap:
+    """Keeps the input of the model's last linear layer (the penultimate features) of the latest
+    forward pass. A forward pre-hook: it stores a reference, it computes nothing."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.last: Tensor | None = None
+        self._handle = _last_linear(model).register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        self.last = inputs[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class StepContext:
+    """Everything a plugin may read during one training step.
+
+    Forward passes are cached per view: the first call to ``logits(view)`` runs the model on that
+    view (train mode, with gradients, so the loss reuses it); later calls, from any plugin,
+    return the cached tensors. ``features(view)`` returns the penultimate features captured in
+    that same forward. Plugins must treat the context as read-only.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        index: Tensor,
+        epoch: int,
+        step: int,
+        num_classes: int,
+        config: Any,
+        lr: float,
+        tap: FeatureTap,
+        reduce_mean: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.model = model
+        self.x, self.y, self.index = x, y, index
+        self.epoch, self.step, self.lr = epoch, step, lr
+        self.num_classes = num_classes
+        self.config = config
+        self.variants: list[Variant] = []
+        self._tap = tap
+        self._logits: dict[str, Tensor] = {}
+        self._features: dict[str, Tensor] = {}
+        self._reduce_mean = reduce_mean
+        self.forward_count = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    def _key_and_input(self, view: Variant | str) -> tuple[str, Tensor]:
+        if isinstance(view, Variant):
+            return view.name, view.x
+        if view == NATURAL:
+            return NATURAL, self.x
+        for v in self.variants:
+            if v.name == view:
+                return v.name, v.x
+        raise KeyError(f"no view named {view!r}; views: {[NATURAL] + [v.name for v in self.variants]}")
+
+    def logits(self, view: Variant | str = NATURAL) -> Tensor:
+        """Logits ``[B, K]`` of the model on ``view`` (a Variant, its name, or ``"natural"``)."""
+        key, x = self._key_and_input(view)
+        if key not in self._logits:
+            self._logits[key] = self.model(x)
+            self.forward_count += 1
+            if self._tap.last is not None:
+                self._features[key] = self._tap.last
+        return self._logits[key]
+
+    def features(self, view: Variant | str = NATURAL) -> Tensor:
+        """Penultimate features ``[B, D]`` from the same forward pass as ``logits(view)``."""
+        key, _ = self._key_and_input(view)
+        self.logits(view)
+        return self._features[key]
+
+    def probs(self, view: Variant | str = NATURAL) -> Tensor:
+        """Softmax probabilities ``[B, K]``, detached (for weights and signals)."""
+        return torch.softmax(self.logits(view).detach(), dim=1)
+
+    def has_logits(self, view: Variant | str) -> bool:
+        return self._key_and_input(view)[0] in self._logits
+
+    def batch_mean(self, t: Tensor) -> Tensor:
+        """Mean of ``t`` over the last dimension across the global batch (all ranks under DDP)."""
+        if self._reduce_mean is not None:
+            return self._reduce_mean(t)
+        return t.mean(dim=-1, keepdim=True)
+
+
+@dataclass
+class TrainContext:
+    """What ``on_train_start`` receives: the run's fixed facts and tools."""
+
+    model: nn.Module
+    config: Any
+    num_train: int
+    num_classes: int
+    input_shape: tuple[int, ...]
+    device: torch.device
+    epochs: int
+    milestones: tuple[int, ...]
+    objective: str
+    make_attack: Callable[..., Any]
+    log: Callable[[str], None]
+    validation: tuple[Tensor, Tensor] | None = None
+    train_data: Any = None
+    rank: int = 0
+    world_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,43 @@
+"""Multi-GPU through torchrun / DistributedDataParallel; a no-op in a single process."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def init() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; initialises the group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_row_mean(t: Tensor) -> Tensor:
+    """Mean over the last dimension across all ranks (sum and count all-reduced)."""
+    if not active():
+        return t.mean(dim=-1, keepdim=True)
+    s = torch.cat([t.sum(dim=-1, keepdim=True), torch.full_like(t[..., :1], t.shape[-1])], dim=-1)
+    dist.all_reduce(s)
+    return s[..., :1] / s[..., 1:]
+
+
+def all_sum(t: Tensor) -> Tensor:
+    if active():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()

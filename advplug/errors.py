@@ -1,0 +1,25 @@
+"""Errors that the CLI turns into a one-line message and a non-zero exit."""
+
+
+class AdvplugError(Exception):
+    """Base class: anything the user can fix (bad option, missing data, ...)."""
+
+
+class PluginError(AdvplugError):
+    """Unknown plugin, import failure, conflicting plugins, bad hook implementation."""
+
+
+class OptionError(AdvplugError):
+    """An invalid or misplaced option value."""
+
+
+class DataError(AdvplugError):
+    """A data set that cannot be found or read."""
+
+
+class CheckpointError(AdvplugError):
+    """A checkpoint that is missing, corrupt or belongs to another model."""
+
+
+class NonFiniteLossError(AdvplugError):
+    """The loss became NaN or Inf; training stopped."""

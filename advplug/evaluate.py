@@ -1,0 +1,103 @@
+"""Robust accuracy of a model under named attacks: torchattacks by default, ART as a cross-check."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .attacks import display_name, make_eval_attack, parse_eval_attack
+from .errors import OptionError
+
+
+def _batches(x: Tensor, y: Tensor, batch_size: int):
+    for i in range(0, len(y), batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]
+
+
+def gather_tensors(data, n: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The first ``n`` samples (all if ``None``) of a tensor pair or data set, as device tensors."""
+    if isinstance(data, tuple):
+        x, y = data
+    else:
+        m = len(data) if n is None else min(n, len(data))
+        items = [data[i] for i in range(m)]
+        x = torch.stack([it[0] for it in items])
+        y = torch.tensor([int(it[1]) for it in items])
+    if n is not None:
+        x, y = x[:n], y[:n]
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return (model(x).argmax(1) == y).sum()
+
+
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: Iterable[str], *, eps: float,
+             alpha: float | None = None, num_classes: int = 10, batch_size: int = 256, seed: int = 0,
+             backend: str = "torchattacks", progress: bool = False) -> dict[str, float]:
+    """Accuracy per attack spec (``natural``, ``fgsm``, ``pgd20``, ``cw``, ``apgd-ce``, ``aa``),
+    keyed by display name. The model is evaluated in eval mode and left as it was."""
+    attacks = list(attacks)
+    for a in attacks:
+        parse_eval_attack(a)
+    if backend == "art":
+        return evaluate_art(model, x, y, attacks, eps=eps, alpha=alpha, num_classes=num_classes, batch_size=batch_size)
+    if backend != "torchattacks":
+        raise OptionError(f"unknown backend {backend!r} (torchattacks or art)")
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    try:
+        for spec in attacks:
+            atk = make_eval_attack(spec, model, eps=eps, alpha=alpha, num_classes=num_classes, seed=seed)
+            correct = torch.zeros((), dtype=torch.long, device=x.device)
+            it = _batches(x, y, batch_size)
+            if progress:
+                from tqdm import tqdm
+
+                it = tqdm(it, total=-(-len(y) // batch_size), desc=display_name(spec), leave=False)
+            for xb, yb in it:
+                xa = xb if atk is None else atk(xb, yb)
+                correct += _correct(model, xa, yb)
+            out[display_name(spec)] = correct.item() / len(y)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate_art(model: nn.Module, x: Tensor, y: Tensor, attacks: list[str], *, eps: float, alpha: float | None,
+                 num_classes: int, batch_size: int) -> dict[str, float]:
+    """The same evaluation through ART's ``PyTorchClassifier`` (PGD, FGSM, AutoAttack)."""
+    import numpy as np
+    from art.attacks.evasion import AutoAttack, FastGradientMethod, ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    was_training = model.training
+    model.eval()
+    clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                            nb_classes=num_classes, clip_values=(0.0, 1.0),
+                            device_type="gpu" if x.is_cuda else "cpu")
+    xn, yn = x.detach().cpu().numpy(), y.detach().cpu().numpy()
+    alpha = alpha if alpha is not None else eps / 4
+    out: dict[str, float] = {}
+    try:
+        for spec in attacks:
+            kind, steps = parse_eval_attack(spec)
+            if kind == "natural":
+                xa = xn
+            elif kind == "fgsm":
+                xa = FastGradientMethod(clf, norm=np.inf, eps=eps, batch_size=batch_size).generate(xn)
+            elif kind == "pgd":
+                xa = ProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=alpha, max_iter=steps or 20,
+                                              num_random_init=1, batch_size=batch_size, verbose=False).generate(xn, yn)
+            elif kind == "aa":
+                xa = AutoAttack(clf, norm=np.inf, eps=eps, eps_step=alpha, batch_size=batch_size).generate(xn, yn)
+            else:
+                raise OptionError(f"attack {spec!r} is not available with --backend art (natural, fgsm, pgdK, aa)")
+            pred = clf.predict(xa, batch_size=batch_size).argmax(1)
+            out[display_name(spec) + " (ART)"] = float((pred == yn).mean())
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,113 @@
+"""Built-in objectives, chosen with ``--objective``. Each is a plugin that owns ``combine_loss``.
+
+* ``at``: Madry et al. (2018), cross-entropy on the adversarial variants, per-sample weighted
+  and averaged over variants. ``trylast``: any other loss owner (e.g. LRAT) takes precedence.
+* ``trades``: Zhang et al. (2019), ``CE(f(x), y) + beta * KL(p(x) || p(x'))`` with the KL
+  attack from ``x + 0.001 N(0, 1)`` (torchattacks TPGD); natural weights on the CE term,
+  adversarial weights on the KL term (as MAIL-TRADES Eq. 10 and MeoW Eq. 6 place them).
+* ``mart``: Wang et al. (2020), ``BCE(p(x'), y) + beta * KL(p(x) || p(x')) (1 - p_y(x))``,
+  where BCE is CE plus ``-log(1 - max_{k != y} p_k(x'))``; adversarial weights on both terms.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import hookimpl
+from .compose import adv_matrix, nat_vector
+from .context import NATURAL, StepContext, TrainContext, Variant, Weights
+from .errors import PluginError
+from .options import opt
+
+
+def _check_no_natural(name: str, weights: Weights | None) -> None:
+    if weights is not None and weights.nat is not None:
+        raise PluginError(f"objective {name!r} has no natural term, but a plugin supplied natural weights; "
+                          "use --objective trades (or a plugin whose objective has one)")
+
+
+class AdversarialCE:
+    """AT (Madry et al.): weighted cross-entropy over the adversarial variants."""
+
+    @hookimpl(trylast=True)
+    def combine_loss(self, ctx: StepContext, variants: list[Variant], weights: Weights | None) -> Tensor:
+        _check_no_natural("at", weights)
+        ce = torch.stack([F.cross_entropy(ctx.logits(v), ctx.y, reduction="none") for v in variants])  # [V, B]
+        return (adv_matrix(weights, len(variants), ctx.batch_size, ce) * ce).mean()
+
+
+def trades_kl(nat_logits: Tensor, adv_logits: Tensor) -> Tensor:
+    """Per-sample KL(p(x) || p(x')) = sum_k p_k(x) (log p_k(x) - log p_k(x'))."""
+    log_p_nat = F.log_softmax(nat_logits, dim=1)
+    return (log_p_nat.exp() * (log_p_nat - F.log_softmax(adv_logits, dim=1))).sum(1)
+
+
+class TRADES:
+    """TRADES (Zhang et al., 2019): natural CE plus beta times the KL to the adversarial view."""
+
+    @dataclass(frozen=True)
+    class Options:
+        beta: float = opt(6.0, "trade-off 1/lambda between natural CE and the KL term", min=0.0)
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.attack = None
+
+    @hookimpl
+    def on_train_start(self, ctx: TrainContext) -> None:
+        self.attack = ctx.make_attack("tpgd")
+
+    @hookimpl
+    def generate_adversaries(self, ctx: StepContext) -> list[Variant]:
+        x_adv = self.attack(ctx.x, ctx.y)
+        return [Variant("tpgd", x_adv, {"kappa": self.attack.kappa})]
+
+    @hookimpl
+    def combine_loss(self, ctx: StepContext, variants: list[Variant], weights: Weights | None) -> Tensor:
+        nat = ctx.logits(NATURAL)
+        ce = F.cross_entropy(nat, ctx.y, reduction="none")
+        kl = torch.stack([trades_kl(nat, ctx.logits(v)) for v in variants])  # [V, B]
+        w_adv = adv_matrix(weights, len(variants), ctx.batch_size, kl)
+        return (nat_vector(weights, ctx.batch_size, ce) * ce).mean() + self.options.beta * (w_adv * kl).mean()
+
+
+def mart_terms(nat_logits: Tensor, adv_logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample MART terms (Wang et al., 2020, Eq. 9 and the authors' code):
+    ``bce = CE(x', y) - log(1.0001 - p_{y'}(x'))`` with ``y'`` the most probable wrong class, and
+    ``kl = KL(p(x) || p(x')) * (1.0000001 - p_y(x))``."""
+    adv_probs = F.softmax(adv_logits, dim=1)
+    top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    bce = F.cross_entropy(adv_logits, y, reduction="none") + F.nll_loss(
+        torch.log(1.0001 - adv_probs + 1e-12), new_y, reduction="none")
+    nat_probs = F.softmax(nat_logits, dim=1)
+    true_probs = nat_probs.gather(1, y[:, None]).squeeze(1)
+    kl = (torch.xlogy(nat_probs, nat_probs) - nat_probs * torch.log(adv_probs + 1e-12)).sum(1)
+    return bce, kl * (1.0000001 - true_probs)
+
+
+class MART:
+    """MART (Wang et al., 2020): boosted CE on adversarial data plus a misclassification-aware KL."""
+
+    @dataclass(frozen=True)
+    class Options:
+        beta: float = opt(6.0, "weight of the misclassification-aware KL term", min=0.0)
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    @hookimpl
+    def combine_loss(self, ctx: StepContext, variants: list[Variant], weights: Weights | None) -> Tensor:
+        _check_no_natural("mart", weights)
+        nat = ctx.logits(NATURAL)
+        terms = [mart_terms(nat, ctx.logits(v), ctx.y) for v in variants]
+        bce = torch.stack([t[0] for t in terms])
+        kl = torch.stack([t[1] for t in terms])
+        w = adv_matrix(weights, len(variants), ctx.batch_size, bce)
+        return (w * bce).mean() + self.options.beta * (w * kl).mean()
+
+
+OBJECTIVES: dict[str, type] = {"at": AdversarialCE, "trades": TRADES, "mart": MART}

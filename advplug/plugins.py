@@ -1,0 +1,182 @@
+"""Plugin discovery (entry-point group ``advplug``), loading of the named plugins, and checks.
+
+Only the plugins named with ``--plugin`` are imported and registered; each run or test gets a
+fresh ``pluggy.PluginManager`` (no module-global state).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import OptionError, PluginError
+from .options import build_options, describe, flag_name
+
+GROUP = "advplug"
+
+
+def installed() -> dict[str, EntryPoint]:
+    """Installed plugins by name, without importing them."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def builtin_objectives() -> dict[str, type]:
+    from .objectives import OBJECTIVES
+
+    return dict(OBJECTIVES)
+
+
+def load_class(name: str) -> type:
+    """Import the plugin class registered as ``name``; clear errors for unknown or broken ones."""
+    eps = installed()
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none"
+        raise PluginError(f'unknown plugin "{name}" (installed: {known})')
+    try:
+        return eps[name].load()
+    except Exception as e:  # the plugin's own import error, whatever it is
+        raise PluginError(f'Error importing plugin "{name}": {type(e).__name__}: {e}') from e
+
+
+def options_class(cls: type) -> type | None:
+    opts = getattr(cls, "Options", None)
+    return opts if opts is not None and dataclasses.is_dataclass(opts) else None
+
+
+def instantiate(cls: type, name: str, values: dict[str, Any]) -> Any:
+    ocls = options_class(cls)
+    options = build_options(ocls, name, values)
+    return cls(options) if ocls is not None else cls()
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+@dataclass
+class Enabled:
+    """The plugins of one run: names in order, instances, and the objective's name."""
+
+    pm: pluggy.PluginManager
+    names: list[str]
+    objective: str
+
+    def plugin(self, name: str) -> Any:
+        return self.pm.get_plugin(name)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(n, self.pm.get_plugin(n)) for n in [self.objective, *self.names]]
+
+
+def split_options(names: list[str], objective: str, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route ``{"mail-gamma": "10"}``-style keys to their plugin; options for plugins that are
+    not enabled are an error, not ignored."""
+    targets = sorted({objective, *names}, key=len, reverse=True)
+    every = sorted(set(installed()) | set(builtin_objectives()), key=len, reverse=True)
+    routed: dict[str, dict[str, Any]] = {n: {} for n in {objective, *names}}
+    for key, value in values.items():
+        key = key.replace("_", "-")
+        owner = next((t for t in targets if key.startswith(t + "-")), None)
+        if owner is None:
+            other = next((t for t in every if key.startswith(t + "-")), None)
+            if other is not None:
+                how = f"--objective {other}" if other in builtin_objectives() else f"--plugin {other}"
+                raise OptionError(f"option --{key} is for {other!r}, which is not enabled (add {how})")
+            raise OptionError(f"no such option: --{key}")
+        routed[owner][key[len(owner) + 1:]] = value
+    return routed
+
+
+def enable(names: list[str], objective: str = "at", options: dict[str, Any] | None = None) -> Enabled:
+    """Load, instantiate and register the objective and the named plugins, then check them."""
+    objectives = builtin_objectives()
+    if objective not in objectives:
+        raise OptionError(f"unknown objective {objective!r} (choose from {', '.join(objectives)})")
+    if len(set(names)) != len(names):
+        raise PluginError(f"plugin named twice: {', '.join(n for n in names if names.count(n) > 1)}")
+    for n in names:
+        if n in objectives:
+            raise PluginError(f'"{n}" is an objective, not a plugin: use --objective {n}')
+    routed = split_options(names, objective, options or {})
+    pm = get_plugin_manager()
+    pm.register(instantiate(objectives[objective], objective, routed[objective]), name=objective)
+    for n in names:
+        cls = load_class(n)
+        pm.register(instantiate(cls, n, routed[n]), name=n)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"plugin {e.plugin!r}: {e}") from None
+    enabled = Enabled(pm, list(names), objective)
+    loss_owners(enabled)
+    return enabled
+
+
+def owns_loss(name: str, plugin: Any, objective: str) -> bool:
+    if hasattr(plugin, "owns_loss"):
+        return bool(plugin.owns_loss(objective))
+    impl = getattr(plugin, "combine_loss", None)
+    opts = getattr(impl, "advplug_impl", None)
+    return impl is not None and opts is not None and not opts.get("wrapper") and not opts.get("hookwrapper")
+
+
+def loss_owners(enabled: Enabled) -> list[str]:
+    """Who owns ``combine_loss``; the trylast ``at`` objective yields to any other owner."""
+    owners = [n for n, p in enabled.items() if owns_loss(n, p, enabled.objective)]
+    if len(owners) > 1 and "at" in owners:
+        owners.remove("at")
+    if len(owners) > 1:
+        raise PluginError(
+            f"plugins {' and '.join(repr(o) for o in owners)} both own the training loss "
+            f"(combine_loss); enable only one of them"
+        )
+    return owners
+
+
+def hook_order(pm: pluggy.PluginManager) -> dict[str, list[dict[str, Any]]]:
+    """Per hook, the implementations in the order pluggy calls them."""
+    out = {}
+    for spec in hookspecs.SPEC_NAMES:
+        impls = getattr(pm.hook, spec).get_hookimpls()
+        out[spec] = [
+            {
+                "plugin": i.plugin_name,
+                "wrapper": bool(i.wrapper or i.hookwrapper),
+                "tryfirst": i.tryfirst,
+                "trylast": i.trylast,
+            }
+            for i in reversed(impls)
+        ]
+    return out
+
+
+def describe_plugin(name: str, cls: type, version: str | None) -> dict[str, Any]:
+    hooks = [s for s in hookspecs.SPEC_NAMES if getattr(getattr(cls, s, None), "advplug_impl", None) is not None]
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return {
+        "name": name,
+        "version": version,
+        "summary": doc[0] if doc else "",
+        "hooks": hooks,
+        "options": [dict(o, flag=flag_name(name, o["name"])) for o in describe(options_class(cls))],
+    }
+
+
+def list_plugins() -> tuple[list[dict[str, Any]], list[str]]:
+    """Describe every installed plugin (imports each); returns (descriptions, errors)."""
+    out, errors = [], []
+    for name, ep in sorted(installed().items()):
+        try:
+            cls = load_class(name)
+        except PluginError as e:
+            errors.append(str(e))
+            continue
+        version = ep.dist.version if ep.dist is not None else None
+        out.append(describe_plugin(name, cls, version))
+    return out, errors

@@ -1,0 +1,291 @@
+"""The training loop: the only module that calls ``pm.hook.*``."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint, distributed
+from .attacks import make_attack
+from .compose import combine_weights, merge_variants, summary
+from .config import TrainConfig
+from .context import FeatureTap, StepContext, TrainContext, Variant
+from .data import DataBundle, batches, hold_out, load_dataset
+from .errors import CheckpointError, NonFiniteLossError, OptionError, PluginError
+from .evaluate import evaluate, gather_tensors
+from .models import build_model
+from .plugins import Enabled, enable
+from .report import MetricsWriter, results_table
+
+KNOWN_REQUIREMENTS = {"validation"}
+
+
+def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class Trainer:
+    """Adversarial training with plugins. ``Trainer(cfg).fit()`` runs, checkpoints and evaluates.
+
+    ``resume_from``: a run directory whose ``last.pt`` is continued exactly (model, optimizer,
+    scheduler, RNG states, plugin states, data order).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, data: DataBundle | None = None, resume: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        self.rank, self.world, local = distributed.init()
+        self.cfg = cfg.resolved()
+        self.log = log if self.rank == 0 else (lambda s: None)
+        self.device = pick_device(self.cfg.device, local)
+        self.out = Path(self.cfg.out)
+        self.enabled: Enabled = enable(list(self.cfg.plugins), self.cfg.objective, self.cfg.plugin_options)
+        self.pm = self.enabled.pm
+        reqs: set[str] = set().union(*[r for r in self.pm.hook.requirements() if r])
+        if reqs - KNOWN_REQUIREMENTS:
+            raise PluginError(f"unknown requirement(s) {', '.join(sorted(reqs - KNOWN_REQUIREMENTS))}")
+
+        torch.manual_seed(self.cfg.seed)
+        self.data = data if data is not None else load_dataset(self.cfg.data, self.cfg.data_root, self.cfg.download)
+        if "validation" in reqs and self.data.validation is None:
+            self.data = hold_out(self.data, self.cfg.val_size, seed=1234)
+        self.model = build_model(self.cfg.model, self.data.num_classes, self.data.input_shape).to(self.device)
+        self.net = self.model
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if self.device.type == "cuda" else None)
+        self.tap = FeatureTap(self.model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                   weight_decay=self.cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(self.cfg.milestones), gamma=self.cfg.lr_gamma)
+        self.attack = self.make_attack("pgd")
+        self.loader = batches(self.data.train, self.cfg.batch_size, True, self.device, self.cfg.seed,
+                              self.rank, self.world, self.cfg.workers)
+        x_test, y_test = gather_tensors(self.data.test, None, self.device)
+        self.test = (x_test, y_test)
+        n = self.cfg.n_eval
+        self.test_sub = (x_test[:n], y_test[:n]) if n else self.test
+        self.start_epoch, self.best_pgd, self.best_epoch = 0, -1.0, -1
+
+        ctx = TrainContext(
+            model=self.model, config=self.cfg, num_train=self.data.num_train, num_classes=self.data.num_classes,
+            input_shape=self.data.input_shape, device=self.device, epochs=self.cfg.epochs,
+            milestones=self.cfg.milestones, objective=self.cfg.objective, make_attack=self.make_attack,
+            log=self.log, validation=self._validation(), train_data=self.data.train, rank=self.rank,
+            world_size=self.world)
+        self.pm.hook.on_train_start(ctx=ctx)
+        if resume:
+            self._resume()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.config_record(), indent=2))
+        self.metrics = MetricsWriter(self.out, self.cfg.tensorboard) if self.rank == 0 else None
+        if self.metrics is not None and resume:
+            self.metrics.truncate_after(self.start_epoch - 1)
+
+    # -- set-up helpers ---------------------------------------------------------------------
+    def make_attack(self, name: str, **overrides: Any):
+        """A torchattacks attack on the (unwrapped) model under the run's budget and BN mode."""
+        kw = dict(eps=self.cfg.eps, alpha=self.cfg.alpha, steps=self.cfg.steps, bn=self.cfg.attack_bn,
+                  num_classes=self.data.num_classes, seed=self.cfg.seed)
+        kw.update(overrides)
+        return make_attack(name, self.model, **kw)
+
+    def _validation(self) -> tuple[Tensor, Tensor] | None:
+        if self.data.validation is None:
+            return None
+        vx, vy = self.data.validation
+        return vx.to(self.device), vy.to(self.device)
+
+    def config_record(self) -> dict[str, Any]:
+        """The fully resolved config, with every enabled plugin's resolved options."""
+        import dataclasses
+
+        rec = self.cfg.to_json()
+        rec["resolved_plugin_options"] = {
+            name: dataclasses.asdict(p.options) for name, p in self.enabled.items()
+            if dataclasses.is_dataclass(getattr(p, "options", None))}
+        rec["num_train"] = self.data.num_train
+        rec["world_size"] = self.world
+        return rec
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _payload(self, epoch: int) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "model_name": self.cfg.model,
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "epoch": epoch, "rng": checkpoint.rng_state(),
+            "plugins": {n: p.state_dict() for n, p in self.enabled.items() if hasattr(p, "state_dict")},
+            "best_pgd": self.best_pgd, "best_epoch": self.best_epoch,
+            "config": json.dumps(self.cfg.to_json()),
+            "num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape),
+        }
+
+    def _resume(self) -> None:
+        ck = checkpoint.load(self.out, "last")
+        checkpoint.load_model_state(self.model, ck, self.cfg.model)
+        saved = {n for n in ck.get("plugins", {})}
+        mine = {n for n, p in self.enabled.items() if hasattr(p, "state_dict")}
+        if saved != mine:
+            raise CheckpointError(f"checkpoint {ck['path']!r} holds state of plugins {sorted(saved)}, this run has {sorted(mine)}")
+        try:
+            self.opt.load_state_dict(ck["optimizer"])
+            self.sched.load_state_dict(ck["scheduler"])
+            for n, state in ck["plugins"].items():
+                self.enabled.plugin(n).load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {ck['path']!r} does not match this run: {e}") from None
+        checkpoint.set_rng_state(ck["rng"])
+        self.start_epoch = int(ck["epoch"]) + 1
+        self.best_pgd, self.best_epoch = float(ck["best_pgd"]), int(ck["best_epoch"])
+        self.log(f"resumed from {ck['path']} after epoch {self.start_epoch}")
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self, x: Tensor, y: Tensor, index: Tensor, epoch: int, global_step: int) -> tuple[Tensor, StepContext, Any]:
+        """One training step; returns (detached loss, context, combined weights)."""
+        ctx = StepContext(model=self.net, x=x, y=y, index=index, epoch=epoch, step=global_step,
+                          num_classes=self.data.num_classes, config=self.cfg, lr=self.opt.param_groups[0]["lr"],
+                          tap=self.tap, reduce_mean=distributed.global_row_mean if self.world > 1 else None)
+        variants = merge_variants(self.pm.hook.generate_adversaries(ctx=ctx))
+        if not variants:
+            x_adv = self.attack(x, y)
+            variants = [Variant("pgd", x_adv, {"kappa": self.attack.kappa})]
+        ctx.variants = variants
+        weights = combine_weights(self.pm.hook.compute_weights(ctx=ctx, variants=variants), len(variants),
+                                  ctx.batch_size, ctx.batch_mean)
+        loss = self.pm.hook.combine_loss(ctx=ctx, variants=variants, weights=weights)
+        if loss is None:
+            raise PluginError("no plugin returned a training loss (combine_loss)")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        loss = loss.detach()
+        self.pm.hook.on_batch_end(ctx=ctx, loss=loss)
+        return loss, ctx, weights
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        self.loader.set_epoch(epoch)
+        self.net.train()
+        n_steps = len(self.loader)
+        losses = torch.zeros(n_steps, device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        weights_seen: list[Tensor] = []
+        it = self.loader
+        bar = None
+        if self.cfg.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            it = bar = tqdm(self.loader, total=n_steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False)
+        t0 = time.perf_counter()
+        for i, (x, y, idx) in enumerate(it):
+            loss, ctx, w = self.step(x, y, idx, epoch, epoch * n_steps + i)
+            losses[i] = loss
+            first = ctx.variants[0]
+            if ctx.has_logits(first):
+                correct += (ctx.logits(first).detach().argmax(1) == y).sum()
+            seen += y.shape[0]
+            if w is not None:
+                weights_seen.append((w.adv[0] if w.adv is not None else w.nat).float())
+            if bar is not None and (i + 1) % 20 == 0:  # one host sync every 20 steps
+                self._check_finite(losses[: i + 1], epoch)
+                bar.set_postfix(loss=f"{losses[max(0, i - 19): i + 1].mean().item():.3f}")
+        self._check_finite(losses, epoch)
+        stats = distributed.all_sum(torch.stack([losses.sum(), correct.float(), torch.tensor(float(seen), device=self.device),
+                                                 torch.tensor(float(n_steps), device=self.device)]))
+        rec: dict[str, Any] = {
+            "epoch": epoch, "lr": self.opt.param_groups[0]["lr"],
+            "train_loss": (stats[0] / stats[3]).item(), "train_acc": (stats[1] / stats[2]).item(),
+        }
+        self.epoch_weights = torch.cat(weights_seen) if weights_seen else None
+        if self.epoch_weights is not None:
+            rec["weights"] = summary(self.epoch_weights)
+        rec["seconds"] = time.perf_counter() - t0
+        return rec
+
+    def _check_finite(self, losses: Tensor, epoch: int) -> None:
+        bad = ~torch.isfinite(losses)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            last = self.out / "last.pt"
+            keep = f"; the last good checkpoint is {last}" if last.exists() else "; no checkpoint was written yet"
+            raise NonFiniteLossError(f"training loss is {losses[i].item()} at epoch {epoch + 1}, step {i + 1}: stopped{keep}")
+
+    # -- the run ----------------------------------------------------------------------------
+    def fit(self) -> dict[str, dict[str, float]]:
+        cfg = self.cfg
+        self.log(f"advplug: {cfg.data} ({self.data.num_train} train, {len(self.test[1])} test), model {cfg.model}, "
+                 f"objective {cfg.objective}, plugins {', '.join(cfg.plugins) or 'none'}, eps {cfg.eps:.4g}, "
+                 f"PGD-{cfg.steps} step {cfg.alpha:.4g}, attack BN mode {cfg.attack_bn}, device {self.device}")
+        for epoch in range(self.start_epoch, cfg.epochs):
+            rec = self.train_epoch(epoch)
+            self.sched.step()
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                res = evaluate(self.model, *self.test_sub, ["natural", f"pgd{cfg.eval_steps}"], eps=cfg.eps,
+                               num_classes=self.data.num_classes, seed=cfg.seed)
+                rec["clean_acc"], rec["pgd_acc"] = res["Natural"], res[f"PGD-{cfg.eval_steps}"]
+            for impl_result, name in self._epoch_end_hooks(epoch, rec):
+                rec[name] = impl_result
+            is_best = rec.get("pgd_acc", -1.0) > self.best_pgd
+            if is_best:
+                self.best_pgd, self.best_epoch = rec["pgd_acc"], epoch
+            if self.rank == 0:
+                payload = self._payload(epoch)
+                checkpoint.save(self.out / "last.pt", payload)
+                if is_best:
+                    checkpoint.save(self.out / "best.pt", payload)
+                self.metrics.write(rec, self.epoch_weights)
+                msg = (f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train_acc {rec['train_acc']:.3f}  "
+                       f"lr {rec['lr']:.4g}  {rec['seconds']:.1f}s")
+                if "pgd_acc" in rec:
+                    msg += f"  clean {rec['clean_acc']:.3f}  pgd {rec['pgd_acc']:.3f}"
+                if "weights" in rec:
+                    msg += f"  w[{rec['weights']['min']:.2f}, {rec['weights']['max']:.2f}] ess {rec['weights']['ess']:.2f}"
+                self.log(msg)
+        distributed.barrier()
+        return self.final_eval()
+
+    def _epoch_end_hooks(self, epoch: int, rec: dict[str, Any]) -> list[tuple[Any, str]]:
+        out = []
+        for impl in reversed(self.pm.hook.on_epoch_end.get_hookimpls()):
+            r = impl.function(*[{"epoch": epoch, "metrics": dict(rec)}[a] for a in impl.argnames])
+            if r is not None:
+                out.append((r, impl.plugin_name))
+        return out
+
+    def final_eval(self) -> dict[str, dict[str, float]]:
+        """Final accuracies on the whole test split: last and best checkpoints."""
+        if self.rank != 0:
+            return {}
+        cfg = self.cfg
+        kw = dict(eps=cfg.eps, num_classes=self.data.num_classes, seed=cfg.seed, progress=cfg.progress)
+        results = {f"last (epoch {cfg.epochs})": evaluate(self.model, *self.test, cfg.final_attacks, **kw)}
+        best = self.out / "best.pt"
+        if best.exists() and self.best_epoch != cfg.epochs - 1:
+            model = build_model(cfg.model, self.data.num_classes, self.data.input_shape).to(self.device)
+            checkpoint.load_model_state(model, checkpoint.load(best), cfg.model)
+            results[f"best (epoch {self.best_epoch + 1})"] = evaluate(model, *self.test, cfg.final_attacks, **kw)
+        (self.out / "results.json").write_text(json.dumps(results, indent=2))
+        self.log(results_table(results, f"test accuracy (%), {len(self.test[1])} samples, eps {cfg.eps:.4g}"))
+        if self.metrics is not None:
+            self.metrics.close()
+        return results
+
+
+def resume_config(run_dir: str | Path) -> TrainConfig:
+    p = Path(run_dir) / "config.json"
+    if not p.is_file():
+        raise CheckpointError(f"{str(run_dir)!r} is not a run directory (no config.json)")
+    try:
+        d = json.loads(p.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{str(p)!r} is corrupt: {e}") from None
+    for k in ("resolved_plugin_options", "num_train", "world_size"):
+        d.pop(k, None)
+    cfg = TrainConfig.from_json(d)
+    cfg.out = str(run_dir)
+    return cfg

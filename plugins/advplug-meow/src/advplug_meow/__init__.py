@@ -1,0 +1,229 @@
+"""MeoW: memorization weights for adversarial training (AAAI 2023; seed paper 000).
+
+A codebook ``B`` of N codes is learned over penultimate embeddings ``F = g(x)`` (the classifier
+without its last layer) with the VQ loss of Eq. 3, ``sum_i ||sg[F_i] - e_k(i)||^2``: it trains
+the codes and sends no gradient into the network. With ``d(F, B)`` the Euclidean distance to the
+nearest code, Eq. 4 gives ``w- = exp(-d(F_hat, B) / T)`` on adversarial and
+``w+ = exp(d(F, B) / T)`` on natural samples (T = 10).
+
+Objectives, chosen by ``--objective``:
+
+* ``at``: MeoW owns the loss, Eq. 5:
+  ``alpha * w+ CE(p(x), y) + (1 - alpha) * w- CE(p(x_hat), y)``, alpha = 0.2.
+* ``trades``: the built-in TRADES objective applies ``w+`` to its natural CE and ``w-`` to its
+  KL term with beta = lambda = 6: exactly Eq. 6. MeoW does not own the loss then.
+
+Choices where the paper is open (written here so results can be compared):
+
+* Codes are trained by their own Adam optimizer (lr ``--meow-codebook-lr``, 1e-3) on Eq. 3,
+  the VQ-VAE codebook loss, using only *wrongly classified* natural and adversarial embeddings
+  of each batch (Sec. 3.4); ``--meow-select all`` uses every embedding.
+* Codes start as randomly chosen embeddings of the first batch (plus small noise), and codes no
+  embedding was nearest to during an epoch ("dead codes") are re-seeded at the epoch's end from a
+  ring buffer of recent natural embeddings (the usual VQ codebook reset).
+* N defaults to 2048 (Sec. 4.1); when the training set is small the codebook is scaled to keep
+  the paper's CIFAR-10 ratio of about 24 training samples per code (logged).
+* Eq. 4 weights are used at their raw scale (the paper does not normalise them); combined with
+  another weighting plugin, the core renormalises the product to mean 1.
+* Features and logits come from the step's own forward passes; the distance of a batch to the
+  codebook is computed once (``cdist``) and reused for the codebook update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from advplug import NATURAL, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
+from advplug.compose import adv_matrix, nat_vector
+
+__version__ = "0.1.0"
+PAPER_TRAIN_SIZE, PAPER_CODES = 50000, 2048
+
+
+def nearest_code(features: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """(Euclidean distance to the nearest code ``[B]``, its index ``[B]``)."""
+    d = torch.cdist(features.float(), codebook.float())
+    dist, idx = d.min(dim=1)
+    return dist, idx
+
+
+def memorization_weights(dist: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Eq. 4: ``(w-, w+) = (exp(-d / T), exp(d / T))``."""
+    return torch.exp(-dist / temperature), torch.exp(dist / temperature)
+
+
+class MeoW:
+    """MeoW: down-weight atypical adversarial embeddings, far from a learned codebook (AAAI 2023)."""
+
+    @dataclass(frozen=True)
+    class Options:
+        codebook_size: int = opt(2048, "number of codes N (scaled down for small training sets)", min=1)
+        temperature: float = opt(10.0, "temperature T of Eq. 4", gt=0.0)
+        alpha: float = opt(0.2, "natural-term share alpha of Eq. 5 (objective at)", min=0.0, max=1.0)
+        codebook_lr: float = opt(1e-3, "learning rate of the codebook's Adam optimizer", gt=0.0)
+        select: str = opt("wrong", "embeddings that update the codebook: wrong (Sec. 3.4) or all", choices=("wrong", "all"))
+        reset_dead: bool = opt(True, "re-seed codes unused for a whole epoch from recent embeddings")
+        scale_codebook: bool = opt(True, "scale N to the training-set size (about 24 samples per code)")
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.n_codes = options.codebook_size
+        self.codebook: Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.usage: Tensor | None = None
+        self.ring: Tensor | None = None
+        self.ring_pos = 0
+        self.ring_full = False
+        self._step: dict[str, Any] = {}
+        self._epoch_stats: dict[str, Tensor] = {}
+        self.objective = "at"
+        self.log = print
+
+    # -- set-up ---------------------------------------------------------------------------
+    def owns_loss(self, objective: str) -> bool:
+        return objective == "at"
+
+    @hookimpl
+    def on_train_start(self, ctx: TrainContext) -> None:
+        if ctx.objective not in ("at", "trades"):
+            raise OptionError(f"meow defines objectives for at (Eq. 5) and trades (Eq. 6), not {ctx.objective!r}")
+        self.objective, self.log, self.device = ctx.objective, ctx.log, ctx.device
+        n = self.options.codebook_size
+        if self.options.scale_codebook and ctx.num_train * PAPER_CODES < n * PAPER_TRAIN_SIZE:
+            n = max(ctx.num_classes, round(ctx.num_train * PAPER_CODES / PAPER_TRAIN_SIZE))
+            ctx.log(f"meow: {ctx.num_train} training samples, codebook scaled from {self.options.codebook_size} "
+                    f"to {n} codes (the paper's ~{PAPER_TRAIN_SIZE // PAPER_CODES} samples per code)")
+        self.n_codes = n
+
+    def _init_codebook(self, feats: Tensor) -> None:
+        n, d = self.n_codes, feats.shape[1]
+        pick = torch.randint(0, feats.shape[0], (n,), device=feats.device)
+        noise = 0.01 * feats.std().clamp_min(1e-6) * torch.randn(n, d, device=feats.device)
+        self._set_codebook((feats[pick] + noise).float())
+
+    def _set_codebook(self, codes: Tensor, ring: Tensor | None = None) -> None:
+        self.codebook = codes.clone().requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.codebook], lr=self.options.codebook_lr)
+        self.usage = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
+        self.ring = ring if ring is not None else torch.zeros(4 * codes.shape[0], codes.shape[1], device=codes.device)
+        self._epoch_stats = {}
+
+    # -- weights ----------------------------------------------------------------------------
+    @hookimpl
+    def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights:
+        f_nat = ctx.features(NATURAL).detach()
+        f_adv = [ctx.features(v).detach() for v in variants]
+        if self.codebook is None:
+            self._init_codebook(f_nat)
+        codes = self.codebook.detach()
+        d_nat, k_nat = nearest_code(f_nat, codes)
+        nearest = [nearest_code(f, codes) for f in f_adv]
+        d_adv = torch.stack([d for d, _ in nearest])  # [V, B]
+        w_minus, _ = memorization_weights(d_adv, self.options.temperature)
+        _, w_plus = memorization_weights(d_nat, self.options.temperature)
+        self._step = {"f": [f_nat, *f_adv], "k": [k_nat, *(k for _, k in nearest)],
+                      "wrong": [ctx.logits(NATURAL).detach().argmax(1) != ctx.y,
+                                *(ctx.logits(v).detach().argmax(1) != ctx.y for v in variants)]}
+        self._accumulate(d_nat, d_adv)
+        return Weights(adv=w_minus, nat=w_plus)
+
+    def _accumulate(self, d_nat: Tensor, d_adv: Tensor) -> None:
+        s = self._epoch_stats
+        for key, val in (("d_nat", d_nat.sum()), ("d_adv", d_adv.mean(0).sum()), ("n", torch.tensor(float(d_nat.numel()), device=d_nat.device))):
+            s[key] = s.get(key, 0) + val
+
+    @hookimpl
+    def combine_loss(self, ctx: StepContext, variants: list[Variant], weights: Weights | None) -> Tensor | None:
+        """Eq. 5 (objective at only; with trades the TRADES objective computes Eq. 6)."""
+        if self.objective != "at":
+            return None
+        a = self.options.alpha
+        ce_nat = F.cross_entropy(ctx.logits(NATURAL), ctx.y, reduction="none")
+        ce_adv = torch.stack([F.cross_entropy(ctx.logits(v), ctx.y, reduction="none") for v in variants])
+        w_nat = nat_vector(weights, ctx.batch_size, ce_nat)
+        w_adv = adv_matrix(weights, len(variants), ctx.batch_size, ce_adv)
+        return a * (w_nat * ce_nat).mean() + (1 - a) * (w_adv * ce_adv).mean()  # Eq. 5
+
+    # -- codebook upkeep ----------------------------------------------------------------------
+    @hookimpl
+    def on_batch_end(self, ctx: StepContext) -> None:
+        """Eq. 3 on the selected embeddings of this batch (distances reused from compute_weights)."""
+        st = self._step
+        if not st:
+            return
+        feats, idx = torch.cat(st["f"]), torch.cat(st["k"])
+        mask = torch.cat(st["wrong"]) if self.options.select == "wrong" else torch.ones_like(idx, dtype=torch.bool)
+        sq = (feats.float() - self.codebook[idx]).pow(2).sum(1)  # ||sg[F] - e_k||^2, F detached
+        loss = (sq * mask).sum()  # Eq. 3 over the selected embeddings
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.usage += torch.bincount(idx, minlength=self.usage.shape[0])
+        s = self._epoch_stats
+        s["selected"] = s.get("selected", 0) + mask.sum()
+        s["candidates"] = s.get("candidates", 0) + mask.numel()
+        self._push_ring(st["f"][0].float())
+        self._step = {}
+
+    def _push_ring(self, feats: Tensor) -> None:
+        r = self.ring.shape[0]
+        n = min(feats.shape[0], r)
+        end = self.ring_pos + n
+        if end <= r:
+            self.ring[self.ring_pos:end] = feats[:n]
+        else:
+            self.ring[self.ring_pos:] = feats[: r - self.ring_pos]
+            self.ring[: end - r] = feats[r - self.ring_pos:n]
+            self.ring_full = True
+        self.ring_pos = end % r
+        self.ring_full = self.ring_full or end == r
+
+    @hookimpl
+    def on_epoch_end(self) -> dict[str, Any] | None:
+        if self.codebook is None:
+            return None
+        dead = self.usage == 0
+        n_dead = int(dead.sum())
+        if self.options.reset_dead and n_dead:
+            filled = self.ring.shape[0] if self.ring_full else self.ring_pos
+            src = self.ring[torch.randint(0, max(filled, 1), (n_dead,), device=self.ring.device)]
+            with torch.no_grad():
+                self.codebook[dead] = src
+            for state in self.optimizer.state.values():  # fresh Adam moments for re-seeded codes
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key][dead] = 0
+        s = self._epoch_stats
+        n = float(s.get("n", 1.0))
+        out = {
+            "codes": self.codebook.shape[0],
+            "dead_codes": n_dead,
+            "reset": bool(self.options.reset_dead and n_dead),
+            "mean_dist_nat": float(s.get("d_nat", 0.0)) / n,
+            "mean_dist_adv": float(s.get("d_adv", 0.0)) / n,
+            "selected_frac": float(s.get("selected", 0)) / max(float(s.get("candidates", 1)), 1.0),
+        }
+        self.usage.zero_()
+        self._epoch_stats = {}
+        return out
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.codebook is None:
+            return {"initialized": False}
+        return {"initialized": True, "codebook": self.codebook.detach().clone(), "optimizer": self.optimizer.state_dict(),
+                "usage": self.usage.clone(), "ring": self.ring.clone(), "ring_pos": self.ring_pos, "ring_full": self.ring_full}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state.get("initialized"):
+            return
+        dev = getattr(self, "device", state["codebook"].device)
+        if state["codebook"].shape[0] != self.n_codes:
+            raise ValueError(f"meow: checkpoint has {state['codebook'].shape[0]} codes, this run {self.n_codes}")
+        self._set_codebook(state["codebook"].to(dev), state["ring"].to(dev))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.usage = state["usage"].to(dev)
+        self.ring_pos, self.ring_full = int(state["ring_pos"]), bool(state["ring_full"])
