@@ -215,3 +215,7 @@ def eval_cmd(target: str, attacks: tuple[str, ...], which: str, backend: str, ep
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

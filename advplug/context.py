@@ -117,6 +117,7 @@ class StepContext:
         """Logits ``[B, K]`` of the model on ``view`` (a Variant, its name, or ``"natural"``)."""
         key, x = self._key_and_input(view)
         if key not in self._logits:
+            self._tap.last = None
             self._logits[key] = self.model(x)
             self.forward_count += 1
             if self._tap.last is not None:
@@ -127,6 +128,8 @@ class StepContext:
         """Penultimate features ``[B, D]`` from the same forward pass as ``logits(view)``."""
         key, _ = self._key_and_input(view)
         self.logits(view)
+        if key not in self._features:
+            raise RuntimeError(f"the model's forward did not pass through its last nn.Linear; no features for {key!r}")
         return self._features[key]
 
     def probs(self, view: Variant | str = NATURAL) -> Tensor:

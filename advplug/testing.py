@@ -1,0 +1,80 @@
+"""Helpers for testing advplug and third-party plugins: tiny data, tiny configs, and
+registering plugin classes as if installed through the ``advplug`` entry-point group."""
+from __future__ import annotations
+
+import contextlib
+from importlib.metadata import EntryPoint
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from . import hookimpl, plugins
+from .config import TrainConfig
+from .context import StepContext, Variant, Weights
+from .data import DataBundle, load_digits_tensors
+
+
+def digits_subset(n_train: int = 256, n_test: int = 128) -> DataBundle:
+    """A small slice of the embedded digits set (fast end-to-end tests)."""
+    (xt, yt), (xs, ys) = load_digits_tensors()
+    return DataBundle((xt[:n_train], yt[:n_train]), (xs[:n_test], ys[:n_test]), 10, (1, 8, 8))
+
+
+def tiny_config(out: str, **kw) -> TrainConfig:
+    """Two quick epochs on digits: PGD-3, final evaluation natural + PGD-5."""
+    base = dict(data="digits", epochs=2, batch_size=64, steps=3, eval_steps=3, milestones=(1,), out=out,
+                progress=False, final_attacks=("natural", "pgd5"), n_eval=64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@contextlib.contextmanager
+def installed_plugins(**targets: str) -> Iterator[None]:
+    """Make ``name="module:Class"`` pairs look installed (on top of the real ones)."""
+    real = plugins.installed
+    extra = {n: EntryPoint(name=n, value=t, group=plugins.GROUP) for n, t in targets.items()}
+    plugins.installed = lambda: {**real(), **extra}  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        plugins.installed = real  # type: ignore[assignment]
+
+
+# -- small plugins used by the test suite -------------------------------------------------
+class ConstantWeights:
+    """Weights given by a fixed per-variant vector (tests of composition)."""
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+    @hookimpl
+    def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights | None:
+        return None if self.value is None else Weights(adv=self.value)
+
+
+class NaNLoss:
+    """Wraps the loss and turns it into NaN from global step ``at`` on."""
+
+    at = 3
+
+    @hookimpl(wrapper=True)
+    def combine_loss(self, ctx: StepContext):
+        loss = yield
+        return loss * float("nan") if ctx.step >= self.at else loss
+
+
+class SecondOwner:
+    """A second loss owner: must clash with any other owner."""
+
+    @hookimpl
+    def combine_loss(self, ctx: StepContext, variants: list[Variant]) -> Tensor:
+        return torch.stack([ctx.logits(v).sum() for v in variants]).sum()
+
+
+class Misspelt:
+    """Implements a hook that does not exist."""
+
+    @hookimpl
+    def compute_weight(self, ctx: StepContext) -> None:  # sic: not a spec
+        return None

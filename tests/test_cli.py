@@ -1,0 +1,61 @@
+"""The command line: listings, and bad input as one line on stderr with exit status 2."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from advplug.cli import cli
+from advplug.testing import digits_subset, tiny_config
+from advplug.trainer import Trainer
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def one_line_error(res, pattern):
+    assert res.exit_code == 2, res.output
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], res.output
+
+
+def test_plugins_json_lists_meow_with_options():
+    res = run("plugins", "--json")
+    assert res.exit_code == 0
+    data = json.loads(res.output)
+    meow = next(p for p in data["plugins"] if p["name"] == "meow")
+    assert meow["version"] == "0.1.0" and "compute_weights" in meow["hooks"]
+    assert {"name": "temperature", "flag": "--meow-temperature"}.items() <= next(o for o in meow["options"] if o["name"] == "temperature").items()
+
+
+def test_hooks_shows_order_and_owner():
+    res = run("hooks", "--plugin", "meow")
+    assert res.exit_code == 0
+    block = res.output.split("combine_loss:")[1].split("on_batch_end:")[0]
+    assert "meow  [owns the loss]" in block and "at  [trylast, yields]" in block
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["train", "--plugin", "nosuch"], 'unknown plugin "nosuch" (installed:'),
+    (["train", "--eps", "-1"], "--eps must be > 0"),
+    (["train", "--steps", "0"], "--steps must be >= 1"),
+    (["train", "--objective", "xent"], "unknown objective 'xent'"),
+    (["train", "--meow-temperature", "3"], "which is not enabled (add --plugin meow)"),
+    (["train", "--plugin", "meow", "--meow-temperature", "-3"], "--meow-temperature: must be > 0.0"),
+    (["train", "--plugin", "meow", "--objective", "mart", "--epochs", "1"], "meow defines objectives for at"),
+    (["train", "--data", "cifar10", "--data-root", "/nonexistent/x"], "pass --download"),
+    (["eval", "/nonexistent/run"], "no checkpoint at"),
+])
+def test_bad_input_is_one_clear_line(args, pattern, tmp_path):
+    one_line_error(run(*args, *(["--out", str(tmp_path)] if args[0] == "train" else [])), pattern)
+
+
+def test_eval_a_run_directory(tmp_path):
+    Trainer(tiny_config(str(tmp_path)), data=digits_subset(), log=lambda s: None).fit()
+    res = run("eval", str(tmp_path), "--which", "last", "--attack", "natural", "--attack", "cw5", "--n-eval", "64")
+    assert res.exit_code == 0, res.output
+    assert "CW-Linf margin (PGD-5)" in res.output and "64 test samples" in res.output
+
+
+def test_resume_refuses_new_settings(tmp_path):
+    one_line_error(run("train", "--resume", str(tmp_path), "--eps", "0.1"), "--resume continues the saved configuration")

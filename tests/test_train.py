@@ -1,0 +1,62 @@
+"""End to end on a slice of digits: train, evaluate, resume exactly, and the run's files."""
+import json
+
+import pytest
+import torch
+
+from advplug import checkpoint
+from advplug.errors import NonFiniteLossError
+from advplug.testing import digits_subset, installed_plugins, tiny_config
+from advplug.trainer import Trainer, resume_config
+
+
+def quiet(_):
+    pass
+
+
+def test_train_writes_run_directory(tmp_path):
+    results = Trainer(tiny_config(str(tmp_path)), data=digits_subset(), log=quiet).fit()
+    assert set(results["last (epoch 2)"]) == {"Natural", "PGD-5"}
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert [r["epoch"] for r in recs] == [0, 1]
+    for key in ("epoch", "lr", "train_loss", "train_acc", "clean_acc", "pgd_acc", "seconds"):
+        assert key in recs[0]
+    assert recs[1]["lr"] == pytest.approx(0.005)  # milestone at epoch 1, gamma 0.1
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["eps"] == pytest.approx(0.2) and cfg["attack_bn"] == "eval"
+    assert (tmp_path / "metrics.csv").read_text().startswith("epoch,")
+    ck = checkpoint.load(tmp_path, "last")
+    assert ck["epoch"] == 1 and "rng" in ck and "optimizer" in ck
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = digits_subset()
+    full = tmp_path / "full"
+    Trainer(tiny_config(str(full), epochs=3, milestones=(2,)), data=data, log=quiet).fit()
+    part = tmp_path / "part"
+    Trainer(tiny_config(str(part), epochs=2, milestones=(2,)), data=data, log=quiet).fit()
+    (part / "config.json").write_text(json.dumps({**json.loads((part / "config.json").read_text()), "epochs": 3}))
+    Trainer(resume_config(part), data=data, resume=True, log=quiet).fit()
+    a, b = checkpoint.load(full, "last")["model"], checkpoint.load(part, "last")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    recs = (part / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in recs] == [0, 1, 2]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with installed_plugins(nan="advplug.testing:NaNLoss"):
+        cfg = tiny_config(str(tmp_path), plugins=("nan",), epochs=3)
+        with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, step 4"):
+            Trainer(cfg, data=digits_subset(), log=quiet).fit()
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_meow_end_to_end_with_resume_state(tmp_path):
+    cfg = tiny_config(str(tmp_path), plugins=("meow",))
+    Trainer(cfg, data=digits_subset(), log=quiet).fit()
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "weights" in recs[0] and set(recs[0]["weights"]) == {"mean", "std", "min", "max", "ess"}
+    assert recs[0]["meow"]["codes"] >= 10
+    state = checkpoint.load(tmp_path)["plugins"]["meow"]
+    assert state["initialized"] and state["codebook"].shape[0] == recs[0]["meow"]["codes"]
