@@ -165,6 +165,7 @@ class Trainer:
         self.opt.step()
         loss = loss.detach()
         self.pm.hook.on_batch_end(ctx=ctx, loss=loss)
+        self.tap.last = None
         return loss, ctx, weights
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
