@@ -77,6 +77,10 @@ class Trainer:
             milestones=self.cfg.milestones, objective=self.cfg.objective, make_attack=self.make_attack,
             log=self.log, validation=self._validation(), train_data=self.data.train, rank=self.rank,
             world_size=self.world)
+        cfg = self.cfg
+        self.log(f"advplug: {cfg.data} ({self.data.num_train} train, {len(self.test[1])} test), model {cfg.model}, "
+                 f"objective {cfg.objective}, plugins {', '.join(cfg.plugins) or 'none'}, eps {cfg.eps:.4g}, "
+                 f"PGD-{cfg.steps} step {cfg.alpha:.4g}, attack BN mode {cfg.attack_bn}, device {self.device}")
         self.pm.hook.on_train_start(ctx=ctx)
         if resume:
             self._resume()
@@ -219,9 +223,6 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------
     def fit(self) -> dict[str, dict[str, float]]:
         cfg = self.cfg
-        self.log(f"advplug: {cfg.data} ({self.data.num_train} train, {len(self.test[1])} test), model {cfg.model}, "
-                 f"objective {cfg.objective}, plugins {', '.join(cfg.plugins) or 'none'}, eps {cfg.eps:.4g}, "
-                 f"PGD-{cfg.steps} step {cfg.alpha:.4g}, attack BN mode {cfg.attack_bn}, device {self.device}")
         for epoch in range(self.start_epoch, cfg.epochs):
             rec = self.train_epoch(epoch)
             self.sched.step()

@@ -15,9 +15,18 @@ Objectives, chosen by ``--objective``:
 
 Choices where the paper is open (written here so results can be compared):
 
-* Codes are trained by their own Adam optimizer (lr ``--meow-codebook-lr``, 1e-3) on Eq. 3,
-  the VQ-VAE codebook loss, using only *wrongly classified* natural and adversarial embeddings
-  of each batch (Sec. 3.4); ``--meow-select all`` uses every embedding.
+* Codes minimise Eq. 3 over only the *wrongly classified* natural and adversarial embeddings of
+  each batch (Sec. 3.4; ``--meow-select all`` uses every embedding). By default they are updated
+  by exponential moving averages as in VQ-VAE (van den Oord et al. 2017, App. A.1, which the
+  paper cites): each code moves to the running mean of the embeddings assigned to it, the
+  minimiser of Eq. 3, with no learning rate to tune to the scale of the features (decay
+  ``--meow-decay`` 0.99 per step). ``--meow-update adam`` instead takes Adam steps on Eq. 3
+  (``--meow-codebook-lr``); with few steps per run it barely moves the codes.
+* What the selection does (tested on a two-cluster mixture with isolated atypical points): with
+  ``--meow-select all`` the codes settle on the popular embeddings and isolated samples are the
+  farthest, so they get the smallest ``w-``; with the paper's selection of wrong embeddings the
+  codes follow the misclassified samples, which then get the *larger* ``w-`` (the paper's
+  "focus on misclassified samples", Sec. 3.4).
 * Codes start as randomly chosen embeddings of the first batch (plus small noise), and codes no
   embedding was nearest to during an epoch ("dead codes") are re-seeded at the epoch's end from a
   ring buffer of recent natural embeddings (the usual VQ codebook reset).
@@ -64,7 +73,9 @@ class MeoW:
         codebook_size: int = opt(2048, "number of codes N (scaled down for small training sets)", min=1)
         temperature: float = opt(10.0, "temperature T of Eq. 4", gt=0.0)
         alpha: float = opt(0.2, "natural-term share alpha of Eq. 5 (objective at)", min=0.0, max=1.0)
-        codebook_lr: float = opt(1e-3, "learning rate of the codebook's Adam optimizer", gt=0.0)
+        update: str = opt("ema", "codebook update minimising Eq. 3: ema (VQ-VAE moving averages) or adam", choices=("ema", "adam"))
+        decay: float = opt(0.99, "EMA decay per step (update ema)", gt=0.0, max=1.0)
+        codebook_lr: float = opt(1e-3, "learning rate of the codebook's Adam optimizer (update adam)", gt=0.0)
         select: str = opt("wrong", "embeddings that update the codebook: wrong (Sec. 3.4) or all", choices=("wrong", "all"))
         reset_dead: bool = opt(True, "re-seed codes unused for a whole epoch from recent embeddings")
         scale_codebook: bool = opt(True, "scale N to the training-set size (about 24 samples per code)")
@@ -106,8 +117,11 @@ class MeoW:
         self._set_codebook((feats[pick] + noise).float())
 
     def _set_codebook(self, codes: Tensor, ring: Tensor | None = None) -> None:
-        self.codebook = codes.clone().requires_grad_(True)
-        self.optimizer = torch.optim.Adam([self.codebook], lr=self.options.codebook_lr)
+        adam = self.options.update == "adam"
+        self.codebook = codes.clone().requires_grad_(adam)
+        self.optimizer = torch.optim.Adam([self.codebook], lr=self.options.codebook_lr) if adam else None
+        self.ema_count = torch.ones(codes.shape[0], device=codes.device)
+        self.ema_sum = codes.clone()
         self.usage = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
         self.ring = ring if ring is not None else torch.zeros(4 * codes.shape[0], codes.shape[1], device=codes.device)
         self._epoch_stats = {}
@@ -157,17 +171,34 @@ class MeoW:
             return
         feats, idx = torch.cat(st["f"]), torch.cat(st["k"])
         mask = torch.cat(st["wrong"]) if self.options.select == "wrong" else torch.ones_like(idx, dtype=torch.bool)
-        sq = (feats.float() - self.codebook[idx]).pow(2).sum(1)  # ||sg[F] - e_k||^2, F detached
-        loss = (sq * mask).sum()  # Eq. 3 over the selected embeddings
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.optimizer is not None:
+            sq = (feats.float() - self.codebook[idx]).pow(2).sum(1)  # ||sg[F] - e_k||^2, F detached
+            loss = (sq * mask).sum()  # Eq. 3 over the selected embeddings
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self._ema_update(feats.float(), idx, mask.float())
         self.usage += torch.bincount(idx, minlength=self.usage.shape[0])
         s = self._epoch_stats
         s["selected"] = s.get("selected", 0) + mask.sum()
         s["candidates"] = s.get("candidates", 0) + mask.numel()
         self._push_ring(st["f"][0].float())
         self._step = {}
+
+    @torch.no_grad()
+    def _ema_update(self, feats: Tensor, idx: Tensor, mask: Tensor) -> None:
+        """VQ-VAE EMA step: each code -> running mean of its selected embeddings (argmin of Eq. 3)."""
+        g = self.options.decay
+        n = torch.zeros_like(self.ema_count).index_add_(0, idx, mask)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, feats * mask[:, None])
+        self.ema_count.mul_(g).add_((1 - g) * n)
+        self.ema_sum.mul_(g).add_((1 - g) * sums)
+        total = self.ema_count.sum()
+        k = self.ema_count.shape[0]
+        smoothed = (self.ema_count + 1e-5) / (total + k * 1e-5) * total  # Laplace smoothing (Sonnet's VQ-VAE)
+        updated = n > 0  # codes without selected embeddings this step stay where they are
+        self.codebook[updated] = (self.ema_sum / smoothed[:, None])[updated]
 
     def _push_ring(self, feats: Tensor) -> None:
         r = self.ring.shape[0]
@@ -193,9 +224,11 @@ class MeoW:
             src = self.ring[torch.randint(0, max(filled, 1), (n_dead,), device=self.ring.device)]
             with torch.no_grad():
                 self.codebook[dead] = src
-            for state in self.optimizer.state.values():  # fresh Adam moments for re-seeded codes
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[key][dead] = 0
+                self.ema_sum[dead] = src * self.ema_count[dead, None]
+            if self.optimizer is not None:
+                for state in self.optimizer.state.values():  # fresh Adam moments for re-seeded codes
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        state[key][dead] = 0
         s = self._epoch_stats
         n = float(s.get("n", 1.0))
         out = {
@@ -214,7 +247,9 @@ class MeoW:
     def state_dict(self) -> dict[str, Any]:
         if self.codebook is None:
             return {"initialized": False}
-        return {"initialized": True, "codebook": self.codebook.detach().clone(), "optimizer": self.optimizer.state_dict(),
+        return {"initialized": True, "codebook": self.codebook.detach().clone(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+                "ema_count": self.ema_count.clone(), "ema_sum": self.ema_sum.clone(),
                 "usage": self.usage.clone(), "ring": self.ring.clone(), "ring_pos": self.ring_pos, "ring_full": self.ring_full}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,6 +259,8 @@ class MeoW:
         if state["codebook"].shape[0] != self.n_codes:
             raise ValueError(f"meow: checkpoint has {state['codebook'].shape[0]} codes, this run {self.n_codes}")
         self._set_codebook(state["codebook"].to(dev), state["ring"].to(dev))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.ema_count, self.ema_sum = state["ema_count"].to(dev), state["ema_sum"].to(dev)
         self.usage = state["usage"].to(dev)
         self.ring_pos, self.ring_full = int(state["ring_pos"]), bool(state["ring_full"])
