@@ -15,7 +15,7 @@ def run(*args):
 
 def one_line_error(res, pattern):
     assert res.exit_code == 2, res.output
-    lines = [x for x in res.output.splitlines() if x.strip()]
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], res.output
 
 
