@@ -34,20 +34,33 @@ def cw_margin_loss(logits: Tensor, y: Tensor, confidence: float = 50.0) -> Tenso
 
 class _CountsCorrect:
     """Mixin for torchattacks attacks whose loop calls ``get_logits`` once per iteration on an
-    input that requires grad. Leaves ``self.kappa`` ``[B]`` (long) after each call."""
+    input that requires grad. After each call: ``self.kappa`` ``[B]`` (long), the iterations at
+    which the prediction was still correct, and ``self.p_true_lps`` ``[B]``, the true-class
+    probability at the first misclassified iteration (the last one if none): MAIL's Eq. 7."""
 
     kappa: Tensor
+    p_true_lps: Tensor
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
         self._labels = labels.to(images.device)
         self.kappa = torch.zeros(labels.shape[0], dtype=torch.long, device=images.device)
+        self._found = torch.zeros(labels.shape[0], dtype=torch.bool, device=images.device)
+        self.p_true_lps = torch.zeros(labels.shape[0], device=images.device)
         return super().forward(images, labels)  # type: ignore[misc]
 
     def get_logits(self, inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         logits = super().get_logits(inputs, *args, **kwargs)  # type: ignore[misc]
         if inputs.requires_grad:
-            self.kappa += logits.detach().argmax(1) == self._labels
+            z = logits.detach()
+            correct = z.argmax(1) == self._labels
+            self.kappa += correct
+            p_true = torch.softmax(z.float(), 1).gather(1, self._labels[:, None]).squeeze(1)
+            self.p_true_lps = torch.where(self._found, self.p_true_lps, p_true)
+            self._found |= ~correct
         return logits
+
+    def stats(self) -> dict[str, Tensor]:
+        return {"kappa": self.kappa, "p_true_lps": self.p_true_lps}
 
 
 class TrackedPGD(_CountsCorrect, torchattacks.PGD):

@@ -63,7 +63,7 @@ class TRADES:
     @hookimpl
     def generate_adversaries(self, ctx: StepContext) -> list[Variant]:
         x_adv = self.attack(ctx.x, ctx.y)
-        return [Variant("tpgd", x_adv, {"kappa": self.attack.kappa})]
+        return [Variant("tpgd", x_adv, self.attack.stats())]
 
     @hookimpl
     def combine_loss(self, ctx: StepContext, variants: list[Variant], weights: Weights | None) -> Tensor:

@@ -78,8 +78,8 @@ def validate(options: Any, prefix: str) -> None:
         if meta.get("choices") and value not in meta["choices"]:
             raise OptionError(f"{flag}: {value!r} is not one of {', '.join(meta['choices'])}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, float) and not math.isfinite(value):
-                raise OptionError(f"{flag}: must be finite, got {value}")
+            if isinstance(value, float) and math.isnan(value):
+                raise OptionError(f"{flag}: must be a number, got nan")
             if meta.get("min") is not None and value < meta["min"]:
                 raise OptionError(f"{flag}: must be >= {meta['min']}, got {value}")
             if meta.get("max") is not None and value > meta["max"]:

@@ -157,7 +157,7 @@ class Trainer:
         variants = merge_variants(self.pm.hook.generate_adversaries(ctx=ctx))
         if not variants:
             x_adv = self.attack(x, y)
-            variants = [Variant("pgd", x_adv, {"kappa": self.attack.kappa})]
+            variants = [Variant("pgd", x_adv, self.attack.stats())]
         ctx.variants = variants
         weights = combine_weights(self.pm.hook.compute_weights(ctx=ctx, variants=variants), len(variants),
                                   ctx.batch_size, ctx.batch_mean)

@@ -1,0 +1,114 @@
+"""MAIL: margin-aware instance reweighting learning (Wang et al., NeurIPS 2021; seed paper 004).
+
+Probabilistic margin of each sample (Eq. 5-7), from logits the step already computed:
+
+* ``adv`` (default, the paper's experiments): ``PM = p_y(x') - max_{j != y} p_j(x')`` (Eq. 5)
+* ``nat``: the same on the natural input (Eq. 6; needs the natural forward, which TRADES and
+  MART run anyway; with ``--objective at`` it is the one extra pass the method implies)
+* ``dif``: ``p_y(x) - p_y(x^(t_i))`` (Eq. 7) with ``t_i`` the least PGD step that misclassifies
+  ``x``; ``p_y(x^(t_i))`` is recorded by the training attack from its own iterations (the last
+  iteration for samples it never misclassifies), so it costs no forward pass.
+
+Weight ``w = sigmoid(-gamma (PM - beta))`` (Eq. 8), normalised per batch to
+``omega_i = M w_i / sum_j w_j`` (Alg. 1, line 11; mean 1, all-reduced under DDP). The authors'
+code multiplies by a fixed 3 instead: ``--mail-normalise fixed``. Weights are 1 (the plugin
+abstains) during the burn-in, by default until the first learning-rate drop (Sec. 4.1).
+
+Objectives: MAIL-AT is ``--objective at`` (Eq. 9), MAIL-TRADES ``--objective trades`` (the
+weights go on the KL term, Eq. 10), MAIL-MART ``--objective mart`` (the weights go on both of
+MART's adversarial terms; the paper's App. C is not in the text we have, so this follows
+Algorithm 1's ``sum_i omega_i l(x_i + delta_i)``). Slope/bias presets per objective (Sec. 4.1):
+AT gamma 10, beta -0.5; TRADES and MART gamma 2, beta 0; both overridable. With several
+variants (e.g. with LRAT), each variant gets the margin of its own logits.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from advplug import NATURAL, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
+from advplug.dump import SampleDump, burn_in_default
+
+__version__ = "0.1.0"
+PRESETS = {"at": (10.0, -0.5), "trades": (2.0, 0.0), "mart": (2.0, 0.0)}
+FIXED_SCALE = 3.0
+
+
+def probabilistic_margin(probs: Tensor, y: Tensor) -> Tensor:
+    """Eq. 5/6: ``p_y - max_{j != y} p_j`` per row of ``probs`` ``[B, K]``."""
+    p_true = probs.gather(1, y[:, None]).squeeze(1)
+    others = probs.scatter(1, y[:, None], float("-inf"))
+    return p_true - others.max(1).values
+
+
+def mail_weights(pm: Tensor, gamma: float, beta: float) -> Tensor:
+    """Eq. 8, unnormalised: ``sigmoid(-gamma (PM - beta))``."""
+    return torch.sigmoid(-gamma * (pm - beta))
+
+
+class MAIL:
+    """MAIL: weights from the probabilistic margin, large for samples near or past the boundary."""
+
+    @dataclass(frozen=True)
+    class Options:
+        margin: str = opt("adv", "probabilistic margin: adv (Eq. 5), nat (Eq. 6) or dif (Eq. 7)", choices=("adv", "nat", "dif"))
+        gamma: float | None = opt(None, "slope of Eq. 8 (default by objective: at 10, trades/mart 2)", min=0.0)
+        beta: float | None = opt(None, "bias of Eq. 8 (default by objective: at -0.5, trades/mart 0)")
+        normalise: str = opt("batch", "batch: M w / sum w (paper); fixed: 3 w (authors' code)", choices=("batch", "fixed"))
+        burn_in: int | None = opt(None, "epochs with weights 1 (default: until the first lr drop)", min=0)
+        dump: bool = opt(False, "write per-sample PM and weights with indices each epoch (RUN_DIR/dumps)")
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.dumper: SampleDump | None = None
+
+    @hookimpl
+    def on_train_start(self, ctx: TrainContext) -> None:
+        gamma, beta = PRESETS.get(ctx.objective, PRESETS["at"])
+        o = self.options
+        burn = o.burn_in if o.burn_in is not None else burn_in_default(ctx.milestones, ctx.epochs)
+        if burn >= ctx.epochs:
+            raise OptionError(f"--mail-burn-in {burn} is not before the last epoch ({ctx.epochs} epochs): MAIL would never reweight")
+        self.options = dataclasses.replace(o, gamma=o.gamma if o.gamma is not None else gamma,
+                                           beta=o.beta if o.beta is not None else beta, burn_in=burn)
+        if o.dump:
+            self.dumper = SampleDump(ctx.config.out, "mail")
+        ctx.log(f"mail: PM-{self.options.margin}, gamma {self.options.gamma}, beta {self.options.beta}, "
+                f"{self.options.normalise} normalisation, reweighting from epoch {burn + 1}")
+
+    def margins(self, ctx: StepContext, variants: list[Variant]) -> Tensor:
+        """PM ``[V, B]`` of the chosen kind, one row per variant."""
+        kind = self.options.margin
+        if kind == "nat":
+            pm = probabilistic_margin(ctx.probs(NATURAL), ctx.y)
+            return pm.expand(len(variants), -1)
+        if kind == "adv":
+            return torch.stack([probabilistic_margin(ctx.probs(v), ctx.y) for v in variants])
+        p_nat = ctx.probs(NATURAL).gather(1, ctx.y[:, None]).squeeze(1)
+        rows = []
+        for v in variants:
+            if "p_true_lps" not in v.stats:
+                raise OptionError(f"--mail-margin dif needs the attack's record of p_y at the least PGD step; variant {v.name!r} has none")
+            rows.append(p_nat - v.stats["p_true_lps"])
+        return torch.stack(rows)
+
+    @hookimpl
+    def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights | None:
+        if ctx.epoch < self.options.burn_in:
+            return None
+        pm = self.margins(ctx, variants)
+        w = mail_weights(pm, self.options.gamma, self.options.beta)
+        w = w / ctx.batch_mean(w) if self.options.normalise == "batch" else FIXED_SCALE * w
+        if self.dumper is not None:
+            self.dumper.add(index=ctx.index, pm=pm[0], weight=w[0])
+        return Weights(adv=w)
+
+    @hookimpl
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        if self.dumper is not None:
+            self.dumper.write(epoch)
+        return {"reweighting": epoch >= self.options.burn_in}

@@ -1,0 +1,141 @@
+"""MAIL: Eq. 5-8 against hand computations, normalisation, burn-in, presets, composition."""
+import json
+import math
+
+import pytest
+import torch
+
+from advplug import NATURAL, OptionError, Weights
+from advplug.compose import combine_weights
+from advplug.context import FeatureTap, StepContext, TrainContext, Variant
+from advplug.plugins import enable
+from advplug.testing import digits_subset, tiny_config
+from advplug.trainer import Trainer
+from advplug_mail import MAIL, mail_weights, probabilistic_margin
+
+
+def test_probabilistic_margin_by_hand():
+    probs = torch.tensor([[0.6, 0.4, 0.0], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    y = torch.tensor([0, 0, 2])
+    # 0.6 - 0.4; 0.2 - 0.5; 0.8 - 0.1 (the paper's examples: PM > 0 right side, < 0 wrong side)
+    assert probabilistic_margin(probs, y).tolist() == pytest.approx([0.2, -0.3, 0.7])
+
+
+def test_weight_by_hand_and_monotone():
+    pm = torch.tensor([-0.5, 0.0, 0.5])
+    w = mail_weights(pm, gamma=10.0, beta=-0.5)
+    by_hand = [1 / (1 + math.exp(10 * (p + 0.5))) for p in (-0.5, 0.0, 0.5)]  # sigmoid(-gamma (PM - beta))
+    assert w.tolist() == pytest.approx(by_hand, rel=1e-5)
+    assert w[0] > w[1] > w[2]  # smaller margin -> larger weight
+
+
+class Table(torch.nn.Module):
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.head = torch.nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.table[x[:, 0].long()]
+
+
+def ctx_for(nat_logits, adv_logits, y, epoch=5, stats=None):
+    b = len(y)
+    model = Table(torch.cat([nat_logits, adv_logits]))
+    ctx = StepContext(model=model, x=torch.arange(b)[:, None].float(), y=y, index=torch.arange(b), epoch=epoch,
+                      step=0, num_classes=nat_logits.shape[1], config=None, lr=0.1, tap=FeatureTap(model))
+    ctx.variants = [Variant("pgd", torch.arange(b, 2 * b)[:, None].float(), stats or {})]
+    return ctx
+
+
+def started(objective="at", epochs=10, milestones=(4,), **opts):
+    m = MAIL(MAIL.Options(**opts))
+    cfg = tiny_config("/tmp/unused")
+    m.on_train_start(TrainContext(model=None, config=cfg, num_train=100, num_classes=3, input_shape=(1,),
+                                  device=torch.device("cpu"), epochs=epochs, milestones=milestones,
+                                  objective=objective, make_attack=None, log=lambda s: None))
+    return m
+
+
+LOGITS_NAT = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.3, 0.4], [0.1, 0.8, 0.1]]))
+LOGITS_ADV = torch.log(torch.tensor([[0.4, 0.5, 0.1], [0.2, 0.2, 0.6], [0.3, 0.6, 0.1]]))
+Y = torch.tensor([0, 2, 1])
+
+
+@pytest.mark.parametrize("margin,pm", [
+    ("adv", [0.4 - 0.5, 0.6 - 0.2, 0.6 - 0.3]),
+    ("nat", [0.7 - 0.2, 0.4 - 0.3, 0.8 - 0.1]),
+    ("dif", [0.7 - 0.45, 0.4 - 0.3, 0.8 - 0.5]),
+])
+def test_batch_normalised_weights_by_hand(margin, pm):
+    m = started(margin=margin)
+    ctx = ctx_for(LOGITS_NAT, LOGITS_ADV, Y, stats={"p_true_lps": torch.tensor([0.45, 0.3, 0.5])})
+    w = m.compute_weights(ctx, ctx.variants).adv[0]
+    unn = [1 / (1 + math.exp(10 * (p + 0.5))) for p in pm]
+    ref = [3 * u / sum(unn) for u in unn]  # omega_i = M w_i / sum_j w_j
+    assert w.tolist() == pytest.approx(ref, rel=1e-4)
+
+
+def test_fixed_normalisation_is_the_authors_times_three():
+    m = started(normalise="fixed", gamma=2.0, beta=0.0)
+    ctx = ctx_for(LOGITS_NAT, LOGITS_ADV, Y)
+    w = m.compute_weights(ctx, ctx.variants).adv[0]
+    pm = torch.tensor([-0.1, 0.4, 0.3])
+    assert torch.allclose(w, 3 * torch.sigmoid(-2.0 * pm), atol=1e-5)
+
+
+def test_burn_in_abstains_until_the_first_lr_drop():
+    m = started(milestones=(4, 7))
+    assert m.options.burn_in == 4
+    assert m.compute_weights(ctx_for(LOGITS_NAT, LOGITS_ADV, Y, epoch=3), []) is None
+    assert m.compute_weights(ctx_for(LOGITS_NAT, LOGITS_ADV, Y, epoch=4), ctx_for(LOGITS_NAT, LOGITS_ADV, Y).variants) is not None
+
+
+def test_presets_per_objective_and_overrides():
+    assert (started("at").options.gamma, started("at").options.beta) == (10.0, -0.5)
+    assert (started("trades").options.gamma, started("trades").options.beta) == (2.0, 0.0)
+    assert started("mart", gamma=5.0).options.gamma == 5.0
+
+
+def test_bad_input():
+    with pytest.raises(OptionError, match="not before the last epoch"):
+        started(burn_in=10)
+    with pytest.raises(OptionError, match="--mail-gamma: must be >= 0.0"):
+        enable(["mail"], "at", {"mail-gamma": "-1"})
+    with pytest.raises(OptionError, match="--mail-margin: 'lps' is not one of adv, nat, dif"):
+        enable(["mail"], "at", {"mail-margin": "lps"})
+
+
+def test_combined_with_another_plugin_weights_multiply_and_renormalise():
+    m = started()
+    ctx = ctx_for(LOGITS_NAT, LOGITS_ADV, Y)
+    wm = m.compute_weights(ctx, ctx.variants)
+    other = Weights(adv=torch.tensor([2.0, 1.0, 1.0]))
+    out = combine_weights([wm, other], 1, 3)
+    prod = wm.adv[0] * torch.tensor([2.0, 1.0, 1.0])
+    assert torch.allclose(out.adv[0], prod / prod.mean())
+
+
+def test_end_to_end_with_trades_and_resume(tmp_path):
+    data = digits_subset()
+    full, part = tmp_path / "full", tmp_path / "part"
+    opts = {"mail-burn-in": 1, "mail-dump": "true"}
+    Trainer(tiny_config(str(full), plugins=("mail",), objective="trades", epochs=3, milestones=(2,), plugin_options=opts),
+            data=data, log=lambda s: None).fit()
+    Trainer(tiny_config(str(part), plugins=("mail",), objective="trades", epochs=2, milestones=(2,), plugin_options=opts),
+            data=data, log=lambda s: None).fit()
+    cfgj = json.loads((part / "config.json").read_text())
+    assert cfgj["resolved_plugin_options"]["mail"]["gamma"] == 2.0  # TRADES preset recorded
+    (part / "config.json").write_text(json.dumps({**cfgj, "epochs": 3}))
+    from advplug import checkpoint
+    from advplug.trainer import resume_config
+
+    Trainer(resume_config(part), data=data, resume=True, log=lambda s: None).fit()
+    a, b = checkpoint.load(full)["model"], checkpoint.load(part)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert "weights" not in recs[0] and "weights" in recs[1]  # burn-in, then reweighting
+    import numpy as np
+
+    d = np.load(full / "dumps" / "mail-epoch002.npz")
+    assert set(d.files) == {"index", "pm", "weight"} and len(d["index"]) == 256
