@@ -26,6 +26,10 @@ from advplug.models import build_model
 from advplug.trainer import Trainer
 
 
+# time the reweighting itself, not a burn-in period
+REWEIGHT_NOW = {"mail": {"mail-burn-in": 0}, "gairat": {"gairat-begin-epoch": 0}}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -75,7 +79,8 @@ def main() -> None:
     eps, alpha = (0.2, 0.05) if args.shape == "digits" else (8 / 255, 2 / 255)
 
     def trainer(plugins: tuple[str, ...]) -> Trainer:
-        cfg = TrainConfig(data="digits", model=model_name, plugins=plugins, epochs=1000, batch_size=args.batch_size,
+        opts = {k: v for p in plugins for k, v in REWEIGHT_NOW.get(p, {}).items()}
+        cfg = TrainConfig(data="digits", model=model_name, plugins=plugins, plugin_options=opts, epochs=1000, batch_size=args.batch_size,
                           lr=0.01, milestones=(1000,), eps=eps, alpha=alpha, steps=args.steps, device=args.device,
                           progress=False, out="/tmp/advplug-bench", n_eval=16)
         torch.manual_seed(0)

@@ -59,3 +59,24 @@ def test_eval_a_run_directory(tmp_path):
 
 def test_resume_refuses_new_settings(tmp_path):
     one_line_error(run("train", "--resume", str(tmp_path), "--eps", "0.1"), "--resume continues the saved configuration")
+
+
+def test_art_backend_cross_checks_pgd(tmp_path):
+    Trainer(tiny_config(str(tmp_path)), data=digits_subset(), log=lambda s: None).fit()
+    res = run("eval", str(tmp_path), "--which", "last", "--backend", "art", "--attack", "natural", "--attack", "pgd5",
+              "--n-eval", "64")
+    assert res.exit_code == 0, res.output
+    assert "PGD-5 (ART)" in res.output and "Natural (ART)" in res.output
+
+
+def test_config_file_and_tensorboard(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('epochs = 1\nsteps = 2\neval_steps = 2\nfinal_attacks = ["natural"]\nmilestones = [1]\n'
+                   f'out = "{tmp_path / "run"}"\n[meow]\ntemperature = 5.0\n')
+    res = run("train", "--config", str(cfg), "--plugin", "meow", "--tensorboard", "--no-progress")
+    assert res.exit_code == 0, res.output
+    import json
+
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["resolved_plugin_options"]["meow"]["temperature"] == 5.0 and saved["epochs"] == 1
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
