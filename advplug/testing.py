@@ -78,3 +78,25 @@ class Misspelt:
     @hookimpl
     def compute_weight(self, ctx: StepContext) -> None:  # sic: not a spec
         return None
+
+
+def run_and_resume(tmp, data: DataBundle, epochs: int = 3, **cfg) -> tuple[dict, dict]:
+    """Train ``epochs`` epochs straight, and ``epochs - 1`` then ``--resume`` for one more;
+    returns both final checkpoints (for exact-resume checks)."""
+    import json
+    from pathlib import Path
+
+    from . import checkpoint
+    from .trainer import Trainer, resume_config
+
+    full, part = Path(tmp) / "full", Path(tmp) / "part"
+    Trainer(tiny_config(str(full), epochs=epochs, **cfg), data=data, log=lambda s: None).fit()
+    Trainer(tiny_config(str(part), epochs=epochs - 1, **cfg), data=data, log=lambda s: None).fit()
+    saved = json.loads((part / "config.json").read_text())
+    (part / "config.json").write_text(json.dumps({**saved, "epochs": epochs}))
+    Trainer(resume_config(part), data=data, resume=True, log=lambda s: None).fit()
+    return checkpoint.load(full), checkpoint.load(part)
+
+
+def same_tensors(a: dict, b: dict, atol: float = 1e-5) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol) for k in a)

@@ -6,8 +6,8 @@ import torch
 
 from advplug import checkpoint
 from advplug.errors import NonFiniteLossError
-from advplug.testing import digits_subset, installed_plugins, tiny_config
-from advplug.trainer import Trainer, resume_config
+from advplug.testing import digits_subset, installed_plugins, run_and_resume, same_tensors, tiny_config
+from advplug.trainer import Trainer
 
 
 def quiet(_):
@@ -31,16 +31,10 @@ def test_train_writes_run_directory(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    data = digits_subset()
-    full = tmp_path / "full"
-    Trainer(tiny_config(str(full), epochs=3, milestones=(2,)), data=data, log=quiet).fit()
-    part = tmp_path / "part"
-    Trainer(tiny_config(str(part), epochs=2, milestones=(2,)), data=data, log=quiet).fit()
-    (part / "config.json").write_text(json.dumps({**json.loads((part / "config.json").read_text()), "epochs": 3}))
-    Trainer(resume_config(part), data=data, resume=True, log=quiet).fit()
-    a, b = checkpoint.load(full, "last")["model"], checkpoint.load(part, "last")["model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    recs = (part / "metrics.jsonl").read_text().splitlines()
+    full, part = run_and_resume(tmp_path, digits_subset(), milestones=(2,))
+    assert same_tensors(full["model"], part["model"], atol=1e-6)
+    assert same_tensors(full["optimizer"]["state"][0], part["optimizer"]["state"][0], atol=1e-6)
+    recs = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in recs] == [0, 1, 2]
 
 

@@ -117,25 +117,17 @@ def test_combined_with_another_plugin_weights_multiply_and_renormalise():
 
 
 def test_end_to_end_with_trades_and_resume(tmp_path):
-    data = digits_subset()
-    full, part = tmp_path / "full", tmp_path / "part"
-    opts = {"mail-burn-in": 1, "mail-dump": "true"}
-    Trainer(tiny_config(str(full), plugins=("mail",), objective="trades", epochs=3, milestones=(2,), plugin_options=opts),
-            data=data, log=lambda s: None).fit()
-    Trainer(tiny_config(str(part), plugins=("mail",), objective="trades", epochs=2, milestones=(2,), plugin_options=opts),
-            data=data, log=lambda s: None).fit()
-    cfgj = json.loads((part / "config.json").read_text())
-    assert cfgj["resolved_plugin_options"]["mail"]["gamma"] == 2.0  # TRADES preset recorded
-    (part / "config.json").write_text(json.dumps({**cfgj, "epochs": 3}))
-    from advplug import checkpoint
-    from advplug.trainer import resume_config
+    from advplug.testing import run_and_resume, same_tensors
 
-    Trainer(resume_config(part), data=data, resume=True, log=lambda s: None).fit()
-    a, b = checkpoint.load(full)["model"], checkpoint.load(part)["model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    opts = {"mail-burn-in": 1, "mail-dump": "true"}
+    full, part = run_and_resume(tmp_path, digits_subset(), plugins=("mail",), objective="trades", milestones=(2,),
+                                plugin_options=opts)
+    assert same_tensors(full["model"], part["model"])
+    cfgj = json.loads((tmp_path / "part" / "config.json").read_text())
+    assert cfgj["resolved_plugin_options"]["mail"]["gamma"] == 2.0  # TRADES preset recorded
+    recs = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert "weights" not in recs[0] and "weights" in recs[1]  # burn-in, then reweighting
     import numpy as np
 
-    d = np.load(full / "dumps" / "mail-epoch002.npz")
+    d = np.load(tmp_path / "full" / "dumps" / "mail-epoch002.npz")
     assert set(d.files) == {"index", "pm", "weight"} and len(d["index"]) == 256
