@@ -15,7 +15,7 @@ from .compose import combine_weights, merge_variants, summary
 from .config import TrainConfig
 from .context import FeatureTap, StepContext, TrainContext, Variant
 from .data import DataBundle, batches, hold_out, load_dataset
-from .errors import CheckpointError, NonFiniteLossError, OptionError, PluginError
+from .errors import CheckpointError, NonFiniteLossError, PluginError
 from .evaluate import evaluate, gather_tensors
 from .models import build_model
 from .plugins import Enabled, enable

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from advplug import checkpoint
 from advplug.errors import NonFiniteLossError

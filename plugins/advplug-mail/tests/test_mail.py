@@ -5,12 +5,11 @@ import math
 import pytest
 import torch
 
-from advplug import NATURAL, OptionError, Weights
+from advplug import OptionError, Weights
 from advplug.compose import combine_weights
 from advplug.context import FeatureTap, StepContext, TrainContext, Variant
 from advplug.plugins import enable
 from advplug.testing import digits_subset, tiny_config
-from advplug.trainer import Trainer
 from advplug_mail import MAIL, mail_weights, probabilistic_margin
 
 

@@ -1,5 +1,4 @@
 """MeoW: Eq. 3-5 against hand computations, codebook upkeep, typicality, end to end."""
-import json
 import math
 
 import pytest
@@ -7,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advplug import NATURAL, Weights
 from advplug.context import FeatureTap, StepContext, TrainContext, Variant
 from advplug.data import DataBundle
 from advplug.testing import tiny_config

@@ -147,8 +147,9 @@ class MeoW:
 
     def _accumulate(self, d_nat: Tensor, d_adv: Tensor) -> None:
         s = self._epoch_stats
-        for key, val in (("d_nat", d_nat.sum()), ("d_adv", d_adv.mean(0).sum()), ("n", torch.tensor(float(d_nat.numel()), device=d_nat.device))):
+        for key, val in (("d_nat", d_nat.sum()), ("d_adv", d_adv.mean(0).sum())):
             s[key] = s.get(key, 0) + val
+        s["n"] = s.get("n", 0) + d_nat.numel()  # a Python int: no host-to-device copy per step
 
     @hookimpl
     def combine_loss(self, ctx: StepContext, variants: list[Variant], weights: Weights | None) -> Tensor | None:
@@ -182,7 +183,7 @@ class MeoW:
         self.usage += torch.bincount(idx, minlength=self.usage.shape[0])
         s = self._epoch_stats
         s["selected"] = s.get("selected", 0) + mask.sum()
-        s["candidates"] = s.get("candidates", 0) + mask.numel()
+        s["candidates"] = s.get("candidates", 0) + mask.numel()  # Python int
         self._push_ring(st["f"][0].float())
         self._step = {}
 
