@@ -3,6 +3,8 @@
 * ``TrackedPGD`` / ``TrackedTPGD``: torchattacks' PGD and TRADES-PGD, unchanged, that also count
   per sample the iterations at which the prediction (before the update) was still correct:
   GAIRAT's kappa, as its authors' code counts it. On the device, no host sync.
+* ``SAA``: torchattacks' targeted APGD-DLR (``APGDT``) as LRAT trains with it: the few highest
+  non-true classes, every sample perturbed, no global reseed.
 * ``CWLinf``: PGD under the Linf budget on the CW margin loss (confidence 50, true class masked
   with -1e4 before the max over other classes), the "CW" of the reweighting papers' tables.
   torchattacks' ``CW`` is the L2 optimisation attack, a different thing.
@@ -104,6 +106,56 @@ class CWLinf(Attack):
         return adv
 
 
+class SAA(torchattacks.APGDT):
+    """LRAT's "simplified targeted APGD-DLR" (LRAT Eq. 9, Sec. 5.1): torchattacks' ``APGDT``
+    (adaptive step, targeted DLR loss) on the ``n_target_classes`` classes with the highest scores
+    at the original point, excluding the true one (3 in LRAT), ``steps`` each (20 in LRAT).
+
+    Three changes from ``APGDT.perturb``, which follows AutoAttack's evaluation conventions:
+
+    * a correctly classified sample that no target fools gets the iterate with the highest
+      targeted-DLR loss over all targets, not the clean input: a training attack must perturb;
+    * the global RNG is not reseeded (``APGDT`` calls ``torch.manual_seed(seed)`` on every batch,
+      which would freeze every other random draw of the run); random starts come from torch's
+      global RNG, which the trainer seeds and checkpoints;
+    * ``self.targets`` ``[B, n]`` records the classes each sample was attacked towards (-1: not
+      attacked, because already fooled or already misclassified).
+
+    Like ``APGDT``, targets are attacked one after another on the samples still classified
+    correctly, and a sample already misclassified at ``x`` is returned as it is.
+    """
+
+    def perturb(self, x_in: Tensor, y_in: Tensor, best_loss: bool = False, cheap: bool = True) -> tuple[Tensor, Tensor]:
+        x, y = x_in.clone(), y_in.clone()
+        adv = x.clone()
+        acc = self.get_logits(x).argmax(1) == y
+        best = torch.full(y.shape, float("-inf"), device=x.device)
+        self.targets = torch.full((y.shape[0], self.n_target_classes), -1, dtype=torch.long, device=x.device)
+        record = self.dlr_loss_targeted
+        for k, target_class in enumerate(range(2, self.n_target_classes + 2)):
+            self.target_class = target_class
+            idx = acc.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+
+            def dlr(logits: Tensor, yy: Tensor, y_target: Tensor, _k: int = k, _idx: Tensor = idx) -> Tensor:
+                self.targets[_idx, _k] = y_target
+                return record(logits, yy, y_target)
+
+            self.dlr_loss_targeted = dlr  # type: ignore[method-assign]
+            try:
+                x_best, acc_curr, loss_best, x_best_adv = self.attack_single_run(x[idx], y[idx])
+            finally:
+                del self.dlr_loss_targeted
+            fooled = ~acc_curr.bool()
+            better = ~fooled & (loss_best > best[idx])
+            adv[idx] = torch.where(fooled.view(-1, *[1] * (x.dim() - 1)), x_best_adv,
+                                   torch.where(better.view(-1, *[1] * (x.dim() - 1)), x_best, adv[idx]))
+            best[idx] = torch.where(better, loss_best.to(best.dtype), best[idx])
+            acc[idx] = ~fooled
+        return acc, adv
+
+
 def set_bn_mode(attack: Attack, bn: str) -> Attack:
     """``eval``: the whole model in eval mode while attacking (torchattacks' default; TRADES,
     MART, MAIL, GAIRAT code). ``train``: train mode, BatchNorm uses and updates batch statistics
@@ -115,7 +167,7 @@ def set_bn_mode(attack: Attack, bn: str) -> Attack:
     return attack
 
 
-TRAIN_ATTACKS = ("pgd", "tpgd", "cw", "fgsm", "apgd-ce", "apgdt")
+TRAIN_ATTACKS = ("pgd", "tpgd", "cw", "saa", "fgsm", "apgd-ce", "apgdt")
 
 
 def make_attack(name: str, model: nn.Module, *, eps: float, alpha: float, steps: int, bn: str = "eval",
@@ -123,7 +175,8 @@ def make_attack(name: str, model: nn.Module, *, eps: float, alpha: float, steps:
     """A torchattacks attack by name under an Linf budget.
 
     ``pgd`` (TrackedPGD), ``tpgd`` (TrackedTPGD), ``cw`` (CWLinf), ``fgsm``, ``apgd-ce`` (APGD on
-    CE), ``apgdt`` (targeted APGD-DLR; ``n_target_classes`` in ``extra``, default all).
+    CE), ``apgdt`` (targeted APGD-DLR; ``n_target_classes`` in ``extra``, default all), ``saa``
+    (LRAT's training form of ``apgdt``; ``n_target_classes`` default 3).
     """
     if eps <= 0:
         raise OptionError(f"eps must be > 0, got {eps}")
@@ -135,6 +188,9 @@ def make_attack(name: str, model: nn.Module, *, eps: float, alpha: float, steps:
         atk = TrackedTPGD(model, eps=eps, alpha=alpha, steps=steps)
     elif name == "cw":
         atk = CWLinf(model, eps=eps, alpha=alpha, steps=steps, confidence=extra.get("confidence", 50.0))
+    elif name == "saa":
+        atk = SAA(model, norm="Linf", eps=eps, steps=steps, seed=seed, n_classes=num_classes)
+        atk.n_target_classes = min(int(extra.get("n_target_classes", 3)), num_classes - 1)
     elif name == "fgsm":
         atk = torchattacks.FGSM(model, eps=eps)
     elif name == "apgd-ce":

@@ -40,9 +40,12 @@ def combine_weights(
 ) -> Weights | None:
     """Multiply the plugins' weights per part (``adv`` as ``[V, B]``, ``nat`` as ``[B]``).
 
-    One contributor to a part: its weights are kept as returned. Two or more: the product is
-    renormalised to mean 1 per variant row (``batch_mean`` is all-reduced under DDP). The
-    result is detached. ``None`` when nobody returned weights.
+    One contributor to a part: its weights are kept as returned. Two or more: the product keeps
+    its shape within each variant row and is rescaled so that the row's batch mean equals the
+    product of the contributors' row means (``batch_mean`` is all-reduced under DDP). Mean-1
+    methods (MAIL, GAIRAT) thus leave the scale of the others alone, and a method that puts
+    different scales on different variants (LRAT's floor term, Eq. 15) keeps them. The result
+    is detached. ``None`` when nobody returned weights.
     """
     adv: list[Tensor] = []
     nat: list[Tensor] = []
@@ -61,11 +64,11 @@ def combine_weights(
     def product(parts: list[Tensor]) -> Tensor | None:
         if not parts:
             return None
-        out = parts[0]
+        out, scale = parts[0], batch_mean(parts[0])
         for p in parts[1:]:
-            out = out * p
+            out, scale = out * p, scale * batch_mean(p)
         if len(parts) > 1:
-            out = out / batch_mean(out).clamp_min(torch.finfo(out.dtype).tiny)
+            out = out * (scale / batch_mean(out).clamp_min(torch.finfo(out.dtype).tiny))
         return out
 
     return Weights(adv=product(adv), nat=product(nat))

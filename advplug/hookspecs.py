@@ -89,9 +89,9 @@ def compute_weights(ctx: StepContext, variants: list[Variant]) -> Weights | None
 
     **Combining**: collected; the core multiplies all results element-wise (``[B]`` broadcasts
     over variants), per part. A single contributor's weights are used as returned (each method's
-    own normalisation); when two or more plugins contribute to a part, the product is
-    renormalised to mean 1 over the batch for each variant (all-reduced under DDP). The result
-    is detached. If nobody returns weights, ``combine_loss`` receives ``None``.
+    own normalisation); when two or more plugins contribute to a part, the product is rescaled
+    per variant so that its batch mean is the product of the contributors' batch means (mean-1
+    methods leave the others' scale alone; all-reduced under DDP). The result is detached. If nobody returns weights, ``combine_loss`` receives ``None``.
     """
 
 

@@ -27,7 +27,23 @@ from advplug.trainer import Trainer
 
 
 # time the reweighting itself, not a burn-in period
-REWEIGHT_NOW = {"mail": {"mail-burn-in": 0}, "gairat": {"gairat-begin-epoch": 0}}
+REWEIGHT_NOW = {"mail": {"mail-burn-in": 0}, "gairat": {"gairat-begin-epoch": 0}, "bat": {"bat-burn-in": 0}}
+
+
+class ForwardCounter:
+    """Counts the samples that pass through a model's forward (attack iterations included): the
+    work a contender asks for. Attached during the untimed warm-up epoch only."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.n = 0
+        self.handle = model.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output) -> None:
+        self.n += inputs[0].shape[0]
+
+    def stop(self) -> int:
+        self.handle.remove()
+        return self.n
 
 
 def sync(device: torch.device) -> None:
@@ -97,8 +113,10 @@ def main() -> None:
     loader = TensorBatches(x.to(dev), y.to(dev), args.batch_size, True, seed=0)
 
     times: dict[str, list[float]] = {"plain loop": [], **{k: [] for k in contenders}}
+    work: dict[str, int] = {}
     for epoch in range(args.epochs + 1):
         for name in times:
+            counter = ForwardCounter(plain_model if name == "plain loop" else contenders[name].model) if epoch == 0 else None
             sync(dev)
             t0 = time.perf_counter()
             if name == "plain loop":
@@ -106,17 +124,22 @@ def main() -> None:
             else:
                 contenders[name].train_epoch(epoch)
             sync(dev)
-            if epoch > 0:  # epoch 0 warms up
+            if counter is not None:
+                work[name] = counter.stop()
+            if epoch > 0:  # epoch 0 warms up and counts the work
                 times[name].append(time.perf_counter() - t0)
 
     ref = statistics.median(times["plain loop"])
     at = statistics.median(times["advplug AT"])
     print(f"{args.shape} ({len(y)} samples, {model_name}, PGD-{args.steps}, batch {args.batch_size}) on {dev}, "
           f"median of {args.epochs} epochs")
-    print(f"{'contender':<22} {'s/epoch':>9} {'vs plain':>9} {'vs AT':>7}")
+    print("work: sample-forwards per epoch (attack iterations included) relative to advplug AT; "
+          "time/work: time ratio over work ratio (1.0: the contender costs exactly its extra passes)")
+    print(f"{'contender':<22} {'s/epoch':>9} {'vs plain':>9} {'vs AT':>7} {'work':>7} {'time/work':>9}")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"{name:<22} {m:9.3f} {m / ref:9.3f} {m / at:7.3f}")
+        wr = work[name] / work["advplug AT"]
+        print(f"{name:<22} {m:9.3f} {m / ref:9.3f} {m / at:7.3f} {wr:7.2f} {m / at / wr:9.3f}")
     if not args.no_art:
         art_time = time_art(fresh_copy(base, dev), x, y, eps, alpha, args.steps, args.batch_size, dev)
         print(f"{'ART MadryPGD':<22} {art_time:9.3f} {art_time / ref:9.3f} {art_time / at:7.3f}")

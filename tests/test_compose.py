@@ -31,18 +31,26 @@ def test_single_contributor_is_kept_as_returned():
     assert out.nat is None
 
 
-def test_product_is_renormalised_to_mean_one_per_variant():
-    a = torch.tensor([1.0, 2.0, 3.0])  # per instance
-    b = torch.tensor([[1.0, 1.0, 2.0], [4.0, 1.0, 1.0]])  # per variant
+def test_product_keeps_the_product_of_row_means():
+    a = torch.tensor([1.0, 2.0, 3.0])  # per instance, mean 2
+    b = torch.tensor([[1.0, 1.0, 1.0], [4.0, 1.0, 1.0]])  # per variant, row means 1 and 2
     out = combine_weights([Weights(adv=a), Weights(adv=b)], 2, 3)
-    row0 = torch.tensor([1.0, 2.0, 6.0]) / 3.0  # product (1, 2, 6), mean 3
-    row1 = torch.tensor([4.0, 2.0, 3.0]) / 3.0  # product (4, 2, 3), mean 3
+    row0 = torch.tensor([1.0, 2.0, 3.0]) / 2.0 * 2.0  # product (1, 2, 3), mean 2 -> mean 2 * 1
+    row1 = torch.tensor([4.0, 2.0, 3.0]) / 3.0 * 4.0  # product (4, 2, 3), mean 3 -> mean 2 * 2
     assert torch.allclose(out.adv, torch.stack([row0, row1]))
+
+
+def test_product_of_mean_one_weights_has_mean_one():
+    a = torch.tensor([0.5, 1.5, 1.0])
+    b = torch.tensor([[2.0, 0.5, 0.5], [1.0, 1.0, 1.0]])
+    out = combine_weights([Weights(adv=a), Weights(adv=b)], 2, 3)
+    assert torch.allclose(out.adv.mean(1), torch.ones(2))
+    assert torch.allclose(out.adv[0], torch.tensor([1.0, 0.75, 0.5]) / 0.75)
 
 
 def test_natural_weights_multiply_separately():
     out = combine_weights([Weights(nat=torch.tensor([2.0, 2.0])), Weights(adv=torch.tensor([1.0, 3.0]), nat=torch.tensor([1.0, 3.0]))], 1, 2)
-    assert torch.allclose(out.nat, torch.tensor([0.5, 1.5]))  # (2, 6) / mean 4
+    assert torch.allclose(out.nat, torch.tensor([2.0, 6.0]))  # (2, 6): product of means 2 * 2 = its mean 4
     assert torch.allclose(out.adv, torch.tensor([[1.0, 3.0]]))
 
 

@@ -105,14 +105,15 @@ def test_bad_input():
         enable(["mail"], "at", {"mail-margin": "lps"})
 
 
-def test_combined_with_another_plugin_weights_multiply_and_renormalise():
+def test_combined_with_another_plugin_weights_multiply_at_the_others_scale():
     m = started()
     ctx = ctx_for(LOGITS_NAT, LOGITS_ADV, Y)
     wm = m.compute_weights(ctx, ctx.variants)
     other = Weights(adv=torch.tensor([2.0, 1.0, 1.0]))
     out = combine_weights([wm, other], 1, 3)
     prod = wm.adv[0] * torch.tensor([2.0, 1.0, 1.0])
-    assert torch.allclose(out.adv[0], prod / prod.mean())
+    assert torch.allclose(wm.adv[0].mean(), torch.tensor(1.0))
+    assert torch.allclose(out.adv[0], prod / prod.mean() * (4 / 3))  # MAIL's mean 1 times the other's 4/3
 
 
 def test_end_to_end_with_trades_and_resume(tmp_path):

@@ -33,7 +33,7 @@ Choices where the paper is open (written here so results can be compared):
 * N defaults to 2048 (Sec. 4.1); when the training set is small the codebook is scaled to keep
   the paper's CIFAR-10 ratio of about 24 training samples per code (logged).
 * Eq. 4 weights are used at their raw scale (the paper does not normalise them); combined with
-  another weighting plugin, the core renormalises the product to mean 1.
+  another weighting plugin, the core keeps the product at MeoW's batch mean times the other's.
 * Features and logits come from the step's own forward passes; the distance of a batch to the
   codebook is computed once (``cdist``) and reused for the codebook update.
 """

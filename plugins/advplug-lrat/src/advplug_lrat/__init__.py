@@ -1,0 +1,175 @@
+"""LRAT: locally reweighted adversarial training (seed paper 003, ICLR 2022 submission).
+
+Each instance is paired with several adversarial variants (Sec. 4.3, "locally simulated"), one
+per attack in ``--lrat-attacks`` (any of ``pgd``, ``cw``, ``saa``):
+
+* ``pgd``: PGD-K on cross-entropy (Eq. 13; torchattacks PGD, the run's eps, step and K);
+* ``cw``: PGD-K on the CW margin loss with confidence 50 (Eq. 8/14; the core's ``CWLinf``);
+* ``saa``: targeted APGD-DLR (Eq. 9) on the 3 highest non-true classes, 20 steps
+  (torchattacks ``APGDT``, through the core's ``SAA``; ``--lrat-saa-steps``, ``--lrat-saa-targets``).
+
+The paper's settings: LRAT-SAA ``--lrat-attacks saa``, LRAT-CW ``--lrat-attacks cw``,
+LRAT-SAA+CW ``--lrat-attacks saa,cw`` (default); LSAT-X adds ``--lrat-lsat``.
+
+Inside each pair the variants are reweighted ("locally reweighted"), never across instances:
+
+* variable factor ``t = p_y(x') - max_{i != y} p_i(x')`` (Eq. 11), from the step's own logits;
+* weight ``w(t) = alpha (1 - t)^beta`` (Eq. 12; alpha 2, beta 0.5);
+* the adversarial data term ``x*`` gets the floor ``[C - sum_j w_ij]_+`` (Eq. 7; C = 0.1). Its
+  definition is an option, as Appendix B describes: ``pgd`` (default: Sec. 5.2 simulates PGD
+  besides the reweighted CW and SAA, which is the 40-step budget PGD-10 + CW-10 + SAA-20),
+  ``saa`` (the appendix's recommendation for unseen attacks), ``nat`` (the natural instance, for
+  natural accuracy) or ``none`` (the term removed). If ``x*`` is also a reweighted variant, its
+  weight is ``w + floor`` and no attack runs twice;
+* all weights are normalised so that ``(1/n) sum_i ([C - sum_j w_ij]_+ + sum_j w_ij) = 1``
+  (Eq. 15; the batch mean is all-reduced under DDP). ``--lrat-normalise none`` skips it.
+
+LSAT (``--lrat-lsat``): the same variants with ``w = 1`` and no floor (Sec. 4.2: ``C < 1``); with
+Eq. 15 this is the mean loss over the variants.
+
+The loss (Eq. 7) is LRAT's own: ``(1/n) sum_i (sum_j W_ij l(x_ij) + W*_i l(x*_i))`` with ``l`` the
+cross-entropy; LRAT owns ``combine_loss`` with ``--objective at``. It consumes the *combined*
+weights: a weighting plugin enabled beside it (e.g. ``--plugin mail``, which gives each variant
+the margin weight of its own logits) multiplies into every variant's weight, and the core keeps
+each variant's batch mean at LRAT's (MAIL's weights have mean 1). Variants another plugin
+produces join the pair and are reweighted by Eq. 12 too. TRADES and MART have their own loss;
+combining them with LRAT is not defined by the paper and is refused at start-up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from advplug import NATURAL, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
+from advplug.compose import adv_matrix
+from advplug.dump import SampleDump
+
+__version__ = "0.1.0"
+ATTACKS = ("pgd", "cw", "saa")
+FLOORS = ("pgd", "cw", "saa", "nat", "none")
+
+
+def variable_factor(probs: Tensor, y: Tensor) -> Tensor:
+    """Eq. 11: ``t = p_y - max_{i != y} p_i`` per row of ``probs`` ``[..., B, K]``."""
+    p_true = probs.gather(-1, y.expand(probs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    others = probs.scatter(-1, y.expand(probs.shape[:-1]).unsqueeze(-1), float("-inf"))
+    return p_true - others.amax(-1)
+
+
+def local_weight(t: Tensor, alpha: float, beta: float) -> Tensor:
+    """Eq. 12: ``w(t) = alpha (1 - t)^beta`` (t in [-1, 1], so 1 - t >= 0)."""
+    return alpha * (1.0 - t).clamp_min(0.0).pow(beta)
+
+
+def floor_weight(w_pair: Tensor, c: float) -> Tensor:
+    """Eq. 7: ``[C - sum_j w_ij]_+`` from the pair's weights ``[m, B]``."""
+    return (c - w_pair.sum(0)).clamp_min(0.0)
+
+
+def parse_attacks(spec: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(a.strip().lower() for a in spec.split(",") if a.strip()))
+    bad = [a for a in names if a not in ATTACKS]
+    if bad or not names:
+        raise OptionError(f"--lrat-attacks {spec!r}: choose one or more of {', '.join(ATTACKS)}, comma-separated")
+    return names
+
+
+class LRAT:
+    """LRAT: several attacks per instance (PGD, CW-Linf, targeted APGD-DLR), reweighted inside each pair."""
+
+    @dataclass(frozen=True)
+    class Options:
+        attacks: str = opt("saa,cw", "reweighted variants, comma-separated from pgd, cw, saa (Sec. 4.3)")
+        floor: str = opt("pgd", "adversarial data term x* of Eq. 7 (App. B): pgd, cw, saa, nat or none", choices=FLOORS)
+        alpha: float = opt(2.0, "alpha of Eq. 12", gt=0.0)
+        beta: float = opt(0.5, "beta of Eq. 12", gt=0.0)
+        c: float = opt(0.1, "C of Eq. 7: the minimum weight sum of each instance", gt=0.0)
+        normalise: str = opt("eq15", "eq15: mean total weight 1 per instance (App. B); none", choices=("eq15", "none"))
+        lsat: bool = opt(False, "LSAT: simulate the attacks with w = 1 and no floor (no reweighting)")
+        saa_steps: int = opt(20, "APGD iterations per target class of the SAA variant", min=1)
+        saa_targets: int = opt(3, "target classes of the SAA variant (highest non-true scores)", min=1)
+        dump: bool = opt(False, "write per-sample t and weights with indices each epoch (RUN_DIR/dumps)")
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.attacks = parse_attacks(options.attacks)
+        self.runners: dict[str, Any] = {}
+        self.dumper: SampleDump | None = None
+
+    def owns_loss(self, objective: str) -> bool:
+        return True  # Eq. 7 is LRAT's objective; TRADES / MART with LRAT are refused as two owners
+
+    @hookimpl
+    def on_train_start(self, ctx: TrainContext) -> None:
+        o = self.options
+        needed = list(self.attacks) + ([o.floor] if o.floor in ATTACKS and o.floor not in self.attacks else [])
+        for name in needed:
+            extra = dict(steps=o.saa_steps, n_target_classes=o.saa_targets) if name == "saa" else {}
+            self.runners[name] = ctx.make_attack(name, **extra)
+        if o.lsat and o.floor not in ("none",) + self.attacks:
+            raise OptionError(f"--lrat-lsat has no floor term: --lrat-floor {o.floor} would never be used (use none)")
+        if o.dump:
+            self.dumper = SampleDump(ctx.config.out, "lrat")
+        kind = "LSAT" if o.lsat else f"LRAT (alpha {o.alpha}, beta {o.beta}, C {o.c})"
+        ctx.log(f"lrat: {kind}, variants {', '.join(self.attacks)}, x* = {o.floor}, "
+                f"normalisation {o.normalise}, attacks run: {', '.join(needed)}")
+
+    @hookimpl
+    def generate_adversaries(self, ctx: StepContext) -> list[Variant]:
+        out = []
+        for name, atk in self.runners.items():
+            x_adv = atk(ctx.x, ctx.y)
+            out.append(Variant(name, x_adv, atk.stats() if hasattr(atk, "stats") else {}))
+        return out
+
+    def local_weights(self, ctx: StepContext, variants: list[Variant]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(t [V, B], W [V, B], W_nat [B] or None)`` before Eq. 15, in the order of ``variants``."""
+        o = self.options
+        own_floor = o.floor in ATTACKS and o.floor not in self.attacks
+        in_pair = torch.tensor([not (own_floor and v.name == o.floor) for v in variants], device=ctx.y.device)
+        t = torch.stack([variable_factor(ctx.probs(v), ctx.y) for v in variants])
+        w = torch.ones_like(t) if o.lsat else local_weight(t, o.alpha, o.beta)
+        w = w * in_pair[:, None]
+        w_nat = None
+        if not o.lsat and o.floor != "none":
+            floor = floor_weight(w, o.c)
+            if o.floor == "nat":
+                w_nat = floor
+            else:
+                row = [v.name for v in variants].index(o.floor)
+                w = w.index_add(0, torch.tensor([row], device=w.device), floor[None])
+        return t, w, w_nat
+
+    @hookimpl
+    def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights:
+        t, w, w_nat = self.local_weights(ctx, variants)
+        if self.options.normalise == "eq15":
+            total = w.sum(0) + (w_nat if w_nat is not None else 0.0)  # Eq. 15
+            scale = ctx.batch_mean(total).clamp_min(torch.finfo(w.dtype).tiny)
+            w = w / scale
+            w_nat = w_nat / scale if w_nat is not None else None
+        if self.dumper is not None:
+            cols = {f"t_{v.name}": t[i] for i, v in enumerate(variants)}
+            cols.update({f"weight_{v.name}": w[i] for i, v in enumerate(variants)})
+            if w_nat is not None:
+                cols["weight_nat"] = w_nat
+            self.dumper.add(index=ctx.index, **cols)
+        return Weights(adv=w, nat=w_nat)
+
+    @hookimpl
+    def combine_loss(self, ctx: StepContext, variants: list[Variant], weights: Weights | None) -> Tensor:
+        ce = torch.stack([F.cross_entropy(ctx.logits(v), ctx.y, reduction="none") for v in variants])  # [V, B]
+        per_sample = (adv_matrix(weights, len(variants), ctx.batch_size, ce) * ce).sum(0)  # Eq. 7, inner sums
+        if weights is not None and weights.nat is not None:
+            per_sample = per_sample + weights.nat * F.cross_entropy(ctx.logits(NATURAL), ctx.y, reduction="none")
+        return per_sample.mean()
+
+    @hookimpl
+    def on_epoch_end(self, epoch: int) -> dict[str, Any] | None:
+        if self.dumper is not None:
+            self.dumper.write(epoch)
+        return None
