@@ -63,6 +63,28 @@ def plain_epoch(model, opt, loader, attack, epoch: int) -> None:
         opt.step()
 
 
+def plain_lrat_epoch(model, opt, loader, attacks, epoch: int, alpha=2.0, beta=0.5, c=0.1) -> None:
+    """LRAT-SAA+CW with x* = PGD written by hand (Eq. 7, 11, 12, 15), same attacks as the plugin."""
+    loader.set_epoch(epoch)
+    model.train()
+    for x, y, _ in loader:
+        views = [attacks[n](x, y) for n in ("cw", "saa", "pgd")]
+        logits = [model(v) for v in views]
+        ce = torch.stack([F.cross_entropy(z, y, reduction="none") for z in logits])
+        w = []
+        for z in logits[:2]:
+            p = z.detach().softmax(1)
+            t = p.gather(1, y[:, None]).squeeze(1) - p.scatter(1, y[:, None], -1.0).amax(1)
+            w.append(alpha * (1 - t).clamp_min(0) ** beta)
+        w.append((c - w[0] - w[1]).clamp_min(0))
+        w = torch.stack(w)
+        w = w / w.sum(0).mean()
+        loss = (w * ce).sum(0).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def fresh_copy(trainer: Trainer, dev: torch.device) -> torch.nn.Module:
     m = build_model(trainer.cfg.model, trainer.data.num_classes, trainer.data.input_shape).to(dev)
     m.load_state_dict(trainer.model.state_dict())
@@ -86,8 +108,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5, help="timed epochs per contender (after one warm-up)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--plugin", action="append", default=[], help="also time advplug with this plugin")
+    ap.add_argument("--plugin", action="append", default=[], help="also time advplug with this plugin (a+b: both together)")
     ap.add_argument("--no-art", action="store_true")
+    ap.add_argument("--lrat-reference", action="store_true", help="also time LRAT written by hand (compare with --plugin lrat)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     data = bundle(args.shape, args.n)
@@ -104,7 +127,7 @@ def main() -> None:
 
     contenders = {"advplug AT": trainer(())}
     for p in args.plugin:
-        contenders[f"advplug +{p}"] = trainer((p,))
+        contenders[f"advplug +{p}"] = trainer(tuple(p.split("+")))
     base = contenders["advplug AT"]
     plain_model = fresh_copy(base, dev)
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -113,22 +136,32 @@ def main() -> None:
     loader = TensorBatches(x.to(dev), y.to(dev), args.batch_size, True, seed=0)
 
     times: dict[str, list[float]] = {"plain loop": [], **{k: [] for k in contenders}}
-    work: dict[str, int] = {}
+    models = {"plain loop": plain_model, **{k: t.model for k, t in contenders.items()}}
+    if args.lrat_reference:
+        from advplug.attacks import make_attack
+
+        lrat_model = fresh_copy(base, dev)
+        lrat_opt = torch.optim.SGD(lrat_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        kw = dict(eps=eps, alpha=alpha, steps=args.steps)
+        lrat_attacks = {"pgd": make_attack("pgd", lrat_model, **kw), "cw": make_attack("cw", lrat_model, **kw),
+                        "saa": make_attack("saa", lrat_model, **{**kw, "steps": 20}, n_target_classes=3)}
+        times["hand LRAT loop"], models["hand LRAT loop"] = [], lrat_model
+    counters = {name: ForwardCounter(models[name]) for name in times}
     for epoch in range(args.epochs + 1):
         for name in times:
-            counter = ForwardCounter(plain_model if name == "plain loop" else contenders[name].model) if epoch == 0 else None
             sync(dev)
             t0 = time.perf_counter()
             if name == "plain loop":
                 plain_epoch(plain_model, plain_opt, loader, plain_attack, epoch)
+            elif name == "hand LRAT loop":
+                plain_lrat_epoch(lrat_model, lrat_opt, loader, lrat_attacks, epoch)
             else:
                 contenders[name].train_epoch(epoch)
             sync(dev)
-            if counter is not None:
-                work[name] = counter.stop()
-            if epoch > 0:  # epoch 0 warms up and counts the work
+            if epoch > 0:  # epoch 0 warms up
                 times[name].append(time.perf_counter() - t0)
 
+    work = {name: c.stop() for name, c in counters.items()}
     ref = statistics.median(times["plain loop"])
     at = statistics.median(times["advplug AT"])
     print(f"{args.shape} ({len(y)} samples, {model_name}, PGD-{args.steps}, batch {args.batch_size}) on {dev}, "

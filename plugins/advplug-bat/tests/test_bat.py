@@ -1,0 +1,168 @@
+"""BAT: Eq. 6-10 against hand computations, memorisation estimates, poisoning samples, composition, resume."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from advplug import DataError, OptionError
+from advplug import checkpoint
+from advplug.config import TrainConfig
+from advplug.context import TrainContext
+from advplug.data import DataBundle
+from advplug.models import build_model
+from advplug.plugins import enable
+from advplug.testing import digits_subset, run_and_resume, same_tensors, tiny_config
+from advplug.trainer import Trainer
+from advplug_bat import BAT, bat_weights, discrimination_loss, ensemble_disagreement, poisoning_score
+
+
+def test_poisoning_score_and_weights_by_hand():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.3, 0.5], [0.3, 0.3, 0.4]])
+    y = torch.tensor([0, 0, 2, 0])
+    assert poisoning_score(probs, y).tolist() == pytest.approx([0.2, 0.6, 0.3, 0.4])  # Eq. 6
+    atyp = torch.tensor([True, True, False, True])
+    w = bat_weights(probs, y, atyp, alpha=1.0)
+    # 0: atypical but correct -> 1; 1: atypical, wrong -> exp(-0.6); 2: typical -> 1; 3: atypical, wrong -> exp(-0.4)
+    assert w.tolist() == pytest.approx([1.0, math.exp(-0.6), 1.0, math.exp(-0.4)])  # Eq. 7
+
+
+def test_discrimination_loss_by_hand():
+    h = torch.tensor([[1.0, 0.0], [0.8, 0.2], [0.0, 1.0], [0.1, 0.9]])
+    y = torch.tensor([0, 0, 1, 1])
+    s = (h @ h.t()).tolist()  # tau = 1, raw dot products
+
+    def term(i, j, negs):
+        return -math.log(math.exp(s[i][j]) / sum(math.exp(s[i][k]) for k in negs))
+
+    ref = (term(0, 1, [2, 3]) + term(1, 0, [2, 3]) + term(2, 3, [0, 1]) + term(3, 2, [0, 1])) / 4
+    got = discrimination_loss(h, y, torch.ones(4, dtype=torch.bool), tau=1.0, cosine=False)
+    assert got.item() == pytest.approx(ref, abs=1e-6)
+    # sample 3 atypical: it is neither a positive nor a negative; anchor 2 has no positive left
+    ref2 = (term(0, 1, [2]) + term(1, 0, [2])) / 2
+    got2 = discrimination_loss(h, y, torch.tensor([True, True, True, False]), tau=1.0, cosine=False)
+    assert got2.item() == pytest.approx(ref2, abs=1e-6)
+    # cosine: the same on normalised features, with tau
+    hn = h / h.norm(dim=1, keepdim=True)
+    assert discrimination_loss(h, y, torch.ones(4, dtype=torch.bool), tau=0.5).item() == pytest.approx(
+        discrimination_loss(hn / math.sqrt(0.5), y, torch.ones(4, dtype=torch.bool), tau=1.0, cosine=False).item(), rel=1e-5)
+
+
+def test_discrimination_loss_falls_when_same_class_features_move_together():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(16, 8, generator=g)
+    y = torch.arange(16) % 4
+    typical = torch.ones(16, dtype=torch.bool)
+    before = discrimination_loss(h, y, typical, tau=0.1)
+    centres = torch.stack([h[y == c].mean(0) for c in range(4)])
+    after = discrimination_loss(0.5 * h + 0.5 * centres[y], y, typical, tau=0.1)
+    assert after < before
+    assert discrimination_loss(h, y, torch.zeros(16, dtype=torch.bool), tau=0.1).item() == 0.0  # no typical pair
+
+
+def started(num_train=10, train_data=None, model="fc1", **opts):
+    b = BAT(BAT.Options(**opts))
+    b.on_train_start(TrainContext(model=None, config=TrainConfig(model=model, out="/tmp/unused-bat"), num_train=num_train,
+                                  num_classes=10, input_shape=(1, 8, 8), device=torch.device("cpu"), epochs=5,
+                                  milestones=(3,), objective="at", make_attack=None, log=lambda s: None,
+                                  train_data=train_data))
+    return b
+
+
+def test_memorisation_file_and_its_errors(tmp_path):
+    p = tmp_path / "mem.npz"
+    np.savez(p, indices=np.arange(10)[::-1], values=np.linspace(0, 0.9, 10))
+    b = started(mem="file", mem_file=str(p))
+    assert b.atyp.tolist() == [v > 0.15 for v in np.linspace(0, 0.9, 10)[::-1]]  # mem > sigma, by index
+    np.savez(p, indices=np.arange(9), values=np.zeros(9))
+    with pytest.raises(DataError, match="1 of 10 training samples have no value"):
+        started(mem="file", mem_file=str(p))
+    np.savez(p, idx=np.arange(10), values=np.zeros(10))
+    with pytest.raises(DataError, match="arrays 'indices' and 'values'"):
+        started(mem="file", mem_file=str(p))
+    with pytest.raises(DataError, match="no file"):
+        started(mem="file", mem_file=str(tmp_path / "nope.npz"))
+    with pytest.raises(OptionError, match="needs --bat-mem-file"):
+        started(mem="file")
+
+
+def test_ensemble_disagreement_against_scipy(tmp_path):
+    from scipy.spatial.distance import jensenshannon
+
+    x = torch.rand(12, 1, 8, 8)
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        m = build_model("fc1", 10, (1, 8, 8))
+        checkpoint.save(tmp_path / f"m{seed}.pt", {"model": m.state_dict(), "model_name": "fc1"})
+        paths.append(str(tmp_path / f"m{seed}.pt"))
+    b = started(num_train=12, train_data=(x, torch.zeros(12, dtype=torch.long)), mem="ensemble",
+                mem_checkpoints=",".join(paths))
+    probs = []
+    for p in paths:
+        m = build_model("fc1", 10, (1, 8, 8))
+        m.load_state_dict(checkpoint.load(p)["model"])
+        probs.append(m(x).softmax(1).detach().double().numpy())
+    ref = [np.mean([jensenshannon(pj[i], pp[i]) ** 2 for pj in probs for pp in probs]) / math.log(2) for i in range(12)]
+    assert b.mem.tolist() == pytest.approx(ref, rel=1e-4, abs=1e-7)
+    assert b.atyp.tolist() == [r > np.quantile(ref, 0.8) for r in ref]  # default: the top 20%
+    assert torch.allclose(ensemble_disagreement(torch.stack([torch.eye(3)[:2], torch.eye(3)[:2]])), torch.zeros(2))
+    with pytest.raises(OptionError, match="two or more checkpoints"):
+        started(mem="ensemble", mem_checkpoints=paths[0])
+
+
+def blobs_with_poison(n_per_class=100, n_poison=12, seed=0) -> tuple[DataBundle, torch.Tensor]:
+    """Three well separated Gaussian classes (16-d, shaped 1x4x4) and ``n_poison`` atypical samples
+    drawn from class 1's distribution but labelled 0: "poisoning" samples near a wrong class (Sec. 3.2)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.zeros(3, 16)
+    centres[0, :5], centres[1, 5:10], centres[2, 10:] = 0.8, 0.8, 0.8
+    y = torch.arange(3).repeat_interleave(n_per_class)
+    x = centres[y] + 0.08 * torch.randn(len(y), 16, generator=g)
+    xp = centres[1] + 0.08 * torch.randn(n_poison, 16, generator=g)
+    x, y = torch.cat([x, xp]).clamp(0, 1), torch.cat([y, torch.zeros(n_poison, dtype=torch.long)])
+    perm = torch.randperm(len(y), generator=g)
+    poison = torch.zeros(len(y), dtype=torch.bool)
+    poison[3 * n_per_class:] = True
+    x, y, poison = x[perm].view(-1, 1, 4, 4), y[perm], poison[perm]
+    return DataBundle((x, y), (x[:64], y[:64]), 3, (1, 4, 4)), poison
+
+
+def test_poisoning_samples_get_the_smallest_weights(tmp_path):
+    data, poison = blobs_with_poison()
+    cfg = tiny_config(str(tmp_path), model="fc1", plugins=("bat",), epochs=5, milestones=(4,), eps=0.05, alpha=0.02,
+                      steps=3, lr=0.1, plugin_options={"bat-dump": "true"})
+    Trainer(cfg, data=data, log=lambda s: None).fit()
+    d = np.load(tmp_path / "dumps" / "bat-epoch005.npz")
+    w = np.empty(len(poison))
+    w[d["index"]] = d["weight"]
+    atyp = np.zeros(len(poison), dtype=bool)
+    atyp[d["index"]] = d["atypical"]
+    assert atyp[poison.numpy()].all()  # the confidence estimate finds every poisoning sample
+    assert (w[poison.numpy()] < 0.6).all()  # exp(-q) with q > 0.5: confidently predicted as class 1
+    lowest = np.argsort(w)[: int(poison.sum())]
+    assert poison.numpy()[lowest].all()  # the smallest weights are exactly the poisoning samples
+    assert (w[~atyp] == 1.0).all()  # typical samples are never down-weighted
+
+
+def test_wrapper_adds_beta_dl_to_trades(tmp_path):
+    cfg = tiny_config(str(tmp_path), plugins=("bat",), objective="trades", plugin_options={"bat-beta": "0.5"})
+    torch.manual_seed(0)
+    tr = Trainer(cfg, data=digits_subset(64, 16), log=lambda s: None)
+    x, y = tr.data.train[0][:32], tr.data.train[1][:32]
+    loss, ctx, _ = tr.step(x, y, torch.arange(32), epoch=0, global_step=0)
+    trades = tr.enabled.plugin("trades").combine_loss(ctx, ctx.variants, None)
+    dl = discrimination_loss(ctx.features(ctx.variants[0]), y, torch.ones(32, dtype=torch.bool), tau=0.1)
+    assert loss.item() == pytest.approx((trades + 0.5 * dl).item(), rel=1e-5)
+    assert ctx.forward_count == 2  # natural + tpgd: the features come from the loss's own forwards
+
+
+def test_options_and_resume(tmp_path):
+    with pytest.raises(OptionError, match="--bat-atypical-fraction: must be <= 1.0"):
+        enable(["bat"], "at", {"bat-atypical-fraction": "2"})
+    with pytest.raises(OptionError, match="takes no --bat-mem-file"):
+        started(mem_file="x.npz")
+    full, part = run_and_resume(tmp_path, digits_subset(128, 32), plugins=("bat",))
+    assert same_tensors(full["model"], part["model"])
+    assert torch.equal(full["plugins"]["bat"]["conf_count"], torch.full((128,), 3.0))
+    assert same_tensors(full["plugins"]["bat"], part["plugins"]["bat"])
