@@ -54,7 +54,7 @@ class TrainConfig:
     eval_steps: int | None = None
     n_eval: int | None = 1000
     final_attacks: tuple[str, ...] = ("natural", "pgd20", "cw20")
-    val_size: float = 0.1
+    val_size: float | None = None  # default: min(1000, 10% of the training set)
     out: str = "runs/latest"
     device: str | None = None
     progress: bool = True
@@ -90,7 +90,7 @@ class TrainConfig:
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
             (self.eval_steps >= 1, f"--eval-steps must be >= 1, got {self.eval_steps}"),
             (self.n_eval is None or self.n_eval >= 1, f"--n-eval must be >= 1, got {self.n_eval}"),
-            (0 < self.val_size, f"--val-size must be > 0, got {self.val_size}"),
+            (self.val_size is None or 0 < self.val_size, f"--val-size must be > 0, got {self.val_size}"),
         ]
         for ok, msg in checks:
             if not ok:

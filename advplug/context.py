@@ -165,4 +165,5 @@ class TrainContext:
     train_data: Any = None
     rank: int = 0
     world_size: int = 1
+    loss_fn: Callable[..., Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

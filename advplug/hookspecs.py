@@ -48,8 +48,9 @@ def on_train_start(ctx: TrainContext) -> None:
     :param ctx: the model, resolved config, training-set size, number of classes, input shape,
         device, epochs and learning-rate milestones, the chosen objective name, an attack
         factory ``ctx.make_attack(name, **overrides)`` returning torchattacks attacks under the
-        run's eps and BatchNorm mode, a ``log`` function, and the validation split
-        ``(x, y)`` if ``"validation"`` was required.
+        run's eps and BatchNorm mode, a ``log`` function, the validation split ``(x, y)`` if
+        ``"validation"`` was required, and ``loss_fn(ctx, variants, weights)``, the run's training
+        loss for given weights (for meta-learning plugins such as BiLAW; weights may carry a graph).
 
     Raise ``advplug.OptionError`` for a setting the plugin cannot work with (e.g. an
     objective it does not support, a burn-in past the last epoch).

@@ -53,7 +53,9 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.data = data if data is not None else load_dataset(self.cfg.data, self.cfg.data_root, self.cfg.download)
         if "validation" in reqs and self.data.validation is None:
-            self.data = hold_out(self.data, self.cfg.val_size, seed=1234)
+            n = self.data.num_train
+            size = self.cfg.val_size if self.cfg.val_size is not None else min(1000, round(0.1 * n))
+            self.data = hold_out(self.data, size, seed=1234)
         self.model = build_model(self.cfg.model, self.data.num_classes, self.data.input_shape).to(self.device)
         self.net = self.model
         if self.world > 1:
@@ -76,11 +78,12 @@ class Trainer:
             input_shape=self.data.input_shape, device=self.device, epochs=self.cfg.epochs,
             milestones=self.cfg.milestones, objective=self.cfg.objective, make_attack=self.make_attack,
             log=self.log, validation=self._validation(), train_data=self.data.train, rank=self.rank,
-            world_size=self.world)
+            world_size=self.world, loss_fn=self._loss)
         cfg = self.cfg
         self.log(f"advplug: {cfg.data} ({self.data.num_train} train, {len(self.test[1])} test), model {cfg.model}, "
                  f"objective {cfg.objective}, plugins {', '.join(cfg.plugins) or 'none'}, eps {cfg.eps:.4g}, "
-                 f"PGD-{cfg.steps} step {cfg.alpha:.4g}, attack BN mode {cfg.attack_bn}, device {self.device}")
+                 f"PGD-{cfg.steps} step {cfg.alpha:.4g}, attack BN mode {cfg.attack_bn}, device {self.device}"
+                 + (f", {len(self.data.validation[1])} validation samples held out" if self.data.validation is not None else ""))
         self.pm.hook.on_train_start(ctx=ctx)
         if resume:
             self._resume()
@@ -98,6 +101,10 @@ class Trainer:
                   num_classes=self.data.num_classes, seed=self.cfg.seed)
         kw.update(overrides)
         return make_attack(name, self.model, **kw)
+
+    def _loss(self, ctx: StepContext, variants: list[Variant], weights: Any) -> Tensor:
+        """The run's training loss (loss owner plus wrappers) for given weights: for meta-learning plugins."""
+        return self.pm.hook.combine_loss(ctx=ctx, variants=variants, weights=weights)
 
     def _validation(self) -> tuple[Tensor, Tensor] | None:
         if self.data.validation is None:
