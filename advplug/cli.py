@@ -88,6 +88,8 @@ def _csv_ints(s: str | None) -> tuple[int, ...] | None:
 @click.option("--out", default=None, help="Run directory (default runs/<plugins>-<objective>).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--tensorboard", is_flag=True, default=None, help="Also log to TensorBoard (RUN_DIR/tensorboard).")
+@click.option("--dump-weights", is_flag=True, default=None,
+              help="Write per-sample weights and margins each epoch (RUN_DIR/dumps/weights-epochNNN.npz) for `advplug report`.")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bars.")
 @click.option("--workers", type=int, default=None, help="DataLoader workers (torchvision data sets).")
 @click.option("--config", "config_file", default=None, help="JSON or TOML file with the same settings.")
@@ -211,6 +213,17 @@ def eval_cmd(target: str, attacks: tuple[str, ...], which: str, backend: str, ep
                    num_classes=int(ck["num_classes"]), batch_size=batch_size, backend=backend, progress=True)
     click.echo(results_table({f"{which if ck['path'].endswith(which + '.pt') else 'checkpoint'} (epoch {int(ck['epoch']) + 1})": res},
                              f"{ck['path']}: {len(y)} test samples, eps {eps:.4g}, backend {backend}"))
+
+
+@cli.command()
+@click.argument("run_dir")
+def report(run_dir: str) -> None:
+    """Write PNG plots of a run: accuracy per epoch, weights per epoch, weight against signal,
+    the training images with the highest and lowest weights (train with --dump-weights)."""
+    from .plots import report as make_report
+
+    for p in make_report(run_dir):
+        click.echo(str(p))
 
 
 def main() -> None:

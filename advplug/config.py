@@ -59,6 +59,7 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     tensorboard: bool = False
+    dump_weights: bool = False
     workers: int = 4
 
     def resolved(self) -> "TrainConfig":

@@ -15,6 +15,7 @@ from .compose import combine_weights, merge_variants, summary
 from .config import TrainConfig
 from .context import FeatureTap, StepContext, TrainContext, Variant
 from .data import DataBundle, batches, hold_out, load_dataset
+from .dump import SampleDump
 from .errors import CheckpointError, NonFiniteLossError, PluginError
 from .evaluate import evaluate, gather_tensors
 from .models import build_model
@@ -51,11 +52,7 @@ class Trainer:
             raise PluginError(f"unknown requirement(s) {', '.join(sorted(reqs - KNOWN_REQUIREMENTS))}")
 
         torch.manual_seed(self.cfg.seed)
-        self.data = data if data is not None else load_dataset(self.cfg.data, self.cfg.data_root, self.cfg.download)
-        if "validation" in reqs and self.data.validation is None:
-            n = self.data.num_train
-            size = self.cfg.val_size if self.cfg.val_size is not None else min(1000, round(0.1 * n))
-            self.data = hold_out(self.data, size, seed=1234)
+        self.data = training_data(self.cfg, data, "validation" in reqs)
         self.model = build_model(self.cfg.model, self.data.num_classes, self.data.input_shape).to(self.device)
         self.net = self.model
         if self.world > 1:
@@ -91,6 +88,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.config_record(), indent=2))
         self.metrics = MetricsWriter(self.out, self.cfg.tensorboard) if self.rank == 0 else None
+        self.weight_dump = SampleDump(self.out, "weights") if self.cfg.dump_weights and self.rank == 0 else None
         if self.metrics is not None and resume:
             self.metrics.truncate_after(self.start_epoch - 1)
 
@@ -203,6 +201,8 @@ class Trainer:
             seen += y.shape[0]
             if w is not None:
                 weights_seen.append((w.adv[0] if w.adv is not None else w.nat).float())
+                if self.weight_dump is not None:
+                    self._dump_weights(ctx, w)
             if bar is not None and (i + 1) % 20 == 0:  # one host sync every 20 steps
                 self._check_finite(losses[: i + 1], epoch)
                 bar.set_postfix(loss=f"{losses[max(0, i - 19): i + 1].mean().item():.3f}")
@@ -218,6 +218,18 @@ class Trainer:
             rec["weights"] = summary(self.epoch_weights)
         rec["seconds"] = time.perf_counter() - t0
         return rec
+
+    def _dump_weights(self, ctx: StepContext, w: Any) -> None:
+        """Per-sample combined weights and the first variant's probabilistic margin (kept on the device)."""
+        p = ctx.probs(ctx.variants[0])
+        margin = p.gather(1, ctx.y[:, None]).squeeze(1) - p.scatter(1, ctx.y[:, None], float("-inf")).amax(1)
+        cols = {"index": ctx.index, "label": ctx.y, "margin": margin}
+        if w.adv is not None:
+            adv = w.adv if w.adv.dim() == 2 else w.adv.expand(len(ctx.variants), -1)
+            cols.update({f"weight_{v.name}": adv[i] for i, v in enumerate(ctx.variants)})
+        if w.nat is not None:
+            cols["weight_natural"] = w.nat
+        self.weight_dump.add(**cols)
 
     def _check_finite(self, losses: Tensor, epoch: int) -> None:
         bad = ~torch.isfinite(losses)
@@ -248,6 +260,8 @@ class Trainer:
                 if is_best:
                     checkpoint.save(self.out / "best.pt", payload)
                 self.metrics.write(rec, self.epoch_weights)
+                if self.weight_dump is not None:
+                    self.weight_dump.write(epoch)
                 msg = (f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train_acc {rec['train_acc']:.3f}  "
                        f"lr {rec['lr']:.4g}  {rec['seconds']:.1f}s")
                 if "pgd_acc" in rec:
@@ -283,6 +297,20 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         return results
+
+
+def training_data(cfg: TrainConfig, data: DataBundle | None = None, validation: bool | None = None,
+                  log: Callable[[str], None] = print) -> DataBundle:
+    """The run's data as the trainer numbers it: loaded (unless given), with the validation split
+    held out when a plugin requires one (``validation=None``: ask the config's plugins)."""
+    if validation is None:
+        pm = enable(list(cfg.plugins), cfg.objective, cfg.plugin_options).pm
+        validation = "validation" in set().union(*[r for r in pm.hook.requirements() if r])
+    data = data if data is not None else load_dataset(cfg.data, cfg.data_root, cfg.download)
+    if validation and data.validation is None:
+        size = cfg.val_size if cfg.val_size is not None else min(1000, round(0.1 * data.num_train))
+        data = hold_out(data, size, seed=1234)
+    return data
 
 
 def resume_config(run_dir: str | Path) -> TrainConfig:

@@ -1,0 +1,190 @@
+"""``advplug report RUN_DIR``: PNG plots of a run with matplotlib (Agg, no display needed).
+
+Files go to ``RUN_DIR/report/``:
+
+* ``accuracy.png``: training, clean and PGD accuracy per epoch, learning-rate drops marked;
+* ``weights.png``: the distribution of the per-sample weights per epoch (box plots from the
+  ``--dump-weights`` files; from the logged min/mean/max when there are none);
+* ``weight_vs_signal.png``: weight against the probabilistic margin of the sample (every
+  plugin), and against each plugin's own signal where its dump records one (MAIL's PM,
+  GAIRAT's kappa, LRAT's t, BAT's poisoning score q);
+* ``extremes.png``: the training images with the highest and the lowest weights of the last
+  dumped epoch (as MeoW Fig. 2 and BiLAW Fig. 3 show them).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+from .report import read_metrics
+
+SIGNALS = {"mail": "pm", "gairat": "kappa", "bat": "q", "lrat": "t_"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def dumps(run_dir: Path, name: str) -> dict[int, dict[str, np.ndarray]]:
+    """``{epoch: columns}`` of ``RUN_DIR/dumps/<name>-epochNNN.npz``."""
+    out = {}
+    for p in sorted((run_dir / "dumps").glob(f"{name}-epoch*.npz")):
+        m = re.search(r"epoch(\d+)\.npz$", p.name)
+        with np.load(p) as d:
+            out[int(m.group(1))] = {k: d[k] for k in d.files}
+    return out
+
+
+def weight_column(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """The weight of the first variant (``weight_<variant>``), or ``weight``."""
+    keys = sorted(k for k in cols if k.startswith("weight_") and k != "weight_natural")
+    return cols[keys[0]] if keys else cols["weight"]
+
+
+def plot_accuracy(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, Any]) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ep = [r["epoch"] + 1 for r in records]
+    for key, label in (("train_acc", "train (adversarial)"), ("clean_acc", "test natural"), ("pgd_acc", "test PGD")):
+        pts = [(e, 100 * r[key]) for e, r in zip(ep, records) if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+    for m in cfg.get("milestones") or []:
+        ax.axvline(m + 0.5, color="grey", ls=":", lw=1)
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{_method(cfg)} on {cfg.get('data')}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, run_dir / "report" / "accuracy.png")
+
+
+def plot_weights(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, Any]) -> Path | None:
+    plt = _plt()
+    ds = dumps(run_dir, "weights")
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    if ds:
+        epochs = sorted(ds)
+        ax.boxplot([weight_column(ds[e]) for e in epochs], positions=epochs, widths=0.6, showfliers=True,
+                   flierprops=dict(ms=2, alpha=0.3))
+        ax.set_xticks(epochs[:: max(1, len(epochs) // 10)])
+    else:
+        pts = [(r["epoch"] + 1, r["weights"]) for r in records if "weights" in r]
+        if not pts:
+            plt.close(fig)
+            return None
+        e = [p[0] for p in pts]
+        ax.fill_between(e, [p[1]["min"] for p in pts], [p[1]["max"] for p in pts], alpha=0.3, label="min-max")
+        ax.plot(e, [p[1]["mean"] for p in pts], marker="o", ms=3, label="mean")
+        ax.legend()
+    ax.set(xlabel="epoch", ylabel="per-sample weight", title=f"weights per epoch, {_method(cfg)}")
+    ax.grid(alpha=0.3)
+    return _save(fig, run_dir / "report" / "weights.png")
+
+
+def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
+    plt = _plt()
+    panels: list[tuple[str, np.ndarray, np.ndarray]] = []
+    ds = dumps(run_dir, "weights")
+    if ds:
+        last = ds[max(ds)]
+        panels.append(("probabilistic margin p_y - max p_j", last["margin"], weight_column(last)))
+    for plugin, key in SIGNALS.items():
+        pd = dumps(run_dir, plugin)
+        if not pd:
+            continue
+        cols = pd[max(pd)]
+        sig = sorted(k for k in cols if k.startswith(key))
+        if sig:
+            w = cols.get(f"weight_{sig[0][len(key):]}", cols.get("weight")) if key.endswith("_") else cols["weight"]
+            panels.append((f"{plugin}: {sig[0]}", cols[sig[0]], w))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (label, x, w) in zip(axes[0], panels):
+        ax.scatter(x, w, s=4, alpha=0.4)
+        ax.set(xlabel=label, ylabel="weight")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"weight against signal, last dumped epoch, {_method(cfg)}")
+    return _save(fig, run_dir / "report" / "weight_vs_signal.png")
+
+
+def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8) -> Path | None:
+    plt = _plt()
+    ds = dumps(run_dir, "weights")
+    if not ds:
+        return None
+    cols = ds[max(ds)]
+    w, idx = weight_column(cols), cols["index"]
+    order = np.argsort(w, kind="stable")
+    picks = [("lowest", order[:n]), ("highest", order[::-1][:n])]
+    x, y = training_images(cfg, idx[np.concatenate([p[1] for p in picks])])
+    fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.4))
+    k = 0
+    for row, (name, sel) in enumerate(picks):
+        for col in range(n):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(sel):
+                img = x[k].transpose(1, 2, 0)
+                ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+                ax.set_title(f"y={y[k]} w={w[sel[col]]:.2f}", fontsize=7)
+                k += 1
+        axes[row, 0].text(-0.3, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.suptitle(f"training images with the lowest and highest weights (epoch {max(ds)}), {_method(cfg)}", fontsize=9)
+    return _save(fig, run_dir / "report" / "extremes.png")
+
+
+def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Training images by training-set index, as the run numbered them (validation held out)."""
+    from .config import TrainConfig
+    from .trainer import training_data
+
+    tc = TrainConfig.from_json({k: v for k, v in cfg.items() if k not in ("resolved_plugin_options", "num_train", "world_size")})
+    data = training_data(tc.resolved(), log=lambda s: None)
+    train = data.train
+    if isinstance(train, tuple):
+        x, y = train[0][index].numpy(), train[1][index].numpy()
+    else:
+        items = [train[int(i)] for i in index]
+        x, y = np.stack([np.asarray(it[0]) for it in items]), np.array([int(it[1]) for it in items])
+    return x, y
+
+
+def _method(cfg: dict[str, Any]) -> str:
+    return method_name(cfg.get("plugins") or [], cfg.get("objective", "at"))
+
+
+def method_name(plugins: list[str], objective: str) -> str:
+    return "+".join(list(plugins) or ["AT"]) + ("" if objective == "at" else f" ({objective})")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
+def report(run_dir: str | Path) -> list[Path]:
+    """Write every plot the run's files allow; returns their paths."""
+    run = Path(run_dir)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise DataError(f"{str(run)!r} is not a run directory (no config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    records = read_metrics(run)
+    if not records:
+        raise DataError(f"{str(run)!r} has no metrics.jsonl records yet")
+    made = [plot_accuracy(run, records, cfg), plot_weights(run, records, cfg), plot_weight_vs_signal(run, cfg),
+            plot_extremes(run, cfg)]
+    return [p for p in made if p is not None]
