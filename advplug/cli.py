@@ -180,39 +180,63 @@ def hooks(plugins: tuple[str, ...], objective: str) -> None:
 @cli.command(name="eval")
 @click.argument("target")
 @click.option("--attack", "attacks", multiple=True, help="natural, fgsm, pgdK, cw / cwK, apgd-ce, aa (repeatable).")
-@click.option("--which", type=click.Choice(["best", "last"]), default="best", help="Checkpoint of a run directory.")
+@click.option("--suite", type=click.Choice(["paper"]), default=None,
+              help="paper: natural, PGD-20, PGD-100, CW-Linf margin, APGD-CE, AutoAttack (on --n-eval-aa samples).")
+@click.option("--which", type=click.Choice(["best", "last", "both"]), default=None,
+              help="Checkpoint(s) of a run directory (default: both with --suite, else best).")
 @click.option("--backend", type=click.Choice(["torchattacks", "art"]), default="torchattacks")
 @click.option("--eps", type=float, default=None, help="Default: the run's eps.")
 @click.option("--alpha", type=float, default=None, help="PGD/CW step (default eps/4).")
-@click.option("--n-eval", type=int, default=None, help="Evaluate on the first N test samples.")
+@click.option("--n-eval", type=int, default=None, help="Evaluate on the first N test samples (default all).")
+@click.option("--n-eval-aa", type=int, default=1000, help="AutoAttack on the first N test samples (the papers' practice).")
 @click.option("--batch-size", type=int, default=256)
 @click.option("--device", default=None)
 @click.option("--data-root", default=None)
-def eval_cmd(target: str, attacks: tuple[str, ...], which: str, backend: str, eps: float | None, alpha: float | None,
-             n_eval: int | None, batch_size: int, device: str | None, data_root: str | None) -> None:
-    """Evaluate a checkpoint (or a run directory's best/last) under attacks."""
-    from . import checkpoint
-    from .config import TrainConfig
-    from .data import load_dataset
-    from .evaluate import evaluate, gather_tensors
-    from .models import build_model
-    from .report import results_table
-    from .trainer import pick_device
+def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: str | None, backend: str,
+             eps: float | None, alpha: float | None, n_eval: int | None, n_eval_aa: int, batch_size: int,
+             device: str | None, data_root: str | None) -> None:
+    """Evaluate a checkpoint (or a run directory's best / last) under attacks.
 
-    ck = checkpoint.load(target, which)
-    cfg = TrainConfig.from_json(json.loads(ck["config"])).resolved()
-    if data_root:
-        cfg.data_root = data_root
-    dev = pick_device(device)
-    model = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"])).to(dev)
-    checkpoint.load_model_state(model, ck, cfg.model)
-    data = load_dataset(cfg.data, cfg.data_root, False)
-    x, y = gather_tensors(data.test, n_eval, dev)
-    eps = eps if eps is not None else cfg.eps
-    res = evaluate(model, x, y, attacks or ("natural", "pgd20", "cw20"), eps=eps, alpha=alpha,
-                   num_classes=int(ck["num_classes"]), batch_size=batch_size, backend=backend, progress=True)
-    click.echo(results_table({f"{which if ck['path'].endswith(which + '.pt') else 'checkpoint'} (epoch {int(ck['epoch']) + 1})": res},
-                             f"{ck['path']}: {len(y)} test samples, eps {eps:.4g}, backend {backend}"))
+    For a run directory the results, with the settings they were taken under, are saved to
+    RUN_DIR/eval.json (read by `advplug compare`).
+    """
+    from pathlib import Path
+
+    from .evaluate import SUITES, evaluate_checkpoints
+
+    if suite and attacks:
+        raise OptionError("--suite and --attack exclude each other")
+    specs = SUITES[suite] if suite else (attacks or ("natural", "pgd20", "cw20"))
+    is_run = Path(target).is_dir()
+    whiches = ["best", "last"] if (which or ("both" if suite else "best")) == "both" else [which or "best"]
+    if not is_run:
+        whiches = [None]
+    rec = evaluate_checkpoints(target, whiches, specs, backend=backend, eps=eps, alpha=alpha, n_eval=n_eval,
+                               n_eval_aa=n_eval_aa, batch_size=batch_size, device=device, data_root=data_root,
+                               progress=True, log=click.echo)
+    if is_run:
+        out = Path(target) / "eval.json"
+        out.write_text(json.dumps(rec, indent=2))
+        click.echo(f"saved {out}")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json"]), default="markdown")
+@click.option("--output", "-o", default=None, help="Write the table to this file as well.")
+def compare(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
+    """The papers' table: one row per method (plugins + objective + options), attacks x best/last,
+    mean ± std over seeds. Runs with differing settings are flagged."""
+    from .compare import compare as make_table
+
+    text, warnings = make_table(list(run_dirs), fmt)
+    click.echo(text)
+    for w in warnings:
+        click.echo(f"warning: settings differ: {w}", err=True)
+    if output:
+        from pathlib import Path
+
+        Path(output).write_text(text + "\n")
 
 
 @cli.command()

@@ -101,3 +101,65 @@ def evaluate_art(model: nn.Module, x: Tensor, y: Tensor, attacks: list[str], *, 
     finally:
         model.train(was_training)
     return out
+
+
+SUITES = {"paper": ("natural", "pgd20", "pgd100", "cw20", "apgd-ce", "aa")}
+
+
+def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable[str], *, backend: str = "torchattacks",
+                         eps: float | None = None, alpha: float | None = None, n_eval: int | None = None,
+                         n_eval_aa: int | None = 1000, batch_size: int = 256, device: str | None = None,
+                         data_root: str | None = None, progress: bool = False, log=print) -> dict:
+    """Evaluate the named checkpoints of a run (``which`` best / last, or ``None`` for a file).
+
+    AutoAttack runs on the first ``n_eval_aa`` test samples, the other attacks on the first
+    ``n_eval`` (all if ``None``). Returns ``{"settings": ..., "results": {which: {attack: acc,
+    "epoch": E}}}``; the settings record eps, step, backend, the data set, and per attack the
+    number of test samples it saw.
+    """
+    import json
+
+    from . import checkpoint
+    from .config import TrainConfig
+    from .data import load_dataset
+    from .models import build_model
+    from .report import results_table
+    from .trainer import pick_device
+
+    specs = list(specs)
+    for s in specs:
+        parse_eval_attack(s)
+    dev = pick_device(device)
+    results: dict = {}
+    settings: dict = {}
+    data_cache: dict = {}
+    for which in whiches:
+        ck = checkpoint.load(target, which or "last")
+        cfg = TrainConfig.from_json(json.loads(ck["config"])).resolved()
+        if data_root:
+            cfg.data_root = data_root
+        model = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"])).to(dev)
+        checkpoint.load_model_state(model, ck, cfg.model)
+        if cfg.data not in data_cache:
+            data_cache[cfg.data] = gather_tensors(load_dataset(cfg.data, cfg.data_root, False).test, None, dev)
+        x, y = data_cache[cfg.data]
+        e = eps if eps is not None else cfg.eps
+        a = alpha if alpha is not None else e / 4
+        kw = dict(eps=e, alpha=a, num_classes=int(ck["num_classes"]), batch_size=batch_size, backend=backend,
+                  progress=progress, seed=cfg.seed)
+        n_main = len(y) if n_eval is None else min(n_eval, len(y))
+        n_aa = n_main if n_eval_aa is None else min(n_eval_aa, n_main)
+        res: dict = {}
+        main = [s for s in specs if parse_eval_attack(s)[0] != "aa"]
+        if main:
+            res.update(evaluate(model, x[:n_main], y[:n_main], main, **kw))
+        if len(main) < len(specs):
+            res.update(evaluate(model, x[:n_aa], y[:n_aa], ["aa"], **kw))
+        name = which or "checkpoint"
+        results[name] = {**res, "epoch": int(ck["epoch"]) + 1}
+        settings = {"data": cfg.data, "eps": e, "alpha": a, "backend": backend, "attacks": specs,
+                    "n_test": {display_name(s): (n_aa if parse_eval_attack(s)[0] == "aa" else n_main) for s in specs}}
+        log(results_table({f"{name} (epoch {int(ck['epoch']) + 1})": res},
+                          f"{ck['path']}: eps {e:.4g}, step {a:.4g}, backend {backend}, "
+                          + ", ".join(f"{k} on {v}" for k, v in settings["n_test"].items())))
+    return {"settings": settings, "results": results}

@@ -1,0 +1,185 @@
+"""``advplug compare RUN_DIR...``: the papers' table from several runs.
+
+Runs are grouped by method: plugins (order-free) + objective + the plugin options the user set.
+Each group is one row; the columns are the attacks, for the best and the last checkpoint, as
+mean +- std over the group's runs (seeds). Results come from ``RUN_DIR/eval.json`` (``advplug
+eval --suite paper``) when present, else from the training run's ``results.json``.
+
+A run whose settings differ from the others' (data set, model, training budget, epochs, the
+evaluation's eps, step, backend or test-sample counts) is flagged with its differences, in the
+table and on stderr: it is never averaged silently with the others.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+TRAIN_KEYS = ("data", "model", "eps", "alpha", "steps", "epochs", "batch_size", "lr", "milestones", "attack_bn")
+
+
+@dataclass
+class Run:
+    path: str
+    method: str
+    seed: int
+    results: dict[str, dict[str, float]]  # {"best"|"last": {attack: accuracy in [0, 1]}}
+    settings: dict[str, Any]
+    flags: list[str] = field(default_factory=list)
+
+
+def method_label(cfg: dict[str, Any]) -> str:
+    plugins = sorted(cfg.get("plugins") or [])
+    label = "+".join(plugins) if plugins else "AT"
+    obj = cfg.get("objective", "at")
+    if obj != "at":
+        label = f"{label} ({obj.upper()})" if plugins else obj.upper()
+    opts = {k: v for k, v in (cfg.get("plugin_options") or {}).items() if not k.endswith("-dump")}
+    if opts:
+        label += " " + " ".join(f"{k}={v}" for k, v in sorted(opts.items()))
+    return label
+
+
+def _training_results(run: Path) -> dict[str, dict[str, float]]:
+    raw = json.loads((run / "results.json").read_text())
+    out: dict[str, dict[str, float]] = {}
+    for key, res in raw.items():
+        kind = key.split()[0]
+        out[kind] = {k: v for k, v in res.items() if k != "epoch"}
+    if "last" in out and "best" not in out:  # best was the last epoch
+        out["best"] = dict(out["last"])
+    return out
+
+
+def load_run(path: str | Path) -> Run:
+    run = Path(path)
+    cfg_p = run / "config.json"
+    if not cfg_p.is_file():
+        raise DataError(f"{str(run)!r} is not a run directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_p.read_text())
+    except ValueError as e:
+        raise DataError(f"{str(cfg_p)!r} is corrupt: {e}") from None
+    settings = {k: cfg.get(k) for k in TRAIN_KEYS}
+    if (run / "eval.json").is_file():
+        ev = json.loads((run / "eval.json").read_text())
+        results = {k: {a: v for a, v in r.items() if a != "epoch"} for k, r in ev["results"].items()}
+        s = ev["settings"]
+        settings.update({"eval eps": s.get("eps"), "eval step": s.get("alpha"), "backend": s.get("backend"),
+                         "test samples": ", ".join(f"{k} {v}" for k, v in sorted((s.get("n_test") or {}).items()))})
+    elif (run / "results.json").is_file():
+        results = _training_results(run)
+        settings.update({"eval eps": cfg.get("eps"), "eval step": cfg.get("eps") / 4, "backend": "torchattacks",
+                         "test samples": "all (training run)"})
+    else:
+        raise DataError(f"{str(run)!r} has no results yet (no eval.json or results.json)")
+    return Run(str(run), method_label(cfg), int(cfg.get("seed", 0)), results, settings)
+
+
+def flag_mismatches(runs: list[Run]) -> None:
+    """Mark every run whose setting differs from the most common value among the runs."""
+    for key in runs[0].settings:
+        values = Counter(_fmt(r.settings.get(key)) for r in runs)
+        if len(values) < 2:
+            continue
+        common = values.most_common(1)[0][0]
+        for r in runs:
+            mine = _fmt(r.settings.get(key))
+            if mine != common:
+                r.flags.append(f"{key} {mine} (others: {common})")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def _attack_order(runs: list[Run]) -> list[str]:
+    cols: list[str] = []
+    for r in runs:
+        for which in ("best", "last"):
+            cols += [a for a in r.results.get(which, {}) if a not in cols]
+    return cols
+
+
+def table(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per method: ``{"method", "n", "seeds", "flagged", "cells": {(attack, which): (mean, std)}}``."""
+    flag_mismatches(runs)
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.method, []).append(r)
+    attacks = _attack_order(runs)
+    rows = []
+    for method, rs in groups.items():
+        cells = {}
+        for a in attacks:
+            for which in ("best", "last"):
+                vals = [100 * r.results[which][a] for r in rs if a in r.results.get(which, {})]
+                if vals:
+                    cells[(a, which)] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+        rows.append({"method": method, "n": len(rs), "seeds": sorted(r.seed for r in rs),
+                     "flagged": {r.path: r.flags for r in rs if r.flags}, "cells": cells})
+    return rows
+
+
+def _cell(c: tuple[float, float, int] | None) -> str:
+    if c is None:
+        return "-"
+    return f"{c[0]:.2f}" if c[2] == 1 else f"{c[0]:.2f} ± {c[1]:.2f}"
+
+
+def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
+    attacks: list[str] = []
+    for row in rows:
+        for a, _ in row["cells"]:
+            if a not in attacks:
+                attacks.append(a)
+    cols = [(a, w) for a in attacks for w in ("best", "last")]
+    if fmt == "json":
+        return json.dumps([{"method": r["method"], "n": r["n"], "seeds": r["seeds"], "flagged": r["flagged"],
+                            "results": {f"{a} ({w})": {"mean": c[0], "std": c[1], "n": c[2]}
+                                        for (a, w), c in r["cells"].items()}} for r in rows], indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["method", "runs", "attack", "checkpoint", "mean", "std", "n", "flagged"])
+        for r in rows:
+            for (a, which), c in r["cells"].items():
+                w.writerow([r["method"], r["n"], a, which, f"{c[0]:.4f}", f"{c[1]:.4f}", c[2], "yes" if r["flagged"] else ""])
+        return buf.getvalue()
+    head = ["method", "runs", *[f"{a} {w}" for a, w in cols]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    notes = []
+    for r in rows:
+        name = r["method"] + (" ⚠" if r["flagged"] else "")
+        lines.append("| " + " | ".join([name, str(r["n"]), *[_cell(r["cells"].get(c)) for c in cols]]) + " |")
+        for path, flags in r["flagged"].items():
+            notes.append(f"⚠ {path}: " + "; ".join(flags))
+    text = "\n".join(lines) + "\n\nTest accuracy (%), mean ± std over runs (seeds)."
+    if notes:
+        text += "\nSettings differ, not comparable as they stand:\n" + "\n".join(notes)
+    return text
+
+
+def compare(paths: list[str], fmt: str = "markdown") -> tuple[str, list[str]]:
+    """The rendered table and the warnings (one per flagged run)."""
+    if not paths:
+        raise DataError("compare needs at least one run directory")
+    runs = [load_run(p) for p in paths]
+    rows = table(runs)
+    warnings = [f"{p}: " + "; ".join(f) for r in rows for p, f in r["flagged"].items()]
+    return render(rows, fmt), warnings
+
+
+__all__ = ["compare", "load_run", "table", "render", "method_label"]

@@ -1,0 +1,106 @@
+"""advplug compare (numbers by hand, flags), report (every PNG), eval suite settings."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from advplug.cli import cli
+from advplug.compare import compare, load_run, table
+from advplug.evaluate import evaluate_checkpoints
+from advplug.testing import digits_subset, tiny_config
+from advplug.trainer import Trainer
+
+BASE = dict(data="digits", model="digits-cnn", eps=0.2, alpha=0.05, steps=10, epochs=20, batch_size=64, lr=0.05,
+            milestones=[12, 17], attack_bn="eval", objective="at", plugin_options={})
+
+
+def fake_run(root, name, seed, nat_last, pgd_last, nat_best=None, pgd_best=None, **cfg):
+    d = root / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**BASE, "seed": seed, **cfg}))
+    res = {"last (epoch 20)": {"Natural": nat_last, "PGD-20": pgd_last}}
+    if nat_best is not None:
+        res["best (epoch 15)"] = {"Natural": nat_best, "PGD-20": pgd_best}
+    (d / "results.json").write_text(json.dumps(res))
+    return str(d)
+
+
+def test_table_means_and_stds_by_hand(tmp_path):
+    runs = [fake_run(tmp_path, f"mail{s}", s, 0.80 + 0.02 * s, 0.40 + 0.01 * s, plugins=["mail"]) for s in range(3)]
+    runs += [fake_run(tmp_path, f"at{s}", s, 0.85, 0.45 - 0.02 * s, 0.86, 0.50, plugins=[]) for s in range(2)]
+    rows = {r["method"]: r for r in table([load_run(p) for p in runs])}
+    mail = rows["mail"]["cells"]
+    assert mail[("Natural", "last")][:2] == pytest.approx((82.0, 2.0))  # 80, 82, 84: sample std 2
+    assert mail[("PGD-20", "last")][:2] == pytest.approx((41.0, 1.0))
+    assert mail[("Natural", "best")] == mail[("Natural", "last")]  # best was the last epoch
+    at = rows["AT"]["cells"]
+    assert at[("PGD-20", "last")][:2] == pytest.approx((44.0, 2 ** 0.5))  # 45, 43
+    assert at[("PGD-20", "best")][:2] == pytest.approx((50.0, 0.0))
+    assert rows["AT"]["seeds"] == [0, 1] and rows["mail"]["n"] == 3
+    md, warnings = compare(runs)
+    assert "| mail | 3 | 82.00 ± 2.00 | 82.00 ± 2.00 | 41.00 ± 1.00 | 41.00 ± 1.00 |" in md
+    assert warnings == []
+    js = json.loads(compare(runs, "json")[0])
+    assert js[1]["results"]["PGD-20 (last)"]["mean"] == pytest.approx(44.0)
+    csv_text = compare(runs, "csv")[0]
+    assert "mail,3,Natural,last,82.0000,2.0000,3," in csv_text
+
+
+def test_plugin_order_does_not_split_a_method_but_options_do(tmp_path):
+    a = fake_run(tmp_path, "a", 0, 0.8, 0.4, plugins=["mail", "lrat"])
+    b = fake_run(tmp_path, "b", 1, 0.8, 0.4, plugins=["lrat", "mail"])
+    c = fake_run(tmp_path, "c", 0, 0.8, 0.4, plugins=["mail"], objective="trades", plugin_options={"mail-gamma": 5})
+    methods = [r["method"] for r in table([load_run(p) for p in (a, b, c)])]
+    assert methods == ["lrat+mail", "mail (TRADES) mail-gamma=5"]
+
+
+def test_mismatched_settings_are_flagged(tmp_path):
+    runs = [fake_run(tmp_path, f"r{s}", s, 0.8, 0.4) for s in range(3)]
+    runs.append(fake_run(tmp_path, "odd", 3, 0.9, 0.6, eps=0.3))
+    md, warnings = compare(runs)
+    assert len(warnings) == 1 and "odd" in warnings[0] and "eps 0.3 (others: 0.2)" in warnings[0]
+    assert "| AT ⚠ | 4 |" in md and "not comparable" in md
+    res = CliRunner().invoke(cli, ["compare", *runs])
+    assert res.exit_code == 0 and "warning: settings differ" in res.output
+
+
+def test_eval_json_is_preferred_and_its_settings_compared(tmp_path):
+    a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
+    b = fake_run(tmp_path, "b", 1, 0.8, 0.4)
+    for path, n_aa in ((a, 1000), (b, 500)):
+        (tmp_path / path / "eval.json").write_text(json.dumps({
+            "settings": {"eps": 0.2, "alpha": 0.05, "backend": "torchattacks", "n_test": {"Natural": 360, "AutoAttack": n_aa}},
+            "results": {"best": {"Natural": 0.9, "AutoAttack": 0.3, "epoch": 15}, "last": {"Natural": 0.88, "AutoAttack": 0.2, "epoch": 20}}}))
+    md, warnings = compare([a, b])
+    assert "AutoAttack best" in md and "| AT ⚠ | 2 | 90.00 ± 0.00 | 88.00 ± 0.00 | 30.00 ± 0.00 | 20.00 ± 0.00 |" in md
+    assert len(warnings) == 1 and "AutoAttack 500" in warnings[0]
+    with pytest.raises(Exception, match="not a run directory"):
+        compare([str(tmp_path / "nowhere")])
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(str(out), plugins=("mail",), epochs=3, milestones=(2,), dump_weights=True,
+                      plugin_options={"mail-burn-in": 0, "mail-dump": "true"})
+    Trainer(cfg, data=digits_subset(128, 32), log=lambda s: None).fit()
+    return out
+
+
+def test_report_writes_every_plot(small_run):
+    res = CliRunner().invoke(cli, ["report", str(small_run)])
+    assert res.exit_code == 0, res.output
+    names = {"accuracy.png", "weights.png", "weight_vs_signal.png", "extremes.png"}
+    for n in names:
+        p = small_run / "report" / n
+        assert p.is_file() and p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
+    assert set(res.output.split()) == {str(small_run / "report" / n) for n in names}
+
+
+def test_eval_suite_records_the_autoattack_subset(small_run):
+    rec = evaluate_checkpoints(str(small_run), ["best", "last"], ["natural", "pgd5", "aa"], n_eval=32, n_eval_aa=8,
+                               log=lambda s: None)
+    assert rec["settings"]["n_test"] == {"Natural": 32, "PGD-5": 32, "AutoAttack": 8}
+    assert rec["settings"]["alpha"] == pytest.approx(rec["settings"]["eps"] / 4)
+    assert set(rec["results"]) == {"best", "last"} and rec["results"]["last"]["epoch"] == 3
+    assert 0.0 <= rec["results"]["last"]["AutoAttack"] <= rec["results"]["last"]["Natural"]
