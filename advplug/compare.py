@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import read_run_config
 from .errors import DataError
 
 TRAIN_KEYS = ("data", "model", "eps", "alpha", "steps", "epochs", "batch_size", "lr", "milestones", "attack_bn")
@@ -61,13 +62,7 @@ def _training_results(run: Path) -> dict[str, dict[str, float]]:
 
 def load_run(path: str | Path) -> Run:
     run = Path(path)
-    cfg_p = run / "config.json"
-    if not cfg_p.is_file():
-        raise DataError(f"{str(run)!r} is not a run directory (no config.json)")
-    try:
-        cfg = json.loads(cfg_p.read_text())
-    except ValueError as e:
-        raise DataError(f"{str(cfg_p)!r} is corrupt: {e}") from None
+    cfg = read_run_config(run, DataError)
     settings = {k: cfg.get(k) for k in TRAIN_KEYS}
     if (run / "eval.json").is_file():
         ev = json.loads((run / "eval.json").read_text())

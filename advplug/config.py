@@ -144,3 +144,17 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if popts:
         out["plugin_options"] = popts
     return out
+
+
+RECORD_ONLY = ("resolved_plugin_options", "num_train", "world_size")
+
+
+def read_run_config(run_dir: str | Path, error: type[Exception] = OptionError) -> dict[str, Any]:
+    """``RUN_DIR/config.json`` as written by the trainer (with its record-only keys)."""
+    p = Path(run_dir) / "config.json"
+    if not p.is_file():
+        raise error(f"{str(run_dir)!r} is not a run directory (no config.json)")
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise error(f"{str(p)!r} is corrupt: {e}") from None

@@ -13,13 +13,13 @@ Files go to ``RUN_DIR/report/``:
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import read_run_config
 from .errors import DataError
 from .report import read_metrics
 
@@ -145,10 +145,10 @@ def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8) -> Path | None
 
 def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Training images by training-set index, as the run numbered them (validation held out)."""
-    from .config import TrainConfig
+    from .config import RECORD_ONLY, TrainConfig
     from .trainer import training_data
 
-    tc = TrainConfig.from_json({k: v for k, v in cfg.items() if k not in ("resolved_plugin_options", "num_train", "world_size")})
+    tc = TrainConfig.from_json({k: v for k, v in cfg.items() if k not in RECORD_ONLY})
     data = training_data(tc.resolved(), log=lambda s: None)
     train = data.train
     if isinstance(train, tuple):
@@ -178,10 +178,7 @@ def _save(fig, path: Path) -> Path:
 def report(run_dir: str | Path) -> list[Path]:
     """Write every plot the run's files allow; returns their paths."""
     run = Path(run_dir)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise DataError(f"{str(run)!r} is not a run directory (no config.json)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_run_config(run, DataError)
     records = read_metrics(run)
     if not records:
         raise DataError(f"{str(run)!r} has no metrics.jsonl records yet")

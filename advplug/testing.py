@@ -41,6 +41,19 @@ def installed_plugins(**targets: str) -> Iterator[None]:
         plugins.installed = real  # type: ignore[assignment]
 
 
+class TableModel(torch.nn.Module):
+    """Looks logits up by the first input value: lets a test fix each view's probabilities.
+    ``x[:, 0]`` holds row numbers of ``table`` ``[N, K]``; ``head`` gives the FeatureTap a layer."""
+
+    def __init__(self, table: Tensor) -> None:
+        super().__init__()
+        self.table = table
+        self.head = torch.nn.Linear(1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.table[x[:, 0].long()]
+
+
 # -- small plugins used by the test suite -------------------------------------------------
 class ConstantWeights:
     """Weights given by a fixed per-variant vector (tests of composition)."""

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import checkpoint, distributed
 from .attacks import make_attack
 from .compose import combine_weights, merge_variants, summary
-from .config import TrainConfig
+from .config import RECORD_ONLY, TrainConfig, read_run_config
 from .context import FeatureTap, StepContext, TrainContext, Variant
 from .data import DataBundle, batches, hold_out, load_dataset
 from .dump import SampleDump
@@ -314,14 +314,8 @@ def training_data(cfg: TrainConfig, data: DataBundle | None = None, validation: 
 
 
 def resume_config(run_dir: str | Path) -> TrainConfig:
-    p = Path(run_dir) / "config.json"
-    if not p.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} is not a run directory (no config.json)")
-    try:
-        d = json.loads(p.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{str(p)!r} is corrupt: {e}") from None
-    for k in ("resolved_plugin_options", "num_train", "world_size"):
+    d = read_run_config(run_dir, CheckpointError)
+    for k in RECORD_ONLY:
         d.pop(k, None)
     cfg = TrainConfig.from_json(d)
     cfg.out = str(run_dir)

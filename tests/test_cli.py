@@ -54,7 +54,9 @@ def test_eval_a_run_directory(tmp_path):
     Trainer(tiny_config(str(tmp_path)), data=digits_subset(), log=lambda s: None).fit()
     res = run("eval", str(tmp_path), "--which", "last", "--attack", "natural", "--attack", "cw5", "--n-eval", "64")
     assert res.exit_code == 0, res.output
-    assert "CW-Linf margin (PGD-5)" in res.output and "64 test samples" in res.output
+    assert "CW-Linf margin (PGD-5) on 64" in res.output and "Natural on 64" in res.output
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert set(saved["results"]) == {"last"} and saved["settings"]["n_test"]["Natural"] == 64
 
 
 def test_resume_refuses_new_settings(tmp_path):

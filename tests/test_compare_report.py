@@ -104,3 +104,17 @@ def test_eval_suite_records_the_autoattack_subset(small_run):
     assert rec["settings"]["alpha"] == pytest.approx(rec["settings"]["eps"] / 4)
     assert set(rec["results"]) == {"best", "last"} and rec["results"]["last"]["epoch"] == 3
     assert 0.0 <= rec["results"]["last"]["AutoAttack"] <= rec["results"]["last"]["Natural"]
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    from advplug.config import TrainConfig, load_config_file
+    from advplug.plugins import enable
+
+    files = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.toml"))
+    assert len(files) >= 5
+    for f in files:
+        d = load_config_file(f)
+        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).resolved()
+        enable(list(cfg.plugins), cfg.objective, cfg.plugin_options)  # options exist and are valid

@@ -44,7 +44,7 @@ def test_discrimination_loss_by_hand():
     assert got2.item() == pytest.approx(ref2, abs=1e-6)
     # cosine: the same on normalised features, with tau
     hn = h / h.norm(dim=1, keepdim=True)
-    assert discrimination_loss(h, y, torch.ones(4, dtype=torch.bool), tau=0.5).item() == pytest.approx(
+    assert discrimination_loss(h, y, torch.ones(4, dtype=torch.bool), tau=0.5, cosine=True).item() == pytest.approx(
         discrimination_loss(hn / math.sqrt(0.5), y, torch.ones(4, dtype=torch.bool), tau=1.0, cosine=False).item(), rel=1e-5)
 
 
@@ -53,11 +53,13 @@ def test_discrimination_loss_falls_when_same_class_features_move_together():
     h = torch.randn(16, 8, generator=g)
     y = torch.arange(16) % 4
     typical = torch.ones(16, dtype=torch.bool)
-    before = discrimination_loss(h, y, typical, tau=0.1)
+    before = discrimination_loss(h, y, typical, tau=1.0)
     centres = torch.stack([h[y == c].mean(0) for c in range(4)])
-    after = discrimination_loss(0.5 * h + 0.5 * centres[y], y, typical, tau=0.1)
+    after = discrimination_loss(0.5 * h + 0.5 * centres[y], y, typical, tau=1.0)
     assert after < before
-    assert discrimination_loss(h, y, torch.zeros(16, dtype=torch.bool), tau=0.1).item() == 0.0  # no typical pair
+    assert discrimination_loss(0.5 * h + 0.5 * centres[y], y, typical, tau=1.0, cosine=True) < discrimination_loss(
+        h, y, typical, tau=1.0, cosine=True)
+    assert discrimination_loss(h, y, torch.zeros(16, dtype=torch.bool), tau=1.0).item() == 0.0  # no typical pair
 
 
 def started(num_train=10, train_data=None, model="fc1", **opts):
@@ -152,7 +154,7 @@ def test_wrapper_adds_beta_dl_to_trades(tmp_path):
     x, y = tr.data.train[0][:32], tr.data.train[1][:32]
     loss, ctx, _ = tr.step(x, y, torch.arange(32), epoch=0, global_step=0)
     trades = tr.enabled.plugin("trades").combine_loss(ctx, ctx.variants, None)
-    dl = discrimination_loss(ctx.features(ctx.variants[0]), y, torch.ones(32, dtype=torch.bool), tau=0.1)
+    dl = discrimination_loss(ctx.features(ctx.variants[0]), y, torch.ones(32, dtype=torch.bool), tau=10.0)
     assert loss.item() == pytest.approx((trades + 0.5 * dl).item(), rel=1e-5)
     assert ctx.forward_count == 2  # natural + tpgd: the features come from the loss's own forwards
 

@@ -3,12 +3,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from advplug import PluginError, Weights
-from advplug.context import FeatureTap, StepContext, TrainContext, Variant
+from advplug.context import FeatureTap, StepContext, Variant
 from advplug.plugins import enable
-from advplug.testing import digits_subset, run_and_resume, same_tensors, tiny_config
+from advplug.testing import TableModel, digits_subset, run_and_resume, same_tensors, tiny_config
 from advplug.trainer import Trainer
 from advplug_lrat import LRAT, floor_weight, local_weight, parse_attacks, variable_factor
 
@@ -28,24 +27,12 @@ def test_floor_by_hand():
     assert floor_weight(w, 0.1).tolist() == pytest.approx([0.05, 0.0])  # [0.1 - 0.05]_+, [0.1 - 0.5]_+
 
 
-class Table(torch.nn.Module):
-    """Looks logits up by the first input value: lets a test fix each view's probabilities."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = table
-        self.head = torch.nn.Linear(1, 1)
-
-    def forward(self, x):
-        return self.table[x[:, 0].long()]
-
-
 def ctx_for(prob_rows, names, y):
     """A StepContext whose view ``names[v]`` has probabilities ``prob_rows[v]`` ([V][B][K]);
     the natural view has the last block of ``prob_rows``."""
     b = len(y)
     table = torch.log(torch.tensor(prob_rows, dtype=torch.float).reshape(-1, len(prob_rows[0][0])))
-    model = Table(table)
+    model = TableModel(table)
     nat = len(prob_rows) - 1
     ctx = StepContext(model=model, x=torch.arange(nat * b, (nat + 1) * b)[:, None].float(), y=y, index=torch.arange(b),
                       epoch=0, step=0, num_classes=table.shape[1], config=None, lr=0.1, tap=FeatureTap(model))

@@ -9,7 +9,7 @@ from advplug import OptionError, Weights
 from advplug.compose import combine_weights
 from advplug.context import FeatureTap, StepContext, TrainContext, Variant
 from advplug.plugins import enable
-from advplug.testing import digits_subset, tiny_config
+from advplug.testing import TableModel, digits_subset, tiny_config
 from advplug_mail import MAIL, mail_weights, probabilistic_margin
 
 
@@ -28,19 +28,9 @@ def test_weight_by_hand_and_monotone():
     assert w[0] > w[1] > w[2]  # smaller margin -> larger weight
 
 
-class Table(torch.nn.Module):
-    def __init__(self, table):
-        super().__init__()
-        self.table = table
-        self.head = torch.nn.Linear(1, 1)
-
-    def forward(self, x):
-        return self.table[x[:, 0].long()]
-
-
 def ctx_for(nat_logits, adv_logits, y, epoch=5, stats=None):
     b = len(y)
-    model = Table(torch.cat([nat_logits, adv_logits]))
+    model = TableModel(torch.cat([nat_logits, adv_logits]))
     ctx = StepContext(model=model, x=torch.arange(b)[:, None].float(), y=y, index=torch.arange(b), epoch=epoch,
                       step=0, num_classes=nat_logits.shape[1], config=None, lr=0.1, tap=FeatureTap(model))
     ctx.variants = [Variant("pgd", torch.arange(b, 2 * b)[:, None].float(), stats or {})]
