@@ -53,3 +53,22 @@ def test_meow_end_to_end_with_resume_state(tmp_path):
     assert recs[0]["meow"]["codes"] >= 10
     state = checkpoint.load(tmp_path)["plugins"]["meow"]
     assert state["initialized"] and state["codebook"].shape[0] == recs[0]["meow"]["codes"]
+
+
+def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
+    """torchrun with 2 gloo processes: sharded batches, all-reduced weight normalisation, rank-0 outputs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "advplug", "train",
+           "--plugin", "mail", "--mail-burn-in", "0", "--epochs", "1", "--milestones", "1", "--steps", "3",
+           "--no-progress", "--device", "cpu", "--n-eval", "64", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert "weights" in rec and (out / "results.json").is_file()
