@@ -187,8 +187,8 @@ def hooks(plugins: tuple[str, ...], objective: str) -> None:
 @click.option("--backend", type=click.Choice(["torchattacks", "art"]), default="torchattacks")
 @click.option("--eps", type=float, default=None, help="Default: the run's eps.")
 @click.option("--alpha", type=float, default=None, help="PGD/CW step (default eps/4).")
-@click.option("--n-eval", type=int, default=None, help="Evaluate on the first N test samples (default all).")
-@click.option("--n-eval-aa", type=int, default=1000, help="AutoAttack on the first N test samples (the papers' practice).")
+@click.option("--n-eval", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test samples (default all).")
+@click.option("--n-eval-aa", type=click.IntRange(min=1), default=1000, help="AutoAttack on the first N test samples (the papers' practice).")
 @click.option("--batch-size", type=int, default=256)
 @click.option("--device", default=None)
 @click.option("--data-root", default=None)
@@ -208,9 +208,8 @@ def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: st
         raise OptionError("--suite and --attack exclude each other")
     specs = SUITES[suite] if suite else (attacks or ("natural", "pgd20", "cw20"))
     is_run = Path(target).is_dir()
-    whiches = ["best", "last"] if (which or ("both" if suite else "best")) == "both" else [which or "best"]
-    if not is_run:
-        whiches = [None]
+    which = which or ("both" if suite else "best")
+    whiches = (["best", "last"] if which == "both" else [which]) if is_run else [None]
     rec = evaluate_checkpoints(target, whiches, specs, backend=backend, eps=eps, alpha=alpha, n_eval=n_eval,
                                n_eval_aa=n_eval_aa, batch_size=batch_size, device=device, data_root=data_root,
                                progress=True, log=click.echo)

@@ -49,8 +49,15 @@ def method_label(cfg: dict[str, Any]) -> str:
     return label
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise DataError(f"{str(path)!r} is corrupt: {e}") from None
+
+
 def _training_results(run: Path) -> dict[str, dict[str, float]]:
-    raw = json.loads((run / "results.json").read_text())
+    raw = _read_json(run / "results.json")
     out: dict[str, dict[str, float]] = {}
     for key, res in raw.items():
         kind = key.split()[0]
@@ -65,7 +72,7 @@ def load_run(path: str | Path) -> Run:
     cfg = read_run_config(run, DataError)
     settings = {k: cfg.get(k) for k in TRAIN_KEYS}
     if (run / "eval.json").is_file():
-        ev = json.loads((run / "eval.json").read_text())
+        ev = _read_json(run / "eval.json")
         results = {k: {a: v for a, v in r.items() if a != "epoch"} for k, r in ev["results"].items()}
         s = ev["settings"]
         settings.update({"eval eps": s.get("eps"), "eval step": s.get("alpha"), "backend": s.get("backend"),
@@ -81,6 +88,8 @@ def load_run(path: str | Path) -> Run:
 
 def flag_mismatches(runs: list[Run]) -> None:
     """Mark every run whose setting differs from the most common value among the runs."""
+    for r in runs:
+        r.flags = []
     for key in runs[0].settings:
         values = Counter(_fmt(r.settings.get(key)) for r in runs)
         if len(values) < 2:

@@ -103,8 +103,8 @@ def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
             continue
         cols = pd[max(pd)]
         sig = sorted(k for k in cols if k.startswith(key))
-        if sig:
-            w = cols.get(f"weight_{sig[0][len(key):]}", cols.get("weight")) if key.endswith("_") else cols["weight"]
+        if sig:  # LRAT dumps t_<variant> with weight_<variant>, the others one signal with weight
+            w = cols[f"weight_{sig[0][len(key):]}"] if key.endswith("_") else cols["weight"]
             panels.append((f"{plugin}: {sig[0]}", cols[sig[0]], w))
     if not panels:
         return None

@@ -20,6 +20,7 @@ from .errors import CheckpointError, NonFiniteLossError, PluginError
 from .evaluate import evaluate, gather_tensors
 from .models import build_model
 from .plugins import Enabled, enable
+from .signals import probabilistic_margin
 from .report import MetricsWriter, results_table
 
 KNOWN_REQUIREMENTS = {"validation"}
@@ -222,8 +223,7 @@ class Trainer:
     def _dump_weights(self, ctx: StepContext, w: Any) -> None:
         """Per-sample combined weights and the first variant's probabilistic margin (kept on the device)."""
         p = ctx.probs(ctx.variants[0])
-        margin = p.gather(1, ctx.y[:, None]).squeeze(1) - p.scatter(1, ctx.y[:, None], float("-inf")).amax(1)
-        cols = {"index": ctx.index, "label": ctx.y, "margin": margin}
+        cols = {"index": ctx.index, "label": ctx.y, "margin": probabilistic_margin(p, ctx.y)}
         if w.adv is not None:
             adv = w.adv if w.adv.dim() == 2 else w.adv.expand(len(ctx.variants), -1)
             cols.update({f"weight_{v.name}": adv[i] for i, v in enumerate(ctx.variants)})

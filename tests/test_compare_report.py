@@ -118,3 +118,18 @@ def test_example_configs_are_valid():
         d = load_config_file(f)
         cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).resolved()
         enable(list(cfg.plugins), cfg.objective, cfg.plugin_options)  # options exist and are valid
+
+
+def test_corrupt_results_and_bad_eval_counts_are_one_line_errors(tmp_path):
+    from advplug import DataError
+
+    a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
+    (tmp_path / "a" / "eval.json").write_text("{not json")
+    with pytest.raises(DataError, match="eval.json' is corrupt"):
+        compare([a])
+    res = CliRunner().invoke(cli, ["compare", a])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "is corrupt" in res.output
+    res = CliRunner().invoke(cli, ["eval", a, "--suite", "paper", "--n-eval-aa", "0"])
+    assert res.exit_code == 2 and "--n-eval-aa" in res.output
+    res = CliRunner().invoke(cli, ["eval", a, "--suite", "paper", "--attack", "pgd20"])
+    assert res.exit_code == 2 and "exclude each other" in res.output

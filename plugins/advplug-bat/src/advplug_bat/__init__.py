@@ -57,13 +57,14 @@ from torch import Tensor
 
 from advplug import NATURAL, DataError, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
 from advplug.dump import SampleDump
+from advplug.signals import max_other_prob, true_prob
 
 __version__ = "0.1.0"
 
 
 def poisoning_score(probs: Tensor, y: Tensor) -> Tensor:
     """Eq. 6: ``q = max_{t != y} p_t`` per row of ``probs`` ``[..., B, K]``."""
-    return probs.scatter(-1, y.expand(probs.shape[:-1]).unsqueeze(-1), float("-inf")).amax(-1)
+    return max_other_prob(probs, y)
 
 
 def bat_weights(probs: Tensor, y: Tensor, atypical: Tensor, alpha: float) -> Tensor:
@@ -209,7 +210,7 @@ class BAT:
     def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights | None:
         if self.conf_epoch is not None:  # this epoch's snapshot of conf, from logits the step has (no sync)
             view = NATURAL if ctx.has_logits(NATURAL) else variants[0]
-            self.conf_epoch[ctx.index] = ctx.probs(view).gather(1, ctx.y[:, None]).squeeze(1)
+            self.conf_epoch[ctx.index] = true_prob(ctx.probs(view), ctx.y)
             self.seen[ctx.index] = True
         if not self.reweighting(ctx.epoch) or self.options.alpha == 0:
             return None

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from advplug import NATURAL, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
+from advplug.signals import probabilistic_margin, true_prob
 
 __version__ = "0.1.0"
 INPUTS = ("multiclass", "margin", "loss", "loss-diff")
@@ -50,7 +51,7 @@ INPUTS = ("multiclass", "margin", "loss", "loss-diff")
 
 def multiclass_margin(probs: Tensor, y: Tensor) -> Tensor:
     """Def. 3: ``Delta^(j) = p_y - p_j`` for every class j; ``probs`` ``[..., B, K]``."""
-    return probs.gather(-1, y.expand(probs.shape[:-1]).unsqueeze(-1)) - probs
+    return true_prob(probs, y).unsqueeze(-1) - probs
 
 
 class WeightNet(nn.Module):
@@ -120,8 +121,9 @@ class BiLAW:
         self.val_attack = ctx.make_attack("pgd")
         self.gen = torch.Generator(device=ctx.device).manual_seed(int(ctx.config.seed) + 7919)
         d_in = ctx.num_classes if o.input == "multiclass" else 1
-        torch.manual_seed(int(ctx.config.seed))
-        self.net = WeightNet(d_in, self.hidden).to(ctx.device)
+        with torch.random.fork_rng(devices=[]):  # omega's init is seeded without moving the run's RNG
+            torch.manual_seed(int(ctx.config.seed))
+            self.net = WeightNet(d_in, self.hidden).to(ctx.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=o.meta_lr, weight_decay=o.meta_weight_decay)
         ctx.log(f"bilaw: {o.method}, input {o.input}, omega {d_in}-{'-'.join(map(str, self.hidden))}-1, "
                 f"meta Adam lr {o.meta_lr}, validation {len(self.val_y)} samples, batches of {o.val_batch}")
@@ -133,12 +135,7 @@ class BiLAW:
         if kind == "multiclass":
             return torch.stack([multiclass_margin(ctx.probs(v), ctx.y) for v in variants])
         if kind == "margin":
-            rows = []
-            for v in variants:
-                p = ctx.probs(v)
-                others = p.scatter(1, ctx.y[:, None], float("-inf")).amax(1)
-                rows.append(p.gather(1, ctx.y[:, None]).squeeze(1) - others)
-            return torch.stack(rows)[..., None]
+            return torch.stack([probabilistic_margin(ctx.probs(v), ctx.y) for v in variants])[..., None]
         ce = torch.stack([F.cross_entropy(ctx.logits(v).detach(), ctx.y, reduction="none") for v in variants])
         if kind == "loss-diff":
             ce = ce - F.cross_entropy(ctx.logits(NATURAL).detach(), ctx.y, reduction="none")

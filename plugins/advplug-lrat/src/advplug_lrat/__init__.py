@@ -47,6 +47,7 @@ from torch import Tensor
 from advplug import NATURAL, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
 from advplug.compose import adv_matrix
 from advplug.dump import SampleDump
+from advplug.signals import probabilistic_margin
 
 __version__ = "0.1.0"
 ATTACKS = ("pgd", "cw", "saa")
@@ -55,9 +56,7 @@ FLOORS = ("pgd", "cw", "saa", "nat", "none")
 
 def variable_factor(probs: Tensor, y: Tensor) -> Tensor:
     """Eq. 11: ``t = p_y - max_{i != y} p_i`` per row of ``probs`` ``[..., B, K]``."""
-    p_true = probs.gather(-1, y.expand(probs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-    others = probs.scatter(-1, y.expand(probs.shape[:-1]).unsqueeze(-1), float("-inf"))
-    return p_true - others.amax(-1)
+    return probabilistic_margin(probs, y)
 
 
 def local_weight(t: Tensor, alpha: float, beta: float) -> Tensor:
@@ -130,19 +129,19 @@ class LRAT:
         """``(t [V, B], W [V, B], W_nat [B] or None)`` before Eq. 15, in the order of ``variants``."""
         o = self.options
         own_floor = o.floor in ATTACKS and o.floor not in self.attacks
-        in_pair = torch.tensor([not (own_floor and v.name == o.floor) for v in variants], device=ctx.y.device)
         t = torch.stack([variable_factor(ctx.probs(v), ctx.y) for v in variants])
-        w = torch.ones_like(t) if o.lsat else local_weight(t, o.alpha, o.beta)
-        w = w * in_pair[:, None]
+        rows = [torch.zeros_like(t[i]) if own_floor and v.name == o.floor  # x* only, not in the pair
+                else torch.ones_like(t[i]) if o.lsat else local_weight(t[i], o.alpha, o.beta)
+                for i, v in enumerate(variants)]
         w_nat = None
         if not o.lsat and o.floor != "none":
-            floor = floor_weight(w, o.c)
+            floor = floor_weight(torch.stack(rows), o.c)
             if o.floor == "nat":
                 w_nat = floor
             else:
-                row = [v.name for v in variants].index(o.floor)
-                w = w.index_add(0, torch.tensor([row], device=w.device), floor[None])
-        return t, w, w_nat
+                i = [v.name for v in variants].index(o.floor)
+                rows[i] = rows[i] + floor
+        return t, torch.stack(rows), w_nat
 
     @hookimpl
     def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights:

@@ -32,17 +32,11 @@ from torch import Tensor
 
 from advplug import NATURAL, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
 from advplug.dump import SampleDump, burn_in_default
+from advplug.signals import probabilistic_margin, true_prob  # PM of Eq. 5/6: p_y - max_{j != y} p_j
 
 __version__ = "0.1.0"
 PRESETS = {"at": (10.0, -0.5), "trades": (2.0, 0.0), "mart": (2.0, 0.0)}
 FIXED_SCALE = 3.0
-
-
-def probabilistic_margin(probs: Tensor, y: Tensor) -> Tensor:
-    """Eq. 5/6: ``p_y - max_{j != y} p_j`` per row of ``probs`` ``[B, K]``."""
-    p_true = probs.gather(1, y[:, None]).squeeze(1)
-    others = probs.scatter(1, y[:, None], float("-inf"))
-    return p_true - others.max(1).values
 
 
 def mail_weights(pm: Tensor, gamma: float, beta: float) -> Tensor:
@@ -88,7 +82,7 @@ class MAIL:
             return pm.expand(len(variants), -1)
         if kind == "adv":
             return torch.stack([probabilistic_margin(ctx.probs(v), ctx.y) for v in variants])
-        p_nat = ctx.probs(NATURAL).gather(1, ctx.y[:, None]).squeeze(1)
+        p_nat = true_prob(ctx.probs(NATURAL), ctx.y)
         rows = []
         for v in variants:
             if "p_true_lps" not in v.stats:
