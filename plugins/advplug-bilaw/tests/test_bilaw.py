@@ -116,3 +116,20 @@ def test_resume_is_exact(tmp_path):
     full, part = run_and_resume(tmp_path, digits_subset(128, 32), plugins=("bilaw",))
     assert same_tensors(full["model"], part["model"])
     assert same_tensors(full["plugins"]["bilaw"]["net"], part["plugins"]["bilaw"]["net"])
+
+
+def test_start_up_leaves_the_global_rng_alone():
+    from advplug.context import TrainContext
+
+    b = BiLAW(BiLAW.Options())
+    ctx = TrainContext(model=nn.Linear(2, 3), config=tiny_config("/tmp/unused-bilaw"), num_train=10, num_classes=3,
+                       input_shape=(2,), device=torch.device("cpu"), epochs=2, milestones=(1,), objective="at",
+                       make_attack=lambda name: None, log=lambda s: None,
+                       validation=(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)), loss_fn=lambda *a: None)
+    torch.manual_seed(3)
+    state = torch.random.get_rng_state()
+    b.on_train_start(ctx)
+    assert torch.equal(state, torch.random.get_rng_state())
+    first = [p.detach().clone() for p in b.net.parameters()]
+    b.on_train_start(ctx)
+    assert all(torch.equal(a, c) for a, c in zip(first, b.net.parameters()))  # omega's init is seeded
