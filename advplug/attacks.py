@@ -1,8 +1,11 @@
 """Attacks by name, from torchattacks, plus the two the libraries lack in the form we need.
 
-* ``TrackedPGD`` / ``TrackedTPGD``: torchattacks' PGD and TRADES-PGD, unchanged, that also count
-  per sample the iterations at which the prediction (before the update) was still correct:
-  GAIRAT's kappa, as its authors' code counts it. On the device, no host sync.
+* ``TrackedPGD`` / ``TrackedTPGD``: torchattacks' PGD and TRADES-PGD loops from an explicit
+  start (``--attack-start``: ``uniform``, ``normal`` = ``x + 0.001 N(0, 1)`` unclamped as in the
+  TRADES/MART/MAIL code, ``normal-clamped`` = torchattacks TPGD, ``none``; default per objective,
+  ``OBJECTIVE_START``), that also count per sample the iterations at which the prediction
+  (before the update) was still correct: GAIRAT's kappa, as its authors' code counts it. On the
+  device, no host sync.
 * ``SAA``: torchattacks' targeted APGD-DLR (``APGDT``) as LRAT trains with it: the few highest
   non-true classes, every sample perturbed, no global reseed.
 * ``CWLinf``: PGD under the Linf budget on the CW margin loss (confidence 50, true class masked
@@ -65,15 +68,98 @@ class _CountsCorrect:
         return {"kappa": self.kappa, "p_true_lps": self.p_true_lps}
 
 
+START_CHOICES = ("uniform", "normal", "normal-clamped", "none")
+OBJECTIVE_START = {"at": "uniform", "trades": "normal", "mart": "normal"}
+"""The official start of each built-in objective's training attack: Madry et al.'s PGD starts
+uniformly in the eps-ball; TRADES' ``trades.py`` and MART's ``train_wideresnet.py`` (and MAIL's
+``mail_loss.py`` / ``at_loss.py``, for all three of its objectives) start from
+``x + 0.001 N(0, 1)``, not clamped to [0, 1] before the first gradient."""
+
+
+def random_start(images: Tensor, start: str, eps: float) -> Tensor:
+    """The attack's first iterate (``--attack-start``).
+
+    * ``uniform``: ``clamp(x + U(-eps, eps), 0, 1)`` (Madry et al.; torchattacks PGD; GAIRAT's code)
+    * ``normal``: ``x + 0.001 N(0, 1)``, *not* clamped (TRADES', MART's and MAIL's code): on
+      saturated pixels half of the start lies outside [0, 1], which changes the first gradient
+    * ``normal-clamped``: ``clamp(x + 0.001 N(0, 1), 0, 1)`` (torchattacks TPGD)
+    * ``none``: ``x``
+    """
+    if start == "uniform":
+        return torch.clamp(images + torch.empty_like(images).uniform_(-eps, eps), 0, 1).detach()
+    if start == "normal":
+        return (images + 0.001 * torch.randn_like(images)).detach()
+    if start == "normal-clamped":
+        return torch.clamp(images + 0.001 * torch.randn_like(images), 0, 1).detach()
+    if start == "none":
+        return images.clone().detach()
+    raise OptionError(f"--attack-start: {start!r} is not one of {', '.join(START_CHOICES)}")
+
+
+def resolve_attack_start(requested: str | None, objective: str, plugins: list[tuple[str, Any]]) -> tuple[str, str]:
+    """(start, who chose it). ``requested`` (``--attack-start``) wins; else a plugin that defines
+    ``attack_start(objective) -> str | None`` (a plain method, like ``owns_loss``: MAIL's code
+    starts every objective from ``normal``); if plugins disagree, or none says, the objective's
+    official start (``OBJECTIVE_START``; ``uniform`` for objectives it does not list)."""
+    if requested is not None:
+        if requested not in START_CHOICES:
+            raise OptionError(f"--attack-start: {requested!r} is not one of {', '.join(START_CHOICES)}")
+        return requested, "--attack-start"
+    wishes = {n: p.attack_start(objective) for n, p in plugins if callable(getattr(p, "attack_start", None))}
+    wishes = {n: s for n, s in wishes.items() if s is not None}
+    if wishes and len(set(wishes.values())) == 1:
+        return next(iter(wishes.values())), f"{', '.join(wishes)} default"
+    return OBJECTIVE_START.get(objective, "uniform"), f"{objective} default"
+
+
 class TrackedPGD(_CountsCorrect, torchattacks.PGD):
-    """torchattacks.PGD recording GAIRAT's kappa (iterations still correctly classified).
+    """torchattacks.PGD's loop (sign steps on the mean CE, projection, clamp to [0, 1]) from a
+    chosen start (``random_start``), recording GAIRAT's kappa (iterations still correctly
+    classified). ``start="uniform"`` is torchattacks.PGD exactly.
 
     >>> atk = TrackedPGD(model, eps=8/255, alpha=2/255, steps=10); x_adv = atk(x, y); atk.kappa
     """
 
+    start = "uniform"
 
-class TrackedTPGD(_CountsCorrect, torchattacks.TPGD):
-    """torchattacks.TPGD (TRADES' KL attack from x + 0.001 N(0, 1)) recording kappa."""
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        self._labels = labels
+        self.kappa = torch.zeros(labels.shape[0], dtype=torch.long, device=images.device)
+        self._found = torch.zeros(labels.shape[0], dtype=torch.bool, device=images.device)
+        self.p_true_lps = torch.zeros(labels.shape[0], device=images.device)
+        self.prepare(images)
+        adv = random_start(images, self.start if self.random_start else "none", self.eps)
+        for _ in range(self.steps):
+            adv.requires_grad_(True)
+            cost = self.loss_fn(images, adv, labels)
+            grad = torch.autograd.grad(cost, adv)[0]
+            adv = adv.detach() + self.alpha * grad.sign()
+            adv = torch.clamp(images + torch.clamp(adv - images, -self.eps, self.eps), 0, 1).detach()
+        return adv
+
+    def prepare(self, images: Tensor) -> None:
+        pass
+
+    def loss_fn(self, images: Tensor, adv: Tensor, labels: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(self.get_logits(adv), labels)
+
+
+class TrackedTPGD(TrackedPGD):
+    """TRADES' KL attack: sign ascent on ``KL(p(x) || p(x'))`` (summed over the batch) from a
+    chosen start, recording kappa. Default start ``normal`` (TRADES' ``trades.py``, not clamped);
+    ``normal-clamped`` is torchattacks.TPGD exactly."""
+
+    start = "normal"
+
+    def prepare(self, images: Tensor) -> None:
+        with torch.no_grad():
+            self._p_nat = torch.softmax(self.get_logits(images), dim=1)
+
+    def loss_fn(self, images: Tensor, adv: Tensor, labels: Tensor) -> Tensor:
+        log_q = torch.log_softmax(self.get_logits(adv), dim=1)
+        return torch.nn.functional.kl_div(log_q, self._p_nat, reduction="sum")
 
 
 class CWLinf(Attack):
@@ -167,6 +253,14 @@ def set_bn_mode(attack: Attack, bn: str) -> Attack:
     return attack
 
 
+def random_start_name(start: str | None, default: str) -> str:
+    if start is None:
+        return default
+    if start not in START_CHOICES:
+        raise OptionError(f"--attack-start: {start!r} is not one of {', '.join(START_CHOICES)}")
+    return start
+
+
 TRAIN_ATTACKS = ("pgd", "tpgd", "cw", "saa", "fgsm", "apgd-ce", "apgdt")
 
 
@@ -184,8 +278,10 @@ def make_attack(name: str, model: nn.Module, *, eps: float, alpha: float, steps:
         raise OptionError(f"attack steps must be >= 1, got {steps}")
     if name == "pgd":
         atk = TrackedPGD(model, eps=eps, alpha=alpha, steps=steps, random_start=extra.get("random_start", True))
+        atk.start = random_start_name(extra.get("start"), "uniform")
     elif name == "tpgd":
         atk = TrackedTPGD(model, eps=eps, alpha=alpha, steps=steps)
+        atk.start = random_start_name(extra.get("start"), "normal")
     elif name == "cw":
         atk = CWLinf(model, eps=eps, alpha=alpha, steps=steps, confidence=extra.get("confidence", 50.0))
     elif name == "saa":

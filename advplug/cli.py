@@ -80,6 +80,9 @@ def _csv_ints(s: str | None) -> tuple[int, ...] | None:
 @click.option("--steps", type=int, default=None, help="PGD steps of the training attack.")
 @click.option("--attack-bn", type=click.Choice(["eval", "train"]), default=None,
               help="BatchNorm mode while generating training attacks (default eval).")
+@click.option("--attack-start", type=click.Choice(["uniform", "normal", "normal-clamped", "none"]), default=None,
+              help="Start of the training attack: uniform in the eps-ball, normal = x + 0.001 N(0,1) unclamped "
+                   "(TRADES/MART/MAIL code), normal-clamped (torchattacks TPGD), none (default: the objective's).")
 @click.option("--seed", type=int, default=None)
 @click.option("--eval-every", type=int, default=None, help="Evaluate clean and PGD accuracy every N epochs.")
 @click.option("--eval-steps", type=int, default=None, help="PGD steps of the per-epoch evaluation.")

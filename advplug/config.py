@@ -49,6 +49,7 @@ class TrainConfig:
     alpha: float | None = None
     steps: int | None = None
     attack_bn: str = "eval"
+    attack_start: str | None = None  # None: the objective's official start (attacks.OBJECTIVE_START)
     seed: int = 0
     eval_every: int = 1
     eval_steps: int | None = None

@@ -3,10 +3,19 @@
 * ``at``: Madry et al. (2018), cross-entropy on the adversarial variants, per-sample weighted
   and averaged over variants. ``trylast``: any other loss owner (e.g. LRAT) takes precedence.
 * ``trades``: Zhang et al. (2019), ``CE(f(x), y) + beta * KL(p(x) || p(x'))`` with the KL
-  attack from ``x + 0.001 N(0, 1)`` (torchattacks TPGD); natural weights on the CE term,
-  adversarial weights on the KL term (as MAIL-TRADES Eq. 10 and MeoW Eq. 6 place them).
+  attack from ``x + 0.001 N(0, 1)``, not clamped, as in TRADES' ``trades.py`` (torchattacks'
+  TPGD clamps the start to [0, 1] first: ``--attack-start normal-clamped``); natural weights on
+  the CE term, adversarial weights on the KL term (as MAIL-TRADES Eq. 10 and MeoW Eq. 6 place them).
 * ``mart``: Wang et al. (2020), ``BCE(p(x'), y) + beta * KL(p(x) || p(x')) (1 - p_y(x))``,
-  where BCE is CE plus ``-log(1 - max_{k != y} p_k(x'))``; adversarial weights on both terms.
+  where BCE is CE plus ``-log(1 - max_{k != y} p_k(x'))``; training attack from
+  ``x + 0.001 N(0, 1)`` as in MART's code. Adversarial weights (``--mart-weighted``): ``bce``
+  (default) on the BCE term only, as the one authors' code that reweights MART does (MAIL's
+  ``mail_loss.py``; MAIL's Algorithm 1, whose regulariser is unweighted, reads the same); ``both``
+  on the BCE and the KL term.
+
+Each objective's training attack starts as its authors' code starts it (``attacks.OBJECTIVE_START``:
+``at`` uniform in the eps-ball, ``trades`` and ``mart`` ``x + 0.001 N(0, 1)``); ``--attack-start``
+overrides it and the run header logs the start used.
 """
 from __future__ import annotations
 
@@ -95,6 +104,8 @@ class MART:
     @dataclass(frozen=True)
     class Options:
         beta: float = opt(6.0, "weight of the misclassification-aware KL term", min=0.0)
+        weighted: str = opt("bce", "terms the adversarial weights multiply: bce (MAIL's mail_loss.py) or both (BCE and KL)",
+                            choices=("bce", "both"))
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -107,7 +118,8 @@ class MART:
         bce = torch.stack([t[0] for t in terms])
         kl = torch.stack([t[1] for t in terms])
         w = adv_matrix(weights, len(variants), ctx.batch_size, bce)
-        return (w * bce).mean() + self.options.beta * (w * kl).mean()
+        w_kl = w if self.options.weighted == "both" else torch.ones_like(w)
+        return (w * bce).mean() + self.options.beta * (w_kl * kl).mean()
 
 
 OBJECTIVES: dict[str, type] = {"at": AdversarialCE, "trades": TRADES, "mart": MART}

@@ -91,3 +91,84 @@ def test_bad_attack_settings():
     with pytest.raises(OptionError, match="unknown attack"):
         parse_eval_attack("pgdx")
     assert parse_eval_attack("pgd100") == ("pgd", 100)
+
+
+class Recorder(nn.Module):
+    """A linear model that records every input it sees."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(16, 4)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.head(x.flatten(1))
+
+
+@pytest.mark.parametrize("name", ["pgd", "tpgd"])
+def test_attack_start_is_explicit_and_replayable(name):
+    from advplug.attacks import random_start
+
+    x = torch.zeros(64, 1, 4, 4)  # saturated pixels: where the starts differ
+    x[:, :, :2] = 1.0
+    y = torch.zeros(64, dtype=torch.long)
+    for start in ("uniform", "normal", "normal-clamped", "none"):
+        model = Recorder()
+        atk = make_attack(name, model, eps=0.3, alpha=0.1, steps=2, start=start)
+        torch.manual_seed(5)
+        atk(x, y)
+        first = model.seen[1 if name == "tpgd" else 0]  # TPGD first sees x for p(x)
+        torch.manual_seed(5)
+        assert torch.equal(first, random_start(x, start, 0.3))
+        d = first - x
+        if start == "uniform":
+            assert d.abs().max() > 0.2 and first.min() >= 0 and first.max() <= 1
+        elif start == "normal":  # x + 0.001 N(0, 1), not clamped: TRADES', MART's, MAIL's code
+            assert 0 < d.abs().max() < 0.01 and first.min() < 0 and first.max() > 1
+        elif start == "normal-clamped":  # torchattacks TPGD
+            assert 0 < d.abs().max() < 0.01 and first.min() >= 0 and first.max() <= 1
+        else:
+            assert torch.equal(first, x)
+
+
+def test_tpgd_replays_the_trades_loop():
+    model = Linear()
+    x, y = torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long)
+    torch.manual_seed(2)
+    x_adv = make_attack("tpgd", model, eps=0.1, alpha=0.03, steps=3)(x, y)
+    torch.manual_seed(2)  # TRADES' trades.py, written out again
+    adv = x + 0.001 * torch.randn_like(x)
+    p_nat = torch.softmax(model(x), 1).detach()
+    for _ in range(3):
+        adv.requires_grad_(True)
+        kl = nn.KLDivLoss(reduction="sum")(torch.log_softmax(model(adv), 1), p_nat)
+        g = torch.autograd.grad(kl, adv)[0]
+        adv = torch.clamp(torch.min(torch.max(adv.detach() + 0.03 * g.sign(), x - 0.1), x + 0.1), 0, 1)
+    assert torch.allclose(x_adv, adv)
+
+
+def test_objective_and_plugin_defaults_for_the_start():
+    from advplug.attacks import resolve_attack_start
+    from advplug_mail import MAIL
+
+    assert resolve_attack_start(None, "at", []) == ("uniform", "at default")
+    assert resolve_attack_start(None, "trades", [])[0] == "normal"
+    assert resolve_attack_start(None, "mart", [])[0] == "normal"
+    assert resolve_attack_start(None, "at", [("mail", MAIL(MAIL.Options()))]) == ("normal", "mail default")
+    assert resolve_attack_start("uniform", "mart", [("mail", MAIL(MAIL.Options()))])[0] == "uniform"
+    with pytest.raises(OptionError, match="attack-start"):
+        resolve_attack_start("gauss", "at", [])
+
+
+def test_the_run_header_and_config_record_the_start(tmp_path):
+    import json
+
+    from advplug.testing import digits_subset, tiny_config
+    from advplug.trainer import Trainer
+
+    lines = []
+    Trainer(tiny_config(str(tmp_path), objective="trades", epochs=1), data=digits_subset(64, 16), log=lines.append)
+    assert any("attack start normal (trades default)" in s for s in lines)
+    assert json.loads((tmp_path / "config.json").read_text())["attack_start"] == "normal"

@@ -92,3 +92,27 @@ def test_logits_are_computed_once_per_view():
     TRADES(TRADES.Options()).combine_loss(ctx, ctx.variants, None)
     ctx.probs("natural"), ctx.logits(ctx.variants[0]), ctx.probs("pgd")
     assert ctx.forward_count == 2
+
+
+def mail_mart_reference(nat, adv, y, w, beta):
+    """MAIL's ``mail_loss.py`` (method 'mart'), written out again: only the BCE term is weighted."""
+    b = len(y)
+    adv_probs = F.softmax(adv, dim=1)
+    tmp1 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(tmp1[:, -1] == y, tmp1[:, -2], tmp1[:, -1])
+    loss_adv = F.cross_entropy(adv, y, reduction="none") + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y,
+                                                                       reduction="none")
+    nat_probs = F.softmax(nat, dim=1)
+    true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1).long()).squeeze()
+    kl = torch.sum(nn.KLDivLoss(reduction="none")(torch.log(adv_probs + 1e-12), nat_probs), dim=1)
+    return (loss_adv * w).mean(), (1.0 / b) * torch.sum(kl * (1.0000001 - true_probs)), kl * (1.0000001 - true_probs)
+
+
+def test_weighted_mart_follows_mails_code_by_default_and_weights_both_terms_on_request():
+    ctx = make_ctx(NAT, ADV, Y)
+    bce_w, reg, kl_i = mail_mart_reference(NAT, ADV, Y, W, 6.0)
+    loss = MART(MART.Options(beta=6.0)).combine_loss(ctx, ctx.variants, Weights(adv=W))
+    assert loss.item() == pytest.approx((bce_w + 6.0 * reg).item(), rel=1e-5)
+    both = MART(MART.Options(beta=6.0, weighted="both")).combine_loss(make_ctx(NAT, ADV, Y), ctx.variants, Weights(adv=W))
+    assert both.item() == pytest.approx((bce_w + 6.0 * (W * kl_i).mean()).item(), rel=1e-5)
+    assert abs(both.item() - loss.item()) > 1e-3  # the two readings differ on this batch

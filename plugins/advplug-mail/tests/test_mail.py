@@ -121,3 +121,87 @@ def test_end_to_end_with_trades_and_resume(tmp_path):
 
     d = np.load(tmp_path / "full" / "dumps" / "mail-epoch002.npz")
     assert set(d.files) == {"index", "pm", "weight"} and len(d["index"]) == 256
+
+
+def test_pm_dif_reads_p_y_at_the_least_misclassifying_pgd_step():
+    """Eq. 7's x^(t_i): the attack's record is p_y at the first iterate that is misclassified, not
+    at the last one; checked against a replayed PGD loop."""
+    from torch import nn
+
+    from advplug.attacks import make_attack
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 3, (64,))
+    torch.manual_seed(3)
+    atk = make_attack("pgd", model, eps=0.5, alpha=0.1, steps=6)
+    atk(x, y)
+    torch.manual_seed(3)
+    adv = torch.clamp(x + torch.empty_like(x).uniform_(-0.5, 0.5), 0, 1)
+    first, last = torch.full((64,), float("nan")), None
+    for _ in range(6):
+        adv.requires_grad_(True)
+        z = model(adv)
+        p = torch.softmax(z.detach(), 1).gather(1, y[:, None]).squeeze(1)
+        wrong = z.argmax(1) != y
+        first = torch.where(first.isnan() & wrong, p, first)
+        last = p
+        g = torch.autograd.grad(nn.functional.cross_entropy(z, y), adv)[0]
+        adv = torch.clamp(x + torch.clamp(adv.detach() + 0.1 * g.sign() - x, -0.5, 0.5), 0, 1)
+    ref = torch.where(first.isnan(), last, first)
+    assert torch.allclose(atk.p_true_lps, ref, atol=1e-6)
+    assert not torch.allclose(ref, last)  # the test tells the two apart
+
+
+def test_mail_trades_weights_the_kl_term_as_the_authors_code():
+    """MAIL-TRADES against ``mail_loss.py`` (method 'trades'), with the code's fixed 3 w."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from advplug.objectives import TRADES
+
+    m = started("trades", normalise="fixed")
+    ctx = ctx_for(LOGITS_NAT, LOGITS_ADV, Y)
+    w = m.compute_weights(ctx, ctx.variants)
+    assert w.nat is None
+    loss = TRADES(TRADES.Options(beta=6.0)).combine_loss(ctx, ctx.variants, combine_weights([w], 1, 3))
+    # the code: PM = p_2nd - p_GT, weight = sigmoid((PM + bias) * slope) * 3, bias 0, slope 2
+    probs = LOGITS_ADV.softmax(1)
+    p_gt = probs.gather(1, Y[:, None]).squeeze(1)
+    p_2nd = probs.scatter(1, Y[:, None], -1.0).max(1).values
+    code_w = torch.sigmoid((p_2nd - p_gt + 0.0) * 2.0) * 3
+    kl = nn.KLDivLoss(reduction="none")(F.log_softmax(LOGITS_ADV, 1), F.softmax(LOGITS_NAT, 1)).sum(1)
+    ref = F.cross_entropy(LOGITS_NAT, Y) + 6.0 * (1.0 / 3) * torch.sum(kl * code_w)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_mail_mart_default_is_the_authors_code():
+    """MAIL-MART against ``mail_loss.py`` (method 'mart'): only the BCE term is weighted."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from advplug.objectives import MART
+
+    m = started("mart", normalise="fixed")
+    ctx = ctx_for(LOGITS_NAT, LOGITS_ADV, Y)
+    w = combine_weights([m.compute_weights(ctx, ctx.variants)], 1, 3)
+    opts = enable([], "mart", {}).plugin("mart").options  # the objective's defaults
+    loss = MART(opts).combine_loss(ctx, ctx.variants, w)
+    probs = LOGITS_ADV.softmax(1)
+    p_gt = probs.gather(1, Y[:, None]).squeeze(1)
+    p_2nd = probs.scatter(1, Y[:, None], -1.0).max(1).values
+    code_w = torch.sigmoid((p_2nd - p_gt) * 2.0) * 3
+    tmp1 = torch.argsort(probs, dim=1)[:, -2:]
+    new_y = torch.where(tmp1[:, -1] == Y, tmp1[:, -2], tmp1[:, -1])
+    loss_adv = F.cross_entropy(LOGITS_ADV, Y, reduction="none") + F.nll_loss(torch.log(1.0001 - probs + 1e-12), new_y,
+                                                                             reduction="none")
+    nat_probs = F.softmax(LOGITS_NAT, 1)
+    true_probs = nat_probs.gather(1, Y[:, None]).squeeze(1)
+    robust = (1.0 / 3) * torch.sum(nn.KLDivLoss(reduction="none")(torch.log(probs + 1e-12), nat_probs).sum(1)
+                                   * (1.0000001 - true_probs))
+    ref = (loss_adv * code_w).mean() + 6.0 * robust
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_mail_starts_the_attack_as_its_code():
+    assert MAIL(MAIL.Options()).attack_start("at") == "normal"

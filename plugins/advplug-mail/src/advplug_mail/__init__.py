@@ -15,11 +15,25 @@ code multiplies by a fixed 3 instead: ``--mail-normalise fixed``. Weights are 1 
 abstains) during the burn-in, by default until the first learning-rate drop (Sec. 4.1).
 
 Objectives: MAIL-AT is ``--objective at`` (Eq. 9), MAIL-TRADES ``--objective trades`` (the
-weights go on the KL term, Eq. 10), MAIL-MART ``--objective mart`` (the weights go on both of
-MART's adversarial terms; the paper's App. C is not in the text we have, so this follows
-Algorithm 1's ``sum_i omega_i l(x_i + delta_i)``). Slope/bias presets per objective (Sec. 4.1):
-AT gamma 10, beta -0.5; TRADES and MART gamma 2, beta 0; both overridable. With several
-variants (e.g. with LRAT), each variant gets the margin of its own logits.
+weights go on the KL term, Eq. 10), MAIL-MART ``--objective mart``. Slope/bias presets per
+objective (Sec. 4.1): AT gamma 10, beta -0.5; TRADES and MART gamma 2, beta 0; both
+overridable. With several variants (e.g. with LRAT), each variant gets the margin of its own logits.
+
+Where the paper and the authors' code (QizhouWang/MAIL, ``mail_loss.py``) differ, or the paper
+is open, and what advplug does by default:
+
+* MAIL-MART (App. C is not in the text we have): the code multiplies only MART's BCE term by
+  the weights, ``mean(omega * BCE) + beta * mean(KL (1 - p_y(x)))``; Algorithm 1's unweighted
+  regulariser reads the same. Default: the code's (``--mart-weighted bce``, an option of the
+  MART objective); ``--mart-weighted both`` also weights the KL term.
+* Normalisation: the paper's ``M w_i / sum_j w_j`` by default; the code's fixed ``3 w``:
+  ``--mail-normalise fixed``.
+* Training attack start: the code starts every objective's PGD from ``x + 0.001 N(0, 1)``
+  (not clamped), which MAIL declares (``attack_start``), so MAIL-AT also starts there unless
+  ``--attack-start`` says otherwise (plain AT starts uniformly in the eps-ball). Logged in the
+  run header.
+* PM-dif (Eq. 7) uses the least PGD step that misclassifies ``x`` (the paper); the code has no
+  PM-dif. The code's PM is always PM-adv.
 """
 from __future__ import annotations
 
@@ -59,6 +73,10 @@ class MAIL:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.dumper: SampleDump | None = None
+
+    def attack_start(self, objective: str) -> str:
+        """The authors' code starts the training attack from ``x + 0.001 N(0, 1)`` for AT, TRADES and MART."""
+        return "normal"
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
