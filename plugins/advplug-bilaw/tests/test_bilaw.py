@@ -133,3 +133,71 @@ def test_start_up_leaves_the_global_rng_alone():
     first = [p.detach().clone() for p in b.net.parameters()]
     b.on_train_start(ctx)
     assert all(torch.equal(a, c) for a, c in zip(first, b.net.parameters()))  # omega's init is seeded
+
+
+def test_meta_step_against_an_independent_computation_of_eq_5_6():
+    """Alg. 1 on a tiny problem, recomputed without the plugin's pseudo-update: with
+    theta~ = theta - lr (1/B) sum_j w_j grad l_j(theta) (Eq. 5), the meta-gradient is
+    dL_val/dw_j = -lr/B g_val(theta~)^T grad l_j(theta) chained through w = mean_one(omega_mu(Delta))
+    (Eq. 6), Delta on the clean sample (Def. 3), L_val the unweighted CE on *adversarial*
+    validation examples; mu then takes a plain descent step and the weights come from the new mu."""
+    from torch.func import functional_call
+
+    b, ctx, xv, yv, model = tiny_problem(seed=2)
+    eta = 50.0
+    b.opt = torch.optim.SGD(b.net.parameters(), lr=eta)
+    b.val_x, b.val_y, b.device = xv, yv, torch.device("cpu")
+    b.gen = torch.Generator().manual_seed(11)
+    b.val_attack = lambda x, y: (x + 0.2 * torch.sign(x - 0.5)).clamp(0, 1)  # deterministic "adversarial" view
+    mu0 = [p.detach().clone() for p in b.net.parameters()]
+    c = ctx()
+    w_out = b.compute_weights(c, c.variants).adv
+
+    # -- the reference --
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(len(yv), (min(128, len(yv)),), generator=g)
+    xv_adv, yv_b = b.val_attack(xv[idx], yv), yv[idx]
+    x, y, xa = c.x, c.y, c.variants[0].x
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    delta = (torch.softmax(model(x), 1).gather(1, y[:, None]) - torch.softmax(model(x), 1)).detach()  # Def. 3, clean
+    net0 = WeightNet(3, (5,)).double()
+    for p, v in zip(net0.parameters(), mu0):
+        p.data.copy_(v)
+    w = mean_one(net0(delta[None]))  # [1, B], a function of mu
+    per_sample = [torch.autograd.grad(nn.functional.cross_entropy(model(xa[j:j + 1]), y[j:j + 1]), params)
+                  for j in range(8)]
+    wv = w.detach()[0]
+    tilde = {n: p - 0.5 * sum(wv[j] * per_sample[j][k] for j in range(8)) / 8 for k, (n, p) in enumerate(zip(names, params))}
+    g_val = torch.autograd.grad(nn.functional.cross_entropy(functional_call(model, tilde, (xv_adv,)), yv_b),
+                                list(tilde.values()))
+    dl_dw = torch.stack([-0.5 / 8 * sum((gv * gj).sum() for gv, gj in zip(g_val, per_sample[j])) for j in range(8)])
+    grad_mu = torch.autograd.grad((dl_dw.detach() * w[0]).sum(), list(net0.parameters()))
+    with torch.no_grad():
+        for p, gm in zip(net0.parameters(), grad_mu):
+            p -= eta * gm  # descent
+        ref = mean_one(net0(delta[None]))
+
+    assert all(torch.allclose(p, q, atol=1e-10) for p, q in zip(b.net.parameters(), net0.parameters()))
+    assert torch.allclose(w_out, ref, atol=1e-8)
+    assert (ref - w.detach()).abs().max() > 1e-4  # the step moved the weights: before/after are told apart
+
+
+def test_validation_batch_is_adversarial():
+    b, _, xv, yv, _ = tiny_problem()
+    b.val_x, b.val_y, b.device = xv, yv, torch.device("cpu")
+    b.gen = torch.Generator().manual_seed(0)
+    b.val_attack = lambda x, y: x + 1.0
+    x_b, y_b = b.validation_batch()
+    idx = torch.randint(len(yv), (5,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x_b, xv[idx] + 1.0) and torch.equal(y_b, yv[idx])
+
+
+def test_margin_on_the_clean_sample_by_default_and_the_adversarial_one_on_request():
+    b, ctx, _, _, model = tiny_problem()
+    c = ctx()
+    p_nat, p_adv = torch.softmax(model(c.x), 1), torch.softmax(model(c.variants[0].x), 1)
+    assert torch.allclose(b.net_input(c, c.variants)[0], multiclass_margin(p_nat, c.y))
+    b.options = BiLAW.Options(margin_on="adv")
+    assert torch.allclose(b.net_input(c, c.variants)[0], multiclass_margin(p_adv, c.y))
+    assert not torch.allclose(p_nat, p_adv)

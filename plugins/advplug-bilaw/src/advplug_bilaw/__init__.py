@@ -1,9 +1,16 @@
 """BiLAW: bilevel learnable adversarial reweighting (seed paper 001, Sec. 3-4, App. A).
 
-An auxiliary network ``omega_mu`` maps each adversarial sample's multi-class margin
-``Delta = p_y - p`` (Def. 3, a K-vector from the step's own logits) to a weight; one hidden
-layer of 128 ReLU units and a sigmoid by default (``--bilaw-hidden 64-64`` etc., Table 6).
-Weights are normalised per batch, ``w_i / sum_j w_j`` (Sec. 4), and handed to the core at mean 1.
+An auxiliary network ``omega_mu`` maps each sample's multi-class margin ``Delta = p_y - p``
+(Def. 3, a K-vector) to a weight; one hidden layer of 128 ReLU units and a sigmoid by default
+(``--bilaw-hidden 64-64`` etc., Table 6). Weights are normalised per batch, ``w_i / sum_j w_j``
+(Sec. 4), and handed to the core at mean 1.
+
+Def. 3 writes the margin on the clean sample, ``f_theta(x_i)`` (and Eq. 8: "the multi-class
+margin of f_theta at x_i"): that is the default (``--bilaw-margin-on clean``), and its cost is
+the natural forward pass (free with ``--objective trades``, one extra pass with ``at``; in train
+mode, like every forward of the step). ``--bilaw-margin-on adv`` reads the margin off the
+adversarial variant the loss uses (no extra pass; what advplug did before, and not Def. 3).
+The same choice applies to ``--bilaw-input margin``.
 
 Each step runs Algorithm 1 (the MAML trick):
 
@@ -42,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from advplug import NATURAL, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
+from advplug import NATURAL, Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
 from advplug.signals import probabilistic_margin, true_prob
 
 __version__ = "0.1.0"
@@ -98,6 +105,8 @@ class BiLAW:
         meta_lr: float = opt(1e-3, "learning rate of omega's Adam optimiser", gt=0.0)
         meta_weight_decay: float = opt(1e-4, "weight decay of omega's optimiser", min=0.0)
         val_batch: int = opt(128, "validation batch size per meta step (paper: 128)", min=1)
+        margin_on: str = opt("clean", "margin input on the clean sample (Def. 3, one natural forward) or the "
+                             "adversarial variant (adv)", choices=("clean", "adv"))
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -108,6 +117,12 @@ class BiLAW:
     @hookimpl
     def requirements(self) -> set[str]:
         return {"validation"}
+
+    @hookimpl
+    def declare(self) -> Declaration:
+        return Declaration(weights="global", needs=frozenset({"validation", "loss"}),
+                           meaning=f"omega_mu({self.options.input}) learned by a meta-gradient on validation data "
+                                   "(its pseudo-update sees its own weights only), mean 1")
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -125,17 +140,18 @@ class BiLAW:
             torch.manual_seed(int(ctx.config.seed))
             self.net = WeightNet(d_in, self.hidden).to(ctx.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=o.meta_lr, weight_decay=o.meta_weight_decay)
-        ctx.log(f"bilaw: {o.method}, input {o.input}, omega {d_in}-{'-'.join(map(str, self.hidden))}-1, "
+        ctx.log(f"bilaw: {o.method}, input {o.input} on {'the clean sample' if o.margin_on == 'clean' else 'the adversarial variant'}, omega {d_in}-{'-'.join(map(str, self.hidden))}-1, "
                 f"meta Adam lr {o.meta_lr}, validation {len(self.val_y)} samples, batches of {o.val_batch}")
 
     # -- pieces ---------------------------------------------------------------------------
     def net_input(self, ctx: StepContext, variants: list[Variant]) -> Tensor:
         """``[V, B, d]`` inputs of omega, detached, from the step's cached logits."""
         kind = self.options.input
+        views = [NATURAL] * len(variants) if self.options.margin_on == "clean" else variants  # Def. 3: f(x_i)
         if kind == "multiclass":
-            return torch.stack([multiclass_margin(ctx.probs(v), ctx.y) for v in variants])
+            return torch.stack([multiclass_margin(ctx.probs(v), ctx.y) for v in views])
         if kind == "margin":
-            return torch.stack([probabilistic_margin(ctx.probs(v), ctx.y) for v in variants])[..., None]
+            return torch.stack([probabilistic_margin(ctx.probs(v), ctx.y) for v in views])[..., None]
         ce = torch.stack([F.cross_entropy(ctx.logits(v).detach(), ctx.y, reduction="none") for v in variants])
         if kind == "loss-diff":
             ce = ce - F.cross_entropy(ctx.logits(NATURAL).detach(), ctx.y, reduction="none")
