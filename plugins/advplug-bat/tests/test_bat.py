@@ -168,3 +168,131 @@ def test_options_and_resume(tmp_path):
     assert same_tensors(full["model"], part["model"])
     assert torch.equal(full["plugins"]["bat"]["conf_count"], torch.full((128,), 3.0))
     assert same_tensors(full["plugins"]["bat"], part["plugins"]["bat"])
+
+
+def test_eq7_exponent_is_minus_alpha_q():
+    probs = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
+    y = torch.tensor([0, 0])
+    w = bat_weights(probs, y, torch.tensor([True, True]), alpha=2.5)
+    assert w.tolist() == pytest.approx([math.exp(-2.5 * 0.7), 1.0])  # exp(-alpha q), not exp(-q / alpha)
+
+
+class Feat(torch.nn.Module):
+    """x [B, 3] -> features x, logits W x: penultimate features are the input itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 3, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]]))
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def bat_ctx(x_nat, x_adv, y, epoch=3):
+    from advplug.context import FeatureTap, StepContext, Variant
+
+    model = Feat()
+    ctx = StepContext(model=model, x=x_nat, y=y, index=torch.arange(len(y)), epoch=epoch, step=0, num_classes=3,
+                      config=None, lr=0.1, tap=FeatureTap(model))
+    ctx.variants = [Variant("pgd", x_adv)]
+    return ctx
+
+
+X_NAT = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.2, 0.0], [0.0, 1.0, 0.1], [0.9, 0.0, 0.1]])
+X_ADV = torch.tensor([[0.2, 1.0, 0.0], [0.0, 1.0, 0.3], [0.5, 0.0, 0.6], [0.1, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.1, 0.0]])
+Y6 = torch.tensor([0, 1, 2, 0, 1, 0])
+
+
+def preset(atyp, **opts):
+    b = BAT(BAT.Options(**opts))
+    b.atyp = torch.tensor(atyp)
+    return b
+
+
+def test_eq8_loss_is_the_weighted_mean_over_the_sum_of_weights():
+    from advplug.compose import combine_weights
+    from advplug.objectives import AdversarialCE
+
+    b = preset([True, False, True, True, False, False], alpha=2.0, beta=0.0)
+    ctx = bat_ctx(X_NAT, X_ADV, Y6)
+    w = combine_weights([b.compute_weights(ctx, ctx.variants)], 1, 6)
+    loss = AdversarialCE().combine_loss(ctx, ctx.variants, w)
+    z = (X_ADV * 2.0).tolist()
+    num = den = 0.0
+    for i in range(6):
+        p = [math.exp(v) / sum(math.exp(u) for u in z[i]) for v in z[i]]
+        wrong = max(range(3), key=lambda k: p[k]) != Y6[i].item()
+        q = max(p[k] for k in range(3) if k != Y6[i].item())
+        wi = math.exp(-2.0 * q) if (b.atyp[i] and wrong) else 1.0  # Eq. 7
+        num += wi * -math.log(p[Y6[i].item()])
+        den += wi
+    assert loss.item() == pytest.approx(num / den, rel=1e-5)  # Eq. 8: sum w l / sum w
+    assert w.adv.min() < 0.9  # some sample was down-weighted
+
+
+def test_discrimination_loss_is_on_the_typical_samples():
+    atyp = [False, False, False, True, True, False]
+    b = preset(atyp, alpha=0.0, beta=0.5, tau=1.0)
+    ctx = bat_ctx(X_NAT, X_ADV, Y6)
+    gen = b.combine_loss(ctx, ctx.variants)
+    next(gen)
+    with pytest.raises(StopIteration) as stop:
+        gen.send(torch.tensor(1.0))
+    h = X_ADV.tolist()  # the features of the adversarial variant
+    s = [[sum(a * c for a, c in zip(h[i], h[j])) for j in range(6)] for i in range(6)]
+    typ = [i for i in range(6) if not atyp[i]]
+    terms = []
+    for i in typ:
+        for j in typ:
+            if i != j and Y6[i] == Y6[j]:
+                negs = [k for k in typ if Y6[k] != Y6[i]]
+                terms.append(-math.log(math.exp(s[i][j]) / sum(math.exp(s[i][k]) for k in negs)))  # Eq. 9
+    assert terms
+    assert stop.value.value.item() == pytest.approx(1.0 + 0.5 * sum(terms) / len(terms), rel=1e-5)  # Eq. 10
+
+
+def test_confidence_snapshot_reads_clean_logits_where_the_step_has_them():
+    b = started(num_train=6)
+    ctx = bat_ctx(X_NAT, X_ADV, Y6, epoch=0)
+    ctx.logits("natural"), ctx.logits(ctx.variants[0])  # as TRADES / MART compute them
+    b.on_batch_end(ctx)
+    assert torch.allclose(b.conf_epoch, torch.softmax(2 * X_NAT, 1).gather(1, Y6[:, None]).squeeze(1))
+    b2 = started(num_train=6)
+    ctx2 = bat_ctx(X_NAT, X_ADV, Y6, epoch=0)
+    ctx2.logits(ctx2.variants[0])  # AT: only the adversarial forward
+    b2.on_batch_end(ctx2)
+    assert torch.allclose(b2.conf_epoch, torch.softmax(2 * X_ADV, 1).gather(1, Y6[:, None]).squeeze(1))
+
+
+def test_memorisation_estimator_by_hand():
+    from advplug_bat.memorisation import memorisation_scores
+
+    member = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1], [0, 1, 0, 1]], dtype=torch.bool)
+    correct = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    mem, n_in, n_out = memorisation_scores(correct, member)
+    # sample 0: in models 0, 1 (both right), out in 2 (wrong): 1 - 0; sample 1: in 0, 2 (right, wrong), out 1 (wrong): 0.5 - 0
+    # sample 2: never in -> 0; sample 3: in all, never out -> 0
+    assert mem.tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert n_in.tolist() == [2, 2, 0, 3] and n_out.tolist() == [1, 1, 3, 0]
+
+
+def test_memorisation_command_writes_the_file_bat_reads(tmp_path, capsys):
+    from advplug_bat.memorisation import main
+
+    out = tmp_path / "mem.npz"
+    assert main(["--data", "digits", "--models", "3", "--epochs", "1", "--subset", "0.5", "--out", str(out)]) == 0
+    d = np.load(out)
+    n = int(d["num_train"])
+    assert d["values"].shape == (n,) and (d["n_in"] + d["n_out"] == 3).all()
+    assert np.all(np.abs(d["values"]) <= 1)
+    from advplug.trainer import training_data
+
+    cfg = TrainConfig(plugins=("bat",)).resolved()
+    assert training_data(cfg, None, None).num_train == n  # numbered as the trainer numbers the run's data
+    b = started(num_train=n, mem="file", mem_file=str(out))
+    assert b.atyp.tolist() == (d["values"] > 0.15).tolist()
+    with pytest.raises(DataError, match="written for"):
+        started(num_train=n + 1, mem="file", mem_file=str(out))
+    assert main(["--data", "digits", "--models", "1", "--out", str(out)]) == 2

@@ -24,14 +24,23 @@ accuracy within an epoch at tau 0.1, 0.5 and 1 (raw dot products: 68% after 4 ep
 
 ``mem(x)`` comes from one of (``--bat-mem``):
 
-* ``confidence`` (default; App. A.1 "confidence-based"): ``1 - conf(x)``, where ``conf`` is the
-  model's own true-class probability averaged over the epochs so far (one snapshot per epoch:
-  the value at the sample's last step of that epoch). It reads logits the step computed
-  anyway: the natural ones when the objective computes them (TRADES, MART), else the first
-  adversarial variant's. No extra model, no extra pass. Available from the second epoch.
-* ``file``: precomputed per-sample scores, ``--bat-mem-file scores.npz`` with arrays
-  ``indices`` and ``values`` (e.g. Feldman & Zhang's published memorisation estimates, mapped
-  to training-set positions); every training index must be present.
+* ``file`` (the paper's quantity): Feldman & Zhang's memorisation value
+  ``mem(x_i) = P[h(x_i) = y_i | i in S] - P[h(x_i) = y_i | i not in S]`` over models ``h``
+  trained on random subsets ``S``, from ``--bat-mem-file scores.npz`` with arrays ``indices``
+  and ``values`` (training-set positions as advplug numbers them). ``advplug-bat-memorisation``
+  (``python -m advplug_bat.memorisation``, in this package) estimates it by training
+  ``--models`` models on random ``--subset`` fractions of the training set with advplug's own
+  data loading and models, and writes that file; published estimates (CIFAR-100) can be mapped
+  to positions the same way. Every training index must be present.
+* ``confidence`` (default, because it needs nothing trained beforehand; *not* the paper's
+  mem(x)): ``1 - conf(x)``, where ``conf`` is the model's own true-class probability averaged
+  over the epochs so far (one snapshot per epoch: the value at the sample's last step of that
+  epoch), a training-dynamics proxy in the spirit of App. A.1's confidence-based estimate
+  (which averages *separately trained* models on clean inputs). The snapshot is taken after the
+  step's loss, from logits the step computed anyway: the clean ones when the objective computes
+  them (TRADES, MART, MeoW's Eq. 5), else (``--objective at``) the first adversarial variant's,
+  so with AT it is an adversarial confidence. No extra model, no extra pass. Available from the
+  second epoch.
 * ``ensemble`` (App. A.1 "ensemble disagreement"): ``ed(x) = 1/m^2 sum_j sum_p JS(F_j(x), F_p(x))``
   over the models in ``--bat-mem-checkpoints a.pt,b.pt,...`` (advplug checkpoints of the same
   architecture), divided by ``ln 2`` so that it lies in [0, 1]. Computed once at start-up.
@@ -168,10 +177,14 @@ class BAT:
         try:
             with np.load(Path(path), allow_pickle=False) as d:
                 idx, val = torch.as_tensor(d["indices"]).long(), torch.as_tensor(d["values"]).float()
+                saved_n = int(d["num_train"]) if "num_train" in d.files else None
         except FileNotFoundError:
             raise DataError(f"--bat-mem-file: no file {path!r}") from None
         except (KeyError, ValueError, OSError) as e:
             raise DataError(f"--bat-mem-file {path!r}: not an npz with arrays 'indices' and 'values' ({e})") from None
+        if saved_n is not None and saved_n != n:
+            raise DataError(f"--bat-mem-file {path!r} was written for {saved_n} training samples, this run has {n} "
+                            "(another data set, or other held-out splits): re-run advplug-bat-memorisation with this run's settings")
         if idx.shape != val.shape or idx.dim() != 1:
             raise DataError(f"--bat-mem-file {path!r}: indices {list(idx.shape)} and values {list(val.shape)} differ")
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
@@ -207,11 +220,16 @@ class BAT:
         return self.atyp is not None and epoch >= self.options.burn_in
 
     @hookimpl
-    def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights | None:
-        if self.conf_epoch is not None:  # this epoch's snapshot of conf, from logits the step has (no sync)
-            view = NATURAL if ctx.has_logits(NATURAL) else variants[0]
+    def on_batch_end(self, ctx: StepContext) -> None:
+        """This epoch's snapshot of conf, after the loss, from logits the step has (no sync): the
+        clean ones where the objective computed them, else the first adversarial variant's."""
+        if self.conf_epoch is not None:
+            view = NATURAL if ctx.has_logits(NATURAL) else ctx.variants[0]
             self.conf_epoch[ctx.index] = true_prob(ctx.probs(view), ctx.y)
             self.seen[ctx.index] = True
+
+    @hookimpl
+    def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights | None:
         if not self.reweighting(ctx.epoch) or self.options.alpha == 0:
             return None
         atyp = self.atyp[ctx.index]
