@@ -1,8 +1,15 @@
-"""Checkpoints: written atomically (temp file + rename), loaded with ``weights_only=True``."""
+"""Checkpoints: written atomically (temp file + fsync + rename), loaded with ``weights_only=True``
+after the zip container's CRCs are verified, and checked against a schema before use.
+
+A run's checkpoints carry everything ``--resume`` needs: model, optimizer, scheduler, one RNG
+state per process, plugin states, the best-so-far record and the epoch metrics so far (so that
+``metrics.jsonl`` can be rebuilt exactly after a kill between the checkpoint and the log).
+"""
 from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +19,41 @@ from torch import nn
 from .errors import CheckpointError
 
 FORMAT = "advplug-checkpoint"
-VERSION = 1
+VERSION = 2
+
+# Keys a training checkpoint must have, with their types (a bare model file needs only the first few).
+MODEL_KEYS: dict[str, type | tuple[type, ...]] = {"model": dict, "model_name": str}
+EVAL_KEYS: dict[str, type | tuple[type, ...]] = {**MODEL_KEYS, "epoch": int, "num_classes": int, "input_shape": list,
+                                                 "config": str}
+TRAIN_KEYS: dict[str, type | tuple[type, ...]] = {
+    **EVAL_KEYS, "optimizer": dict, "scheduler": dict, "rng": list, "world_size": int, "plugins": dict,
+    "best_acc": float, "best_epoch": int, "metrics": str}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically: a crash leaves the old file intact."""
+    """Write ``payload`` to ``path`` atomically: a crash leaves the old file intact, a failed
+    write (disk full) leaves no temp file behind and raises a one-line ``CheckpointError``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {e.strerror or _first_line(e)}; "
+                              "the previous checkpoint is intact") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def resolve(path: str | Path, which: str = "last") -> Path:
@@ -34,18 +66,97 @@ def resolve(path: str | Path, which: str = "last") -> Path:
     return p
 
 
-def load(path: str | Path, which: str = "last") -> dict[str, Any]:
-    p = resolve(path, which)
+def _read(p: Path) -> dict[str, Any]:
+    name = str(p)
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{name!r} is empty (0 bytes): an interrupted write; use the run's other checkpoint or retrain")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, truncated write, pickled code: all mean "not usable"
-        raise CheckpointError(f"{str(p)!r} is corrupt or not an advplug checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{name!r} is corrupt or truncated: not a readable checkpoint ({_first_line(e)})") from None
+    if bad is not None:
+        raise CheckpointError(f"{name!r} is corrupt: the checksum of its entry {bad!r} does not match (damaged on disk or in transfer)")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # anything but tensors and plain data is refused, never unpickled
+        if isinstance(e, __import__("pickle").UnpicklingError) or "weights_only" in str(e):
+            raise CheckpointError(f"{name!r} is not an advplug checkpoint: it holds pickled objects other than "
+                                  "tensors and plain data, which advplug refuses to load (loading them could run code)") from None
+        raise CheckpointError(f"{name!r} is corrupt or not an advplug checkpoint ({type(e).__name__})") from None
+
+
+def check_schema(ck: dict[str, Any], keys: dict[str, type | tuple[type, ...]], name: str) -> None:
+    for k, t in keys.items():
+        if k not in ck:
+            raise CheckpointError(f"{name!r} is damaged or from another program: it has no {k!r} entry")
+        v = ck[k]
+        ok = isinstance(v, t) and not (t is int and isinstance(v, bool))
+        if t is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not ok:
+            want = t.__name__ if isinstance(t, type) else "/".join(x.__name__ for x in t)
+            raise CheckpointError(f"{name!r} is damaged: its {k!r} entry is a {type(v).__name__}, expected {want}")
+    if "plugins" in keys:
+        for n, st in ck["plugins"].items():
+            if not isinstance(st, dict):
+                raise CheckpointError(f"{name!r} is damaged: the state of plugin {n!r} is a {type(st).__name__}, expected dict")
+
+
+def load(path: str | Path, which: str = "last", *, need: str = "model") -> dict[str, Any]:
+    """Load a checkpoint (file, or ``RUN_DIR/<which>.pt``) and check the entries a use needs:
+    ``need`` is ``"model"`` (weights), ``"eval"`` (+ epoch, classes, shape, config) or
+    ``"training"`` (everything ``--resume`` reads)."""
+    p = resolve(path, which)
+    ckpt = _read(p)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{str(p)!r} is not an advplug checkpoint")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{str(p)!r} has checkpoint version {ckpt.get('version')}, this advplug reads {VERSION}")
+    check_schema(ckpt, {"model": MODEL_KEYS, "eval": EVAL_KEYS, "training": TRAIN_KEYS}[need], str(p))
     ckpt["path"] = str(p)
     return ckpt
+
+
+def load_best(run_dir: str | Path) -> dict[str, Any]:
+    """The run's best checkpoint as recorded in ``last.pt``.
+
+    ``last.pt`` is written before ``best.pt``; a kill between the two leaves ``best.pt`` older
+    than the recorded best, and then the recorded best is ``last.pt`` itself, which is returned.
+    """
+    last = load(run_dir, "last", need="eval")
+    recorded = int(last.get("best_epoch", last["epoch"]))
+    best_path = Path(run_dir) / "best.pt"
+    if best_path.is_file():
+        best = load(run_dir, "best", need="eval")
+        if int(best["epoch"]) == recorded:
+            return best
+    if recorded == int(last["epoch"]):
+        return last
+    raise CheckpointError(f"{str(best_path)!r} does not hold the recorded best epoch {recorded + 1}: "
+                          "the run directory was altered")
+
+
+def repair_best(run_dir: str | Path) -> bool:
+    """After a kill between ``last.pt`` and ``best.pt`` when the last epoch was the best: copy
+    ``last.pt`` to ``best.pt`` (atomically). Returns whether anything was repaired."""
+    run = Path(run_dir)
+    last = load(run, "last", need="eval")
+    try:
+        if int(load(run, "best", need="eval")["epoch"]) == int(last["epoch"]):
+            return False
+    except CheckpointError:
+        pass
+    import shutil
+
+    tmp = run / f".best.pt.tmp{os.getpid()}"
+    try:
+        shutil.copyfile(run / "last.pt", tmp)
+        os.replace(tmp, run / "best.pt")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {str(run / 'best.pt')!r}: {e.strerror or e}") from None
+    return True
 
 
 def load_model_state(model: nn.Module, ckpt: dict[str, Any], model_name: str) -> None:
@@ -54,10 +165,9 @@ def load_model_state(model: nn.Module, ckpt: dict[str, Any], model_name: str) ->
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {ckpt.get('path')!r} was written for model {saved!r} and does not fit model "
-            f"{model_name!r}: {first[:300]}") from None
+            f"{model_name!r}: {_first_line(e)[:300]}") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,8 +178,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
+    try:
+        torch.set_rng_state(state["torch"])
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"the checkpoint's RNG state is damaged ({_first_line(e)})") from None
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -8,12 +8,12 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import AdvplugError, OptionError
+from .errors import AdvplugError, Interrupted, OptionError
 
 
 def _fail(e: Exception) -> None:
     click.echo(f"error: {e}", err=True)
-    sys.exit(2)
+    sys.exit(130 if isinstance(e, Interrupted) else 2)
 
 
 class _Group(click.Group):
@@ -87,8 +87,16 @@ def _csv_ints(s: str | None) -> tuple[int, ...] | None:
 @click.option("--eval-every", type=int, default=None, help="Evaluate clean and PGD accuracy every N epochs.")
 @click.option("--eval-steps", type=int, default=None, help="PGD steps of the per-epoch evaluation.")
 @click.option("--n-eval", type=int, default=None, help="Test samples for the per-epoch evaluation.")
-@click.option("--val-size", type=float, default=None, help="Held-out validation split (fraction or count) for plugins that need one.")
-@click.option("--out", default=None, help="Run directory (default runs/<plugins>-<objective>).")
+@click.option("--val-size", type=float, default=None,
+              help="Plugins' own validation split (fraction or count; default min(1000, 10%)), disjoint from the selection split.")
+@click.option("--selection", type=click.Choice(["validation", "test"]), default=None,
+              help="Where the 'best' checkpoint is chosen: a held-out split of the training set (default) or, "
+                   "explicitly, the test set (as some papers' tables were made; labelled in results and compare).")
+@click.option("--selection-size", type=float, default=None,
+              help="Size of the held-out selection split (fraction or count; default min(1000, 10%)).")
+@click.option("--out", default=None, help="Run directory (default runs/<plugins>-<objective>-seed<S>, unique). "
+                                          "One run per directory: an existing run is never overwritten silently.")
+@click.option("--overwrite", is_flag=True, default=False, help="Delete the run already in --out first (all its files).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--tensorboard", is_flag=True, default=None, help="Also log to TensorBoard (RUN_DIR/tensorboard).")
 @click.option("--dump-weights", is_flag=True, default=None,
@@ -99,17 +107,18 @@ def _csv_ints(s: str | None) -> tuple[int, ...] | None:
 @click.option("--resume", default=None, help="Continue the run in this directory from its last checkpoint.")
 @click.pass_context
 def train(ctx: click.Context, plugins: tuple[str, ...], config_file: str | None, resume: str | None,
-          no_progress: bool, milestones: str | None, **kw: Any) -> None:
+          no_progress: bool, milestones: str | None, overwrite: bool, **kw: Any) -> None:
     """Adversarial training; plugin options as --<plugin>-<option> VALUE."""
     from .config import TrainConfig, load_config_file
     from .trainer import Trainer, resume_config
 
     extra = parse_extra(ctx.args)
     if resume:
+        model = kw.pop("model")  # allowed: repeating an imported model is how the user vouches for it
         given = [k for k, v in kw.items() if v is not None] + (["plugin"] if plugins else []) + list(extra)
-        if given or config_file or milestones:
-            raise OptionError(f"--resume continues the saved configuration; drop {', '.join('--' + g.replace('_', '-') for g in given) or '--config/--milestones'}")
-        cfg = resume_config(resume)
+        if given or config_file or milestones or overwrite:
+            raise OptionError(f"--resume continues the saved configuration; drop {', '.join('--' + g.replace('_', '-') for g in given) or '--config/--milestones/--overwrite'}")
+        cfg = resume_config(resume, model)
         cfg.progress = not no_progress
         Trainer(cfg, resume=True).fit()
         return
@@ -122,15 +131,12 @@ def train(ctx: click.Context, plugins: tuple[str, ...], config_file: str | None,
     popts = dict(settings.pop("plugin_options", {}) or {})
     popts.update(extra)
     settings["plugin_options"] = popts
-    if "out" not in settings:
-        name = "-".join([*settings.get("plugins", ()), settings.get("objective", "at")])
-        settings["out"] = f"runs/{name}"
     settings["progress"] = not no_progress
     try:
-        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+        cfg = TrainConfig(**settings)
     except TypeError as e:
         raise OptionError(str(e)) from None
-    Trainer(cfg).fit()
+    Trainer(cfg, overwrite=overwrite).fit()
 
 
 @cli.command()
@@ -195,17 +201,22 @@ def hooks(plugins: tuple[str, ...], objective: str) -> None:
 @click.option("--batch-size", type=int, default=256)
 @click.option("--device", default=None)
 @click.option("--data-root", default=None)
+@click.option("--model", default=None, help="Repeat a run's module:callable model to allow importing it "
+                                            "(advplug never imports code because a run file names it).")
 def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: str | None, backend: str,
              eps: float | None, alpha: float | None, n_eval: int | None, n_eval_aa: int, batch_size: int,
-             device: str | None, data_root: str | None) -> None:
+             device: str | None, data_root: str | None, model: str | None) -> None:
     """Evaluate a checkpoint (or a run directory's best / last) under attacks.
 
-    For a run directory the results, with the settings they were taken under, are saved to
-    RUN_DIR/eval.json (read by `advplug compare`).
+    For a run directory the results are added to RUN_DIR/eval.json (read by `advplug compare`),
+    one entry per checkpoint, attack and settings: re-running the same evaluation replaces only
+    its own entries. Results are reproducible (seeded random starts).
     """
     from pathlib import Path
 
+    from . import evalstore
     from .evaluate import SUITES, evaluate_checkpoints
+    from .rundir import RunLock
 
     if suite and attacks:
         raise OptionError("--suite and --attack exclude each other")
@@ -213,13 +224,18 @@ def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: st
     is_run = Path(target).is_dir()
     which = which or ("both" if suite else "best")
     whiches = (["best", "last"] if which == "both" else [which]) if is_run else [None]
-    rec = evaluate_checkpoints(target, whiches, specs, backend=backend, eps=eps, alpha=alpha, n_eval=n_eval,
-                               n_eval_aa=n_eval_aa, batch_size=batch_size, device=device, data_root=data_root,
-                               progress=True, log=click.echo)
-    if is_run:
-        out = Path(target) / "eval.json"
-        out.write_text(json.dumps(rec, indent=2))
-        click.echo(f"saved {out}")
+    lock = RunLock(Path(target)).acquire() if is_run else None  # fail now, not after minutes of attacks
+    try:
+        rec = evaluate_checkpoints(target, whiches, specs, backend=backend, eps=eps, alpha=alpha, n_eval=n_eval,
+                                   n_eval_aa=n_eval_aa, batch_size=batch_size, device=device, data_root=data_root,
+                                   model=model, progress=True, log=click.echo)
+        if is_run:
+            out = Path(target) / "eval.json"
+            entries = evalstore.merge(out, evalstore.entries_from_results(rec))
+            click.echo(f"saved {out} ({len(entries)} entries)")
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @cli.command()

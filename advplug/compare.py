@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import evalstore
 from .config import read_run_config
 from .errors import DataError
 
-TRAIN_KEYS = ("data", "model", "eps", "alpha", "steps", "epochs", "batch_size", "lr", "milestones", "attack_bn")
+TRAIN_KEYS = ("data", "model", "eps", "alpha", "steps", "epochs", "batch_size", "lr", "milestones", "attack_bn", "selection")
 
 
 @dataclass
@@ -71,12 +72,11 @@ def load_run(path: str | Path) -> Run:
     run = Path(path)
     cfg = read_run_config(run, DataError)
     settings = {k: cfg.get(k) for k in TRAIN_KEYS}
-    if (run / "eval.json").is_file():
-        ev = _read_json(run / "eval.json")
-        results = {k: {a: v for a, v in r.items() if a != "epoch"} for k, r in ev["results"].items()}
-        s = ev["settings"]
-        settings.update({"eval eps": s.get("eps"), "eval step": s.get("alpha"), "backend": s.get("backend"),
-                         "test samples": ", ".join(f"{k} {v}" for k, v in sorted((s.get("n_test") or {}).items()))})
+    settings["selection"] = cfg.get("selection", "test")  # runs from before held-out selection chose on test
+    entries = evalstore.read(run / "eval.json")
+    if entries:
+        results, ev_settings = evalstore.select(entries, cfg.get("eps"))
+        settings.update(ev_settings)
     elif (run / "results.json").is_file():
         results = _training_results(run)
         settings.update({"eval eps": cfg.get("eps"), "eval step": cfg.get("eps") / 4, "backend": "torchattacks",
@@ -133,6 +133,7 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
                 if vals:
                     cells[(a, which)] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
         rows.append({"method": method, "n": len(rs), "seeds": sorted(r.seed for r in rs),
+                     "selection": "/".join(sorted({str(r.settings.get("selection")) for r in rs})),
                      "flagged": {r.path: r.flags for r in rs if r.flags}, "cells": cells})
     return rows
 
@@ -152,25 +153,29 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
     cols = [(a, w) for a in attacks for w in ("best", "last")]
     if fmt == "json":
         return json.dumps([{"method": r["method"], "n": r["n"], "seeds": r["seeds"], "flagged": r["flagged"],
+                            "best_chosen_on": r["selection"],
                             "results": {f"{a} ({w})": {"mean": c[0], "std": c[1], "n": c[2]}
                                         for (a, w), c in r["cells"].items()}} for r in rows], indent=2)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["method", "runs", "attack", "checkpoint", "mean", "std", "n", "flagged"])
+        w.writerow(["method", "runs", "best chosen on", "attack", "checkpoint", "mean", "std", "n", "flagged"])
         for r in rows:
             for (a, which), c in r["cells"].items():
-                w.writerow([r["method"], r["n"], a, which, f"{c[0]:.4f}", f"{c[1]:.4f}", c[2], "yes" if r["flagged"] else ""])
+                w.writerow([r["method"], r["n"], r["selection"], a, which, f"{c[0]:.4f}", f"{c[1]:.4f}", c[2],
+                            "yes" if r["flagged"] else ""])
         return buf.getvalue()
-    head = ["method", "runs", *[f"{a} {w}" for a, w in cols]]
+    head = ["method", "runs", "best chosen on", *[f"{a} {w}" for a, w in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     notes = []
     for r in rows:
         name = r["method"] + (" ⚠" if r["flagged"] else "")
-        lines.append("| " + " | ".join([name, str(r["n"]), *[_cell(r["cells"].get(c)) for c in cols]]) + " |")
+        lines.append("| " + " | ".join([name, str(r["n"]), r["selection"], *[_cell(r["cells"].get(c)) for c in cols]]) + " |")
         for path, flags in r["flagged"].items():
             notes.append(f"⚠ {path}: " + "; ".join(flags))
-    text = "\n".join(lines) + "\n\nTest accuracy (%), mean ± std over runs (seeds)."
+    text = "\n".join(lines) + ("\n\nTest accuracy (%), mean ± std over runs (seeds). \"best\" is the checkpoint chosen "
+                                "by PGD accuracy on the split named under \"best chosen on\" (validation: held out from "
+                                "training; test: chosen on the test set itself, optimistic).")
     if notes:
         text += "\nSettings differ, not comparable as they stand:\n" + "\n".join(notes)
     return text

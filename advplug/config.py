@@ -29,6 +29,9 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+SELECTIONS = ("validation", "test")
+
+
 @dataclass
 class TrainConfig:
     data: str = "digits"
@@ -55,8 +58,10 @@ class TrainConfig:
     eval_steps: int | None = None
     n_eval: int | None = 1000
     final_attacks: tuple[str, ...] = ("natural", "pgd20", "cw20")
-    val_size: float | None = None  # default: min(1000, 10% of the training set)
-    out: str = "runs/latest"
+    val_size: float | None = None  # plugins' own validation split; default min(1000, 10% of what is left)
+    selection: str = "validation"  # where "best" is chosen: a held-out split of training data, or "test" (explicit)
+    selection_size: float | None = None  # default: min(1000, 10% of the training set)
+    out: str | None = None  # default: runs/<plugins>-<objective>-seed<S>, made unique
     device: str | None = None
     progress: bool = True
     tensorboard: bool = False
@@ -65,10 +70,12 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """Fill the ``None`` fields from the data set's defaults and validate everything."""
-        if self.data not in DATA_DEFAULTS:
-            raise OptionError(f"unknown data set {self.data!r} (choose from {', '.join(DATA_DEFAULTS)})")
-        d = DATA_DEFAULTS[self.data]
-        cfg = dataclasses.replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
+        cfg = dataclasses.replace(self)
+        check_types(cfg)
+        if cfg.data not in DATA_DEFAULTS:
+            raise OptionError(f"unknown data set {cfg.data!r} (choose from {', '.join(DATA_DEFAULTS)})")
+        d = DATA_DEFAULTS[cfg.data]
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in d.items() if getattr(cfg, k) is None})
         cfg.milestones = tuple(int(m) for m in cfg.milestones)
         cfg.plugins = tuple(cfg.plugins)
         cfg.final_attacks = tuple(cfg.final_attacks)
@@ -78,7 +85,9 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.eps > 0, f"--eps must be > 0, got {self.eps}"),
+            (self.eps < 1, f"--eps must be < 1 (inputs are in [0, 1]; 8/255 = 0.0314 is CIFAR's), got {self.eps}"),
             (self.alpha > 0, f"--alpha (attack step size) must be > 0, got {self.alpha}"),
+            (self.alpha <= 1, f"--alpha (attack step size) must be <= 1 (inputs are in [0, 1]), got {self.alpha}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -93,6 +102,10 @@ class TrainConfig:
             (self.eval_steps >= 1, f"--eval-steps must be >= 1, got {self.eval_steps}"),
             (self.n_eval is None or self.n_eval >= 1, f"--n-eval must be >= 1, got {self.n_eval}"),
             (self.val_size is None or 0 < self.val_size, f"--val-size must be > 0, got {self.val_size}"),
+            (self.selection in SELECTIONS, f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"),
+            (self.selection_size is None or 0 < self.selection_size,
+             f"--selection-size must be > 0, got {self.selection_size}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -108,10 +121,60 @@ class TrainConfig:
         if unknown:
             raise OptionError(f"config has unknown keys: {', '.join(sorted(unknown))}")
         d = dict(d)
+        d.setdefault("selection", "test")  # runs from before held-out selection chose "best" on the test set
         for k in ("plugins", "milestones", "final_attacks"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+# Field types, checked before anything else so that a config file's ``epochs = "three"`` or
+# ``plugins = "mail"`` is one clear error, not a crash (or a plugin per letter) later.
+_INT = ("epochs", "batch_size", "steps", "seed", "eval_every", "eval_steps", "n_eval", "workers")
+_FLOAT = ("lr", "momentum", "weight_decay", "lr_gamma", "eps", "alpha", "val_size", "selection_size")
+_STR = ("data", "data_root", "model", "objective", "attack_bn", "attack_start", "out", "device", "selection")
+_BOOL = ("download", "progress", "tensorboard", "dump_weights")
+_STR_LIST = ("plugins", "final_attacks")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """Raise ``OptionError`` for a field of the wrong type; lists become tuples, ints floats."""
+    def bad(name: str, want: str, v: Any) -> OptionError:
+        return OptionError(f"{name.replace('_', '-')} must be {want}, got {v!r}")
+
+    for name in _INT:
+        v = getattr(cfg, name)
+        if v is not None and not _is_int(v):
+            raise bad(name, "a whole number", v)
+    for name in _FLOAT:
+        v = getattr(cfg, name)
+        if v is not None:
+            if not (_is_int(v) or isinstance(v, float)):
+                raise bad(name, "a number", v)
+            setattr(cfg, name, float(v))
+    for name in _STR:
+        v = getattr(cfg, name)
+        if v is not None and not isinstance(v, str):
+            raise bad(name, "a string", v)
+    for name in _BOOL:
+        if not isinstance(getattr(cfg, name), bool):
+            raise bad(name, "true or false", getattr(cfg, name))
+    for name in _STR_LIST:
+        v = getattr(cfg, name)
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            raise bad(name, "a list of names", v)
+        setattr(cfg, name, tuple(v))
+    m = cfg.milestones
+    if m is not None:
+        if not isinstance(m, (list, tuple)) or not all(_is_int(x) for x in m):
+            raise bad("milestones", "a list of whole epochs", m)
+        cfg.milestones = tuple(m)
+    if not isinstance(cfg.plugin_options, dict):
+        raise bad("plugin_options", "a table of option = value", cfg.plugin_options)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -147,7 +210,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return out
 
 
-RECORD_ONLY = ("resolved_plugin_options", "num_train", "world_size")
+RECORD_ONLY = ("resolved_plugin_options", "num_train", "world_size", "num_selection", "num_validation", "split_seed")
 
 
 def read_run_config(run_dir: str | Path, error: type[Exception] = OptionError) -> dict[str, Any]:

@@ -5,6 +5,7 @@ training set (per-sample plugin state is keyed by it).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -26,7 +27,8 @@ class DataBundle:
     test: Dataset | tuple[Tensor, Tensor]
     num_classes: int
     input_shape: tuple[int, ...]
-    validation: tuple[Tensor, Tensor] | None = None
+    validation: tuple[Tensor, Tensor] | None = None  # plugins' own split (BiLAW's meta-objective)
+    selection: tuple[Tensor, Tensor] | None = None  # model selection ("best"), disjoint from the above
 
     @property
     def num_train(self) -> int:
@@ -98,23 +100,33 @@ def load_dataset(name: str, root: str = "./data", download: bool = False) -> Dat
     return _torchvision(name, root, download)
 
 
-def hold_out(bundle: DataBundle, size: int | float, seed: int) -> DataBundle:
-    """Move a validation split out of the training set (``size``: count, or fraction if < 1).
+def split_size(size: int | float | None, n: int) -> int:
+    """A split's size: ``size`` as a count, or a fraction if < 1; default min(1000, 10 % of n)."""
+    if size is None:
+        return min(1000, round(0.1 * n))
+    return int(round(size * n)) if size < 1 else int(size)
 
-    Training indices are renumbered 0..n-1 over what remains; the split is fixed by ``seed``.
+
+def hold_out(bundle: DataBundle, size: int | float | None, seed: int, role: str = "validation") -> DataBundle:
+    """Move a split out of the training set into ``bundle.<role>`` (``validation`` or ``selection``).
+
+    ``size``: count, fraction if < 1, or ``None`` for min(1000, 10 %). Training indices are
+    renumbered 0..n-1 over what remains; the split is fixed by ``seed``.
     """
     n = bundle.num_train
-    k = int(round(size * n)) if size < 1 else int(size)
+    k = split_size(size, n)
     if not 0 < k < n:
-        raise DataError(f"validation size {size} leaves no training data (training set has {n} samples)")
+        raise DataError(f"{role} split of size {size} leaves no training data (training set has {n} samples)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, tr_idx = perm[:k].sort().values, perm[k:].sort().values
     if isinstance(bundle.train, tuple):
         x, y = bundle.train
-        return DataBundle((x[tr_idx], y[tr_idx]), bundle.test, bundle.num_classes, bundle.input_shape, (x[val_idx], y[val_idx]))
-    vx = torch.stack([bundle.train[int(i)][0] for i in val_idx])
-    vy = torch.tensor([int(bundle.train[int(i)][1]) for i in val_idx])
-    return DataBundle(Subset(bundle.train, tr_idx.tolist()), bundle.test, bundle.num_classes, bundle.input_shape, (vx, vy))
+        train, split = (x[tr_idx], y[tr_idx]), (x[val_idx], y[val_idx])
+    else:
+        split = (torch.stack([bundle.train[int(i)][0] for i in val_idx]),
+                 torch.tensor([int(bundle.train[int(i)][1]) for i in val_idx]))
+        train = Subset(bundle.train, tr_idx.tolist())
+    return dataclasses.replace(bundle, train=train, **{role: split})
 
 
 class TensorBatches:

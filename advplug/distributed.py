@@ -14,8 +14,24 @@ def init() -> tuple[int, int, int]:
     if world <= 1:
         return 0, 1, 0
     if not dist.is_initialized():
+        _die_with_parent()
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _die_with_parent() -> None:
+    """Under torchrun, ask Linux to end this worker when its agent dies (``kill -9`` of torchrun
+    would otherwise leave the workers training and writing the run directory)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to do
+        return
+    if os.getppid() == 1:  # the agent died before we asked
+        os._exit(1)
 
 
 def active() -> bool:
@@ -41,3 +57,21 @@ def all_sum(t: Tensor) -> Tensor:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (as is, in a single process)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process)."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -23,3 +23,11 @@ class CheckpointError(AdvplugError):
 
 class NonFiniteLossError(AdvplugError):
     """The loss became NaN or Inf; training stopped."""
+
+
+class RunDirError(AdvplugError):
+    """A run directory that cannot be used: holds another run, is locked, is not writable."""
+
+
+class Interrupted(AdvplugError):
+    """Training was interrupted (Ctrl-C); the message names the last checkpoint and the resume command."""

@@ -38,7 +38,10 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: Iterable[str], *, 
              alpha: float | None = None, num_classes: int = 10, batch_size: int = 256, seed: int = 0,
              backend: str = "torchattacks", progress: bool = False) -> dict[str, float]:
     """Accuracy per attack spec (``natural``, ``fgsm``, ``pgd20``, ``cw``, ``apgd-ce``, ``aa``),
-    keyed by display name. The model is evaluated in eval mode and left as it was."""
+    keyed by display name. The model is evaluated in eval mode and left as it was.
+
+    Reproducible: each attack runs under its own RNG stream seeded with ``seed`` (random starts
+    are the same whenever the same model is evaluated), and the caller's RNG is left untouched."""
     attacks = list(attacks)
     for a in attacks:
         parse_eval_attack(a)
@@ -51,17 +54,19 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: Iterable[str], *, 
     out: dict[str, float] = {}
     try:
         for spec in attacks:
-            atk = make_eval_attack(spec, model, eps=eps, alpha=alpha, num_classes=num_classes, seed=seed)
-            correct = torch.zeros((), dtype=torch.long, device=x.device)
-            it = _batches(x, y, batch_size)
-            if progress:
-                from tqdm import tqdm
+            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+                torch.manual_seed(seed)
+                atk = make_eval_attack(spec, model, eps=eps, alpha=alpha, num_classes=num_classes, seed=seed)
+                correct = torch.zeros((), dtype=torch.long, device=x.device)
+                it = _batches(x, y, batch_size)
+                if progress:
+                    from tqdm import tqdm
 
-                it = tqdm(it, total=-(-len(y) // batch_size), desc=display_name(spec), leave=False)
-            for xb, yb in it:
-                xa = xb if atk is None else atk(xb, yb)
-                correct += _correct(model, xa, yb)
-            out[display_name(spec)] = correct.item() / len(y)
+                    it = tqdm(it, total=-(-len(y) // batch_size), desc=display_name(spec), leave=False)
+                for xb, yb in it:
+                    xa = xb if atk is None else atk(xb, yb)
+                    correct += _correct(model, xa, yb)
+                out[display_name(spec)] = correct.item() / len(y)
     finally:
         model.train(was_training)
     return out
@@ -82,6 +87,8 @@ def evaluate_art(model: nn.Module, x: Tensor, y: Tensor, attacks: list[str], *, 
     xn, yn = x.detach().cpu().numpy(), y.detach().cpu().numpy()
     alpha = alpha if alpha is not None else eps / 4
     out: dict[str, float] = {}
+    np_state = np.random.get_state()
+    np.random.seed(0)  # ART's random starts come from numpy's global RNG: reproducible, then restored
     try:
         for spec in attacks:
             kind, steps = parse_eval_attack(spec)
@@ -99,6 +106,7 @@ def evaluate_art(model: nn.Module, x: Tensor, y: Tensor, attacks: list[str], *, 
             pred = clf.predict(xa, batch_size=batch_size).argmax(1)
             out[display_name(spec) + " (ART)"] = float((pred == yn).mean())
     finally:
+        np.random.set_state(np_state)
         model.train(was_training)
     return out
 
@@ -109,39 +117,55 @@ SUITES = {"paper": ("natural", "pgd20", "pgd100", "cw20", "apgd-ce", "aa")}
 def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable[str], *, backend: str = "torchattacks",
                          eps: float | None = None, alpha: float | None = None, n_eval: int | None = None,
                          n_eval_aa: int | None = 1000, batch_size: int = 256, device: str | None = None,
-                         data_root: str | None = None, progress: bool = False, log=print) -> dict:
+                         data_root: str | None = None, model: str | None = None, progress: bool = False,
+                         log=print) -> dict:
     """Evaluate the named checkpoints of a run (``which`` best / last, or ``None`` for a file).
 
     AutoAttack runs on the first ``n_eval_aa`` test samples, the other attacks on the first
     ``n_eval`` (all if ``None``). Returns ``{"settings": ..., "results": {which: {attack: acc,
-    "epoch": E}}}``; the settings record eps, step, backend, the data set, and per attack the
-    number of test samples it saw.
+    "epoch": E}}}``; the settings record eps, step, backend, seed, the data set, and per attack
+    the number of test samples it saw. ``best`` is the recorded best (``checkpoint.load_best``).
+    A checkpoint whose model is ``module:callable`` is evaluated only if ``model`` names it.
     """
     import json
 
     from . import checkpoint
     from .config import TrainConfig
     from .data import load_dataset
+    from .errors import CheckpointError
     from .models import build_model
     from .report import results_table
-    from .trainer import pick_device
+    from .trainer import check_model_import, pick_device
 
     specs = list(specs)
     for s in specs:
         parse_eval_attack(s)
+    if eps is not None and not 0 < eps < 1:
+        raise OptionError(f"--eps must be in (0, 1) (inputs are in [0, 1]), got {eps}")
+    if alpha is not None and not 0 < alpha <= 1:
+        raise OptionError(f"--alpha must be in (0, 1], got {alpha}")
     dev = pick_device(device)
     results: dict = {}
     settings: dict = {}
     data_cache: dict = {}
     for which in whiches:
-        ck = checkpoint.load(target, which or "last")
-        cfg = TrainConfig.from_json(json.loads(ck["config"])).resolved()
+        ck = checkpoint.load_best(target) if which == "best" else checkpoint.load(target, which or "last", need="eval")
+        try:
+            cfg = TrainConfig.from_json(json.loads(ck["config"])).resolved()
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{ck['path']!r} is damaged: its config is not readable ({e})") from None
+        check_model_import(cfg.model, model)
         if data_root:
             cfg.data_root = data_root
-        model = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"])).to(dev)
-        checkpoint.load_model_state(model, ck, cfg.model)
+        net = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"]), allow_import=True).to(dev)
+        checkpoint.load_model_state(net, ck, cfg.model)
         if cfg.data not in data_cache:
-            data_cache[cfg.data] = gather_tensors(load_dataset(cfg.data, cfg.data_root, False).test, None, dev)
+            bundle = load_dataset(cfg.data, cfg.data_root, False)
+            if (bundle.num_classes, tuple(bundle.input_shape)) != (int(ck["num_classes"]), tuple(ck["input_shape"])):
+                raise CheckpointError(
+                    f"{ck['path']!r} was trained for {ck['num_classes']} classes of shape {tuple(ck['input_shape'])}, "
+                    f"but its data set {cfg.data!r} has {bundle.num_classes} classes of shape {tuple(bundle.input_shape)}")
+            data_cache[cfg.data] = gather_tensors(bundle.test, None, dev)
         x, y = data_cache[cfg.data]
         e = eps if eps is not None else cfg.eps
         a = alpha if alpha is not None else e / 4
@@ -152,13 +176,13 @@ def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable
         res: dict = {}
         main = [s for s in specs if parse_eval_attack(s)[0] != "aa"]
         if main:
-            res.update(evaluate(model, x[:n_main], y[:n_main], main, **kw))
+            res.update(evaluate(net, x[:n_main], y[:n_main], main, **kw))
         if len(main) < len(specs):
-            res.update(evaluate(model, x[:n_aa], y[:n_aa], ["aa"], **kw))
+            res.update(evaluate(net, x[:n_aa], y[:n_aa], ["aa"], **kw))
         name = which or "checkpoint"
         results[name] = {**res, "epoch": int(ck["epoch"]) + 1}
-        settings = {"data": cfg.data, "eps": e, "alpha": a, "backend": backend, "attacks": specs,
-                    "n_test": {display_name(s): (n_aa if parse_eval_attack(s)[0] == "aa" else n_main) for s in specs}}
+        settings = {"data": cfg.data, "eps": e, "alpha": a, "backend": backend, "attacks": specs, "seed": cfg.seed,
+                    "n_test": {k: (n_aa if k.startswith("AutoAttack") else n_main) for k in res}}
         log(results_table({f"{name} (epoch {int(ck['epoch']) + 1})": res},
                           f"{ck['path']}: eps {e:.4g}, step {a:.4g}, backend {backend}, "
                           + ", ".join(f"{k} on {v}" for k, v in settings["n_test"].items())))

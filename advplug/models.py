@@ -173,15 +173,30 @@ MODELS = {
 }
 
 
-def build_model(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-    """A model by name, or ``package.module:callable`` called as ``f(num_classes=, input_shape=)``."""
+def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], *, allow_import: bool = False) -> nn.Module:
+    """A model by name, or ``package.module:callable`` called as ``f(num_classes=, input_shape=)``.
+
+    Importing ``module:callable`` runs code, so it happens only with ``allow_import=True``: when
+    the user named the model on the command line (or in Python), never because a run directory
+    or a checkpoint says so.
+    """
     if name in MODELS:
         return MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape))
     if ":" in name:
+        if not allow_import:
+            raise OptionError(f"model {name!r} is code to import; advplug imports code only when you name it: "
+                              f"repeat --model {name}")
         mod, _, attr = name.partition(":")
         try:
             factory = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as e:
             raise OptionError(f"--model {name}: cannot import ({e})") from None
-        return factory(num_classes=num_classes, input_shape=tuple(input_shape))
+        try:
+            model = factory(num_classes=num_classes, input_shape=tuple(input_shape))
+        except Exception as e:  # the user's factory failed: say where
+            raise OptionError(f"--model {name}: calling it with num_classes={num_classes}, input_shape="
+                              f"{tuple(input_shape)} failed ({type(e).__name__}: {e})") from None
+        if not isinstance(model, nn.Module):
+            raise OptionError(f"--model {name} returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
     raise OptionError(f"unknown model {name!r} (choose from {', '.join(MODELS)}, or module:callable)")

@@ -3,6 +3,7 @@ optional TensorBoard scalars and weight histograms; plus the plain-text results 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -27,44 +28,41 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """Appends epoch records to ``metrics.jsonl``, rewrites ``metrics.csv``, logs to TensorBoard."""
+    """Writes ``metrics.jsonl`` and ``metrics.csv`` (each replaced atomically, every epoch: a kill
+    never leaves half a line or a truncated history) and logs to TensorBoard.
 
-    def __init__(self, out: str | Path, tensorboard: bool = False) -> None:
+    ``records``: the epochs so far, as the checkpoint carries them (on resume the files are
+    rebuilt from them, so an epoch whose checkpoint was written before a kill is never lost).
+    """
+
+    def __init__(self, out: str | Path, tensorboard: bool = False, records: list[dict[str, Any]] | None = None) -> None:
         self.dir = Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.records = read_metrics(self.dir)
+        self.records = list(records or [])
+        self._rewrite()
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.dir / "tensorboard"))
 
-    def truncate_after(self, epoch: int) -> None:
-        """On resume: drop records of epochs after the checkpoint's (they were never saved)."""
-        self.records = [r for r in self.records if r["epoch"] <= epoch]
-        self._rewrite()
-
     def _rewrite(self) -> None:
-        with open(self.dir / "metrics.jsonl", "w") as f:
-            for r in self.records:
-                f.write(json.dumps(r) + "\n")
-        self._write_csv()
+        from .rundir import write_text
 
-    def _write_csv(self) -> None:
+        write_text(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
         rows = [flatten(r) for r in self.records]
         cols: list[str] = []
         for r in rows:
             cols += [c for c in r if c not in cols]
-        with open(self.dir / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+        write_text(self.dir / "metrics.csv", buf.getvalue())
 
     def write(self, record: dict[str, Any], weights: Tensor | None = None) -> None:
         self.records.append(record)
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self._write_csv()
+        self._rewrite()
         if self.tb is not None:
             step = record["epoch"]
             for k, v in flatten(record).items():
@@ -77,6 +75,7 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def results_table(results: dict[str, dict[str, float]], title: str = "") -> str:

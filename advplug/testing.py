@@ -22,9 +22,11 @@ def digits_subset(n_train: int = 256, n_test: int = 128) -> DataBundle:
 
 
 def tiny_config(out: str, **kw) -> TrainConfig:
-    """Two quick epochs on digits: PGD-3, final evaluation natural + PGD-5."""
+    """Two quick epochs on digits: PGD-3, final evaluation natural + PGD-5, best chosen on test."""
+    # selection="test": plugin tests count and index the whole training set they pass in; the
+    # held-out selection split (the default) has its own tests in tests/test_selection.py.
     base = dict(data="digits", epochs=2, batch_size=64, steps=3, eval_steps=3, milestones=(1,), out=out,
-                progress=False, final_attacks=("natural", "pgd5"), n_eval=64)
+                progress=False, final_attacks=("natural", "pgd5"), n_eval=64, selection="test")
     base.update(kw)
     return TrainConfig(**base)
 

@@ -1,6 +1,7 @@
 """The training loop: the only module that calls ``pm.hook.*``."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -9,14 +10,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, rundir
 from .attacks import make_attack, resolve_attack_start
 from .compose import combine_weights, merge_variants, summary
 from .config import RECORD_ONLY, TrainConfig, read_run_config
-from .context import FeatureTap, StepContext, TrainContext, Variant
+from .context import NATURAL, FeatureTap, StepContext, TrainContext, Variant
 from .data import DataBundle, batches, hold_out, load_dataset
 from .dump import SampleDump
-from .errors import CheckpointError, NonFiniteLossError, PluginError
+from .errors import CheckpointError, Interrupted, NonFiniteLossError, OptionError, PluginError
 from .evaluate import evaluate, gather_tensors
 from .models import build_model
 from .plugins import Enabled, enable
@@ -24,29 +25,58 @@ from .signals import probabilistic_margin
 from .report import MetricsWriter, results_table
 
 KNOWN_REQUIREMENTS = {"validation"}
+SPLIT_SEED = 1234  # fixes the held-out selection split (and SPLIT_SEED + 1 the plugins' validation split)
+INERT_ESS, INERT_EPOCHS = 0.995, 3  # weights this uniform for this many epochs: the method is effectively off
 
 
 def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
     if name:
-        return torch.device(name)
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise OptionError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise OptionError(f"--device {name}: this machine has no usable CUDA GPU (use --device cpu)")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OptionError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 class Trainer:
     """Adversarial training with plugins. ``Trainer(cfg).fit()`` runs, checkpoints and evaluates.
 
-    ``resume_from``: a run directory whose ``last.pt`` is continued exactly (model, optimizer,
-    scheduler, RNG states, plugin states, data order).
+    ``resume=True``: ``cfg.out``'s ``last.pt`` is continued exactly (model, optimizer, scheduler,
+    per-process RNG states, plugin states, data order, metrics). A new run refuses a directory
+    that holds a run unless ``overwrite=True`` (which deletes the old run's files first); the
+    run directory is locked while the trainer lives (``close()``, called at the end of ``fit``).
     """
 
     def __init__(self, cfg: TrainConfig, *, data: DataBundle | None = None, resume: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 overwrite: bool = False, log: Callable[[str], None] = print) -> None:
         self.rank, self.world, local = distributed.init()
         self.cfg = cfg.resolved()
         self.log = log if self.rank == 0 else (lambda s: None)
         self.device = pick_device(self.cfg.device, local)
+        if self.cfg.out is None:
+            self.cfg.out = str(distributed.broadcast_object(
+                rundir.default_dir(self.cfg.plugins, self.cfg.objective, self.cfg.seed) if self.rank == 0 else None))
         self.out = Path(self.cfg.out)
+        self.lock: rundir.RunLock | None = None
+        self.metrics: MetricsWriter | None = None
+        # plugins and options are checked before the run directory is touched
         self.enabled: Enabled = enable(list(self.cfg.plugins), self.cfg.objective, self.cfg.plugin_options)
+        if self.rank == 0:
+            rundir.prepare(self.out, resume=resume, overwrite=overwrite)
+            self.lock = rundir.RunLock(self.out).acquire()
+        try:
+            self._setup(data, resume, local)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, data: DataBundle | None, resume: bool, local: int) -> None:
+        self.log(f"run directory: {self.out}")
         self.pm = self.enabled.pm
         reqs: set[str] = set().union(*[r for r in self.pm.hook.requirements() if r])
         if reqs - KNOWN_REQUIREMENTS:
@@ -54,7 +84,10 @@ class Trainer:
 
         torch.manual_seed(self.cfg.seed)
         self.data = training_data(self.cfg, data, "validation" in reqs)
-        self.model = build_model(self.cfg.model, self.data.num_classes, self.data.input_shape).to(self.device)
+        # The config comes from the user (command line, a config file they passed, or Python), or on
+        # --resume from a run directory whose imported model the CLI had the user repeat.
+        self.model = build_model(self.cfg.model, self.data.num_classes, self.data.input_shape,
+                                 allow_import=True).to(self.device)
         self.net = self.model
         if self.world > 1:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if self.device.type == "cuda" else None)
@@ -70,7 +103,16 @@ class Trainer:
         self.test = (x_test, y_test)
         n = self.cfg.n_eval
         self.test_sub = (x_test[:n], y_test[:n]) if n else self.test
-        self.start_epoch, self.best_pgd, self.best_epoch = 0, -1.0, -1
+        # Model selection: per-epoch clean / PGD accuracy on the held-out selection split (or, only
+        # when asked with --selection test, on the first --n-eval test samples), "best" by PGD.
+        if self.cfg.selection == "validation":
+            sx, sy = self.data.selection
+            self.select_data, self.select_prefix = (sx.to(self.device), sy.to(self.device)), "val"
+        else:
+            self.select_data, self.select_prefix = self.test_sub, "test"
+        self.start_epoch, self.best_acc, self.best_epoch = 0, -1.0, -1
+        self.records: list[dict[str, Any]] = []
+        self.inert_streak = 0
 
         ctx = TrainContext(
             model=self.model, config=self.cfg, num_train=self.data.num_train, num_classes=self.data.num_classes,
@@ -82,17 +124,30 @@ class Trainer:
         self.log(f"advplug: {cfg.data} ({self.data.num_train} train, {len(self.test[1])} test), model {cfg.model}, "
                  f"objective {cfg.objective}, plugins {', '.join(cfg.plugins) or 'none'}, eps {cfg.eps:.4g}, "
                  f"PGD-{cfg.steps} step {cfg.alpha:.4g}, attack start {cfg.attack_start} ({start_by}), attack BN mode {cfg.attack_bn}, device {self.device}"
-                 + (f", {len(self.data.validation[1])} validation samples held out" if self.data.validation is not None else ""))
+                 + f", best chosen by PGD-{cfg.eval_steps} on {self._selection_label()}"
+                 + (f", {len(self.data.validation[1])} validation samples held out for plugins" if self.data.validation is not None else ""))
         self.pm.hook.on_train_start(ctx=ctx)
         if resume:
             self._resume()
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(self.config_record(), indent=2))
-        self.metrics = MetricsWriter(self.out, self.cfg.tensorboard) if self.rank == 0 else None
+            if not resume:
+                rundir.write_json(self.out / "config.json", self.config_record())
+            self.metrics = MetricsWriter(self.out, self.cfg.tensorboard, self.records)
         self.weight_dump = SampleDump(self.out, "weights") if self.cfg.dump_weights and self.rank == 0 else None
-        if self.metrics is not None and resume:
-            self.metrics.truncate_after(self.start_epoch - 1)
+
+    def _selection_label(self) -> str:
+        n = len(self.select_data[1])
+        if self.cfg.selection == "validation":
+            return f"{n} held-out training samples (split seed {SPLIT_SEED})"
+        return f"the first {n} TEST samples (--selection test: not a held-out choice)"
+
+    def close(self) -> None:
+        """Release the run directory (lock, TensorBoard writer). Idempotent."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- set-up helpers ---------------------------------------------------------------------
     def make_attack(self, name: str, **overrides: Any):
@@ -121,23 +176,31 @@ class Trainer:
             name: dataclasses.asdict(p.options) for name, p in self.enabled.items()
             if dataclasses.is_dataclass(getattr(p, "options", None))}
         rec["num_train"] = self.data.num_train
+        rec["num_selection"] = len(self.select_data[1])
+        rec["num_validation"] = len(self.data.validation[1]) if self.data.validation is not None else 0
+        rec["split_seed"] = SPLIT_SEED
         rec["world_size"] = self.world
         return rec
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _payload(self, epoch: int) -> dict[str, Any]:
+    def _payload(self, epoch: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(), "model_name": self.cfg.model,
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "epoch": epoch, "rng": checkpoint.rng_state(),
+            "epoch": epoch, "rng": rng, "world_size": self.world,
             "plugins": {n: p.state_dict() for n, p in self.enabled.items() if hasattr(p, "state_dict")},
-            "best_pgd": self.best_pgd, "best_epoch": self.best_epoch,
+            "best_acc": self.best_acc, "best_epoch": self.best_epoch, "selection": self.cfg.selection,
             "config": json.dumps(self.cfg.to_json()),
             "num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape),
+            "metrics": "".join(json.dumps(r) + "\n" for r in self.records),
         }
 
     def _resume(self) -> None:
-        ck = checkpoint.load(self.out, "last")
+        ck = checkpoint.load(self.out, "last", need="training")
+        if ck["world_size"] != self.world or len(ck["rng"]) != ck["world_size"]:
+            raise CheckpointError(
+                f"{ck['path']!r} was written by {ck['world_size']} process(es), this run has {self.world}: resume with "
+                f"the same number of processes (torchrun --nproc_per_node {ck['world_size']}), or the run would not continue exactly")
         checkpoint.load_model_state(self.model, ck, self.cfg.model)
         saved = {n for n in ck.get("plugins", {})}
         mine = {n for n, p in self.enabled.items() if hasattr(p, "state_dict")}
@@ -150,9 +213,15 @@ class Trainer:
                 self.enabled.plugin(n).load_state_dict(state)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {ck['path']!r} does not match this run: {e}") from None
-        checkpoint.set_rng_state(ck["rng"])
+        checkpoint.set_rng_state(ck["rng"][self.rank])
         self.start_epoch = int(ck["epoch"]) + 1
-        self.best_pgd, self.best_epoch = float(ck["best_pgd"]), int(ck["best_epoch"])
+        self.best_acc, self.best_epoch = float(ck["best_acc"]), int(ck["best_epoch"])
+        try:
+            self.records = [json.loads(line) for line in ck["metrics"].splitlines() if line.strip()]
+        except ValueError as e:
+            raise CheckpointError(f"{ck['path']!r} is damaged: its metrics record is not JSON ({e})") from None
+        if self.rank == 0 and self.best_epoch == int(ck["epoch"]):
+            checkpoint.repair_best(self.out)  # a kill between last.pt and best.pt
         self.log(f"resumed from {ck['path']} after epoch {self.start_epoch}")
 
     # -- the step ---------------------------------------------------------------------------
@@ -161,23 +230,42 @@ class Trainer:
         ctx = StepContext(model=self.net, x=x, y=y, index=index, epoch=epoch, step=global_step,
                           num_classes=self.data.num_classes, config=self.cfg, lr=self.opt.param_groups[0]["lr"],
                           tap=self.tap, reduce_mean=distributed.global_row_mean if self.world > 1 else None)
-        variants = merge_variants(self.pm.hook.generate_adversaries(ctx=ctx))
+        plugin_attacks, objective_attack = self._attack_callers()
+        variants = merge_variants(plugin_attacks(ctx=ctx))
+        if not variants and objective_attack is not None:  # plugins' variants replace the objective's attack
+            variants = merge_variants([objective_attack(ctx=ctx)])
         if not variants:
             x_adv = self.attack(x, y)
             variants = [Variant("pgd", x_adv, self.attack.stats())]
         ctx.variants = variants
-        weights = combine_weights(self.pm.hook.compute_weights(ctx=ctx, variants=variants), len(variants),
-                                  ctx.batch_size, ctx.batch_mean)
-        loss = self.pm.hook.combine_loss(ctx=ctx, variants=variants, weights=weights)
-        if loss is None:
-            raise PluginError("no plugin returned a training loss (combine_loss)")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        ctx.anchor_name = self.enabled.composition.anchor if self.enabled.composition else None
+        with contextlib.ExitStack() as perturbed:  # perturb_weights: loss and backward at w + v, then w restored
+            managers = self.pm.hook.perturb_weights(ctx=ctx, variants=variants)
+            if managers and any(ctx.has_logits(v) for v in (NATURAL, *variants)):
+                raise PluginError("perturb_weights: a forward pass was cached before the weights were perturbed "
+                                  "(ctx.logits in generate_adversaries?); the loss would use the unperturbed weights")
+            for manager in managers:
+                perturbed.enter_context(manager)
+            weights = combine_weights(self.pm.hook.compute_weights(ctx=ctx, variants=variants), len(variants),
+                                      ctx.batch_size, ctx.batch_mean)
+            loss = self.pm.hook.combine_loss(ctx=ctx, variants=variants, weights=weights)
+            if loss is None:
+                raise PluginError("no plugin returned a training loss (combine_loss)")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
         self.opt.step()
         loss = loss.detach()
         self.pm.hook.on_batch_end(ctx=ctx, loss=loss)
         self.tap.last = None
         return loss, ctx, weights
+
+    def _attack_callers(self) -> tuple[Any, Any]:
+        """(the plugins' ``generate_adversaries``, the objective's own or ``None``)."""
+        if getattr(self, "_attack_pair", None) is None:
+            objective = self.pm.get_plugin(self.enabled.objective)
+            self._attack_pair = (self.pm.subset_hook_caller("generate_adversaries", [objective]),
+                                 getattr(objective, "generate_adversaries", None))
+        return self._attack_pair
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         self.loader.set_epoch(epoch)
@@ -242,36 +330,73 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------
     def fit(self) -> dict[str, dict[str, float]]:
+        """Train the remaining epochs, then evaluate best and last on the test split."""
+        epoch = self.start_epoch
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                self._epoch(epoch)
+            distributed.barrier()
+            return self.final_eval()
+        except KeyboardInterrupt:
+            last = self.out / "last.pt"
+            done = f"the last checkpoint is {last} (epoch {epoch})" if epoch > 0 and last.exists() else "no checkpoint was written yet"
+            raise Interrupted(f"interrupted in epoch {epoch + 1}; {done}; continue with: advplug train --resume {self.out}") from None
+        finally:
+            self.close()
+
+    def _epoch(self, epoch: int) -> None:
+        """One epoch, then its records, written so that a kill at any point can be resumed exactly:
+        ``last.pt`` (which carries the metrics so far) first, then ``best.pt``, then the logs."""
         cfg = self.cfg
-        for epoch in range(self.start_epoch, cfg.epochs):
-            rec = self.train_epoch(epoch)
-            self.sched.step()
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                res = evaluate(self.model, *self.test_sub, ["natural", f"pgd{cfg.eval_steps}"], eps=cfg.eps,
-                               num_classes=self.data.num_classes, seed=cfg.seed)
-                rec["clean_acc"], rec["pgd_acc"] = res["Natural"], res[f"PGD-{cfg.eval_steps}"]
-            for impl_result, name in self._epoch_end_hooks(epoch, rec):
-                rec[name] = impl_result
-            is_best = rec.get("pgd_acc", -1.0) > self.best_pgd
-            if is_best:
-                self.best_pgd, self.best_epoch = rec["pgd_acc"], epoch
-            if self.rank == 0:
-                payload = self._payload(epoch)
-                checkpoint.save(self.out / "last.pt", payload)
-                if is_best:
-                    checkpoint.save(self.out / "best.pt", payload)
-                self.metrics.write(rec, self.epoch_weights)
-                if self.weight_dump is not None:
-                    self.weight_dump.write(epoch)
-                msg = (f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train_acc {rec['train_acc']:.3f}  "
-                       f"lr {rec['lr']:.4g}  {rec['seconds']:.1f}s")
-                if "pgd_acc" in rec:
-                    msg += f"  clean {rec['clean_acc']:.3f}  pgd {rec['pgd_acc']:.3f}"
-                if "weights" in rec:
-                    msg += f"  w[{rec['weights']['min']:.2f}, {rec['weights']['max']:.2f}] ess {rec['weights']['ess']:.2f}"
-                self.log(msg)
-        distributed.barrier()
-        return self.final_eval()
+        rec = self.train_epoch(epoch)
+        self.sched.step()
+        key = f"{self.select_prefix}_pgd_acc"
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            res = evaluate(self.model, *self.select_data, ["natural", f"pgd{cfg.eval_steps}"], eps=cfg.eps,
+                           num_classes=self.data.num_classes, seed=cfg.seed)
+            rec[f"{self.select_prefix}_clean_acc"], rec[key] = res["Natural"], res[f"PGD-{cfg.eval_steps}"]
+        self._check_inert(rec)
+        for impl_result, name in self._epoch_end_hooks(epoch, rec):
+            rec[name] = impl_result
+        is_best = rec.get(key, -1.0) > self.best_acc
+        if is_best:
+            self.best_acc, self.best_epoch = rec[key], epoch
+        self.records.append(rec)
+        rng = distributed.all_gather_object(checkpoint.rng_state())  # every process's stream
+        if self.rank != 0:
+            return
+        payload = self._payload(epoch, rng)
+        rundir.fault_point("before-last", epoch)
+        checkpoint.save(self.out / "last.pt", payload)
+        rundir.fault_point("after-last", epoch)
+        if is_best:
+            checkpoint.save(self.out / "best.pt", payload)
+        rundir.fault_point("after-best", epoch)
+        self.metrics.write(rec, self.epoch_weights)
+        rundir.fault_point("after-metrics", epoch)
+        if self.weight_dump is not None:
+            self.weight_dump.write(epoch)
+        msg = (f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train_acc {rec['train_acc']:.3f}  "
+               f"lr {rec['lr']:.4g}  {rec['seconds']:.1f}s")
+        if key in rec:
+            msg += f"  {self.select_prefix} clean {rec[f'{self.select_prefix}_clean_acc']:.3f}  pgd {rec[key]:.3f}"
+        if "weights" in rec:
+            msg += f"  w[{rec['weights']['min']:.2f}, {rec['weights']['max']:.2f}] ess {rec['weights']['ess']:.3f}"
+        self.log(msg)
+        for w in rec.get("warnings", []):
+            self.log(f"warning: {w}")
+
+    def _check_inert(self, rec: dict[str, Any]) -> None:
+        """Warn when a reweighting method's weights stay nearly uniform after its burn-in."""
+        ess = rec.get("weights", {}).get("ess")
+        self.inert_streak = self.inert_streak + 1 if ess is not None and ess > INERT_ESS else 0
+        if self.inert_streak == INERT_EPOCHS:
+            who = [n for n, p in self.enabled.items() if n != self.cfg.objective
+                   and any(i.plugin_name == n for i in self.pm.hook.compute_weights.get_hookimpls())]
+            hints = [f"{n}: {getattr(self.enabled.plugin(n), 'strength_hint', 'see its options in `advplug plugins`')}" for n in who]
+            rec["warnings"] = [f"weights of {', '.join(who) or 'the plugins'} have been nearly uniform for "
+                               f"{INERT_EPOCHS} epochs (effective sample size {ess:.4f} > {INERT_ESS}): the "
+                               f"reweighting is effectively off ({'; '.join(hints)})"]
 
     def _epoch_end_hooks(self, epoch: int, rec: dict[str, Any]) -> list[tuple[Any, str]]:
         out = []
@@ -282,42 +407,59 @@ class Trainer:
         return out
 
     def final_eval(self) -> dict[str, dict[str, float]]:
-        """Final accuracies on the whole test split: last and best checkpoints."""
+        """Final accuracies on the whole test split: last and best checkpoints (best as chosen on
+        the selection split)."""
         if self.rank != 0:
             return {}
         cfg = self.cfg
         kw = dict(eps=cfg.eps, num_classes=self.data.num_classes, seed=cfg.seed, progress=cfg.progress)
         results = {f"last (epoch {cfg.epochs})": evaluate(self.model, *self.test, cfg.final_attacks, **kw)}
-        best = self.out / "best.pt"
-        if best.exists() and self.best_epoch != cfg.epochs - 1:
-            model = build_model(cfg.model, self.data.num_classes, self.data.input_shape).to(self.device)
-            checkpoint.load_model_state(model, checkpoint.load(best), cfg.model)
+        if 0 <= self.best_epoch != cfg.epochs - 1:
+            model = build_model(cfg.model, self.data.num_classes, self.data.input_shape, allow_import=True).to(self.device)
+            checkpoint.load_model_state(model, checkpoint.load_best(self.out), cfg.model)
             results[f"best (epoch {self.best_epoch + 1})"] = evaluate(model, *self.test, cfg.final_attacks, **kw)
-        (self.out / "results.json").write_text(json.dumps(results, indent=2))
-        self.log(results_table(results, f"test accuracy (%), {len(self.test[1])} samples, eps {cfg.eps:.4g}"))
-        if self.metrics is not None:
-            self.metrics.close()
+        rundir.write_json(self.out / "results.json", results)
+        self.log(results_table(results, f"test accuracy (%), {len(self.test[1])} samples, eps {cfg.eps:.4g}; "
+                                        f"best chosen on {self._selection_label()}"))
+        self.log(f"run directory: {self.out}")
         return results
 
 
 def training_data(cfg: TrainConfig, data: DataBundle | None = None, validation: bool | None = None,
                   log: Callable[[str], None] = print) -> DataBundle:
-    """The run's data as the trainer numbers it: loaded (unless given), with the validation split
-    held out when a plugin requires one (``validation=None``: ask the config's plugins)."""
+    """The run's data as the trainer numbers it: loaded (unless given), with the model-selection
+    split held out (unless ``--selection test``), then, disjoint from it, the plugins' validation
+    split when a plugin requires one (``validation=None``: ask the config's plugins)."""
     if validation is None:
         pm = enable(list(cfg.plugins), cfg.objective, cfg.plugin_options).pm
         validation = "validation" in set().union(*[r for r in pm.hook.requirements() if r])
     data = data if data is not None else load_dataset(cfg.data, cfg.data_root, cfg.download)
+    if cfg.selection == "validation" and data.selection is None:
+        data = hold_out(data, cfg.selection_size, seed=SPLIT_SEED, role="selection")
     if validation and data.validation is None:
-        size = cfg.val_size if cfg.val_size is not None else min(1000, round(0.1 * data.num_train))
-        data = hold_out(data, size, seed=1234)
+        data = hold_out(data, cfg.val_size, seed=SPLIT_SEED + 1, role="validation")
     return data
 
 
-def resume_config(run_dir: str | Path) -> TrainConfig:
+def resume_config(run_dir: str | Path, model: str | None = None) -> TrainConfig:
+    """The saved configuration of a run directory. A model given as ``module:callable`` is code:
+    it is imported only if the user repeats it (``model``), never because the file says so."""
     d = read_run_config(run_dir, CheckpointError)
     for k in RECORD_ONLY:
         d.pop(k, None)
-    cfg = TrainConfig.from_json(d)
+    try:
+        cfg = TrainConfig.from_json(d)
+    except TypeError as e:
+        raise CheckpointError(f"{str(Path(run_dir) / 'config.json')!r} is damaged: {e}") from None
+    check_model_import(cfg.model, model)
     cfg.out = str(run_dir)
     return cfg
+
+
+def check_model_import(saved: Any, given: str | None) -> None:
+    """Refuse a saved ``module:callable`` model unless the user named the same one."""
+    if isinstance(saved, str) and ":" in saved and given != saved:
+        raise OptionError(f"this run's model {saved!r} is code to import; advplug imports code only when you "
+                          f"name it: add --model {saved}" + (f" (you gave {given!r})" if given else ""))
+    if given is not None and given != saved:
+        raise OptionError(f"--model {given}: this run was trained with model {saved!r}")

@@ -1,5 +1,8 @@
-"""Checkpoints: atomic writes, weights_only loading, clear errors for corrupt or foreign files."""
+"""Checkpoints: atomic writes, weights_only loading, CRC and schema checks, one-line errors for
+damaged, foreign or hostile files, and the best/last consistency rule."""
+import errno
 import os
+import zipfile
 
 import pytest
 import torch
@@ -7,6 +10,12 @@ import torch
 from advplug import checkpoint
 from advplug.errors import CheckpointError
 from advplug.models import build_model
+
+
+def small_ckpt(epoch=0, **extra):
+    m = build_model("digits-cnn", 10, (1, 8, 8))
+    return {"model": m.state_dict(), "model_name": "digits-cnn", "epoch": epoch, "num_classes": 10,
+            "input_shape": [1, 8, 8], "config": "{}", **extra}
 
 
 def test_round_trip_and_no_temp_file_left(tmp_path):
@@ -23,11 +32,56 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "nothing.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="corrupt or not an advplug checkpoint"):
+    with pytest.raises(CheckpointError, match="is corrupt or truncated"):
         checkpoint.load(tmp_path / "bad.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an advplug checkpoint"):
         checkpoint.load(tmp_path / "other.pt")
+
+
+def test_zero_byte_file_is_one_clear_line(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"")  # the typical crash artefact
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\)"):
+        checkpoint.load(tmp_path)
+
+
+def test_truncated_file(tmp_path):
+    checkpoint.save(tmp_path / "c.pt", small_ckpt())
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        checkpoint.load(tmp_path / "c.pt")
+
+
+def test_flipped_bit_in_a_weight_tensor_is_caught_by_the_crc(tmp_path):
+    checkpoint.save(tmp_path / "c.pt", small_ckpt())
+    p = tmp_path / "c.pt"
+    with zipfile.ZipFile(p) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    b = bytearray(p.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    b[start + info.file_size // 2] ^= 0x10
+    p.write_bytes(bytes(b))
+    with pytest.raises(CheckpointError, match="checksum of its entry .* does not match"):
+        checkpoint.load(p)
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (lambda ck: ck.pop("rng"), "has no 'rng' entry"),
+    (lambda ck: ck.update(epoch="3"), "'epoch' entry is a str, expected int"),
+    (lambda ck: ck.update(epoch=True), "'epoch' entry is a bool, expected int"),
+    (lambda ck: ck.update(plugins={"mail": [1, 2]}), "state of plugin 'mail' is a list, expected dict"),
+    (lambda ck: ck.update(metrics=None), "'metrics' entry is a NoneType"),
+])
+def test_damaged_training_checkpoint_entries(tmp_path, change, pattern):
+    ck = small_ckpt(optimizer={}, scheduler={}, rng=[checkpoint.rng_state()], world_size=1, plugins={},
+                    best_acc=0.5, best_epoch=0, metrics="")
+    checkpoint.save(tmp_path / "last.pt", ck)
+    checkpoint.load(tmp_path, need="training")  # intact: fine
+    change(ck)
+    checkpoint.save(tmp_path / "last.pt", ck)
+    with pytest.raises(CheckpointError, match=pattern):
+        checkpoint.load(tmp_path, need="training")
 
 
 class Evil:
@@ -35,10 +89,25 @@ class Evil:
         return (os.system, ("echo pwned",))
 
 
-def test_pickled_code_is_refused(tmp_path):
-    torch.save({"format": checkpoint.FORMAT, "version": 1, "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="corrupt or not an advplug checkpoint"):
+def test_pickled_code_is_refused_without_torchs_advice(tmp_path):
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as e:
         checkpoint.load(tmp_path / "evil.pt")
+    msg = str(e.value)
+    assert "refuses to load" in msg and "weights_only=False" not in msg and "\n" not in msg
+
+
+def test_disk_full_leaves_old_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path / "last.pt", small_ckpt(epoch=0))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint is intact"):
+        checkpoint.save(tmp_path / "last.pt", small_ckpt(epoch=1))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["last.pt"] and checkpoint.load(tmp_path, need="eval")["epoch"] == 0
 
 
 def test_checkpoint_of_another_model(tmp_path):
@@ -46,3 +115,18 @@ def test_checkpoint_of_another_model(tmp_path):
     checkpoint.save(tmp_path / "c.pt", {"model": m.state_dict(), "model_name": "fc1"})
     with pytest.raises(CheckpointError, match="written for model 'fc1' and does not fit model 'digits-cnn'"):
         checkpoint.load_model_state(build_model("digits-cnn", 10, (1, 8, 8)), checkpoint.load(tmp_path / "c.pt"), "digits-cnn")
+
+
+def test_best_follows_the_record_in_last(tmp_path):
+    """last.pt is written before best.pt: a kill between them leaves best.pt older than the
+    recorded best, which is then last.pt itself; repair_best makes the files agree."""
+    checkpoint.save(tmp_path / "best.pt", small_ckpt(epoch=1))
+    checkpoint.save(tmp_path / "last.pt", small_ckpt(epoch=2, best_epoch=1))
+    assert checkpoint.load_best(tmp_path)["epoch"] == 1
+    checkpoint.save(tmp_path / "last.pt", small_ckpt(epoch=3, best_epoch=3))  # killed before best.pt
+    assert checkpoint.load_best(tmp_path)["epoch"] == 3
+    assert checkpoint.repair_best(tmp_path) and checkpoint.load(tmp_path, "best", need="eval")["epoch"] == 3
+    assert not checkpoint.repair_best(tmp_path)
+    checkpoint.save(tmp_path / "last.pt", small_ckpt(epoch=5, best_epoch=4))  # best.pt lost or altered
+    with pytest.raises(CheckpointError, match="does not hold the recorded best epoch 5"):
+        checkpoint.load_best(tmp_path)

@@ -42,7 +42,7 @@ def test_hooks_shows_order_and_owner():
     (["train", "--objective", "xent"], "unknown objective 'xent'"),
     (["train", "--meow-temperature", "3"], "which is not enabled (add --plugin meow)"),
     (["train", "--plugin", "meow", "--meow-temperature", "-3"], "--meow-temperature: must be > 0.0"),
-    (["train", "--plugin", "meow", "--objective", "mart", "--epochs", "1"], "meow defines objectives for at"),
+    (["train", "--plugin", "meow", "--objective", "mart", "--epochs", "1"], "'meow' with 'mart': meow weighs the natural term"),
     (["train", "--data", "cifar10", "--data-root", "/nonexistent/x"], "pass --download"),
     (["eval", "/nonexistent/run"], "no checkpoint at"),
 ])
@@ -55,8 +55,25 @@ def test_eval_a_run_directory(tmp_path):
     res = run("eval", str(tmp_path), "--which", "last", "--attack", "natural", "--attack", "cw5", "--n-eval", "64")
     assert res.exit_code == 0, res.output
     assert "CW-Linf margin (PGD-5) on 64" in res.output and "Natural on 64" in res.output
-    saved = json.loads((tmp_path / "eval.json").read_text())
-    assert set(saved["results"]) == {"last"} and saved["settings"]["n_test"]["Natural"] == 64
+    saved = json.loads((tmp_path / "eval.json").read_text())["entries"]
+    assert {(e["checkpoint"], e["attack"], e["n_test"]) for e in saved.values()} == {
+        ("last", "Natural", 64), ("last", "CW-Linf margin (PGD-5)", 64)}
+
+
+def test_eval_adds_to_eval_json_and_is_reproducible(tmp_path):
+    """A later quick evaluation never wipes an earlier one; the same key is replaced, with the
+    same number (seeded random starts)."""
+    Trainer(tiny_config(str(tmp_path)), data=digits_subset(), log=lambda s: None).fit()
+    assert run("eval", str(tmp_path), "--which", "last", "--attack", "pgd5", "--n-eval", "64").exit_code == 0
+    first = json.loads((tmp_path / "eval.json").read_text())["entries"]
+    assert run("eval", str(tmp_path), "--which", "last", "--attack", "fgsm", "--n-eval", "32").exit_code == 0
+    assert run("eval", str(tmp_path), "--which", "last", "--attack", "pgd5", "--n-eval", "64").exit_code == 0
+    second = json.loads((tmp_path / "eval.json").read_text())["entries"]
+    assert len(second) == 2 and set(first) < set(second)
+    (key,) = first
+    assert second[key]["accuracy"] == first[key]["accuracy"]  # same checkpoint, same seed: same result
+    assert run("eval", str(tmp_path), "--which", "last", "--attack", "pgd5", "--n-eval", "64", "--eps", "0.1").exit_code == 0
+    assert len(json.loads((tmp_path / "eval.json").read_text())["entries"]) == 3  # other settings: a new entry
 
 
 def test_resume_refuses_new_settings(tmp_path):

@@ -38,12 +38,12 @@ def test_table_means_and_stds_by_hand(tmp_path):
     assert at[("PGD-20", "best")][:2] == pytest.approx((50.0, 0.0))
     assert rows["AT"]["seeds"] == [0, 1] and rows["mail"]["n"] == 3
     md, warnings = compare(runs)
-    assert "| mail | 3 | 82.00 ± 2.00 | 82.00 ± 2.00 | 41.00 ± 1.00 | 41.00 ± 1.00 |" in md
+    assert "| mail | 3 | test | 82.00 ± 2.00 | 82.00 ± 2.00 | 41.00 ± 1.00 | 41.00 ± 1.00 |" in md
     assert warnings == []
     js = json.loads(compare(runs, "json")[0])
     assert js[1]["results"]["PGD-20 (last)"]["mean"] == pytest.approx(44.0)
     csv_text = compare(runs, "csv")[0]
-    assert "mail,3,Natural,last,82.0000,2.0000,3," in csv_text
+    assert "mail,3,test,Natural,last,82.0000,2.0000,3," in csv_text
 
 
 def test_plugin_order_does_not_split_a_method_but_options_do(tmp_path):
@@ -72,10 +72,20 @@ def test_eval_json_is_preferred_and_its_settings_compared(tmp_path):
             "settings": {"eps": 0.2, "alpha": 0.05, "backend": "torchattacks", "n_test": {"Natural": 360, "AutoAttack": n_aa}},
             "results": {"best": {"Natural": 0.9, "AutoAttack": 0.3, "epoch": 15}, "last": {"Natural": 0.88, "AutoAttack": 0.2, "epoch": 20}}}))
     md, warnings = compare([a, b])
-    assert "AutoAttack best" in md and "| AT ⚠ | 2 | 90.00 ± 0.00 | 88.00 ± 0.00 | 30.00 ± 0.00 | 20.00 ± 0.00 |" in md
+    assert "AutoAttack best" in md and "| AT ⚠ | 2 | test | 90.00 ± 0.00 | 88.00 ± 0.00 | 30.00 ± 0.00 | 20.00 ± 0.00 |" in md
     assert len(warnings) == 1 and "AutoAttack 500" in warnings[0]
     with pytest.raises(Exception, match="not a run directory"):
         compare([str(tmp_path / "nowhere")])
+
+
+def test_compare_shows_and_flags_where_best_was_chosen(tmp_path):
+    a = fake_run(tmp_path, "a", 0, 0.8, 0.4, 0.8, 0.45, selection="validation")
+    b = fake_run(tmp_path, "b", 1, 0.8, 0.4, 0.8, 0.45, selection="validation")
+    c = fake_run(tmp_path, "c", 2, 0.8, 0.4, 0.8, 0.45, selection="test")
+    md, warnings = compare([a, b])
+    assert "| AT | 2 | validation |" in md and warnings == []
+    md, warnings = compare([a, b, c])
+    assert "| AT ⚠ | 3 | test/validation |" in md and "selection test (others: validation)" in warnings[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ def quiet(_):
 
 
 def test_train_writes_run_directory(tmp_path):
-    results = Trainer(tiny_config(str(tmp_path)), data=digits_subset(), log=quiet).fit()
+    results = Trainer(tiny_config(str(tmp_path), selection="validation"), data=digits_subset(), log=quiet).fit()
     assert set(results["last (epoch 2)"]) == {"Natural", "PGD-5"}
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines]
     assert [r["epoch"] for r in recs] == [0, 1]
-    for key in ("epoch", "lr", "train_loss", "train_acc", "clean_acc", "pgd_acc", "seconds"):
+    for key in ("epoch", "lr", "train_loss", "train_acc", "val_clean_acc", "val_pgd_acc", "seconds"):
         assert key in recs[0]
     assert recs[1]["lr"] == pytest.approx(0.005)  # milestone at epoch 1, gamma 0.1
     cfg = json.loads((tmp_path / "config.json").read_text())

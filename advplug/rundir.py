@@ -1,0 +1,167 @@
+"""Run directories: one run per directory, locked while a process writes to it, files written
+so that a kill at any point leaves a state that ``--resume`` completes exactly.
+
+Rules (the README's "Errors" section lists them for users):
+
+* a new run refuses a directory that already holds a run (``--resume`` or ``--overwrite``);
+  ``--overwrite`` removes every file of the old run first; a non-empty directory that holds no
+  run is never touched;
+* the default directory is ``runs/<plugins>-<objective>-seed<S>``, with ``-2``, ``-3``... when taken;
+* one writer at a time: an advisory ``flock`` on ``RUN/.lock`` (released by the kernel when the
+  process dies, so a killed run never leaves a stale lock);
+* text files (``config.json``, ``metrics.jsonl``, ``results.json``, ``eval.json``) are replaced
+  atomically (temp file + rename); temp files of interrupted writes are removed at start.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import RunDirError
+
+# Files whose presence means "this directory holds an advplug run".
+RUN_MARKERS = ("config.json", "last.pt", "best.pt", "metrics.jsonl", "results.json", "eval.json")
+LOCK = ".lock"
+
+
+def holds_run(path: Path) -> bool:
+    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+
+
+def _has_content(path: Path) -> bool:
+    """Anything besides our own lock file and temp files of interrupted writes."""
+    return any(p.name != LOCK and not (p.name.startswith(".") and ".tmp" in p.name) for p in path.iterdir())
+
+
+def default_dir(plugins: tuple[str, ...], objective: str, seed: int, root: str | Path = "runs") -> Path:
+    """``runs/<plugins>-<objective>-seed<S>``; ``-2``, ``-3``... if that directory is taken."""
+    base = Path(root) / "-".join([*plugins, objective, f"seed{seed}"])
+    path, k = base, 1
+    while path.exists() and (holds_run(path) or _has_content(path)):
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Check ``out`` for a new run (or a resumed one), create it, and clean stale temp files."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {str(out)!r} is a file, not a directory")
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise RunDirError(f"{str(out)!r} holds no checkpoint to resume (no last.pt)")
+    elif holds_run(out):
+        if not overwrite:
+            raise RunDirError(f"{str(out)!r} already holds a run: continue it with `advplug train --resume {out}`, "
+                              "or replace it with --overwrite (deletes all its files)")
+        with RunLock(out):  # never delete a directory another process is writing
+            pass
+        shutil.rmtree(out)
+    elif out.is_dir() and _has_content(out):
+        raise RunDirError(f"{str(out)!r} is not empty and holds no advplug run: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"cannot write to {str(out)!r}: {e.strerror or e}") from None
+    remove_stale_temps(out)
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete temp files that interrupted atomic writes left behind (they can be large)."""
+    stale = [p for p in out.glob(".*.tmp*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` atomically: readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunDirError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+
+
+def json_safe(v: Any) -> Any:
+    """Strict JSON: non-finite floats (e.g. a schedule's ``inf``) become the strings "inf", "-inf", "nan"."""
+    if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+class RunLock:
+    """Exclusive advisory lock on a run directory; a second writer gets a one-line error."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunDirError(f"{str(self.path.parent)!r} is in use by another advplug process (pid {holder}); "
+                                  "wait for it to finish or stop it") from None
+            raise RunDirError(f"cannot lock {str(self.path.parent)!r}: {e.strerror or e}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# -- fault injection (tests): ADVPLUG_FAULT="point@epoch" raises InjectedFault there ----------
+class InjectedFault(BaseException):
+    """Raised at a named point when ``ADVPLUG_FAULT`` asks for it (a simulated kill: it is a
+    BaseException so that no ``except Exception`` on the way recovers from it)."""
+
+
+def fault_point(name: str, epoch: int) -> None:
+    """``ADVPLUG_FAULT=after-last@1`` stops the run there in epoch 1 (0-based);
+    ``ADVPLUG_FAULT_EXIT=1`` makes it a hard ``os._exit(137)`` instead (no clean-up runs)."""
+    spec = os.environ.get("ADVPLUG_FAULT")
+    if not spec:
+        return
+    point, _, at = spec.partition("@")
+    if point == name and (not at or int(at) == epoch):
+        if os.environ.get("ADVPLUG_FAULT_EXIT"):
+            os._exit(137)
+        raise InjectedFault(f"{name}@{epoch}")
