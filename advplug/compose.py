@@ -1,12 +1,13 @@
 """How the results of several plugins combine. Pure functions, unit-tested on their own."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from .context import Variant, Weights
+from .context import ANCHOR, NATURAL, CombinedWeights, Declaration, Variant, Weights
 from .errors import PluginError
 
 
@@ -20,9 +21,22 @@ def merge_variants(results: Iterable[list[Variant] | None]) -> list[Variant]:
     return sorted(merged, key=lambda v: v.name)
 
 
+def _instance_vector(w: Tensor, n_variants: int, batch: int, who: str) -> Tensor:
+    if w.dim() == 2 and w.shape[0] == 1:
+        w = w[0]
+    if w.shape == (batch,):
+        return w
+    if w.shape == (n_variants, batch):
+        raise PluginError(f"{who}: global weights (Weights.adv) are one per instance, [B]={batch}, got one per variant "
+                          f"{list(w.shape)}: read one view (ctx.anchor) or return local weights (Weights.local)")
+    raise PluginError(f"{who}: adversarial weights must have shape [B]={batch}, got {list(w.shape)}")
+
+
 def _as_matrix(w: Tensor, n_variants: int, batch: int, who: str) -> Tensor:
     if w.dim() == 1 and w.shape[0] == batch:
         return w.unsqueeze(0).expand(n_variants, batch)
+    if w.dim() == 2 and w.shape == (1, batch):
+        return w.expand(n_variants, batch)
     if w.shape == (n_variants, batch):
         return w
     raise PluginError(f"{who}: adversarial weights must have shape [B]={batch} or [V, B]=[{n_variants}, {batch}], got {list(w.shape)}")
@@ -32,59 +46,105 @@ def _rowmean(t: Tensor) -> Tensor:
     return t.mean(dim=-1, keepdim=True)
 
 
+def _product(parts: list[Tensor], batch_mean: Callable[[Tensor], Tensor]) -> Tensor | None:
+    """One part: as returned. Several: their product, rescaled so that its batch mean is the
+    product of the parts' batch means (mean-1 parts leave the others' scale alone)."""
+    if not parts:
+        return None
+    out, scale = parts[0], batch_mean(parts[0])
+    for p in parts[1:]:
+        out, scale = out * p, scale * batch_mean(p)
+    if len(parts) > 1:
+        out = out * (scale / batch_mean(out).clamp_min(torch.finfo(out.dtype).tiny))
+    return out
+
+
 def combine_weights(
     results: Iterable[Weights | None],
     n_variants: int,
     batch: int,
     batch_mean: Callable[[Tensor], Tensor] = _rowmean,
-) -> Weights | None:
-    """Multiply the plugins' weights per part (``adv`` as ``[V, B]``, ``nat`` as ``[B]``).
+) -> CombinedWeights | None:
+    """Combine the plugins' weights: globals multiply, the local part distributes inside the pair.
 
-    One contributor to a part: its weights are kept as returned. Two or more: the product keeps
-    its shape within each variant row and is rescaled so that the row's batch mean equals the
-    product of the contributors' row means (``batch_mean`` is all-reduced under DDP). Mean-1
-    methods (MAIL, GAIRAT) thus leave the scale of the others alone, and a method that puts
-    different scales on different variants (LRAT's floor term, Eq. 15) keeps them. The result
-    is detached. ``None`` when nobody returned weights.
+    * Global weights (``adv`` ``[B]``, ``nat`` ``[B]``) multiply per part. One contributor: kept
+      as returned. Several: the product is rescaled so that its batch mean is the product of the
+      contributors' batch means (``batch_mean`` is all-reduced under DDP): MAIL's, GAIRAT's,
+      BAT's, BiLAW's mean-1 weights stay mean 1 together and leave a raw-scale method (MeoW's
+      Eq. 4) at its own scale.
+    * Local weights (``local`` ``[V, B]``, ``local_nat`` ``[B]``): at most one contributor, kept
+      exactly as returned (LRAT's floor, Eq. 7, and Eq. 15 hold on them whatever else is enabled).
+    * Final: ``adv[v, b] = instance[b] * local[v, b]`` (ones for a missing part); the natural
+      term's weight is the global ``nat`` product, times ``instance * local_nat`` when the
+      natural input is a member of the pair.
+
+    Abstaining (``None``) and all-ones weights change nothing. The result is detached; ``None``
+    when nobody returned weights.
     """
-    adv: list[Tensor] = []
+    inst: list[Tensor] = []
     nat: list[Tensor] = []
+    local: Tensor | None = None
+    local_nat: Tensor | None = None
     for i, r in enumerate(results):
         if r is None:
             continue
+        who = f"weights #{i}"
         if r.adv is not None:
-            adv.append(_as_matrix(r.adv.detach(), n_variants, batch, f"weights #{i}"))
+            inst.append(_instance_vector(r.adv.detach(), n_variants, batch, who))
+        for name, t in (("natural", r.nat), ("local natural", r.local_nat)):
+            if t is not None and t.shape != (batch,):
+                raise PluginError(f"{who}: {name} weights must have shape [B]={batch}, got {list(t.shape)}")
         if r.nat is not None:
-            if r.nat.shape != (batch,):
-                raise PluginError(f"weights #{i}: natural weights must have shape [B]={batch}, got {list(r.nat.shape)}")
             nat.append(r.nat.detach())
-    if not adv and not nat:
+        if r.local is not None or r.local_nat is not None:
+            if local is not None or local_nat is not None:
+                raise PluginError("two plugins returned local weights (Weights.local): only one method may distribute "
+                                  "weight inside the pair")
+            if r.local is not None and r.local.shape != (n_variants, batch):
+                raise PluginError(f"{who}: local weights must have shape [V, B]=[{n_variants}, {batch}], got {list(r.local.shape)}")
+            local = r.local.detach() if r.local is not None else None
+            local_nat = r.local_nat.detach() if r.local_nat is not None else None
+    if not inst and not nat and local is None and local_nat is None:
         return None
-
-    def product(parts: list[Tensor]) -> Tensor | None:
-        if not parts:
-            return None
-        out, scale = parts[0], batch_mean(parts[0])
-        for p in parts[1:]:
-            out, scale = out * p, scale * batch_mean(p)
-        if len(parts) > 1:
-            out = out * (scale / batch_mean(out).clamp_min(torch.finfo(out.dtype).tiny))
-        return out
-
-    return Weights(adv=product(adv), nat=product(nat))
+    instance = _product(inst, batch_mean)
+    if local is not None:
+        adv = local * instance if instance is not None else local
+    else:
+        adv = instance.unsqueeze(0).expand(n_variants, batch) if instance is not None else None
+    nat_global = _product(nat, batch_mean)
+    nat_final = nat_global
+    if local_nat is not None:
+        in_pair = local_nat * instance if instance is not None else local_nat
+        nat_final = in_pair * nat_global if nat_global is not None else in_pair
+    return CombinedWeights(adv=adv, nat=nat_final, local=local, local_nat=local_nat, instance=instance)
 
 
 def adv_matrix(weights: Weights | None, n_variants: int, batch: int, like: Tensor) -> Tensor:
-    """The ``[V, B]`` adversarial weights, ones where there are none."""
-    if weights is None or weights.adv is None:
-        return torch.ones(n_variants, batch, device=like.device, dtype=like.dtype)
-    return _as_matrix(weights.adv, n_variants, batch, "weights")
+    """The final ``[V, B]`` adversarial weights, ones where there are none. For weights a plugin
+    passes straight to the loss (BiLAW's meta step), ``adv`` times ``local``."""
+    ones = torch.ones(n_variants, batch, device=like.device, dtype=like.dtype)
+    if weights is None:
+        return ones
+    out = ones if weights.adv is None else _as_matrix(weights.adv, n_variants, batch, "weights")
+    if not isinstance(weights, CombinedWeights) and weights.local is not None:
+        out = out * weights.local
+    return out
+
+
+def natural_weights(weights: Weights | None) -> Tensor | None:
+    """The final ``[B]`` weights of the natural term, or ``None`` when there are none."""
+    if weights is None:
+        return None
+    if isinstance(weights, CombinedWeights) or weights.local_nat is None:
+        return weights.nat
+    out = weights.local_nat if weights.adv is None else weights.local_nat * weights.adv.reshape(-1)
+    return out * weights.nat if weights.nat is not None else out
 
 
 def nat_vector(weights: Weights | None, batch: int, like: Tensor) -> Tensor:
-    if weights is None or weights.nat is None:
-        return torch.ones(batch, device=like.device, dtype=like.dtype)
-    return weights.nat
+    """The final ``[B]`` weights of the natural term, ones where there are none."""
+    w = natural_weights(weights)
+    return torch.ones(batch, device=like.device, dtype=like.dtype) if w is None else w
 
 
 def summary(w: Tensor) -> dict[str, float]:
@@ -98,3 +158,157 @@ def summary(w: Tensor) -> dict[str, float]:
         "max": w.max().item(),
         "ess": ess,
     }
+
+
+# -- declared needs, checked at start-up ---------------------------------------------------------
+CORE = "the core"
+CORE_VIEWS = {"pgd": ("kappa", "p_true_lps")}  # the core's PGD-K when no plugin generates variants
+CORE_NEEDS = {"natural", "features", "loss", "validation"}
+
+
+@dataclass
+class Composition:
+    """The checked meaning of a set of plugins: the views of each step and who makes them, the
+    anchor, which plugin weighs globally (and from which view) and which locally."""
+
+    objective: str
+    owner: str | None
+    views: dict[str, tuple[str, ...]] | None  # None: an undeclared plugin generates variants
+    makers: dict[str, str]
+    anchor: str | None
+    local: str | None
+    globals: list[str]
+    reads: dict[str, str]
+    declarations: dict[str, Declaration]
+
+    def describe(self) -> list[str]:
+        """How the weights of these plugins combine, in a few lines (``advplug hooks``)."""
+        d = self.declarations
+        if self.views is None:
+            lines = ["views: declared by no one (an undeclared plugin generates variants)"]
+        else:
+            by = sorted({self.makers[v] for v in self.views})
+            lines = [f"views: {', '.join(self.views)} (made by {', '.join(by)})"
+                     + (f"; anchor {self.anchor}" + (f" ({self.local}'s x*)" if self.local and d[self.local].anchor else "")
+                        if self.anchor else "")]
+        for n in self.globals:
+            lines.append(f"{n}: global, one weight per instance from view {self.reads[n]!r}"
+                         + (f": {d[n].meaning}" if d[n].meaning else ""))
+        if self.local:
+            lines.append(f"{self.local}: local, one weight per variant inside the pair"
+                         + (f": {d[self.local].meaning}" if d[self.local].meaning else ""))
+        lines.append(f"loss: {self.owner or 'none'}")
+        lines.append("combined: " + self.formula())
+        return lines
+
+    def formula(self) -> str:
+        if not self.globals and not self.local:
+            return "no weights (all ones)"
+        g = " x ".join(f"{n}[b]" for n in self.globals)
+        if len(self.globals) > 1:
+            g = f"({g}, rescaled to the product of their batch means)"
+        parts = [p for p in (g, f"{self.local}[v, b]" if self.local else "") if p]
+        out = "w[v, b] = " + " x ".join(parts)
+        if self.local and self.globals:
+            out += f"; {self.local}'s floor and normalisation hold on its part, each global's on its own"
+        nat = [n for n in self.globals if self.declarations[n].natural_weights]
+        if nat:
+            out += f"; natural term: {' x '.join(n + '_nat[b]' for n in nat)}"
+        return out
+
+
+def _fail(a: str, b: str, problem: str) -> PluginError:
+    pair = f"{a!r} with {b!r}" if a != b else repr(a)
+    return PluginError(f"{pair}: {problem}")
+
+
+def check_composition(
+    declarations: dict[str, Declaration],
+    objective: str,
+    owner: str | None,
+    requested: set[str] = frozenset(),
+    undeclared_generators: Iterable[str] = (),
+) -> Composition:
+    """Check the plugins' declared needs against what the others (and the core) provide.
+
+    ``declarations``: by plugin name, the objective first. Raises ``PluginError`` with one line
+    naming both plugins and the missing piece; returns the composition's meaning otherwise.
+    Pure: no plugin is called.
+    """
+    undeclared = list(undeclared_generators)
+    views: dict[str, tuple[str, ...]] | None = {}
+    makers: dict[str, str] = {}
+    replaced = any(d.variants for n, d in declarations.items() if n != objective)
+    for n, d in declarations.items():
+        if replaced and n == objective:
+            continue  # plugins' variants replace the objective's own attack (trainer.step, issue 17)
+        for v, stats in d.variants.items():
+            if v in views:
+                raise _fail(makers[v], n, f"both generate a variant named {v!r}")
+            views[v], makers[v] = tuple(stats), n
+    if undeclared:
+        views = None
+    elif not views:
+        views, makers = dict(CORE_VIEWS), {v: CORE for v in CORE_VIEWS}
+    else:
+        views = dict(sorted(views.items()))
+
+    locals_ = [n for n, d in declarations.items() if d.weights == "local"]
+    if len(locals_) > 1:
+        raise _fail(locals_[0], locals_[1], "both return local weights (one weight per variant inside the pair); "
+                                            "only one method may distribute weight inside the pair")
+    local = locals_[0] if locals_ else None
+    globals_ = [n for n, d in declarations.items() if d.weights == "global"]
+
+    anchor = declarations[local].anchor if local else None
+    if views is not None:
+        if anchor is not None and anchor != NATURAL and anchor not in views:
+            raise _fail(local, local, f"declares the anchor {anchor!r}, which is not a view of this run ({', '.join(views)})")
+        if anchor is None:
+            anchor = min(views)  # the only variant, or the first by name
+
+    def describe_view(v: str) -> str:
+        if v == NATURAL:
+            return "the natural input"
+        if local and v == anchor and declarations[local].anchor == v:
+            return f"{local}'s x* {v!r}"
+        return f"{makers[v]}'s variant {v!r}" if makers[v] != CORE else f"the core's PGD variant {v!r}"
+
+    reads: dict[str, str] = {}
+    for n, d in declarations.items():
+        v = anchor if d.view == ANCHOR else d.view
+        if d.weights == "global":
+            reads[n] = v if v is not None else ANCHOR
+        for need in sorted(d.needs):
+            if need.startswith("stat:"):
+                key = need[len("stat:"):]
+                if views is None:
+                    continue  # an undeclared generator: checked by the plugin at the first step
+                if v != NATURAL and v not in views:
+                    raise _fail(n, local or owner or n, f"{n} reads the view {v!r}, which this run does not make "
+                                                        f"(views: natural, {', '.join(views)})")
+                have = () if v == NATURAL else views[v]
+                if key not in have:
+                    maker = makers.get(v, CORE) if v != NATURAL else CORE
+                    other = local if (local and v == anchor) else (maker if maker != CORE else owner or n)
+                    recording = [w for w, s in views.items() if key in s]
+                    hint = (f"views that record it: {', '.join(recording)}" if recording else "no view of this run records it")
+                    raise _fail(n, other, f"{n} needs {key!r} on the view it reads, {describe_view(v)}, which does not "
+                                          f"record it ({hint})")
+            elif need == "validation":
+                if "validation" not in requested:
+                    raise _fail(n, n, "needs a validation split but does not ask for it in requirements()")
+            elif need == "loss":
+                if local is not None and local != n:
+                    raise _fail(n, local, f"{n} learns its weights through the run's loss as a function of its own "
+                                          f"weights, but {local}'s local weights are part of that loss and are not "
+                                          f"known when {n} computes; not supported")
+            elif need not in CORE_NEEDS:
+                raise _fail(n, n, f"declares an unknown need {need!r} (known: {', '.join(sorted(CORE_NEEDS))}, stat:KEY)")
+        if d.weights == "global" and views is not None and v != NATURAL and v not in views:
+            raise _fail(n, local or n, f"{n} reads the view {v!r}, which this run does not make (views: natural, {', '.join(views)})")
+        if d.natural_weights and owner is not None:
+            if "natural-term" not in declarations.get(owner, Declaration()).provides:
+                raise _fail(n, owner, f"{n} weighs the natural term, but the loss of {owner!r} has none")
+    return Composition(objective=objective, owner=owner, views=views, makers=makers, anchor=anchor, local=local,
+                       globals=globals_, reads=reads, declarations=dict(declarations))

@@ -26,16 +26,71 @@ class Variant:
 
 @dataclass
 class Weights:
-    """Per-sample weights returned by ``compute_weights``.
+    """Per-sample weights returned by ``compute_weights``: two kinds, which combine differently.
 
-    ``adv``: ``[B]`` (one weight per instance, broadcast over variants) or ``[V, B]`` (one per
-    variant, in the order of the ``variants`` list). ``nat``: ``[B]`` weights on the natural
-    term of objectives that have one (TRADES' CE, MeoW's mixture). Either may be ``None``.
-    Weights are returned at the scale the plugin's method defines; see ``compose.combine_weights``.
+    * **Global** (how much an instance's pair counts in the loss; GAIRAT, MAIL, BAT, BiLAW, MeoW,
+      focal): ``adv`` ``[B]``, one weight per instance, applied to every variant of the pair
+      (``[1, B]`` is accepted); ``nat`` ``[B]``, the weight of the objective's natural term
+      (TRADES' CE, MeoW's mixture).
+    * **Local** (how the pair's weight is distributed over its variants; LRAT): ``local``
+      ``[V, B]``, one weight per variant in the order of the ``variants`` list, and ``local_nat``
+      ``[B]`` when the natural input is a member of the pair (LRAT's ``--lrat-floor nat``).
+
+    Any field may be ``None``. Weights are returned at the scale the plugin's method defines;
+    how the core combines them is ``compose.combine_weights``.
     """
 
     adv: Tensor | None = None
     nat: Tensor | None = None
+    local: Tensor | None = None
+    local_nat: Tensor | None = None
+
+
+@dataclass
+class CombinedWeights(Weights):
+    """What ``combine_loss`` receives: the final weights and, for inspection, their parts.
+
+    ``adv`` ``[V, B]``: the final weight of each variant, ``instance[b] * local[v, b]``;
+    ``nat`` ``[B]`` or ``None``: the final weight of the natural term (the product of the global
+    natural weights, times ``instance * local_nat`` when the natural input is in the pair).
+    ``instance`` ``[B]``: the product of the global weights (``None``: no global contributor);
+    ``local`` / ``local_nat``: the local method's weights exactly as it returned them.
+    """
+
+    instance: Tensor | None = None
+
+
+ANCHOR = "anchor"
+DECLARED_NEEDS = ("natural", "features", "validation", "loss", "stat:<key>")
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a plugin needs from a run and what it gives it, from the ``declare`` hook; the core
+    checks the whole set at start-up (``compose.check_composition``), before any data is loaded.
+
+    ``weights``: the kind of ``compute_weights`` result, ``"global"``, ``"local"`` or ``None``.
+    ``view``: the view a global method reads when the pair has several variants:
+    ``"anchor"`` (the pair's stand-in: the local method's ``anchor``, else the only variant,
+    else the first by name), ``"natural"`` or a variant name.
+    ``natural_weights``: returns ``Weights.nat`` (needs a loss owner with a natural term).
+    ``variants``: ``{name: stats keys}`` of the variants ``generate_adversaries`` returns.
+    ``anchor``: a local method's stand-in view of its pair (LRAT's x*), or ``None``.
+    ``needs``: ``"natural"`` (natural logits), ``"features"``, ``"validation"`` (also ask for
+    it with ``requirements``), ``"loss"`` (the run's loss as a function of this plugin's weights
+    alone: meta-learning), ``"stat:KEY"`` (per-sample ``Variant.stats[KEY]`` on its view).
+    ``provides``: ``"natural-term"`` for a loss owner whose loss weighs a natural term.
+    ``meaning``: one line on what the weights mean (``advplug hooks``, the README's pair table).
+    """
+
+    weights: str | None = None
+    view: str = ANCHOR
+    natural_weights: bool = False
+    variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    anchor: str | None = None
+    needs: frozenset[str] = frozenset()
+    provides: frozenset[str] = frozenset()
+    meaning: str = ""
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
@@ -98,6 +153,7 @@ class StepContext:
         self._features: dict[str, Tensor] = {}
         self._reduce_mean = reduce_mean
         self.forward_count = 0
+        self.anchor_name: str | None = None  # set by the core from the plugins' declarations
 
     @property
     def batch_size(self) -> int:
@@ -112,6 +168,28 @@ class StepContext:
             if v.name == view:
                 return v.name, v.x
         raise KeyError(f"no view named {view!r}; views: {[NATURAL] + [v.name for v in self.variants]}")
+
+    @property
+    def anchor(self) -> Variant | str:
+        """The view that stands for the pair (a Variant, or ``"natural"``): the local method's
+        declared anchor (LRAT's x*), else the only variant, else the first by name. Global
+        methods read their signal here when the pair has several variants."""
+        return self.view(ANCHOR)
+
+    def view(self, spec: str) -> Variant | str:
+        """``"anchor"``, ``"natural"`` or a variant name -> the Variant (or ``"natural"``)."""
+        if spec == ANCHOR:
+            if self.anchor_name is not None:
+                return self.view(self.anchor_name)
+            if not self.variants:
+                raise KeyError("no variants yet: the anchor is defined after generate_adversaries")
+            return min(self.variants, key=lambda v: v.name)
+        if spec == NATURAL:
+            return NATURAL
+        for v in self.variants:
+            if v.name == spec:
+                return v
+        raise KeyError(f"no view named {spec!r}; views: {[NATURAL] + [v.name for v in self.variants]}")
 
     def logits(self, view: Variant | str = NATURAL) -> Tensor:
         """Logits ``[B, K]`` of the model on ``view`` (a Variant, its name, or ``"natural"``)."""

@@ -6,8 +6,9 @@ hooks below. Implementations may take any subset of a spec's arguments, by name.
 
 Order of one training step, for a batch ``(x, y, index)``::
 
-    generate_adversaries -> (core: forward passes, cached in ctx) -> compute_weights
-    -> combine_loss -> (core: backward, optimizer step) -> on_batch_end
+    generate_adversaries -> perturb_weights (entered) -> (core: forward passes, cached in ctx)
+    -> compute_weights -> combine_loss -> (core: backward) -> perturb_weights (exited)
+    -> (core: optimizer step) -> on_batch_end
 
 Besides hooks, a plugin may define two plain methods the core calls for checkpoints:
 ``state_dict() -> dict`` (tensors, numbers, strings, lists and dicts only: checkpoints are loaded
@@ -16,18 +17,40 @@ with ``weights_only=True``) and ``load_state_dict(state: dict) -> None``; and
 chosen objective (default: it does if it implements ``combine_loss`` without ``wrapper=True``).
 
 No hook may call ``backward()``, step the optimizer, or modify the ``StepContext``, the
-variants or the model; plugin state is the plugin's own.
+variants or the model (``perturb_weights`` alone changes the weights, for the step's loss, and
+restores them before the update); plugin state is the plugin's own.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pluggy
 from torch import Tensor
 
-from .context import StepContext, TrainContext, Variant, Weights
+from .context import Declaration, StepContext, TrainContext, Variant, Weights
 
 hookspec = pluggy.HookspecMarker("advplug")
+
+
+@hookspec
+def declare(objective: str) -> Declaration | None:
+    """Declare what the plugin needs from the run and what it gives it, for the start-up check.
+
+    :param objective: the chosen objective's name (``at``, ``trades``, ``mart``).
+    :return: a ``Declaration``: the kind of weights (``"global"``, ``"local"`` or ``None``), the
+        view a global method reads (``"anchor"``, ``"natural"`` or a variant name), whether it
+        weighs the natural term, the variants it generates with the per-sample stats they carry,
+        a local method's anchor (its x*), its needs (``"stat:kappa"`` on its view,
+        ``"validation"``, ``"loss"``, ...) and a one-line meaning; or ``None`` (an undeclared
+        plugin: global weights read from ``ctx.anchor``; variants it generates are unchecked).
+
+    **Combining**: collected once, in ``plugins.enable``, before any data is loaded or any step
+    runs; ``compose.check_composition`` checks the whole set: duplicate variant names, two local
+    methods, a view nobody makes, a stat the view does not record, natural weights with a loss
+    that has no natural term, a meta-learning need beside local weights. Each failure is one line
+    naming both plugins and the missing piece. Must not touch the model or data.
+    """
 
 
 @hookspec
@@ -69,11 +92,50 @@ def generate_adversaries(ctx: StepContext) -> list[Variant] | None:
         ``x_adv`` must be detached, have ``ctx.x``'s shape, and lie within the eps ball.
 
     **Combining**: collected; all variants are merged and sorted by name; a duplicate name
-    is an error. If no plugin returns one, the core's training attack (PGD-K, torchattacks)
-    supplies a single variant named ``"pgd"`` with ``stats["kappa"]`` (the number of PGD
-    iterations at which the sample was still classified correctly, GAIRAT's kappa).
+    is an error. Plugins' variants replace the objective's own attack (TRADES' KL attack): the
+    objective's ``generate_adversaries`` runs only if no plugin returns a variant (so FAT's
+    early-stopped KL attack *is* FAT-TRADES' attack). If neither returns one, the core's
+    training attack (PGD-K, torchattacks) supplies a single variant named ``"pgd"`` with
+    ``stats["kappa"]`` (the number of PGD iterations at which the sample was still classified
+    correctly, GAIRAT's kappa).
 
     Must not run the model on the clean batch for training purposes (use ``ctx.logits``).
+    """
+
+
+@hookspec
+def perturb_weights(ctx: StepContext, variants: list[Variant]) -> AbstractContextManager[None] | None:
+    """Perturb the model's weights for this step's loss and gradient, and undo it before the update.
+
+    The one hook that may change the model: for weight-perturbation methods such as AWP
+    (Wu et al., 2020), which take the loss and its gradient at ``w + v`` and update ``w``.
+
+    :param ctx: the step's context, after ``generate_adversaries`` (the attack ran at the
+        unperturbed weights) and before any forward pass of the step's weights or loss. Do not
+        fill its cache (``ctx.logits``) here: those forwards would be at the unperturbed weights;
+        compute what the perturbation needs on a fresh ``StepContext`` (e.g. the run's loss,
+        ``TrainContext.loss_fn``, unweighted) with ``torch.autograd.grad``.
+    :param variants: the merged variants, sorted by name.
+    :return: a context manager, or ``None`` to leave the weights alone this step (e.g. during a
+        warm-up). Its ``__enter__`` changes the parameters of ``ctx.model`` in place; its
+        ``__exit__`` restores them exactly (bit for bit: keep a copy, do not subtract), also when
+        the step fails.
+
+    The core enters the managers right after this hook, so ``compute_weights``,
+    ``combine_loss`` and ``backward()`` all run at the perturbed weights, and exits them after
+    ``backward()`` and before the optimizer step: the gradient taken at ``w + v`` updates ``w``.
+    If a forward pass is already cached in ``ctx`` when a manager is entered (a plugin called
+    ``ctx.logits`` in ``generate_adversaries``), the core stops with an error rather than
+    reuse logits of the unperturbed weights.
+
+    **Combining**: collected; each plugin computes its perturbation at the unperturbed weights;
+    the managers are entered in the order the results come (last registered plugin first) and
+    exited in reverse order (``contextlib.ExitStack``), so perturbations add up and every one is
+    undone.
+
+    Must not call ``backward()`` (use ``torch.autograd.grad``), step the optimizer, or leave any
+    other state changed: a forward pass of its own in train mode must restore BatchNorm's
+    running statistics.
     """
 
 
@@ -84,15 +146,23 @@ def compute_weights(ctx: StepContext, variants: list[Variant]) -> Weights | None
     :param ctx: the step's context; ``ctx.logits(view)``, ``ctx.features(view)`` and
         ``ctx.probs(view)`` give cached forward results (``view``: a Variant or ``"natural"``).
         Asking for a view computes its forward pass once, shared with the loss and all plugins.
+        ``ctx.anchor`` is the view that stands for the pair (LRAT's x*, else the only variant);
+        ``ctx.view(name)`` resolves ``"anchor"``, ``"natural"`` or a variant name.
     :param variants: the merged variants, sorted by name (``V = len(variants)``).
-    :return: ``Weights(adv=[B] or [V, B], nat=[B] or None)``, or ``None`` to abstain
-        (e.g. during a burn-in period). Values must be finite and non-negative.
+    :return: ``Weights``, or ``None`` to abstain (e.g. during a burn-in period). Values must be
+        finite and non-negative. Two kinds: **global** weights, one per instance (how much the
+        pair counts): ``adv`` ``[B]`` and ``nat`` ``[B]`` (the natural term); with several
+        variants a global method reads one view (its declared ``view``, by default
+        ``ctx.anchor``), never one margin per variant. **Local** weights, one per variant inside
+        the pair (LRAT): ``local`` ``[V, B]`` and ``local_nat`` ``[B]``.
 
-    **Combining**: collected; the core multiplies all results element-wise (``[B]`` broadcasts
-    over variants), per part. A single contributor's weights are used as returned (each method's
-    own normalisation); when two or more plugins contribute to a part, the product is rescaled
-    per variant so that its batch mean is the product of the contributors' batch means (mean-1
-    methods leave the others' scale alone; all-reduced under DDP). The result is detached. If nobody returns weights, ``combine_loss`` receives ``None``.
+    **Combining**: collected. Global weights multiply (one contributor: as returned; several:
+    the product is rescaled so that its batch mean is the product of theirs, so mean-1 methods
+    stay mean 1; all-reduced under DDP); at most one plugin returns local weights (declared, and
+    checked at start-up), kept exactly as returned. ``combine_loss`` receives
+    ``CombinedWeights``: ``adv[v, b] = instance[b] * local[v, b]``, the natural term's weight, and
+    the parts; detached. Abstaining or all-ones weights change nothing; the order of ``--plugin``
+    flags changes nothing. If nobody returns weights, ``combine_loss`` receives ``None``.
     """
 
 
@@ -139,13 +209,15 @@ def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> dict[str, Any] | None:
 
 
 SPEC_NAMES = (
+    "declare",
     "requirements",
     "on_train_start",
     "generate_adversaries",
+    "perturb_weights",
     "compute_weights",
     "combine_loss",
     "on_batch_end",
     "on_epoch_end",
 )
 
-__all__ = ["hookspec", "SPEC_NAMES", "Any", "Tensor", "StepContext", "TrainContext", "Variant", "Weights"]
+__all__ = ["hookspec", "SPEC_NAMES", "Any", "Tensor", "Declaration", "StepContext", "TrainContext", "Variant", "Weights"]

@@ -13,6 +13,8 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .compose import Composition, check_composition
+from .context import Declaration
 from .errors import OptionError, PluginError
 from .options import build_options, describe, flag_name
 
@@ -66,6 +68,7 @@ class Enabled:
     pm: pluggy.PluginManager
     names: list[str]
     objective: str
+    composition: Composition | None = None
 
     def plugin(self, name: str) -> Any:
         return self.pm.get_plugin(name)
@@ -114,8 +117,50 @@ def enable(names: list[str], objective: str = "at", options: dict[str, Any] | No
     except pluggy.PluginValidationError as e:
         raise PluginError(f"plugin {e.plugin!r}: {e}") from None
     enabled = Enabled(pm, list(names), objective)
-    loss_owners(enabled)
+    owners = loss_owners(enabled)
+    requested: set[str] = set().union(*[r for r in pm.hook.requirements() if r])
+    gens = {i.plugin_name for i in pm.hook.generate_adversaries.get_hookimpls()}
+    decls = declarations(enabled)
+    enabled.composition = check_composition(
+        decls, objective, owners[0] if owners else None, requested,
+        [n for n in gens if not decls[n].variants and not _declares(pm, n)])
     return enabled
+
+
+# The built-in objectives' declarations (they implement no ``declare``): the views they make and
+# whether their loss weighs a natural term.
+OBJECTIVE_DECLARATIONS = {
+    "at": Declaration(meaning="weighted CE over the variants"),
+    "trades": Declaration(variants={"tpgd": ("kappa", "p_true_lps")}, provides=frozenset({"natural-term"}),
+                          meaning="natural CE + beta KL(p(x) || p(x'))"),
+    "mart": Declaration(meaning="BCE(x') + beta KL (1 - p_y(x))"),
+}
+
+
+def _declares(pm: pluggy.PluginManager, name: str) -> bool:
+    return any(i.plugin_name == name for i in pm.hook.declare.get_hookimpls())
+
+
+def declarations(enabled: Enabled) -> dict[str, Declaration]:
+    """Each enabled plugin's ``declare`` result (objective first). A plugin without one is a
+    global weigher reading ``ctx.anchor`` if it implements ``compute_weights``."""
+    pm = enabled.pm
+    impls = {i.plugin_name: i for i in pm.hook.declare.get_hookimpls()}
+    weighers = {i.plugin_name for i in pm.hook.compute_weights.get_hookimpls()}
+    out: dict[str, Declaration] = {}
+    for name, _ in enabled.items():
+        d = None
+        if name in impls:
+            impl = impls[name]
+            d = impl.function(*[{"objective": enabled.objective}[a] for a in impl.argnames])
+        if d is None:
+            d = OBJECTIVE_DECLARATIONS.get(name) if name == enabled.objective else None
+        if d is None:
+            d = Declaration(weights="global" if name in weighers else None)
+        if not isinstance(d, Declaration):
+            raise PluginError(f"plugin {name!r}: declare() must return an advplug.Declaration, got {type(d).__name__}")
+        out[name] = d
+    return out
 
 
 def owns_loss(name: str, plugin: Any, objective: str) -> bool:

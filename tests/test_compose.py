@@ -1,9 +1,17 @@
-"""Composition rules of several plugins' results (pure unit tests)."""
+"""Composition rules of several plugins' results: pure unit tests and the algebra as properties.
+
+Global weights (one per instance, ``Weights.adv`` / ``nat``) multiply; one plugin's local weights
+(one per variant inside the pair, ``Weights.local``) are kept exactly and distribute the pair's
+weight; the final weight is ``instance[b] * local[v, b]``.
+"""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from advplug import PluginError, Variant, Weights
-from advplug.compose import combine_weights, merge_variants, summary
+from advplug import CombinedWeights, Declaration, PluginError, Variant, Weights
+from advplug.compose import (adv_matrix, check_composition, combine_weights, merge_variants, nat_vector,
+                             natural_weights, summary)
 
 
 def v(name):
@@ -24,34 +32,64 @@ def test_nobody_returns_weights():
     assert combine_weights([None, None], 2, 3) is None
 
 
-def test_single_contributor_is_kept_as_returned():
+def test_single_global_contributor_is_kept_as_returned_and_applies_to_the_pair():
     w = torch.tensor([0.5, 1.0, 4.0])
     out = combine_weights([None, Weights(adv=w)], 2, 3)
-    assert torch.equal(out.adv, torch.stack([w, w]))  # [B] broadcast over variants, not renormalised
-    assert out.nat is None
+    assert isinstance(out, CombinedWeights)
+    assert torch.equal(out.instance, w)  # not renormalised
+    assert torch.equal(out.adv, torch.stack([w, w]))  # every variant of the pair
+    assert out.nat is None and out.local is None
 
 
-def test_product_keeps_the_product_of_row_means():
-    a = torch.tensor([1.0, 2.0, 3.0])  # per instance, mean 2
-    b = torch.tensor([[1.0, 1.0, 1.0], [4.0, 1.0, 1.0]])  # per variant, row means 1 and 2
-    out = combine_weights([Weights(adv=a), Weights(adv=b)], 2, 3)
-    row0 = torch.tensor([1.0, 2.0, 3.0]) / 2.0 * 2.0  # product (1, 2, 3), mean 2 -> mean 2 * 1
-    row1 = torch.tensor([4.0, 2.0, 3.0]) / 3.0 * 4.0  # product (4, 2, 3), mean 3 -> mean 2 * 2
-    assert torch.allclose(out.adv, torch.stack([row0, row1]))
+def test_globals_multiply_and_keep_the_product_of_their_means():
+    a = torch.tensor([1.0, 2.0, 3.0])  # mean 2
+    b = torch.tensor([4.0, 1.0, 1.0])  # mean 2
+    out = combine_weights([Weights(adv=a), Weights(adv=b)], 1, 3)
+    prod = a * b  # (4, 2, 3), mean 3
+    assert torch.allclose(out.instance, prod / 3.0 * 4.0)
 
 
-def test_product_of_mean_one_weights_has_mean_one():
+def test_mean_one_globals_stay_mean_one():
     a = torch.tensor([0.5, 1.5, 1.0])
-    b = torch.tensor([[2.0, 0.5, 0.5], [1.0, 1.0, 1.0]])
+    b = torch.tensor([2.0, 0.5, 0.5])
     out = combine_weights([Weights(adv=a), Weights(adv=b)], 2, 3)
-    assert torch.allclose(out.adv.mean(1), torch.ones(2))
-    assert torch.allclose(out.adv[0], torch.tensor([1.0, 0.75, 0.5]) / 0.75)
+    assert out.instance.mean().item() == pytest.approx(1.0)
+    assert torch.allclose(out.instance, torch.tensor([1.0, 0.75, 0.5]) / 0.75)
+
+
+def test_local_weights_are_kept_exactly_and_the_global_scales_the_pair():
+    local = torch.tensor([[0.2, 0.5, 0.1], [0.9, 0.1, 0.0]])  # [V=2, B=3]
+    g = torch.tensor([2.0, 0.5, 0.5])
+    out = combine_weights([Weights(adv=g), Weights(local=local)], 2, 3)
+    assert torch.equal(out.local, local)
+    assert torch.allclose(out.adv, g[None] * local)
+    # within each pair the split is the local method's: the ratio final / local is one number per instance
+    assert torch.allclose(out.adv[:, :2] / local[:, :2], g[:2].expand(2, -1))
+
+
+def test_natural_input_in_the_pair_gets_the_pair_weight():
+    g = torch.tensor([2.0, 0.5])
+    out = combine_weights([Weights(local=torch.ones(1, 2), local_nat=torch.tensor([0.3, 0.0])), Weights(adv=g)], 1, 2)
+    assert torch.allclose(out.nat, torch.tensor([0.6, 0.0]))
+    assert torch.equal(out.local_nat, torch.tensor([0.3, 0.0]))
 
 
 def test_natural_weights_multiply_separately():
     out = combine_weights([Weights(nat=torch.tensor([2.0, 2.0])), Weights(adv=torch.tensor([1.0, 3.0]), nat=torch.tensor([1.0, 3.0]))], 1, 2)
     assert torch.allclose(out.nat, torch.tensor([2.0, 6.0]))  # (2, 6): product of means 2 * 2 = its mean 4
     assert torch.allclose(out.adv, torch.tensor([[1.0, 3.0]]))
+
+
+def test_two_local_contributors_are_an_error():
+    with pytest.raises(PluginError, match="local weights"):
+        combine_weights([Weights(local=torch.ones(2, 3)), Weights(local=torch.ones(2, 3))], 2, 3)
+
+
+def test_per_variant_global_weights_are_an_error():
+    with pytest.raises(PluginError, match=r"one per instance.*Weights.local"):
+        combine_weights([Weights(adv=torch.ones(2, 3))], 2, 3)
+    out = combine_weights([Weights(adv=torch.full((1, 3), 2.0))], 2, 3)  # [1, B]: one view, accepted
+    assert torch.equal(out.instance, torch.full((3,), 2.0))
 
 
 def test_result_is_detached():
@@ -62,9 +100,147 @@ def test_result_is_detached():
 def test_wrong_shape_is_an_error():
     with pytest.raises(PluginError, match=r"\[B\]=3"):
         combine_weights([Weights(adv=torch.ones(4))], 1, 3)
+    with pytest.raises(PluginError, match=r"\[V, B\]=\[2, 3\]"):
+        combine_weights([Weights(local=torch.ones(3, 3))], 2, 3)
+
+
+def test_loss_helpers_on_plain_weights():
+    """Weights a plugin hands straight to the loss (BiLAW's meta step): adv times local."""
+    like = torch.zeros(1)
+    w = Weights(adv=torch.tensor([2.0, 1.0]), local=torch.tensor([[0.5, 1.0], [1.0, 0.0]]), local_nat=torch.tensor([1.0, 3.0]))
+    assert torch.equal(adv_matrix(w, 2, 2, like), torch.tensor([[1.0, 1.0], [2.0, 0.0]]))
+    assert torch.equal(natural_weights(w), torch.tensor([2.0, 3.0]))
+    assert torch.equal(nat_vector(None, 2, like), torch.ones(2))
+    assert torch.equal(adv_matrix(Weights(adv=torch.ones(3, 2)), 3, 2, like), torch.ones(3, 2))
 
 
 def test_summary_effective_sample_size():
     s = summary(torch.tensor([1.0, 1.0, 1.0, 5.0]))
     assert s["mean"] == pytest.approx(2.0) and s["max"] == 5.0 and s["min"] == 1.0
     assert s["ess"] == pytest.approx(64 / (4 * 28))  # (sum w)^2 / (n sum w^2)
+
+
+# -- the algebra as properties -----------------------------------------------------------------
+V, B = 3, 8
+
+
+def lrat_like_local(gen, c=0.5):
+    """An LRAT-shaped local part: Eq. 12-style weights, the floor on row 1 (x*), Eq. 15."""
+    w = 2 * torch.rand(V, B, generator=gen).pow(0.5) * (torch.rand(V, B, generator=gen) > 0.3)
+    w[1] = 0.0
+    w[1] = (c - w.sum(0)).clamp_min(0.0)
+    scale = w.sum(0).mean()
+    return w / scale, c / scale
+
+
+def contributions(seed, n_globals, with_local, with_nat):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_globals):
+        g = torch.rand(B, generator=gen) * 3 + 1e-3
+        if i % 2 == 0:
+            g = g / g.mean()  # mean 1, like MAIL / GAIRAT / BAT / BiLAW
+        nat = torch.rand(B, generator=gen) + 0.1 if with_nat and i == 0 else None
+        out.append(Weights(adv=g, nat=nat))
+    if with_local:
+        local, floor = lrat_like_local(gen)
+        out.append(Weights(local=local))
+    return out
+
+
+def same(a, b):
+    if a is None or b is None:
+        return a is None and b is None
+    for f in ("adv", "nat", "local", "instance"):
+        x, y = getattr(a, f), getattr(b, f)
+        if (x is None) != (y is None) or (x is not None and not torch.allclose(x, y, rtol=1e-5, atol=1e-7)):
+            return False
+    return True
+
+
+cases = dict(seed=st.integers(0, 2**31 - 1), n_globals=st.integers(0, 3), with_local=st.booleans(), with_nat=st.booleans())
+
+
+@settings(max_examples=40, deadline=None)
+@given(perm_seed=st.integers(0, 1000), **cases)
+def test_order_of_plugins_does_not_matter(perm_seed, seed, n_globals, with_local, with_nat):
+    parts = contributions(seed, n_globals, with_local, with_nat)
+    order = torch.randperm(len(parts), generator=torch.Generator().manual_seed(perm_seed)).tolist()
+    assert same(combine_weights(parts, V, B), combine_weights([parts[i] for i in order], V, B))
+
+
+@settings(max_examples=40, deadline=None)
+@given(where=st.integers(0, 4), **cases)
+def test_abstaining_is_the_identity(where, seed, n_globals, with_local, with_nat):
+    parts = contributions(seed, n_globals, with_local, with_nat)
+    with_none = parts[:where] + [None] + parts[where:]
+    a, b = combine_weights(parts, V, B), combine_weights(with_none, V, B)
+    assert same(a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(where=st.integers(0, 4), **cases)
+def test_all_ones_weights_change_nothing(where, seed, n_globals, with_local, with_nat):
+    parts = contributions(seed, n_globals, with_local, with_nat)
+    ones = Weights(adv=torch.ones(B), nat=torch.ones(B) if with_nat else None)
+    a, b = combine_weights(parts, V, B), combine_weights(parts[:where] + [ones] + parts[where:], V, B)
+    like = torch.zeros(1)
+    assert torch.allclose(adv_matrix(a, V, B, like), adv_matrix(b, V, B, like), rtol=1e-5)
+    assert torch.allclose(nat_vector(a, B, like), nat_vector(b, B, like), rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_globals=st.integers(1, 3))
+def test_each_methods_invariants_hold_after_combining(seed, n_globals):
+    gen = torch.Generator().manual_seed(seed)
+    local, floor = lrat_like_local(gen)
+    globals_ = [torch.rand(B, generator=gen) + 1e-3 for _ in range(n_globals)]
+    globals_ = [g / g.mean() for g in globals_]  # mean-1 methods
+    out = combine_weights([Weights(adv=g) for g in globals_] + [Weights(local=local)], V, B)
+    totals = out.local.sum(0)
+    assert (totals >= floor - 1e-6).all()  # LRAT's floor (Eq. 7), on its part
+    assert totals.mean().item() == pytest.approx(1.0, rel=1e-6)  # Eq. 15, on its part
+    assert out.instance.mean().item() == pytest.approx(1.0, rel=1e-5)  # MAIL-style batch normalisation, on the global part
+    assert torch.allclose(out.adv, out.instance[None] * local)
+
+
+# -- start-up checks (pure) --------------------------------------------------------------------
+LOCAL = Declaration(weights="local", variants={"cw": (), "pgd": ("kappa",), "saa": ()}, anchor="pgd",
+                    provides=frozenset({"natural-term"}))
+
+
+def test_composition_reads_the_anchor_of_the_local_method():
+    c = check_composition({"at": Declaration(), "lrat": LOCAL, "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))},
+                          "at", "lrat")
+    assert c.anchor == "pgd" and c.local == "lrat" and c.globals == ["g"] and c.reads == {"g": "pgd"}
+    assert "g[b] x lrat[v, b]" in c.formula()
+
+
+def test_composition_names_both_plugins_and_the_missing_stat():
+    local = Declaration(weights="local", variants=LOCAL.variants, anchor="saa")
+    with pytest.raises(PluginError, match=r"'g' with 'lrat': g needs 'kappa' on the view it reads, lrat's x\* 'saa'.*pgd"):
+        check_composition({"at": Declaration(), "lrat": local, "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))},
+                          "at", "lrat")
+
+
+@pytest.mark.parametrize("decls, match", [
+    ({"a": Declaration(variants={"pgd": ()}), "b": Declaration(variants={"pgd": ()})}, r"'a' with 'b': both generate a variant named 'pgd'"),
+    ({"a": Declaration(weights="local"), "b": Declaration(weights="local")}, r"'a' with 'b': both return local weights"),
+    ({"a": Declaration(weights="global", view="fgsm")}, r"reads the view 'fgsm'"),
+    ({"a": Declaration(weights="global", natural_weights=True)}, r"'a' with 'at': a weighs the natural term"),
+    ({"a": Declaration(weights="global", needs=frozenset({"loss"})), "b": Declaration(weights="local")},
+     r"'a' with 'b': a learns its weights through the run's loss"),
+    ({"a": Declaration(needs=frozenset({"validation"}))}, r"does not ask for it in requirements"),
+    ({"a": Declaration(needs=frozenset({"telepathy"}))}, r"unknown need 'telepathy'"),
+])
+def test_composition_errors(decls, match):
+    with pytest.raises(PluginError, match=match):
+        check_composition({"at": Declaration(), **decls}, "at", "at")
+
+
+def test_core_pgd_records_kappa_and_undeclared_generators_are_not_checked():
+    c = check_composition({"at": Declaration(), "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))}, "at", "at")
+    assert c.views == {"pgd": ("kappa", "p_true_lps")} and c.anchor == "pgd"
+    c = check_composition({"at": Declaration(), "x": Declaration(), "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))},
+                          "at", "at", undeclared_generators=["x"])
+    assert c.views is None

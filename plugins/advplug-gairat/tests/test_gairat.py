@@ -55,7 +55,7 @@ def test_weights_sum_to_batch_size_after_burn_in():
     g = started()
     assert g.compute_weights(ctx_with([0, 5, 10], 3), ctx_with([0, 5, 10], 3).variants) is None
     ctx = ctx_with([0, 5, 10], 4)
-    w = g.compute_weights(ctx, ctx.variants).adv[0]
+    w = g.compute_weights(ctx, ctx.variants).adv  # [B]: one global weight per instance
     raw = [(1 + math.tanh(-1.0 + 5 * (5 - k) / 5)) / 2 for k in (0, 5, 10)]
     assert w.tolist() == pytest.approx([3 * r / sum(raw) for r in raw], rel=1e-5, abs=1e-7)
 

@@ -71,27 +71,27 @@ def test_weights_with_pgd_floor_by_hand():
     total = [cw[i] + saa[i] + floor[i] for i in range(2)]
     scale = sum(total) / 2  # Eq. 15
     ref = [[cw[i] / scale for i in range(2)], [floor[i] / scale for i in range(2)], [saa[i] / scale for i in range(2)]]
-    assert w.adv.tolist() == [pytest.approx(r, rel=1e-5) for r in ref]
-    assert w.nat is None
-    assert w.adv.sum(0).mean().item() == pytest.approx(1.0)  # Eq. 15 holds
+    assert w.local.tolist() == [pytest.approx(r, rel=1e-5) for r in ref]  # local: inside the pair
+    assert w.adv is None and w.local_nat is None
+    assert w.local.sum(0).mean().item() == pytest.approx(1.0)  # Eq. 15 holds
 
 
 def test_natural_floor_and_floor_on_a_reweighted_variant():
     ctx = ctx_for(P, ["cw", "saa"], Y)  # views cw, saa: blocks 0, 1 of P
     w = plugin(attacks="saa,cw", floor="nat", c=2.0, normalise="none").compute_weights(ctx, ctx.variants)
     cw, saa = by_hand_pair([P[0], P[1]])  # rows 0, 1 of the table for views cw, saa
-    assert w.nat.tolist() == pytest.approx([max(2.0 - cw[i] - saa[i], 0.0) for i in range(2)], rel=1e-5)
+    assert w.local_nat.tolist() == pytest.approx([max(2.0 - cw[i] - saa[i], 0.0) for i in range(2)], rel=1e-5)
     w2 = plugin(attacks="saa,cw", floor="saa", c=2.0, normalise="none").compute_weights(ctx, ctx.variants)
-    assert w2.nat is None
-    assert w2.adv[1].tolist() == pytest.approx([saa[i] + max(2.0 - cw[i] - saa[i], 0.0) for i in range(2)], rel=1e-5)
+    assert w2.local_nat is None
+    assert w2.local[1].tolist() == pytest.approx([saa[i] + max(2.0 - cw[i] - saa[i], 0.0) for i in range(2)], rel=1e-5)
     w3 = plugin(attacks="saa,cw", floor="none", c=2.0, normalise="none").compute_weights(ctx, ctx.variants)
-    assert w3.adv.tolist() == [pytest.approx(cw, rel=1e-5), pytest.approx(saa, rel=1e-5)]
+    assert w3.local.tolist() == [pytest.approx(cw, rel=1e-5), pytest.approx(saa, rel=1e-5)]
 
 
 def test_lsat_is_the_mean_over_variants():
     ctx = ctx_for(P, ["cw", "pgd", "saa"], Y)
     w = plugin(attacks="pgd,cw,saa", floor="none", lsat=True).compute_weights(ctx, ctx.variants)
-    assert torch.allclose(w.adv, torch.full((3, 2), 1 / 3))
+    assert torch.allclose(w.local, torch.full((3, 2), 1 / 3))
 
 
 def test_loss_is_eq7_with_the_combined_weights():
@@ -176,20 +176,19 @@ def test_saa_keeps_the_global_rng_stream(tmp_path):
     assert not torch.equal(a, torch.rand(3))  # ... and the attack consumed draws, no reseed to a constant
 
 
-def test_lrat_with_mail_weights_are_the_renormalised_product(tmp_path):
+def test_lrat_with_mail_mail_weighs_the_pair_lrat_splits_it(tmp_path):
     tr = trained_trainer(tmp_path, plugins=("lrat", "mail"), plugin_options={"mail-burn-in": 0})
     x, y = tr.data.train[0][:64], tr.data.train[1][:64]
     _, ctx, combined = tr.step(x, y, torch.arange(64), epoch=1, global_step=99)
     assert [v.name for v in ctx.variants] == ["cw", "pgd", "saa"]
-    w_lrat = tr.enabled.plugin("lrat").compute_weights(ctx, ctx.variants).adv  # from the step's cached logits
+    assert ctx.anchor.name == "pgd"  # LRAT's x*
+    w_lrat = tr.enabled.plugin("lrat").compute_weights(ctx, ctx.variants).local  # from the step's cached logits
     w_mail = tr.enabled.plugin("mail").compute_weights(ctx, ctx.variants).adv
-    assert w_mail.shape == (3, 64)
-    assert not torch.allclose(w_mail[0], w_mail[2])  # a margin weight per variant
-    prod = w_lrat * w_mail
-    ref = prod / prod.mean(1, keepdim=True) * w_lrat.mean(1, keepdim=True) * w_mail.mean(1, keepdim=True)
-    ref = torch.nan_to_num(ref, nan=0.0)  # x* (pgd) row: the floor [C - sum w]_+ is 0 for every sample here
-    assert torch.allclose(combined.adv, ref, atol=1e-6)
-    assert combined.adv.sum(0).mean().item() == pytest.approx(1.0, rel=1e-5)  # Eq. 15 survives: MAIL has mean 1
+    assert w_mail.shape == (64,)  # one weight per instance: PM of x*
+    assert torch.equal(combined.local, w_lrat)  # LRAT's part as LRAT returned it
+    assert torch.allclose(combined.adv, w_mail[None] * w_lrat, atol=1e-6)
+    assert combined.local.sum(0).mean().item() == pytest.approx(1.0, rel=1e-5)  # Eq. 15 on LRAT's part
+    assert combined.instance.mean().item() == pytest.approx(1.0, rel=1e-5)  # MAIL's batch normalisation
     assert ctx.forward_count == 3  # one forward per variant, shared by both plugins and the loss
 
 

@@ -59,7 +59,7 @@ Y = torch.tensor([0, 2, 1])
 def test_batch_normalised_weights_by_hand(margin, pm):
     m = started(margin=margin)
     ctx = ctx_for(LOGITS_NAT, LOGITS_ADV, Y, stats={"p_true_lps": torch.tensor([0.45, 0.3, 0.5])})
-    w = m.compute_weights(ctx, ctx.variants).adv[0]
+    w = m.compute_weights(ctx, ctx.variants).adv  # [B]: one global weight per instance
     unn = [1 / (1 + math.exp(10 * (p + 0.5))) for p in pm]
     ref = [3 * u / sum(unn) for u in unn]  # omega_i = M w_i / sum_j w_j
     assert w.tolist() == pytest.approx(ref, rel=1e-4)
@@ -68,7 +68,7 @@ def test_batch_normalised_weights_by_hand(margin, pm):
 def test_fixed_normalisation_is_the_authors_times_three():
     m = started(normalise="fixed", gamma=2.0, beta=0.0)
     ctx = ctx_for(LOGITS_NAT, LOGITS_ADV, Y)
-    w = m.compute_weights(ctx, ctx.variants).adv[0]
+    w = m.compute_weights(ctx, ctx.variants).adv
     pm = torch.tensor([-0.1, 0.4, 0.3])
     assert torch.allclose(w, 3 * torch.sigmoid(-2.0 * pm), atol=1e-5)
 
@@ -101,8 +101,8 @@ def test_combined_with_another_plugin_weights_multiply_at_the_others_scale():
     wm = m.compute_weights(ctx, ctx.variants)
     other = Weights(adv=torch.tensor([2.0, 1.0, 1.0]))
     out = combine_weights([wm, other], 1, 3)
-    prod = wm.adv[0] * torch.tensor([2.0, 1.0, 1.0])
-    assert torch.allclose(wm.adv[0].mean(), torch.tensor(1.0))
+    prod = wm.adv * torch.tensor([2.0, 1.0, 1.0])
+    assert torch.allclose(wm.adv.mean(), torch.tensor(1.0))
     assert torch.allclose(out.adv[0], prod / prod.mean() * (4 / 3))  # MAIL's mean 1 times the other's 4/3
 
 

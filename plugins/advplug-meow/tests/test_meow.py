@@ -66,11 +66,11 @@ def test_weights_from_the_steps_features_and_eq5_loss():
     w = m.compute_weights(ctx, ctx.variants)
     # natural distances 1 and 3 -> w+ = exp(d/2); adversarial distances 2 and 0 -> w- = exp(-d/2)
     assert w.nat.tolist() == pytest.approx([math.exp(0.5), math.exp(1.5)], rel=1e-5)
-    assert w.adv[0].tolist() == pytest.approx([math.exp(-1.0), 1.0], rel=1e-5)
+    assert w.adv.tolist() == pytest.approx([math.exp(-1.0), 1.0], rel=1e-5)  # [B]: global, per instance
     loss = m.combine_loss(ctx, ctx.variants, w)
     ce_nat = F.cross_entropy(x_nat, y, reduction="none")  # logits = features here
     ce_adv = F.cross_entropy(x_adv, y, reduction="none")
-    ref = 0.2 * (w.nat * ce_nat).mean() + 0.8 * (w.adv[0] * ce_adv).mean()  # Eq. 5, alpha = 0.2
+    ref = 0.2 * (w.nat * ce_nat).mean() + 0.8 * (w.adv * ce_adv).mean()  # Eq. 5, alpha = 0.2
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert ctx.forward_count == 2  # natural + adversarial, shared by weights and loss
 

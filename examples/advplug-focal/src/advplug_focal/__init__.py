@@ -1,13 +1,11 @@
 """A third-party reweighting plugin in a few lines: up-weight examples the model finds hard."""
 from dataclasses import dataclass
 
-import torch
-
 from advplug import StepContext, Variant, Weights, hookimpl, opt
 
 
 class FocalWeights:
-    """Focal-style weights (1 - p_y(x'))^gamma on each adversarial variant, mean 1 per batch."""
+    """Focal-style weights (1 - p_y(x'))^gamma per instance, mean 1 per batch."""
 
     @dataclass(frozen=True)
     class Options:
@@ -18,7 +16,7 @@ class FocalWeights:
 
     @hookimpl
     def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights:
-        p = [ctx.probs(v).gather(1, ctx.y[:, None]).squeeze(1) for v in variants]
-        w = (1 - torch.stack(p)) ** self.options.gamma  # [V, B], from logits the step already has
+        p = ctx.probs(ctx.anchor).gather(1, ctx.y[:, None]).squeeze(1)  # the pair's view, logits the step has
+        w = (1 - p) ** self.options.gamma  # one global weight per instance [B]
         return Weights(adv=w / ctx.batch_mean(w).clamp_min(1e-12))
 

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advplug import NATURAL, DataError, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
+from advplug import NATURAL, DataError, Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
 from advplug.dump import SampleDump
 from advplug.signals import max_other_prob, true_prob
 
@@ -138,6 +138,12 @@ class BAT:
         self.log = print
 
     # -- set-up -------------------------------------------------------------------------
+    @hookimpl
+    def declare(self) -> Declaration:
+        return Declaration(weights="global", needs=frozenset({"features"}),
+                           meaning=f"exp(-{self.options.alpha} q) on atypical misclassified samples (Eq. 7), mean 1 (Eq. 8); "
+                                   f"+ {self.options.beta} L_DL (Eq. 10)")
+
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
         o = self.options
@@ -233,10 +239,10 @@ class BAT:
         if not self.reweighting(ctx.epoch) or self.options.alpha == 0:
             return None
         atyp = self.atyp[ctx.index]
-        probs = torch.stack([ctx.probs(v) for v in variants])  # [V, B, K]
+        probs = ctx.probs(ctx.anchor)  # global: one weight per instance, from the pair's anchor (LRAT's x*)
         w = bat_weights(probs, ctx.y, atyp, self.options.alpha)
         if self.dumper is not None:
-            self.dumper.add(index=ctx.index, atypical=atyp, q=poisoning_score(probs[0], ctx.y), weight=w[0])
+            self.dumper.add(index=ctx.index, atypical=atyp, q=poisoning_score(probs, ctx.y), weight=w)
         return Weights(adv=w / ctx.batch_mean(w))  # Eq. 8: sum_i w_i l_i / sum_i w_i (w >= exp(-alpha) > 0)
 
     @hookimpl(wrapper=True)

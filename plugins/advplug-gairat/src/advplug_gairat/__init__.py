@@ -16,6 +16,10 @@ Lambda schedule as in the authors' code: ``fixed`` (lambda from the burn-in on),
 (``lambda_max - (epoch / epochs) (lambda_max - lambda)``, needs a finite ``--gairat-lambda-max``)
 and ``piecewise`` (lambda, then lambda - 1 at 3/4 and lambda - 1.5 at 11/12 of the epochs: the
 authors' code orders these branches so that only the first can fire; we apply the evident intent).
+
+GAIRAT's weights are global, one per instance. With several variants (LRAT's pair), kappa is read
+from one view, ``--gairat-view`` (default ``anchor``: LRAT's x*, else the only variant); the view
+must record kappa (the PGD variants do; LRAT's CW and SAA variants do not), checked at start-up.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advplug import OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
+from advplug import Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
 from advplug.dump import SampleDump, burn_in_default
 
 __version__ = "0.1.0"
@@ -71,12 +75,20 @@ class GAIRAT:
         func: str = opt("tanh", "weight function: tanh, sigmoid or discrete", choices=("tanh", "sigmoid", "discrete"))
         begin_epoch: int | None = opt(None, "first reweighted epoch (default: the first lr drop)", min=0)
         dump: bool = opt(False, "write per-sample kappa and weights with indices each epoch (RUN_DIR/dumps)")
+        view: str = opt("anchor", "variant whose kappa weighs the pair when there are several: anchor "
+                                  "(LRAT's x*, else the only variant) or a variant name")
 
     def __init__(self, options: Options) -> None:
         self.options = options
         self.steps = 10
         self.epochs = 1
         self.dumper: SampleDump | None = None
+
+    @hookimpl
+    def declare(self) -> Declaration:
+        o = self.options
+        return Declaration(weights="global", view=o.view, needs=frozenset({"stat:kappa"}),
+                           meaning=f"GAIR {o.func} of kappa (lambda {o.lam}, {o.schedule}), mean 1")
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -99,15 +111,15 @@ class GAIRAT:
         o = self.options
         if ctx.epoch < o.begin_epoch:
             return None
-        missing = [v.name for v in variants if "kappa" not in v.stats]
-        if missing:
-            raise OptionError(f"gairat needs kappa from the attack, but variant(s) {', '.join(missing)} have none")
-        kappa = torch.stack([v.stats["kappa"] for v in variants])  # [V, B]
+        view = ctx.view(o.view)
+        if view == "natural" or "kappa" not in view.stats:
+            raise OptionError(f"gairat needs kappa from the attack, but view {getattr(view, 'name', view)!r} has none")
+        kappa = view.stats["kappa"]  # [B]: one weight per instance, the pair's
         lam = lambda_at(ctx.epoch, self.epochs, o.begin_epoch, o.lam, o.lambda_max, o.schedule)
         w = gair_weights(kappa, self.steps, lam, o.func)
         w = w / ctx.batch_mean(w)  # sum to the batch size
         if self.dumper is not None:
-            self.dumper.add(index=ctx.index, kappa=kappa[0], weight=w[0])
+            self.dumper.add(index=ctx.index, kappa=kappa, weight=w)
         return Weights(adv=w)
 
     @hookimpl

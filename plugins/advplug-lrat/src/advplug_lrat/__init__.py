@@ -28,12 +28,15 @@ LSAT (``--lrat-lsat``): the same variants with ``w = 1`` and no floor (Sec. 4.2:
 Eq. 15 this is the mean loss over the variants.
 
 The loss (Eq. 7) is LRAT's own: ``(1/n) sum_i (sum_j W_ij l(x_ij) + W*_i l(x*_i))`` with ``l`` the
-cross-entropy; LRAT owns ``combine_loss`` with ``--objective at``. It consumes the *combined*
-weights: a weighting plugin enabled beside it (e.g. ``--plugin mail``, which gives each variant
-the margin weight of its own logits) multiplies into every variant's weight, and the core keeps
-each variant's batch mean at LRAT's (MAIL's weights have mean 1). Variants another plugin
-produces join the pair and are reweighted by Eq. 12 too. TRADES and MART have their own loss;
-combining them with LRAT is not defined by the paper and is refused at start-up.
+cross-entropy; LRAT owns ``combine_loss`` with ``--objective at``. Its weights are *local*
+(``Weights.local``: they distribute each pair's weight over its variants, and the floor and
+Eq. 15 hold on them whatever else is enabled). A global weighting plugin beside it (``--plugin
+mail``, ``gairat``, ``bat``, ``focal``) gives each pair one weight, read from LRAT's x* (the
+*anchor*, ``--lrat-floor``; with ``none``, the first variant by name), and the loss receives
+``W_ij = g_i * local_ij``: the global method decides how much the pair counts, LRAT how the pair
+is split. Variants another plugin produces join the pair and are reweighted by Eq. 12 too. TRADES
+and MART have their own loss; combining them with LRAT is not defined by the paper and is refused
+at start-up, and so is BiLAW (its meta-gradient needs the loss as a function of its own weights).
 """
 from __future__ import annotations
 
@@ -44,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advplug import NATURAL, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
-from advplug.compose import adv_matrix
+from advplug import NATURAL, Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
+from advplug.compose import adv_matrix, natural_weights
 from advplug.dump import SampleDump
 from advplug.signals import probabilistic_margin
 
@@ -103,6 +106,19 @@ class LRAT:
         return True  # Eq. 7 is LRAT's objective; TRADES / MART with LRAT are refused as two owners
 
     @hookimpl
+    def declare(self) -> Declaration:
+        o = self.options
+        needed = list(self.attacks) + ([o.floor] if o.floor in ATTACKS and o.floor not in self.attacks else [])
+        stats = {"pgd": ("kappa", "p_true_lps")}  # what the core's attacks record (TrackedPGD); cw and saa: nothing
+        anchor = None if o.lsat or o.floor == "none" else (NATURAL if o.floor == "nat" else o.floor)
+        what = ("LSAT, w = 1" if o.lsat else f"Eq. 12 w = {o.alpha} (1 - t)^{o.beta}"
+                + ("" if o.floor == "none" else f", floor [C - sum w]_+ on x* = {o.floor} (Eq. 7)"))
+        return Declaration(weights="local", variants={n: stats.get(n, ()) for n in needed}, anchor=anchor,
+                           natural_weights=False, needs=frozenset({"natural"} if o.floor == "nat" else ()),
+                           provides=frozenset({"natural-term"}),
+                           meaning=what + (", Eq. 15 mean pair total 1" if o.normalise == "eq15" else ""))
+
+    @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
         o = self.options
         needed = list(self.attacks) + ([o.floor] if o.floor in ATTACKS and o.floor not in self.attacks else [])
@@ -157,14 +173,15 @@ class LRAT:
             if w_nat is not None:
                 cols["weight_nat"] = w_nat
             self.dumper.add(index=ctx.index, **cols)
-        return Weights(adv=w, nat=w_nat)
+        return Weights(local=w, local_nat=w_nat)  # local: the pair's split; Eq. 7 and 15 hold on it
 
     @hookimpl
     def combine_loss(self, ctx: StepContext, variants: list[Variant], weights: Weights | None) -> Tensor:
         ce = torch.stack([F.cross_entropy(ctx.logits(v), ctx.y, reduction="none") for v in variants])  # [V, B]
         per_sample = (adv_matrix(weights, len(variants), ctx.batch_size, ce) * ce).sum(0)  # Eq. 7, inner sums
-        if weights is not None and weights.nat is not None:
-            per_sample = per_sample + weights.nat * F.cross_entropy(ctx.logits(NATURAL), ctx.y, reduction="none")
+        w_nat = natural_weights(weights)
+        if w_nat is not None:
+            per_sample = per_sample + w_nat * F.cross_entropy(ctx.logits(NATURAL), ctx.y, reduction="none")
         return per_sample.mean()
 
     @hookimpl

@@ -17,7 +17,12 @@ abstains) during the burn-in, by default until the first learning-rate drop (Sec
 Objectives: MAIL-AT is ``--objective at`` (Eq. 9), MAIL-TRADES ``--objective trades`` (the
 weights go on the KL term, Eq. 10), MAIL-MART ``--objective mart``. Slope/bias presets per
 objective (Sec. 4.1): AT gamma 10, beta -0.5; TRADES and MART gamma 2, beta 0; both
-overridable. With several variants (e.g. with LRAT), each variant gets the margin of its own logits.
+overridable. MAIL's weights are global, one per instance: with several variants (LRAT's pair)
+the margin is read from one view, ``--mail-view`` (default ``anchor``: LRAT's x*, e.g. its PGD
+variant, else the only variant; or ``natural``, or a variant name), never recomputed per variant
+(that would be LRAT's Eq. 11 again); LRAT then splits the pair's weight over its variants.
+PM-dif needs the view to record ``p_y`` at the least PGD step (the PGD variants do), checked at
+start-up.
 
 Where the paper and the authors' code (QizhouWang/MAIL, ``mail_loss.py``) differ, or the paper
 is open, and what advplug does by default:
@@ -44,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advplug import NATURAL, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
+from advplug import NATURAL, Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
 from advplug.dump import SampleDump, burn_in_default
 from advplug.signals import probabilistic_margin, true_prob  # PM of Eq. 5/6: p_y - max_{j != y} p_j
 
@@ -69,10 +74,22 @@ class MAIL:
         normalise: str = opt("batch", "batch: M w / sum w (paper); fixed: 3 w (authors' code)", choices=("batch", "fixed"))
         burn_in: int | None = opt(None, "epochs with weights 1 (default: until the first lr drop)", min=0)
         dump: bool = opt(False, "write per-sample PM and weights with indices each epoch (RUN_DIR/dumps)")
+        view: str = opt("anchor", "view whose margin weighs the pair when there are several variants: anchor "
+                                  "(LRAT's x*, else the only variant), natural, or a variant name")
 
     def __init__(self, options: Options) -> None:
         self.options = options
         self.dumper: SampleDump | None = None
+
+    @hookimpl
+    def declare(self) -> Declaration:
+        o = self.options
+        needs = {"natural"} if o.margin in ("nat", "dif") else set()
+        if o.margin == "dif":
+            needs.add("stat:p_true_lps")
+        scale = "M w / sum w, mean 1" if o.normalise == "batch" else "3 w, the authors' fixed scale (mean not 1)"
+        return Declaration(weights="global", view=NATURAL if o.margin == "nat" else o.view, needs=frozenset(needs),
+                           meaning=f"sigmoid(-gamma (PM-{o.margin} - beta)) (Eq. 8), {scale}")
 
     def attack_start(self, objective: str) -> str:
         """The authors' code starts the training attack from ``x + 0.001 N(0, 1)`` for AT, TRADES and MART."""
@@ -93,20 +110,17 @@ class MAIL:
                 f"{self.options.normalise} normalisation, reweighting from epoch {burn + 1}")
 
     def margins(self, ctx: StepContext, variants: list[Variant]) -> Tensor:
-        """PM ``[V, B]`` of the chosen kind, one row per variant."""
+        """PM ``[B]`` of the chosen kind, on the view ``--mail-view`` names (one per instance)."""
         kind = self.options.margin
         if kind == "nat":
-            pm = probabilistic_margin(ctx.probs(NATURAL), ctx.y)
-            return pm.expand(len(variants), -1)
+            return probabilistic_margin(ctx.probs(NATURAL), ctx.y)
+        view = ctx.view(self.options.view)
         if kind == "adv":
-            return torch.stack([probabilistic_margin(ctx.probs(v), ctx.y) for v in variants])
-        p_nat = true_prob(ctx.probs(NATURAL), ctx.y)
-        rows = []
-        for v in variants:
-            if "p_true_lps" not in v.stats:
-                raise OptionError(f"--mail-margin dif needs the attack's record of p_y at the least PGD step; variant {v.name!r} has none")
-            rows.append(p_nat - v.stats["p_true_lps"])
-        return torch.stack(rows)
+            return probabilistic_margin(ctx.probs(view), ctx.y)
+        if view == NATURAL or "p_true_lps" not in view.stats:
+            name = view if view == NATURAL else view.name
+            raise OptionError(f"--mail-margin dif needs the attack's record of p_y at the least PGD step; view {name!r} has none")
+        return true_prob(ctx.probs(NATURAL), ctx.y) - view.stats["p_true_lps"]
 
     @hookimpl
     def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights | None:
@@ -116,8 +130,8 @@ class MAIL:
         w = mail_weights(pm, self.options.gamma, self.options.beta)
         w = w / ctx.batch_mean(w) if self.options.normalise == "batch" else FIXED_SCALE * w
         if self.dumper is not None:
-            self.dumper.add(index=ctx.index, pm=pm[0], weight=w[0])
-        return Weights(adv=w)
+            self.dumper.add(index=ctx.index, pm=pm, weight=w)
+        return Weights(adv=w)  # global: one weight per instance, the pair's
 
     @hookimpl
     def on_epoch_end(self, epoch: int) -> dict[str, Any]:

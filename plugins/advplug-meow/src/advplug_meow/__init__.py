@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advplug import NATURAL, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
+from advplug import NATURAL, Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
 from advplug.compose import adv_matrix, nat_vector
 
 __version__ = "0.1.0"
@@ -99,6 +99,13 @@ class MeoW:
         return objective == "at"
 
     @hookimpl
+    def declare(self, objective: str) -> Declaration:
+        return Declaration(weights="global", natural_weights=True, needs=frozenset({"natural", "features"}),
+                           provides=frozenset({"natural-term"}) if objective == "at" else frozenset(),
+                           meaning="w- = exp(-d(F(x'), B) / T) on the adversarial term, w+ = exp(d(F(x), B) / T) on the "
+                                   "natural term (Eq. 4), raw scale")
+
+    @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
         if ctx.objective not in ("at", "trades"):
             raise OptionError(f"meow defines objectives for at (Eq. 5) and trades (Eq. 6), not {ctx.objective!r}")
@@ -143,7 +150,9 @@ class MeoW:
                       "wrong": [ctx.logits(NATURAL).detach().argmax(1) != ctx.y,
                                 *(ctx.logits(v).detach().argmax(1) != ctx.y for v in variants)]}
         self._accumulate(d_nat, d_adv)
-        return Weights(adv=w_minus, nat=w_plus)
+        names = [v.name for v in variants]
+        anchor = getattr(ctx.anchor, "name", None)
+        return Weights(adv=w_minus[names.index(anchor) if anchor in names else 0], nat=w_plus)  # global: per instance
 
     def _accumulate(self, d_nat: Tensor, d_adv: Tensor) -> None:
         s = self._epoch_stats
