@@ -1,0 +1,168 @@
+"""AWP: perturbation size and direction against an independent computation, exact restore,
+gradient at the perturbed weights, BatchNorm statistics untouched, warm-up, combinations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advplug import PluginError, StepContext, TrainContext, Variant, hookimpl
+from advplug.context import FeatureTap
+from advplug.models import build_model
+from advplug.testing import digits_subset, tiny_config
+from advplug.trainer import Trainer
+from advplug_awp import AWP, layer_perturbation, perturbed_parameters
+
+
+def test_layer_perturbation_by_hand():
+    w = [torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
+    g = [torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 1.0], [1.0, 1.0]])]
+    v = layer_perturbation(w, g, 0.01)
+    # gamma * ||w|| * g / ||g||: ||w_1|| = 5, g_1 / ||g_1|| = (0, 1); ||w_2|| = sqrt(2), g_2 / ||g_2|| = 1/2
+    assert v[0].flatten().tolist() == pytest.approx([0.0, 0.05])
+    assert v[1].flatten().tolist() == pytest.approx([0.01 * math.sqrt(2) / 2] * 4)
+    assert [float(d.norm() / p.norm()) for d, p in zip(v, w)] == pytest.approx([0.01, 0.01])
+    assert layer_perturbation([w[0]], [None], 0.01)[0].abs().sum() == 0
+
+
+def test_selection_is_conv_and_linear_weights_only():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 3))
+    assert [n for n, _ in perturbed_parameters(m)] == ["0.weight", "3.weight"]
+
+
+class Probe:
+    """Records the weights and the loss's logits as compute_weights sees them (at w + v)."""
+
+    def __init__(self):
+        self.seen = None
+
+    @hookimpl
+    def compute_weights(self, ctx, variants):
+        self.seen = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+        return None
+
+
+def trainer(tmp_path, name="run", **kw):
+    cfg = tiny_config(str(tmp_path / name), **{"plugins": ("awp",), "epochs": 2, **kw})
+    return Trainer(cfg, data=digits_subset(128, 64), log=lambda s: None)
+
+
+def clone(t):
+    m = build_model(t.cfg.model, t.data.num_classes, t.data.input_shape)
+    m.load_state_dict(t.model.state_dict())
+    return m
+
+
+def one_step(t, probe=None, n=32, epoch=0):
+    if probe is not None:
+        t.pm.register(probe, name="probe")
+    x, y = t.data.train
+    torch.manual_seed(1)
+    return t.step(x[:n].to(t.device), y[:n].to(t.device), torch.arange(n), epoch, 0)
+
+
+def test_step_perturbs_by_gamma_along_the_loss_gradient_and_restores_exactly(tmp_path):
+    t = trainer(tmp_path)
+    for g in t.opt.param_groups:  # no update: the step must leave the weights exactly as they were
+        g["lr"] = 0.0
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    reference = clone(t)
+    probe = Probe()
+    loss, ctx, _ = one_step(t, probe)
+    # restored bit for bit (a saved copy, not w + v - v)
+    assert all(torch.equal(p, before[n]) for n, p in t.model.named_parameters())
+    x_adv = ctx.variants[0].x
+    # independent computation of the authors' proxy direction: CE on x' at w (train mode)
+    reference.train()
+    ce = F.cross_entropy(reference(x_adv), ctx.y)
+    names = ["features.0.weight", "features.2.weight", "features.6.weight", "head.weight"]
+    assert [n for n, _ in perturbed_parameters(t.model)] == names
+    params = dict(reference.named_parameters())
+    grads = torch.autograd.grad(ce, [params[n] for n in names])
+    for n, g in zip(names, grads):
+        v = probe.seen[n] - before[n]
+        assert float(v.norm() / before[n].norm()) == pytest.approx(0.01, rel=1e-4)  # ||v_l|| = gamma ||w_l||
+        assert torch.allclose(v / v.norm(), g / g.norm(), atol=1e-5)  # ascent along the loss gradient
+    for n in ("features.0.bias", "head.bias"):  # biases are not perturbed
+        assert torch.equal(probe.seen[n], before[n])
+    # the gradient of the step was taken at w + v: recompute it there independently
+    perturbed = clone(t)
+    perturbed.load_state_dict(probe.seen)
+    ce_pert = F.cross_entropy(perturbed(x_adv), ctx.y)
+    assert float(loss) == pytest.approx(float(ce_pert.detach()), rel=1e-5)
+    g_pert = torch.autograd.grad(ce_pert, list(perturbed.parameters()))
+    for (n, p), g in zip(t.model.named_parameters(), g_pert):
+        assert torch.allclose(p.grad, g, atol=1e-6), n
+    assert ctx.forward_count == 1  # the proxy's forward is not in the step's cache
+
+
+def test_proxy_leaves_batchnorm_statistics_alone():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
+    model.train()
+    awp = AWP(AWP.Options(gamma=0.01, warmup=0))
+
+    def loss_fn(ctx, variants, weights):
+        assert weights is None  # the proxy loss is unweighted
+        return F.cross_entropy(ctx.logits(variants[0]), ctx.y)
+
+    awp.on_train_start(TrainContext(model=model, config=None, num_train=8, num_classes=3, input_shape=(1, 4, 4),
+                                    device=torch.device("cpu"), epochs=2, milestones=(1,), objective="at",
+                                    make_attack=None, log=lambda s: None, loss_fn=loss_fn))
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    ctx = StepContext(model=model, x=x, y=y, index=torch.arange(8), epoch=0, step=0, num_classes=3, config=None,
+                      lr=0.1, tap=FeatureTap(model))
+    ctx.variants = [Variant("pgd", x + 0.01)]
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    manager = awp.perturb_weights(ctx, ctx.variants)
+    assert all(torch.equal(b, stats[n]) for n, b in model.named_buffers())  # proxy forward: statistics restored
+    assert not ctx.has_logits(ctx.variants[0])  # and not cached in the step's context
+    with manager:
+        bn = dict(model.named_parameters())["1.weight"]
+        assert torch.equal(bn, weights["1.weight"])  # BatchNorm's affine weight is 1-d: not perturbed
+        assert not torch.equal(dict(model.named_parameters())["0.weight"], weights["0.weight"])
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_trades_warm_up_and_defaults(tmp_path):
+    t = trainer(tmp_path, objective="trades", epochs=10)
+    awp = t.enabled.plugin("awp")
+    assert (awp.options.gamma, awp.options.warmup) == (0.005, 9)  # TRADES-AWP: from the 10th epoch
+    x, y = t.data.train
+    ctx = StepContext(model=t.net, x=x[:8], y=y[:8], index=torch.arange(8), epoch=8, step=0, num_classes=10,
+                      config=t.cfg, lr=0.1, tap=t.tap)
+    assert awp.perturb_weights(ctx, [Variant("tpgd", x[:8])]) is None  # epoch 9 (1-based): still warming up
+    assert not awp.active(8) and awp.active(9)
+
+
+@pytest.mark.parametrize("objective", ["trades", "mart"])
+def test_combines_with_mail_and_every_objective(tmp_path, objective):
+    t = trainer(tmp_path, objective=objective, plugins=("awp", "mail"),
+                plugin_options={"awp-warmup": 0, "mail-burn-in": 0})
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    probe = Probe()
+    loss, ctx, w = one_step(t, probe)
+    assert torch.isfinite(loss) and w is not None  # MAIL weighed the loss at w + v
+    assert ctx.forward_count == 2  # natural + adversarial, once each, at w + v
+    assert any(not torch.equal(probe.seen[n], before[n]) for n in before)  # the loss saw w + v
+    assert any(not torch.equal(p, before[n]) for n, p in t.model.named_parameters())  # and w was updated
+
+
+def test_forward_cached_before_the_perturbation_is_an_error(tmp_path):
+    class Peeks:
+        @hookimpl
+        def generate_adversaries(self, ctx):
+            ctx.logits("natural")
+            return None
+
+    t = trainer(tmp_path)
+    t.pm.register(Peeks(), name="peeks")
+    with pytest.raises(PluginError, match="before the weights were perturbed"):
+        one_step(t)
+
+
+def test_runs_end_to_end(tmp_path):
+    t = trainer(tmp_path)
+    res = t.fit()
+    assert res and all(math.isfinite(v) for r in res.values() for v in r.values())

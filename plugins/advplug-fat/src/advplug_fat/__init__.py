@@ -1,0 +1,234 @@
+"""FAT: friendly adversarial training (Zhang, Xu, Han, Niu, Cui, Sugiyama and Kankanhalli, ICML 2020,
+"Attacks which do not kill training make adversarial learning stronger").
+
+FAT trains on *friendly* adversarial data: PGD stopped early, ``tau`` steps after the iterate is
+first misclassified (the paper's early-stopped PGD, PGD-K-tau, Algorithm 1; the min-min
+formulation of Sec. 3). It is a ``generate_adversaries`` plugin: with ``--objective at`` it is FAT,
+with ``trades`` FAT-TRADES (the KL attack, which then replaces TRADES' own), with ``mart`` FAT-MART.
+
+Early stop, as the authors' ``earlystop.py`` implements Algorithm 1 (our own code, on torchattacks'
+``PGD``): at each of the ``K`` iterations the prediction on the current iterate is checked
+*before* the update; a sample predicted wrongly with no budget left (``tau`` exhausted) is
+returned as it is; a sample predicted wrongly with budget left spends one unit of ``tau`` and is
+updated; a correctly predicted sample is updated. Samples still running after ``K`` iterations
+are returned after ``K`` updates. The budget counts misclassified iterations (not consecutive
+ones), as in the code. Like the code, stopped samples leave the batch (no further forward
+passes), so FAT costs fewer passes than PGD-K; with BatchNorm in eval mode while attacking (the
+authors' ``model.eval()``, advplug's default) this is the same as masking.
+
+Per-sample signals recorded in ``Variant.stats`` (``[B]``, on the device) for other plugins:
+
+* ``stop_step``: the number of PGD updates the returned example received (0..K), the early-stop
+  step;
+* ``first_wrong``: the iteration (0-based, = updates so far) at which the sample was first
+  predicted wrongly, ``K`` if it never was during the iterations run;
+* ``kappa``: iterations at which the prediction was still correct (GAIRAT's kappa, over the
+  iterations run), and ``p_true_lps``: the true-class probability at the first misclassified
+  iteration (the last one run if none; MAIL's Eq. 7), so GAIRAT and MAIL combine with FAT.
+
+tau schedule (``dynamic``, default on, the authors' ``adjust_tau`` with epochs counted from 1):
+``tau = tau0 + #{m in tau_epochs : epoch > m}``, i.e. tau increases by one after each listed
+epoch. Defaults per objective, from the authors' scripts: ``at`` (``FAT.py``): 50, 90 (tau 0, 1,
+2 over 120 epochs); ``trades`` (``FAT_for_TRADES.py``): 30, 50, 70 (tau 0..3 over 85 epochs);
+``mart`` (``FAT_for_MART.py``): 20, 40, 60, 80 (tau 0..4 over 90 epochs). The paper describes the
+same idea (tau grows during training, Sec. 4 / App.) and gives these schedules per setting; where
+they differ, the scripts' values are used.
+
+Attack settings per objective (the scripts): ``at``: cross-entropy, start uniform in the eps-ball
+(``uniform_randominit``), ``omega`` 0.001 (Gaussian noise ``omega N(0, 1)`` added at every update
+to escape local maxima); ``trades``: the KL loss ``KL(p(x) || p(x'))`` with ``p(x)`` from the clean
+batch in eval mode, start ``clamp(x + 0.001 N(0, 1), 0, 1)`` (``normal_distribution_randominit``),
+omega 0; ``mart``: cross-entropy, start normal, omega 0. eps and step size are the run's
+(``--eps``, ``--alpha``; the scripts use 0.031 and 0.007) and ``K`` is ``--steps`` (10).
+``tau >= K`` recovers the conventional attack (the authors' README).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchattacks
+from torch import Tensor, nn
+
+from advplug import OptionError, StepContext, TrainContext, Variant, hookimpl, opt
+from advplug.attacks import set_bn_mode
+
+try:  # the start-up declaration of the composition check, where the core has it
+    from advplug.context import Declaration
+except ImportError:  # pragma: no cover - older core
+    Declaration = None
+
+__version__ = "0.1.0"
+
+TAU_EPOCHS = {"at": "50,90", "trades": "30,50,70", "mart": "20,40,60,80"}
+LOSS = {"at": "ce", "trades": "kl", "mart": "ce"}
+START = {"at": "uniform", "trades": "normal", "mart": "normal"}
+OMEGA = {"at": 0.001, "trades": 0.0, "mart": 0.0}
+STATS = ("stop_step", "first_wrong", "kappa", "p_true_lps")
+
+
+def parse_epochs(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise OptionError(f"--fat-tau-epochs: {text!r} is not a comma-separated list of epochs") from None
+    if any(e < 0 for e in out) or list(out) != sorted(out):
+        raise OptionError(f"--fat-tau-epochs: {text!r} must be non-negative and increasing")
+    return out
+
+
+def tau_at(epoch: int, tau0: int, epochs: tuple[int, ...], dynamic: bool = True) -> int:
+    """tau for 0-based ``epoch``: the authors' ``adjust_tau(epoch + 1)``, ``tau0`` plus one per
+    listed epoch already completed (``epoch + 1 > m``)."""
+    if not dynamic:
+        return tau0
+    return tau0 + sum(1 for m in epochs if epoch + 1 > m)
+
+
+class EarlyStoppedPGD(torchattacks.PGD):
+    """Early-stopped PGD (FAT, Algorithm 1): torchattacks' PGD loop (sign steps, projection onto
+    the eps-ball and [0, 1]) that returns each sample ``tau`` misclassified iterations after its
+    first misclassification. ``loss``: ``"ce"`` or ``"kl"`` (TRADES). ``start``: ``"uniform"``,
+    ``"normal"`` (``clamp(x + 0.001 N(0, 1), 0, 1)``) or ``"none"``. ``omega``: std of the Gaussian
+    noise added at every update. After a call, ``stats()`` gives the per-sample signals.
+
+    >>> atk = EarlyStoppedPGD(model, eps=8/255, alpha=2/255, steps=10, tau=1); x_adv = atk(x, y)
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+                 tau: int = 0, loss: str = "ce", start: str = "uniform", omega: float = 0.0) -> None:
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=start != "none")
+        self.tau, self.loss, self.start, self.omega = tau, loss, start, omega
+        if loss not in ("ce", "kl"):
+            raise OptionError(f"--fat-loss: {loss!r} is not one of ce, kl")
+        if start not in ("uniform", "normal", "none"):
+            raise OptionError(f"--fat-start: {start!r} is not one of uniform, normal, none")
+        object.__setattr__(self, "_stats", {})
+
+    def first_iterate(self, images: Tensor) -> Tensor:
+        if self.start == "uniform":
+            return torch.clamp(images + torch.empty_like(images).uniform_(-self.eps, self.eps), 0, 1).detach()
+        if self.start == "normal":
+            return torch.clamp(images + 0.001 * torch.randn_like(images), 0, 1).detach()
+        return images.clone().detach()
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        b, k, dev = labels.shape[0], self.steps, images.device
+        adv = self.first_iterate(images)
+        p_nat = None
+        if self.loss == "kl":
+            with torch.no_grad():
+                p_nat = torch.softmax(self.get_logits(images), dim=1)
+        budget = torch.full((b,), int(self.tau), dtype=torch.long, device=dev)
+        stop_step = torch.zeros(b, dtype=torch.long, device=dev)
+        first_wrong = torch.full((b,), k, dtype=torch.long, device=dev)
+        kappa = torch.zeros(b, dtype=torch.long, device=dev)
+        p_true_lps = torch.zeros(b, device=dev)
+        found = torch.zeros(b, dtype=torch.bool, device=dev)
+        active = torch.arange(b, device=dev)
+        for t in range(k):
+            xa = adv[active].requires_grad_(True)
+            ya = labels[active]
+            logits = self.get_logits(xa)
+            z = logits.detach()
+            correct = z.argmax(1) == ya
+            p_true = torch.softmax(z.float(), 1).gather(1, ya[:, None]).squeeze(1)
+            was_found = found[active]
+            kappa[active] += correct
+            p_true_lps[active] = torch.where(was_found, p_true_lps[active], p_true)
+            first_wrong[active] = torch.where(~correct & ~was_found, torch.full_like(ya, t), first_wrong[active])
+            found[active] = was_found | ~correct
+            left = budget[active]
+            stop = ~correct & (left == 0)
+            budget[active] = left - (~correct & ~stop).long()
+            if self.loss == "kl":
+                cost = F.kl_div(F.log_softmax(logits, dim=1), p_nat[active], reduction="sum")
+            else:
+                cost = F.cross_entropy(logits, ya, reduction="sum")
+            grad = torch.autograd.grad(cost, xa)[0]
+            nxt = xa.detach() + self.alpha * grad.sign()
+            if self.omega:
+                nxt = nxt + self.omega * torch.randn_like(nxt)
+            x0 = images[active]
+            nxt = torch.clamp(x0 + torch.clamp(nxt - x0, -self.eps, self.eps), 0, 1)
+            keep = ~stop
+            go = active[keep]
+            adv[go] = nxt[keep]
+            stop_step[go] += 1
+            active = go
+            if active.numel() == 0:
+                break
+        stats = {"stop_step": stop_step, "first_wrong": first_wrong, "kappa": kappa, "p_true_lps": p_true_lps}
+        object.__setattr__(self, "_stats", stats)  # torchattacks' __setattr__ walks dicts of attacks
+        return adv.detach()
+
+    def stats(self) -> dict[str, Tensor]:
+        return dict(self._stats)
+
+
+class FAT:
+    """FAT: early-stopped PGD (tau steps after the first misclassification), tau growing by epoch."""
+
+    @dataclass(frozen=True)
+    class Options:
+        tau: int = opt(0, "tau before the schedule's increases (tau0; the scripts' --tau 0)", min=0)
+        dynamic: bool = opt(True, "increase tau by one after each of --fat-tau-epochs (the authors' dynamic tau)")
+        tau_epochs: str | None = opt(None, "epochs (1-based) after which tau grows by one (default: at 50,90; "
+                                           "trades 30,50,70; mart 20,40,60,80)")
+        loss: str | None = opt(None, "attack loss: ce or kl (default: kl for trades, ce otherwise)", choices=("ce", "kl"))
+        start: str | None = opt(None, "first iterate: uniform, normal (x + 0.001 N(0,1), clamped) or none "
+                                      "(default: uniform for at, normal otherwise)", choices=("uniform", "normal", "none"))
+        omega: float | None = opt(None, "std of the Gaussian noise added at every update (default: 0.001 at, 0 otherwise)", min=0.0)
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.attack: EarlyStoppedPGD | None = None
+        self.epochs: tuple[int, ...] = ()
+        self._stop_sum: Any = 0
+        self._seen = 0
+
+    if Declaration is not None:
+        @hookimpl
+        def declare(self, objective: str) -> Any:
+            return Declaration(variants={"fat": STATS},
+                               meaning="early-stopped PGD: tau steps after the first misclassification (stats: stop_step)")
+
+    @hookimpl
+    def on_train_start(self, ctx: TrainContext) -> None:
+        o = self.options
+        obj = ctx.objective
+        o = dataclasses.replace(
+            o, tau_epochs=o.tau_epochs if o.tau_epochs is not None else TAU_EPOCHS.get(obj, TAU_EPOCHS["at"]),
+            loss=o.loss or LOSS.get(obj, "ce"), start=o.start or START.get(obj, "uniform"),
+            omega=o.omega if o.omega is not None else OMEGA.get(obj, 0.0))
+        self.options = o
+        self.epochs = parse_epochs(o.tau_epochs)
+        cfg = ctx.config
+        self.attack = EarlyStoppedPGD(ctx.model, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, tau=o.tau,
+                                      loss=o.loss, start=o.start, omega=o.omega)
+        set_bn_mode(self.attack, cfg.attack_bn)
+        sched = f"tau {o.tau} + 1 after each of epochs {o.tau_epochs}" if o.dynamic else f"tau {o.tau}"
+        ctx.log(f"fat: early-stopped PGD-{cfg.steps}, {sched}, loss {o.loss}, start {o.start}, omega {o.omega}")
+
+    def tau(self, epoch: int) -> int:
+        return tau_at(epoch, self.options.tau, self.epochs, self.options.dynamic)
+
+    @hookimpl
+    def generate_adversaries(self, ctx: StepContext) -> list[Variant]:
+        self.attack.tau = self.tau(ctx.epoch)
+        x_adv = self.attack(ctx.x, ctx.y)
+        stats = self.attack.stats()
+        self._stop_sum = self._stop_sum + stats["stop_step"].sum()  # on the device; read once per epoch
+        self._seen += ctx.batch_size
+        return [Variant("fat", x_adv, stats)]
+
+    @hookimpl
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        mean = float(self._stop_sum) / self._seen if self._seen else None
+        self._stop_sum, self._seen = 0, 0
+        return {"tau": self.tau(epoch), "mean_stop_step": mean}

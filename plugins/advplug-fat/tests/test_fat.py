@@ -1,0 +1,152 @@
+"""FAT: the early stop on a hand-built model, against a transcription of the authors' loop, the tau
+schedule, FAT-TRADES replacing TRADES' attack, stats for other plugins."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advplug import OptionError
+from advplug.plugins import enable
+from advplug.testing import digits_subset, tiny_config
+from advplug.trainer import Trainer
+from advplug_fat import EarlyStoppedPGD, parse_epochs, tau_at
+
+
+class Threshold(nn.Module):
+    """Two classes; class 1 wins iff x > c. The CE gradient of class 0 always pushes x up, so PGD
+    moves each sample by +alpha per update and the step of first misclassification is known."""
+
+    def __init__(self, c=0.6, s=10.0):
+        super().__init__()
+        self.c, self.s = c, s
+        self.dummy = nn.Parameter(torch.zeros(()))  # torchattacks reads the device from a parameter
+
+    def forward(self, x):
+        z1 = self.s * (x[:, 0] - self.c) + 0 * self.dummy
+        return torch.stack([torch.zeros_like(z1), z1], dim=1)
+
+
+X0 = [0.5, 0.55, 0.7, 0.0]  # first misclassified after 4, 2, 0 updates; never within K = 10
+ALPHA = 1 / 32
+
+
+def attack(tau, **kw):
+    return EarlyStoppedPGD(Threshold().eval(), eps=0.5, alpha=ALPHA, steps=10, tau=tau, start="none", **kw)
+
+
+@pytest.mark.parametrize("tau, stops", [(0, [4, 2, 0, 10]), (1, [5, 3, 1, 10]), (2, [6, 4, 2, 10]), (10, [10, 10, 10, 10])])
+def test_stops_tau_steps_after_the_first_misclassification(tau, stops):
+    atk = attack(tau)
+    x = torch.tensor(X0)[:, None]
+    y = torch.zeros(4, dtype=torch.long)
+    adv = atk(x, y)
+    st = atk.stats()
+    assert st["stop_step"].tolist() == stops
+    assert adv[:, 0].tolist() == pytest.approx([min(1.0, x0 + s * ALPHA) for x0, s in zip(X0, stops)])  # clamped to [0, 1]
+    assert st["first_wrong"].tolist() == [4, 2, 0, 10]
+    assert st["kappa"].tolist() == [4, 2, 0, 10]  # correct at every iteration before the first wrong one
+    # MAIL's p_true at the first misclassified iteration: sigmoid(-s (x - c)) there
+    x_first = torch.tensor([0.5 + 4 * ALPHA, 0.55 + 2 * ALPHA, 0.7, 0.0 + 9 * ALPHA])
+    assert st["p_true_lps"].tolist() == pytest.approx(torch.sigmoid(-10 * (x_first - 0.6)).tolist(), rel=1e-5)
+
+
+def authors_earlystop(model, data, target, step_size, epsilon, steps, tau):
+    """A transcription of the authors' earlystop.py (loss "cent", no random start, omega 0): the
+    batch shrinks as samples stop; returns the examples in the original order and the updates each
+    received."""
+    control = [tau] * len(target)
+    idx = list(range(len(target)))
+    iter_adv, out, updates = data.clone(), {}, [0] * len(target)
+    for _ in range(steps):
+        x = iter_adv[idx].clone().requires_grad_(True)
+        output = model(x)
+        pred = output.argmax(1)
+        keep = []
+        for j, i in enumerate(idx):
+            if pred[j] != target[i]:
+                if control[i] == 0:
+                    out[i] = iter_adv[i].clone()
+                    continue
+                control[i] -= 1
+            keep.append(j)
+        loss = F.cross_entropy(output, target[idx])
+        grad = torch.autograd.grad(loss, x)[0]
+        for j in keep:
+            i = idx[j]
+            nxt = iter_adv[i] + step_size * grad[j].sign()
+            nxt = torch.min(torch.max(nxt, data[i] - epsilon), data[i] + epsilon).clamp(0, 1)
+            iter_adv[i] = nxt.detach()
+            updates[i] += 1
+        idx = [idx[j] for j in keep]
+        if not idx:
+            break
+    for i in idx:
+        out[i] = iter_adv[i]
+    return torch.stack([out[i] for i in range(len(target))]), updates
+
+
+@pytest.mark.parametrize("tau", [0, 1, 3])
+def test_matches_a_transcription_of_the_authors_loop(tau):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    x, y = torch.rand(40, 6), torch.randint(0, 3, (40,))
+    atk = EarlyStoppedPGD(model, eps=0.3, alpha=0.05, steps=8, tau=tau, start="none")
+    adv = atk(x, y)
+    ref, updates = authors_earlystop(model, x, y, 0.05, 0.3, 8, tau)
+    assert atk.stats()["stop_step"].tolist() == updates
+    assert torch.allclose(adv, ref, atol=1e-6)
+    assert 0 < sum(updates) < 8 * 40 or tau == 3  # some samples stopped early
+
+
+def test_tau_schedule_is_the_authors_adjust_tau():
+    def fat_py(e):  # FAT.py, epochs from 1
+        return 0 if e <= 50 else 1 if e <= 90 else 2
+
+    def trades_py(e):  # FAT_for_TRADES.py
+        return 0 if e <= 30 else 1 if e <= 50 else 2 if e <= 70 else 3
+
+    def mart_py(e):  # FAT_for_MART.py
+        return 0 if e <= 20 else 1 if e <= 40 else 2 if e <= 60 else 3 if e <= 80 else 4
+
+    for ref, sched in ((fat_py, "50,90"), (trades_py, "30,50,70"), (mart_py, "20,40,60,80")):
+        assert [tau_at(ep, 0, parse_epochs(sched)) for ep in range(120)] == [ref(ep + 1) for ep in range(120)]
+    assert tau_at(100, 2, (50, 90), dynamic=False) == 2
+    with pytest.raises(OptionError, match="increasing"):
+        parse_epochs("90,50")
+
+
+def test_defaults_per_objective():
+    for objective, (loss, start, omega, sched) in {"at": ("ce", "uniform", 0.001, "50,90"),
+                                                   "trades": ("kl", "normal", 0.0, "30,50,70"),
+                                                   "mart": ("ce", "normal", 0.0, "20,40,60,80")}.items():
+        fat = enable(["fat"], objective).plugin("fat")
+        from advplug.context import TrainContext
+
+        fat.on_train_start(TrainContext(model=Threshold(), config=tiny_config("/tmp/unused"), num_train=8, num_classes=2,
+                                        input_shape=(1,), device=torch.device("cpu"), epochs=120, milestones=(60,),
+                                        objective=objective, make_attack=None, log=lambda s: None))
+        o = fat.options
+        assert (o.loss, o.start, o.omega, o.tau_epochs) == (loss, start, omega, sched)
+
+
+def test_fat_trades_replaces_the_trades_attack(tmp_path):
+    t = Trainer(tiny_config(str(tmp_path / "r"), plugins=("fat", "mail"), objective="trades", epochs=2,
+                            plugin_options={"mail-burn-in": 0}), data=digits_subset(128, 64), log=lambda s: None)
+    x, y = t.data.train
+    loss, ctx, w = t.step(x[:32], y[:32], torch.arange(32), 0, 0)
+    assert [v.name for v in ctx.variants] == ["fat"]  # TRADES' own tpgd did not run
+    assert t.enabled.plugin("fat").attack.loss == "kl"
+    st = ctx.variants[0].stats
+    assert set(st) >= {"stop_step", "first_wrong", "kappa", "p_true_lps"}
+    assert int(st["stop_step"].max()) <= 3 and torch.isfinite(loss) and w is not None  # MAIL used p_true_lps
+
+
+def test_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_config(str(out), plugins=("fat",), epochs=2, milestones=(1,),
+                        plugin_options={"fat-tau-epochs": "1"}), data=digits_subset(), log=lambda s: None).fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fat"]["tau"] for r in rows] == [0, 1]
+    assert all(0 <= r["fat"]["mean_stop_step"] <= 3 for r in rows)

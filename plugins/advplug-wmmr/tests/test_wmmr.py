@@ -1,0 +1,91 @@
+"""WMMR: weights against hand computations, the weighted attack against an independent one-step
+computation, the TRADES loss with WMMR's weights on the KL term."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advplug.context import FeatureTap, StepContext, TrainContext, Variant
+from advplug.plugins import enable
+from advplug.testing import TableModel, digits_subset, tiny_config
+from advplug.trainer import Trainer
+from advplug_wmmr import WMMR, WeightedPGD, wmmr_weights
+
+
+def test_weights_by_hand():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    y = torch.tensor([0, 0, 2])
+    # margins: 0.7 - 0.2 = 0.5; 0.2 - 0.5 = -0.3 (misclassified: weight > 1); 0.8 - 0.1 = 0.7
+    assert wmmr_weights(probs, y, 2.0).tolist() == pytest.approx([math.exp(-1.0), math.exp(0.6), math.exp(-1.4)], rel=1e-6)
+    assert wmmr_weights(probs, y, 0.0).tolist() == [1.0, 1.0, 1.0]
+
+
+def started(objective="at", **opts):
+    w = WMMR(WMMR.Options(attack="plain", **opts))
+    w.on_train_start(TrainContext(model=None, config=tiny_config("/tmp/unused"), num_train=8, num_classes=3,
+                                  input_shape=(1,), device=torch.device("cpu"), epochs=2, milestones=(1,),
+                                  objective=objective, make_attack=None, log=lambda s: None))
+    return w
+
+
+def table_ctx():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]]))
+    model = TableModel(logits)
+    x = torch.arange(3.0)[:, None]
+    ctx = StepContext(model=model, x=x + 100, y=torch.tensor([0, 0, 2]), index=torch.arange(3), epoch=0, step=0,
+                      num_classes=3, config=None, lr=0.1, tap=FeatureTap(model))
+    ctx.variants = [Variant("pgd", x)]  # the adversarial view looks up rows 0, 1, 2
+    return ctx
+
+
+def test_compute_weights_on_the_adversarial_view_and_defaults():
+    assert started("at").options.alpha == 0.5 and started("trades").options.alpha == 2.0
+    ctx = table_ctx()
+    w = started("at").compute_weights(ctx, ctx.variants).adv
+    by_hand = [math.exp(-0.5 * m) for m in (0.5, -0.3, 0.7)]
+    assert w.tolist() == pytest.approx(by_hand, rel=1e-5)  # not rescaled: the scripts' mean(w l)
+    wb = started("at", normalise="batch").compute_weights(ctx, ctx.variants).adv
+    assert wb.tolist() == pytest.approx([3 * b / sum(by_hand) for b in by_hand], rel=1e-5)
+
+
+def test_weighted_attack_one_step_against_an_independent_computation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x, y = torch.rand(16, 5), torch.randint(0, 3, (16,))
+    eps, step, a = 0.1, 0.03, 2.0
+    torch.manual_seed(1)
+    adv = WeightedPGD(model, eps=eps, alpha=step, steps=1, weight_alpha=a)(x, y)
+    torch.manual_seed(1)
+    x0 = (x + torch.empty_like(x).uniform_(-eps, eps)).requires_grad_(True)  # the code's unclamped start
+    logits = model(x0)
+    p = logits.softmax(1)
+    py = p.gather(1, y[:, None]).squeeze(1)
+    other = p.masked_fill(F.one_hot(y, 3).bool(), -1.0).max(1).values
+    loss = (torch.exp(-a * (py - other)) * F.cross_entropy(logits, y, reduction="none")).mean()  # weight not detached
+    g = torch.autograd.grad(loss, x0)[0]
+    expect = torch.clamp(x + torch.clamp(x0.detach() + step * g.sign() - x, -eps, eps), 0, 1)
+    assert torch.allclose(adv, expect, atol=1e-7)
+
+
+def test_trades_loss_weighs_the_kl_term(tmp_path):
+    t = Trainer(tiny_config(str(tmp_path / "r"), plugins=("wmmr",), objective="trades", epochs=2),
+                data=digits_subset(128, 64), log=lambda s: None)
+    x, y = t.data.train
+    loss, ctx, w = t.step(x[:32], y[:32], torch.arange(32), 0, 0)
+    assert [v.name for v in ctx.variants] == ["wmmr"]  # the weighted attack replaced TRADES' own
+    nat, adv = ctx.logits("natural").detach(), ctx.logits(ctx.variants[0]).detach()
+    weight = torch.exp(-2.0 * (lambda p: p.gather(1, y[:32, None]).squeeze(1)
+                               - p.scatter(1, y[:32, None], -1.0).max(1).values)(adv.softmax(1)))
+    kl = (nat.softmax(1) * (nat.log_softmax(1) - adv.log_softmax(1))).sum(1)
+    by_hand = F.cross_entropy(nat, y[:32]) + 6.0 * (weight * kl).mean()  # TRADES_base/trades.py, margin mode
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-4)
+
+
+def test_plain_attack_keeps_the_runs_attack_and_trains(tmp_path):
+    assert enable(["wmmr"], "at", {"wmmr-attack": "plain"}).plugin("wmmr").options.attack == "plain"
+    t = Trainer(tiny_config(str(tmp_path / "r"), plugins=("wmmr",), epochs=2, plugin_options={"wmmr-attack": "plain"}),
+                data=digits_subset(), log=lambda s: None)
+    res = t.fit()
+    assert all(math.isfinite(v) for r in res.values() for v in r.values())
