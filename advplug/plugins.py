@@ -55,6 +55,25 @@ def instantiate(cls: type, name: str, values: dict[str, Any]) -> Any:
     return cls(options) if ocls is not None else cls()
 
 
+def register(pm: pluggy.PluginManager, name: str, plugin: Any) -> None:
+    """Register with a one-line error for a hook whose signature does not fit its spec."""
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        raise PluginError(f'plugin "{name}" does not fit the hook contract: ' + "; ".join(lines[1:] or lines)) from None
+
+
+def check_hooks(name: str, cls: type) -> None:
+    """Check a plugin class's hook signatures against the specs, as ``enable`` would (default options)."""
+    pm = get_plugin_manager()
+    register(pm, name, instantiate(cls, name, {}))
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f'plugin "{name}": {e}') from None
+
+
 def get_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
@@ -108,10 +127,10 @@ def enable(names: list[str], objective: str = "at", options: dict[str, Any] | No
             raise PluginError(f'"{n}" is an objective, not a plugin: use --objective {n}')
     routed = split_options(names, objective, options or {})
     pm = get_plugin_manager()
-    pm.register(instantiate(objectives[objective], objective, routed[objective]), name=objective)
+    register(pm, objective, instantiate(objectives[objective], objective, routed[objective]))
     for n in names:
         cls = load_class(n)
-        pm.register(instantiate(cls, n, routed[n]), name=n)
+        register(pm, n, instantiate(cls, n, routed[n]))
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:
@@ -177,11 +196,30 @@ def loss_owners(enabled: Enabled) -> list[str]:
     if len(owners) > 1 and "at" in owners:
         owners.remove("at")
     if len(owners) > 1:
-        raise PluginError(
+        err = PluginError(
             f"plugins {' and '.join(repr(o) for o in owners)} both own the training loss "
             f"(combine_loss); enable only one of them"
         )
+        err.short = "two loss owners"  # type: ignore[attr-defined]
+        raise err
     return owners
+
+
+def pair_table(names: list[str] | None = None, objectives: tuple[str, ...] = ("at", "trades", "mart")) -> str:
+    """Markdown: for every pair of ``names`` (default: every installed plugin) and each objective,
+    what the combination means (``global(view) x local[v]``) or the start-up error."""
+    names = sorted(names if names is not None else installed())
+    rows = ["| pair | " + " | ".join(f"`{o}`" for o in objectives) + " |", "| --- |" + " --- |" * len(objectives)]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            cells = []
+            for o in objectives:
+                try:
+                    cells.append(enable([a, b], o).composition.cell())
+                except (PluginError, OptionError) as e:
+                    cells.append("error: " + getattr(e, "short", str(e)))
+            rows.append(f"| {a} + {b} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def hook_order(pm: pluggy.PluginManager) -> dict[str, list[dict[str, Any]]]:
@@ -219,7 +257,8 @@ def list_plugins() -> tuple[list[dict[str, Any]], list[str]]:
     for name, ep in sorted(installed().items()):
         try:
             cls = load_class(name)
-        except PluginError as e:
+            check_hooks(name, cls)
+        except (PluginError, OptionError) as e:
             errors.append(str(e))
             continue
         version = ep.dist.version if ep.dist is not None else None

@@ -68,6 +68,26 @@ class ConstantWeights:
         return None if self.value is None else Weights(adv=self.value)
 
 
+class BadWeights:
+    """Returns weights that are NaN (``kind = "nan"``), negative (``"negative"``) or all zero (``"zero"``)."""
+
+    kind = "nan"
+
+    @hookimpl
+    def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights:
+        w = torch.ones(ctx.batch_size, device=ctx.x.device)
+        w[0] = {"nan": float("nan"), "negative": -1.0, "zero": 0.0}[self.kind]
+        return Weights(adv=w * 0 if self.kind == "zero" else w)
+
+
+class WrongSignature:
+    """A hook whose argument is not in the spec (pluggy rejects it at registration)."""
+
+    @hookimpl
+    def compute_weights(self, ctx: StepContext, variants: list[Variant], batch) -> None:  # ``batch``: no such argument
+        return None
+
+
 class NaNLoss:
     """Wraps the loss and turns it into NaN from global step ``at`` on."""
 

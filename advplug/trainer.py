@@ -246,8 +246,9 @@ class Trainer:
                                   "(ctx.logits in generate_adversaries?); the loss would use the unperturbed weights")
             for manager in managers:
                 perturbed.enter_context(manager)
-            weights = combine_weights(self.pm.hook.compute_weights(ctx=ctx, variants=variants), len(variants),
-                                      ctx.batch_size, ctx.batch_mean)
+            weights = combine_weights(self._plugin_weights(ctx, variants), len(variants), ctx.batch_size, ctx.batch_mean)
+            if weights is not None and weights.adv is not None:
+                self.weight_faults[-1] |= weights.adv.amax() <= 0  # a batch that trains on nothing
             loss = self.pm.hook.combine_loss(ctx=ctx, variants=variants, weights=weights)
             if loss is None:
                 raise PluginError("no plugin returned a training loss (combine_loss)")
@@ -258,6 +259,24 @@ class Trainer:
         self.pm.hook.on_batch_end(ctx=ctx, loss=loss)
         self.tap.last = None
         return loss, ctx, weights
+
+    def _plugin_weights(self, ctx: StepContext, variants: list[Variant]) -> list[Any]:
+        """Every plugin's ``compute_weights`` (as pluggy would call them), each checked on the device
+        for negative or non-finite values, so that a bad plugin is named at the next periodic check
+        (no host sync in the step)."""
+        if getattr(self, "_weight_impls", None) is None:
+            self._weight_impls = list(reversed(self.pm.hook.compute_weights.get_hookimpls()))
+            self.weight_faults = torch.zeros(len(self._weight_impls) + 1, dtype=torch.bool, device=self.device)
+        args = {"ctx": ctx, "variants": variants}
+        out = []
+        for i, impl in enumerate(self._weight_impls):
+            r = impl.function(*[args[a] for a in impl.argnames])
+            if r is not None:
+                for t in (r.adv, r.nat, getattr(r, "local", None), getattr(r, "local_nat", None)):
+                    if t is not None:
+                        self.weight_faults[i] |= ~(torch.isfinite(t) & (t >= 0)).all()
+            out.append(r)
+        return out
 
     def _attack_callers(self) -> tuple[Any, Any]:
         """(the plugins' ``generate_adversaries``, the objective's own or ``None``)."""
@@ -321,11 +340,21 @@ class Trainer:
         self.weight_dump.add(**cols)
 
     def _check_finite(self, losses: Tensor, epoch: int) -> None:
+        """The periodic host check: plugins' weights first (a NaN weight makes a NaN loss, and the
+        plugin is the one to name), then the loss."""
+        last = self.out / "last.pt"
+        keep = f"; the last good checkpoint is {last}" if last.exists() else "; no checkpoint was written yet"
+        faults = getattr(self, "weight_faults", None)
+        if faults is not None and bool(faults.any()):
+            bad = [impl.plugin_name for impl, f in zip(self._weight_impls, faults.tolist()) if f]
+            if bad:
+                raise PluginError(f"plugin {bad[0]!r} returned negative or non-finite weights in epoch {epoch + 1} "
+                                  f"(weights must be finite and >= 0): stopped{keep}")
+            raise PluginError(f"the combined weights of a whole batch were zero in epoch {epoch + 1}: the step trained on "
+                              f"nothing (plugins {', '.join(i.plugin_name for i in self._weight_impls)}): stopped{keep}")
         bad = ~torch.isfinite(losses)
         if bad.any():
             i = int(bad.nonzero()[0])
-            last = self.out / "last.pt"
-            keep = f"; the last good checkpoint is {last}" if last.exists() else "; no checkpoint was written yet"
             raise NonFiniteLossError(f"training loss is {losses[i].item()} at epoch {epoch + 1}, step {i + 1}: stopped{keep}")
 
     # -- the run ----------------------------------------------------------------------------

@@ -320,3 +320,30 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     checkpoint.save(out / "last.pt", {k: v for k, v in raw.items() if k not in ("path", "format", "version")})
     with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), this run has 1: resume with the same number"):
         Trainer(resume_config(out), data=digits_subset(128, 32), resume=True, log=quiet)
+
+
+@pytest.mark.parametrize("kind,pattern", [
+    ("nan", "plugin 'bad' returned negative or non-finite weights in epoch 1"),
+    ("negative", "plugin 'bad' returned negative or non-finite weights in epoch 1"),
+    ("zero", "the combined weights of a whole batch were zero in epoch 1"),
+])
+def test_bad_weights_name_the_plugin_not_the_loss(tmp_path, monkeypatch, kind, pattern):
+    from advplug.errors import PluginError
+    from advplug.testing import BadWeights, installed_plugins
+
+    monkeypatch.setattr(BadWeights, "kind", kind)
+    with installed_plugins(bad="advplug.testing:BadWeights"):
+        with pytest.raises(PluginError, match=pattern):
+            train(tmp_path / "run", plugins=("bad",), epochs=1).fit()
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_plugin_with_a_wrong_hook_signature(tmp_path):
+    from advplug.testing import installed_plugins
+
+    with installed_plugins(wrongsig="advplug.testing:WrongSignature"):
+        res = CliRunner().invoke(cli, ["plugins"])
+        assert res.exit_code == 0 and 'plugin "wrongsig" does not fit the hook contract' in res.stderr
+        assert "  wrongsig " not in res.output  # not listed as fine
+        one_line_error(CliRunner().invoke(cli, ["train", "--plugin", "wrongsig", "--out", str(tmp_path / "r")]),
+                       "{'batch'} are declared in the hookimpl but can not be found in the hookspec")
