@@ -181,8 +181,11 @@ def test_atypical_samples_get_lower_adversarial_weights(tmp_path, monkeypatch):
 def test_embedding_selection_pulls_codes_toward_misclassified_samples(tmp_path, monkeypatch):
     """Sec. 3.4: with only wrong embeddings updating it, the codebook sits near misclassified
     samples, which then get the larger w- (the paper's 'focus on misclassified samples')."""
-    dist, _, wrong = train_on_mixture(tmp_path, monkeypatch, "wrong")
+    dist, atypical, wrong = train_on_mixture(tmp_path, monkeypatch, "wrong")
     assert wrong.any() and dist[wrong].mean() < dist[~wrong].mean()
+    # and so the selection does not down-weight the known atypical samples: the typical ones get the smaller w-
+    w_minus, _ = memorization_weights(dist, dist.mean().item())
+    assert w_minus[atypical].mean() > w_minus[~atypical].mean()
 
 
 def test_end_to_end_resume_keeps_the_codebook(tmp_path):
@@ -191,3 +194,81 @@ def test_end_to_end_resume_keeps_the_codebook(tmp_path):
     full, part = run_and_resume(tmp_path, digits_subset(), plugins=("meow",), milestones=(2,))
     assert torch.allclose(full["plugins"]["meow"]["codebook"], part["plugins"]["meow"]["codebook"], atol=1e-5)
     assert same_tensors(full["model"], part["model"])
+
+
+def test_overflow_guard_keeps_weights_finite():
+    d = torch.tensor([0.5, 10.0, 1000.0])
+    w_minus, w_plus = memorization_weights(d, 1.0, max_log_weight=3.0)
+    assert torch.isfinite(w_plus).all() and w_plus.tolist() == pytest.approx([math.exp(0.5), math.exp(3.0), math.exp(3.0)])
+    assert w_minus.tolist() == pytest.approx([math.exp(-0.5), math.exp(-3.0), math.exp(-3.0)])
+    assert torch.isinf(memorization_weights(d, 1.0)[1]).any()  # unguarded exp(d / T) overflows
+
+
+def with_config(data, model, **opts):
+    from advplug.config import TrainConfig
+
+    m = MeoW(MeoW.Options(**opts))
+    m.on_train_start(TrainContext(model=None, config=TrainConfig(data=data, model=model), num_train=10 ** 6, num_classes=2,
+                                  input_shape=(2,), device=torch.device("cpu"), epochs=1, milestones=(),
+                                  objective="at", make_attack=None, log=lambda s: None))
+    return m
+
+
+def test_temperature_is_the_papers_on_its_configurations_and_the_scale_rule_elsewhere():
+    assert with_config("cifar10", "preactresnet18").fixed_t == 10.0
+    assert with_config("svhn", "wrn-34-10").fixed_t == 10.0
+    assert with_config("digits", "digits-cnn").fixed_t is None
+    assert with_config("digits", "digits-cnn", temperature=3.0).fixed_t == 3.0
+
+
+def test_scale_rule_by_hand():
+    """Step 1 seeds the codebook: weights 1. Then T = scale x EMA(0.9) of the batch-mean natural
+    distance before the step (started at the first such mean)."""
+    model = Embed()
+    m = with_config("digits", "digits-cnn", codebook_size=1, temperature_scale=2.0)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    ctx = step_ctx(model, x, x.clone(), torch.tensor([0, 1]))
+    w = m.compute_weights(ctx, ctx.variants)
+    assert w.nat.tolist() == [1.0, 1.0] and torch.equal(w.adv.flatten(), torch.ones(2))
+    m._set_codebook(torch.tensor([[0.0, 0.0]]))
+    steps = [torch.tensor([[3.0, 4.0], [0.0, 1.0]]), torch.tensor([[6.0, 8.0], [0.0, 2.0]]),
+             torch.tensor([[12.0, 16.0], [0.0, 4.0]])]  # distances (5, 1), (10, 2), (20, 4)
+    means, ema = [3.0, 6.0, 12.0], None
+    for xs, mean in zip(steps, means):
+        ctx = step_ctx(model, xs, xs.clone(), torch.tensor([0, 1]))
+        w = m.compute_weights(ctx, ctx.variants)
+        ema = mean if ema is None else ema
+        t = 2.0 * ema
+        d = xs.norm(dim=1)
+        assert w.nat.tolist() == pytest.approx(torch.exp(d / t).tolist(), rel=1e-5)
+        assert w.adv.flatten().tolist() == pytest.approx(torch.exp(-d / t).tolist(), rel=1e-5)
+        ema = 0.9 * ema + 0.1 * mean
+
+
+def test_ema_codebook_update_by_hand():
+    """One EMA step (decay g = 0.5) on a one-code book: count' = g + (1 - g) n, sum' = g e + (1 - g)
+    sum of the *selected* (misclassified, natural and adversarial) embeddings; e' = sum' / count'."""
+    model = Embed()
+    m = started(codebook_size=1, decay=0.5)
+    m._set_codebook(torch.tensor([[0.0, 0.0]]))
+    x_nat = torch.tensor([[0.0, 3.0], [0.0, 2.0]])  # sample 0 wrong (label 0, logit 1 wins), sample 1 right
+    x_adv = torch.tensor([[4.0, 0.0], [5.0, 1.0]])  # sample 0 right, sample 1 wrong
+    ctx = step_ctx(model, x_nat, x_adv, torch.tensor([0, 1]))
+    m.compute_weights(ctx, ctx.variants)
+    m.on_batch_end(ctx)
+    selected = torch.tensor([[0.0, 3.0], [5.0, 1.0]])  # the wrong natural of 0, the wrong adversarial of 1
+    count = 0.5 * 1 + 0.5 * 2
+    code = (0.5 * torch.zeros(2) + 0.5 * selected.sum(0)) / count
+    assert m.codebook.detach()[0].tolist() == pytest.approx(code.tolist(), rel=1e-4)
+
+
+def test_adam_codebook_update_descends_eq3():
+    """Adam's first step is lr * sign(grad of Eq. 3): the code moves toward the selected embedding."""
+    model = Embed()
+    m = started(codebook_size=1, update="adam", codebook_lr=0.1)
+    m._set_codebook(torch.tensor([[1.0, 1.0]]))
+    x = torch.tensor([[0.0, 3.0], [0.0, 2.0]])  # only sample 0 (at (0, 3)) is misclassified
+    ctx = step_ctx(model, x, x.clone(), torch.tensor([0, 1]))
+    m.compute_weights(ctx, ctx.variants)
+    m.on_batch_end(ctx)
+    assert m.codebook.detach()[0].tolist() == pytest.approx([0.9, 1.1], abs=1e-4)

@@ -4,7 +4,29 @@ A codebook ``B`` of N codes is learned over penultimate embeddings ``F = g(x)`` 
 without its last layer) with the VQ loss of Eq. 3, ``sum_i ||sg[F_i] - e_k(i)||^2``: it trains
 the codes and sends no gradient into the network. With ``d(F, B)`` the Euclidean distance to the
 nearest code, Eq. 4 gives ``w- = exp(-d(F_hat, B) / T)`` on adversarial and
-``w+ = exp(d(F, B) / T)`` on natural samples (T = 10).
+``w+ = exp(d(F, B) / T)`` on natural samples.
+
+Temperature (``--meow-temperature``; the paper's T = 10 is tied to its feature scale):
+
+* on the paper's configurations (CIFAR-10, CIFAR-100, SVHN with PreActResNet-18 or a WRN), the
+  paper's ``T = 10``;
+* elsewhere, by default, the scale rule ``T = --meow-temperature-scale x`` the running mean
+  (EMA, decay 0.9 per step) of the natural embeddings' nearest-code distance, taken before
+  each step's weights: a sample at the typical distance gets ``w- = 1/e``, ``w+ = e``, whatever the
+  feature scale. Why: the digits CNN's distances start at 0.2 and grow to 5-7 within a few
+  epochs, so at T = 10 the weights span 0.96-1.0 in epoch 1 and 0.79-0.93 in the issue's run
+  (effective sample size 0.98-1.0): reweighting is nearly off, and what differs from AT is
+  mostly Eq. 5's natural term. With the rule the ESS is 0.86-0.95 (measured per epoch on the
+  default digits run and on the test mixture). The first step (the codebook is seeded from
+  that batch) has weights 1;
+* a number sets T for the whole run.
+
+Overflow guard (not in the paper): ``d / T`` is clamped at ``--meow-max-log-weight`` (3), so
+``w+ <= e^3 = 20`` and ``w- >= e^-3``. ``exp(d / T)`` is unbounded: at ``T = 1`` on digits the
+distances outgrow T and the loss was NaN by epoch 3; with the scale rule a cap of e^5 still let
+a 2-d toy MLP collapse in 2 of 4 runs (w+ up to 148 on the natural term), e^3 in none of 6. At
+the paper's T = 10 the guard acts only where ``d > 30``. The epoch metrics report T and the
+fraction of natural weights clamped.
 
 Objectives, chosen by ``--objective``:
 
@@ -22,11 +44,15 @@ Choices where the paper is open (written here so results can be compared):
   minimiser of Eq. 3, with no learning rate to tune to the scale of the features (decay
   ``--meow-decay`` 0.99 per step). ``--meow-update adam`` instead takes Adam steps on Eq. 3
   (``--meow-codebook-lr``); with few steps per run it barely moves the codes.
-* What the selection does (tested on a two-cluster mixture with isolated atypical points): with
-  ``--meow-select all`` the codes settle on the popular embeddings and isolated samples are the
-  farthest, so they get the smallest ``w-``; with the paper's selection of wrong embeddings the
-  codes follow the misclassified samples, which then get the *larger* ``w-`` (the paper's
-  "focus on misclassified samples", Sec. 3.4).
+* Which samples the Sec. 3.4 selection down-weights (tested on a two-cluster mixture with 24
+  known atypical points scattered between the clusters): with the selection (the default) the
+  codes follow the *misclassified* embeddings, so misclassified and atypical samples are the
+  nearest and get the *larger* ``w-``; the smallest ``w-`` (and the largest ``w+``) go to the
+  correctly classified, typical samples of the clusters. That is the paper's "focus on
+  misclassified samples" (Sec. 2.2, 3.4), and the opposite of Sec. 3.2's "suppress atypical
+  samples": with the selection, MeoW does not down-weight atypical adversarial samples. With
+  ``--meow-select all`` the codes settle on the popular embeddings, isolated samples are the
+  farthest, and atypical samples get the smallest ``w-`` (Sec. 3.2's reading).
 * Codes start as randomly chosen embeddings of the first batch (plus small noise), and codes no
   embedding was nearest to during an epoch ("dead codes") are re-seeded at the epoch's end from a
   ring buffer of recent natural embeddings (the usual VQ codebook reset).
@@ -60,9 +86,19 @@ def nearest_code(features: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     return dist, idx
 
 
-def memorization_weights(dist: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Eq. 4: ``(w-, w+) = (exp(-d / T), exp(d / T))``."""
-    return torch.exp(-dist / temperature), torch.exp(dist / temperature)
+PAPER_DATA = ("cifar10", "cifar100", "svhn")
+PAPER_MODELS = ("preactresnet18", "wrn-34-10", "wrn-28-10", "wrn-32-10")
+PAPER_TEMPERATURE = 10.0
+T_DECAY = 0.9  # EMA decay per step of the scale rule's mean distance (follows the growing feature scale)
+
+
+def memorization_weights(dist: Tensor, temperature: float, max_log_weight: float | None = None) -> tuple[Tensor, Tensor]:
+    """Eq. 4: ``(w-, w+) = (exp(-d / T), exp(d / T))``, with ``d / T`` clamped at
+    ``max_log_weight`` (the overflow guard) when given."""
+    z = dist / temperature
+    if max_log_weight is not None:
+        z = z.clamp(max=max_log_weight)
+    return torch.exp(-z), torch.exp(z)
 
 
 class MeoW:
@@ -71,7 +107,10 @@ class MeoW:
     @dataclass(frozen=True)
     class Options:
         codebook_size: int = opt(2048, "number of codes N (scaled down for small training sets)", min=1)
-        temperature: float = opt(10.0, "temperature T of Eq. 4", gt=0.0)
+        temperature: float | None = opt(None, "T of Eq. 4 (default: 10, the paper's, on its configurations; "
+                                        "else the scale rule, T = scale x running mean nearest-code distance)", gt=0.0)
+        temperature_scale: float = opt(1.0, "scale rule: T = this x the running mean nearest-code distance", gt=0.0)
+        max_log_weight: float = opt(3.0, "overflow guard: |d / T| clamped here, w+ <= e^this", gt=0.0)
         alpha: float = opt(0.2, "natural-term share alpha of Eq. 5 (objective at)", min=0.0, max=1.0)
         update: str = opt("ema", "codebook update minimising Eq. 3: ema (VQ-VAE moving averages) or adam", choices=("ema", "adam"))
         decay: float = opt(0.99, "EMA decay per step (update ema)", gt=0.0, max=1.0)
@@ -93,6 +132,8 @@ class MeoW:
         self._epoch_stats: dict[str, Tensor] = {}
         self.objective = "at"
         self.log = print
+        self.fixed_t: float | None = options.temperature
+        self.t_ema: Tensor | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def owns_loss(self, objective: str) -> bool:
@@ -116,6 +157,28 @@ class MeoW:
             ctx.log(f"meow: {ctx.num_train} training samples, codebook scaled from {self.options.codebook_size} "
                     f"to {n} codes (the paper's ~{PAPER_TRAIN_SIZE // PAPER_CODES} samples per code)")
         self.n_codes = n
+        cfg = ctx.config
+        paper = cfg is not None and getattr(cfg, "data", None) in PAPER_DATA and getattr(cfg, "model", None) in PAPER_MODELS
+        self.fixed_t = self.options.temperature if self.options.temperature is not None else (PAPER_TEMPERATURE if paper else None)
+        how = (f"T = {self.fixed_t:g}" + (" (the paper's, on its configuration)" if self.options.temperature is None else "")
+               if self.fixed_t is not None else
+               f"T = {self.options.temperature_scale:g} x running mean nearest-code distance (scale rule; not the paper's "
+               f"configuration, where T = {PAPER_TEMPERATURE:g})")
+        ctx.log(f"meow: {how}, |d / T| clamped at {self.options.max_log_weight:g}")
+
+    def temperature(self, ctx: StepContext, d_nat: Tensor, fresh: bool) -> Tensor | float:
+        """T for this step: fixed, or the scale rule (EMA of the batch-mean natural distance before
+        this step; the step that seeds the codebook gets T = inf, i.e. weights 1)."""
+        if self.fixed_t is not None:
+            return self.fixed_t
+        if fresh:
+            return float("inf")
+        m = ctx.batch_mean(d_nat.float())  # [1], all-reduced under DDP
+        if self.t_ema is None:
+            self.t_ema = m
+        t = self.options.temperature_scale * self.t_ema.clamp_min(1e-12)
+        self.t_ema = T_DECAY * self.t_ema + (1 - T_DECAY) * m
+        return t
 
     def _init_codebook(self, feats: Tensor) -> None:
         n, d = self.n_codes, feats.shape[1]
@@ -138,14 +201,19 @@ class MeoW:
     def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> Weights:
         f_nat = ctx.features(NATURAL).detach()
         f_adv = [ctx.features(v).detach() for v in variants]
-        if self.codebook is None:
+        fresh = self.codebook is None
+        if fresh:
             self._init_codebook(f_nat)
         codes = self.codebook.detach()
         d_nat, k_nat = nearest_code(f_nat, codes)
         nearest = [nearest_code(f, codes) for f in f_adv]
         d_adv = torch.stack([d for d, _ in nearest])  # [V, B]
-        w_minus, _ = memorization_weights(d_adv, self.options.temperature)
-        _, w_plus = memorization_weights(d_nat, self.options.temperature)
+        t = self.temperature(ctx, d_nat, fresh)
+        w_minus, _ = memorization_weights(d_adv, t, self.options.max_log_weight)  # Eq. 4 on x'
+        _, w_plus = memorization_weights(d_nat, t, self.options.max_log_weight)  # Eq. 4 on x
+        s = self._epoch_stats
+        s["clamped"] = s.get("clamped", 0) + (d_nat / t > self.options.max_log_weight).sum()
+        s["t"] = t
         self._step = {"f": [f_nat, *f_adv], "k": [k_nat, *(k for _, k in nearest)],
                       "wrong": [ctx.logits(NATURAL).detach().argmax(1) != ctx.y,
                                 *(ctx.logits(v).detach().argmax(1) != ctx.y for v in variants)]}
@@ -248,6 +316,8 @@ class MeoW:
             "mean_dist_nat": float(s.get("d_nat", 0.0)) / n,
             "mean_dist_adv": float(s.get("d_adv", 0.0)) / n,
             "selected_frac": float(s.get("selected", 0)) / max(float(s.get("candidates", 1)), 1.0),
+            "temperature": float(s.get("t", float("nan"))),
+            "clamped_frac": float(s.get("clamped", 0)) / n,
         }
         self.usage.zero_()
         self._epoch_stats = {}
@@ -260,7 +330,8 @@ class MeoW:
         return {"initialized": True, "codebook": self.codebook.detach().clone(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
                 "ema_count": self.ema_count.clone(), "ema_sum": self.ema_sum.clone(),
-                "usage": self.usage.clone(), "ring": self.ring.clone(), "ring_pos": self.ring_pos, "ring_full": self.ring_full}
+                "usage": self.usage.clone(), "ring": self.ring.clone(), "ring_pos": self.ring_pos, "ring_full": self.ring_full,
+                "t_ema": None if self.t_ema is None else self.t_ema.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state.get("initialized"):
@@ -274,3 +345,5 @@ class MeoW:
         self.ema_count, self.ema_sum = state["ema_count"].to(dev), state["ema_sum"].to(dev)
         self.usage = state["usage"].to(dev)
         self.ring_pos, self.ring_full = int(state["ring_pos"]), bool(state["ring_full"])
+        t_ema = state.get("t_ema")
+        self.t_ema = None if t_ema is None else t_ema.to(dev)
