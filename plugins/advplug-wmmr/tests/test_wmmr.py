@@ -89,3 +89,29 @@ def test_plain_attack_keeps_the_runs_attack_and_trains(tmp_path):
                 data=digits_subset(), log=lambda s: None)
     res = t.fit()
     assert all(math.isfinite(v) for r in res.values() for v in r.values())
+
+
+def test_weighted_attack_records_kappa_for_gairat():
+    class Threshold(nn.Module):  # class 1 iff x > 0.6; the weighted CE pushes x up by alpha per step
+        def __init__(self):
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            z1 = 10 * (x[:, 0] - 0.6) + 0 * self.dummy
+            return torch.stack([torch.zeros_like(z1), z1], 1)
+
+    eps, step, k = 0.05, 1 / 32, 6
+    x, y = torch.tensor([[0.58], [0.57], [0.0]]), torch.zeros(3, dtype=torch.long)
+    torch.manual_seed(3)
+    atk = WeightedPGD(Threshold().eval(), eps=eps, alpha=step, steps=k, weight_alpha=0.5)
+    atk(x, y)
+    torch.manual_seed(3)
+    x0 = x[:, 0] + torch.empty_like(x).uniform_(-eps, eps)[:, 0]  # the same start, drawn independently
+    its, expect = x0.clone(), torch.zeros(3, dtype=torch.long)
+    for _ in range(k):  # the prediction before each update: correct while x <= 0.6
+        expect += (its <= 0.6).long()
+        its = torch.clamp(torch.min(torch.max(its + step, x[:, 0] - eps), x[:, 0] + eps), 0, 1)
+    assert atk.stats()["kappa"].tolist() == expect.tolist()
+    assert expect.tolist()[2] == k and expect.tolist()[0] < k  # a robust sample and a fooled one
+    assert enable(["wmmr", "gairat"], "at").composition is not None  # the start-up check finds kappa on wmmr

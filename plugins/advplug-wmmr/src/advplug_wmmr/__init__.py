@@ -31,7 +31,9 @@ Choices (code vs what advplug does):
   (default) reproduces it as the variant ``"wmmr"``, which replaces the objective's own attack;
   ``plain`` keeps the run's attack (use it to combine WMMR with another attack plugin: FAT, LRAT).
   eps, step and steps are the run's; the BatchNorm mode while attacking is the run's
-  ``--attack-bn`` (the AT script attacks in train mode, the TRADES script in eval mode).
+  ``--attack-bn`` (the AT script attacks in train mode, the TRADES script in eval mode). The
+  attack also records GAIRAT's ``kappa`` and MAIL's ``p_true_lps`` like the core's PGD, so
+  ``--plugin wmmr --plugin gairat`` works.
 * **alpha** defaults per objective from the scripts: ``at`` 0.5 (``train_at_cifar10.py``),
   ``trades`` 2.0 (``train_trades_cifar10.py``); ``mart`` 0.5 (our choice: no script). BiLAW's
   MNIST baseline used alpha 0.1 (``AT_base/configs/train.json``).
@@ -93,10 +95,20 @@ class WeightedPGD(torchattacks.PGD):
                 p_nat = torch.softmax(self.get_logits(images), dim=1)
         else:
             adv = images + torch.empty_like(images).uniform_(-self.eps, self.eps)
+        b = labels.shape[0]
+        kappa = torch.zeros(b, dtype=torch.long, device=images.device)
+        p_true_lps = torch.zeros(b, device=images.device)
+        found = torch.zeros(b, dtype=torch.bool, device=images.device)
         for _ in range(self.steps):
             adv = adv.detach().requires_grad_(True)
             logits = self.get_logits(adv)
-            w = wmmr_weights(torch.softmax(logits, dim=1), labels, self.weight_alpha)  # with its gradient
+            probs = torch.softmax(logits, dim=1)
+            with torch.no_grad():  # GAIRAT's kappa and MAIL's p_y at the least step, as the core's PGD records them
+                correct = probs.argmax(1) == labels
+                kappa += correct
+                p_true_lps = torch.where(found, p_true_lps, probs.gather(1, labels[:, None]).squeeze(1).float())
+                found |= ~correct
+            w = wmmr_weights(probs, labels, self.weight_alpha)  # with its gradient
             if self.loss == "kl":
                 kl = F.kl_div(F.log_softmax(logits, dim=1), p_nat, reduction="none").sum(1)
                 cost = (kl * w).sum()
@@ -105,7 +117,11 @@ class WeightedPGD(torchattacks.PGD):
             grad = torch.autograd.grad(cost, adv)[0]
             adv = adv.detach() + self.alpha * grad.sign()
             adv = torch.clamp(images + torch.clamp(adv - images, -self.eps, self.eps), 0, 1)
+        self.kappa, self.p_true_lps = kappa, p_true_lps
         return adv.detach()
+
+    def stats(self) -> dict[str, Tensor]:
+        return {"kappa": self.kappa, "p_true_lps": self.p_true_lps}
 
 
 class WMMR:
@@ -128,8 +144,8 @@ class WMMR:
         def declare(self, objective: str) -> Any:
             o = self.options
             scale = "mean 1 per batch" if o.normalise == "batch" else "in [exp(-alpha), exp(alpha)], not rescaled"
-            variants = {"wmmr": ()} if o.attack == "weighted" else {}
-            return Declaration(weights="global", view=o.view, variants=variants,
+            variants = {"wmmr": ("kappa", "p_true_lps")} if o.attack == "weighted" else {}
+            return Declaration(weights="global", view=o.view, variants=variants, own_scale=o.normalise != "batch",
                                meaning=f"exp(-alpha (p_y - max_t p_t)) on the adversarial example, {scale}")
 
     @hookimpl
@@ -148,7 +164,8 @@ class WMMR:
     def generate_adversaries(self, ctx: StepContext) -> list[Variant] | None:
         if self.attack is None:
             return None
-        return [Variant("wmmr", self.attack(ctx.x, ctx.y))]
+        x_adv = self.attack(ctx.x, ctx.y)
+        return [Variant("wmmr", x_adv, self.attack.stats())]
 
     def view(self, ctx: StepContext, variants: list[Variant]) -> Any:
         if hasattr(ctx, "view"):
