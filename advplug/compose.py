@@ -201,6 +201,17 @@ class Composition:
         lines.append("combined: " + self.formula())
         return lines
 
+    def cell(self) -> str:
+        """The pair's meaning in a few words (the README's pair table)."""
+        parts = [f"{n}({self.reads[n]})" for n in self.globals] + ([f"{self.local}[v]"] if self.local else [])
+        out = " x ".join(parts) if parts else "no weights"
+        nat = [n for n in self.globals if self.declarations[n].natural_weights]
+        if nat:
+            out += f", {'/'.join(nat)} on the natural term"
+        if self.owner and self.owner != self.objective:
+            out += f"; loss {self.owner}"
+        return out
+
     def formula(self) -> str:
         if not self.globals and not self.local:
             return "no weights (all ones)"
@@ -217,9 +228,12 @@ class Composition:
         return out
 
 
-def _fail(a: str, b: str, problem: str) -> PluginError:
+def _fail(a: str, b: str, problem: str, short: str = "") -> PluginError:
+    """One line naming both plugins and the missing piece; ``short`` for the README's pair table."""
     pair = f"{a!r} with {b!r}" if a != b else repr(a)
-    return PluginError(f"{pair}: {problem}")
+    err = PluginError(f"{pair}: {problem}")
+    err.short = short or problem  # type: ignore[attr-defined]
+    return err
 
 
 def check_composition(
@@ -244,7 +258,7 @@ def check_composition(
             continue  # plugins' variants replace the objective's own attack (trainer.step, issue 17)
         for v, stats in d.variants.items():
             if v in views:
-                raise _fail(makers[v], n, f"both generate a variant named {v!r}")
+                raise _fail(makers[v], n, f"both generate a variant named {v!r}", "same variant name")
             views[v], makers[v] = tuple(stats), n
     if undeclared:
         views = None
@@ -256,10 +270,15 @@ def check_composition(
     locals_ = [n for n, d in declarations.items() if d.weights == "local"]
     if len(locals_) > 1:
         raise _fail(locals_[0], locals_[1], "both return local weights (one weight per variant inside the pair); "
-                                            "only one method may distribute weight inside the pair")
+                                            "only one method may distribute weight inside the pair", "two local weightings")
     local = locals_[0] if locals_ else None
     globals_ = [n for n, d in declarations.items() if d.weights == "global"]
 
+    if local and declarations[local].own_scale:
+        for n in globals_:
+            if declarations[n].own_scale:
+                raise _fail(n, local, f"both set the loss scale: {n}'s weights are not mean 1 and {local} normalises its "
+                                      f"own (e.g. LRAT's Eq. 15); choose a mean-1 setting of {n}", "both set the loss scale")
     anchor = declarations[local].anchor if local else None
     if views is not None:
         if anchor is not None and anchor != NATURAL and anchor not in views:
@@ -294,7 +313,7 @@ def check_composition(
                     recording = [w for w, s in views.items() if key in s]
                     hint = (f"views that record it: {', '.join(recording)}" if recording else "no view of this run records it")
                     raise _fail(n, other, f"{n} needs {key!r} on the view it reads, {describe_view(v)}, which does not "
-                                          f"record it ({hint})")
+                                          f"record it ({hint})", f"no {key} on {v}")
             elif need == "validation":
                 if "validation" not in requested:
                     raise _fail(n, n, "needs a validation split but does not ask for it in requirements()")
@@ -302,13 +321,13 @@ def check_composition(
                 if local is not None and local != n:
                     raise _fail(n, local, f"{n} learns its weights through the run's loss as a function of its own "
                                           f"weights, but {local}'s local weights are part of that loss and are not "
-                                          f"known when {n} computes; not supported")
+                                          f"known when {n} computes; not supported", "meta-gradient beside local weights")
             elif need not in CORE_NEEDS:
                 raise _fail(n, n, f"declares an unknown need {need!r} (known: {', '.join(sorted(CORE_NEEDS))}, stat:KEY)")
         if d.weights == "global" and views is not None and v != NATURAL and v not in views:
             raise _fail(n, local or n, f"{n} reads the view {v!r}, which this run does not make (views: natural, {', '.join(views)})")
         if d.natural_weights and owner is not None:
             if "natural-term" not in declarations.get(owner, Declaration()).provides:
-                raise _fail(n, owner, f"{n} weighs the natural term, but the loss of {owner!r} has none")
+                raise _fail(n, owner, f"{n} weighs the natural term, but the loss of {owner!r} has none", "no natural term")
     return Composition(objective=objective, owner=owner, views=views, makers=makers, anchor=anchor, local=local,
                        globals=globals_, reads=reads, declarations=dict(declarations))

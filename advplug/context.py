@@ -80,6 +80,9 @@ class Declaration:
     it with ``requirements``), ``"loss"`` (the run's loss as a function of this plugin's weights
     alone: meta-learning), ``"stat:KEY"`` (per-sample ``Variant.stats[KEY]`` on its view).
     ``provides``: ``"natural-term"`` for a loss owner whose loss weighs a natural term.
+    ``own_scale``: the weights carry a loss scale of their own rather than mean 1 (MeoW's raw
+    Eq. 4, MAIL's fixed ``3 w``; for a local method, a normalisation such as LRAT's Eq. 15). A
+    global with its own scale beside a local method with its own is refused: both set the scale.
     ``meaning``: one line on what the weights mean (``advplug hooks``, the README's pair table).
     """
 
@@ -90,6 +93,7 @@ class Declaration:
     anchor: str | None = None
     needs: frozenset[str] = frozenset()
     provides: frozenset[str] = frozenset()
+    own_scale: bool = False
     meaning: str = ""
 
 

@@ -6,6 +6,7 @@ fresh ``pluggy.PluginManager`` (no module-global state).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -21,9 +22,14 @@ from .options import build_options, describe, flag_name
 GROUP = "advplug"
 
 
+@functools.lru_cache(maxsize=1)
+def _entry_points() -> tuple[EntryPoint, ...]:
+    return tuple(entry_points(group=GROUP))  # reads every distribution's metadata: once per process
+
+
 def installed() -> dict[str, EntryPoint]:
     """Installed plugins by name, without importing them."""
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+    return {ep.name: ep for ep in _entry_points()}
 
 
 def builtin_objectives() -> dict[str, type]:

@@ -115,7 +115,7 @@ class LRAT:
                 + ("" if o.floor == "none" else f", floor [C - sum w]_+ on x* = {o.floor} (Eq. 7)"))
         return Declaration(weights="local", variants={n: stats.get(n, ()) for n in needed}, anchor=anchor,
                            natural_weights=False, needs=frozenset({"natural"} if o.floor == "nat" else ()),
-                           provides=frozenset({"natural-term"}),
+                           provides=frozenset({"natural-term"}), own_scale=o.normalise == "eq15",
                            meaning=what + (", Eq. 15 mean pair total 1" if o.normalise == "eq15" else ""))
 
     @hookimpl

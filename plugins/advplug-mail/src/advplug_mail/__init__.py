@@ -89,6 +89,7 @@ class MAIL:
             needs.add("stat:p_true_lps")
         scale = "M w / sum w, mean 1" if o.normalise == "batch" else "3 w, the authors' fixed scale (mean not 1)"
         return Declaration(weights="global", view=NATURAL if o.margin == "nat" else o.view, needs=frozenset(needs),
+                           own_scale=o.normalise == "fixed",
                            meaning=f"sigmoid(-gamma (PM-{o.margin} - beta)) (Eq. 8), {scale}")
 
     def attack_start(self, objective: str) -> str:

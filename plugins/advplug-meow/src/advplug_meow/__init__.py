@@ -141,7 +141,7 @@ class MeoW:
 
     @hookimpl
     def declare(self, objective: str) -> Declaration:
-        return Declaration(weights="global", natural_weights=True, needs=frozenset({"natural", "features"}),
+        return Declaration(weights="global", natural_weights=True, needs=frozenset({"natural", "features"}), own_scale=True,
                            provides=frozenset({"natural-term"}) if objective == "at" else frozenset(),
                            meaning="w- = exp(-d(F(x'), B) / T) on the adversarial term, w+ = exp(d(F(x), B) / T) on the "
                                    "natural term (Eq. 4), raw scale")
