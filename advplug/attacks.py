@@ -38,20 +38,20 @@ def cw_margin_loss(logits: Tensor, y: Tensor, confidence: float = 50.0) -> Tenso
 
 
 class _CountsCorrect:
-    """Mixin for torchattacks attacks whose loop calls ``get_logits`` once per iteration on an
-    input that requires grad. After each call: ``self.kappa`` ``[B]`` (long), the iterations at
-    which the prediction was still correct, and ``self.p_true_lps`` ``[B]``, the true-class
-    probability at the first misclassified iteration (the last one if none): MAIL's Eq. 7."""
+    """Mixin for attacks whose loop calls ``get_logits`` once per iteration on an input that
+    requires grad (call ``_reset`` first). After each call: ``self.kappa`` ``[B]`` (long), the
+    iterations at which the prediction was still correct (GAIRAT's kappa), and ``self.p_true_lps``
+    ``[B]``, the true-class probability at the first misclassified iteration (the last one if
+    none): MAIL's Eq. 7."""
 
     kappa: Tensor
     p_true_lps: Tensor
 
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
-        self._labels = labels.to(images.device)
-        self.kappa = torch.zeros(labels.shape[0], dtype=torch.long, device=images.device)
-        self._found = torch.zeros(labels.shape[0], dtype=torch.bool, device=images.device)
-        self.p_true_lps = torch.zeros(labels.shape[0], device=images.device)
-        return super().forward(images, labels)  # type: ignore[misc]
+    def _reset(self, labels: Tensor) -> None:
+        self._labels = labels
+        self.kappa = torch.zeros(labels.shape[0], dtype=torch.long, device=labels.device)
+        self._found = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+        self.p_true_lps = torch.zeros(labels.shape[0], device=labels.device)
 
     def get_logits(self, inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         logits = super().get_logits(inputs, *args, **kwargs)  # type: ignore[misc]
@@ -125,10 +125,7 @@ class TrackedPGD(_CountsCorrect, torchattacks.PGD):
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
-        self._labels = labels
-        self.kappa = torch.zeros(labels.shape[0], dtype=torch.long, device=images.device)
-        self._found = torch.zeros(labels.shape[0], dtype=torch.bool, device=images.device)
-        self.p_true_lps = torch.zeros(labels.shape[0], device=images.device)
+        self._reset(labels)
         self.prepare(images)
         adv = random_start(images, self.start if self.random_start else "none", self.eps)
         for _ in range(self.steps):

@@ -77,3 +77,56 @@ def test_end_to_end_kappa_from_the_training_attack(tmp_path):
     d = np.load(tmp_path / "dumps" / "gairat-epoch002.npz")
     assert d["kappa"].min() >= 0 and d["kappa"].max() <= 3  # PGD-3 in the tiny config
     assert d["weight"].mean() == pytest.approx(1.0, abs=1e-4)
+
+
+def authors_gair(num_steps, kappa, lam, func):
+    """GAIRAT's GAIR.py, written out again (int(num_steps / 2), normalised to sum len(kappa))."""
+    kappa = kappa.float()
+    h = int(num_steps / 2)
+    if func == "tanh":
+        reweight = ((lam + (h - kappa) * 5 / h).tanh() + 1) / 2
+    elif func == "sigmoid":
+        reweight = (lam + (h - kappa) * 5 / h).sigmoid()
+    else:
+        reweight = ((num_steps + 1) - kappa) / (num_steps + 1)
+    return reweight * len(reweight) / reweight.sum()
+
+
+@pytest.mark.parametrize("steps", [3, 5, 7, 10])
+@pytest.mark.parametrize("func", ["tanh", "sigmoid", "discrete"])
+def test_weights_match_the_authors_gair_for_odd_and_even_k(steps, func):
+    kappa = torch.arange(steps + 1)
+    w = gair_weights(kappa, steps, -0.5, func)
+    assert (w * len(w) / w.sum()).tolist() == pytest.approx(authors_gair(steps, kappa, -0.5, func).tolist(), rel=1e-5)
+    if steps % 2 and func != "discrete":  # K / 2 instead of int(K / 2) is told apart
+        h = steps / 2
+        wrong = ((-0.5 + (h - kappa.float()) * 5 / h).tanh() + 1) / 2 if func == "tanh" else (-0.5 + (h - kappa.float()) * 5 / h).sigmoid()
+        assert not torch.allclose(w, wrong, rtol=1e-3)
+
+
+class FlipsAt(torch.nn.Module):
+    """Predicts class 0 on its first ``m`` forward passes with gradients, class 1 afterwards."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m, self.calls = m, 0
+        self.head = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        out = self.head(x.flatten(1)) * 0
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.calls += 1
+            bump = torch.tensor([5.0, 0.0]) if self.calls <= self.m else torch.tensor([0.0, 5.0])
+            return out + bump
+        return out + torch.tensor([5.0, 0.0])
+
+
+@pytest.mark.parametrize("m", [0, 1, 3, 5])
+def test_kappa_is_the_number_of_iterations_still_correct_before_each_update(m):
+    """GAIRAT's GA_PGD: kappa += 1 for each of the K iterations whose prediction (at x^(t), before the
+    update) is the label; so a prediction that turns wrong at iteration m gives kappa = m, in [0, K]."""
+    from advplug.attacks import make_attack
+
+    atk = make_attack("pgd", FlipsAt(m), eps=0.1, alpha=0.02, steps=5)
+    atk(torch.rand(3, 1, 1, 2), torch.zeros(3, dtype=torch.long))
+    assert atk.kappa.tolist() == [m] * 3
