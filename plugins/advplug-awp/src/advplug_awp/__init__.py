@@ -6,9 +6,12 @@ weights. Each step, after the adversarial examples are made, the weights ``w`` a
 each layer's norm) increases the training loss; the step's loss and its gradient are taken at
 ``w + v``; ``v`` is removed and the optimizer updates ``w`` with that gradient. The paper's
 problem is ``min_w max_{v in V} rho(w + v)`` with ``||v_l|| <= gamma ||w_l||`` for every layer
-``l``; Algorithm 1 of the paper (AT-AWP; Appendix D: TRADES-AWP, MART-AWP) takes one ascent step
-on ``v`` per step. This plugin follows the authors' code (``csdongxian/AWP``, ``utils_awp.py``)
-for the ascent step:
+``l``; its Algorithm 1 (AT-AWP; pseudo-code for TRADES-AWP, MART-AWP and RST-AWP in its
+Appendix D) takes one ascent step on ``v`` per step. **Sources:** only the paper's abstract and
+introduction were available to us, so the problem statement and the update above are as we know
+the paper, not checked line by line, and no equation numbers are cited; every detail below follows
+the authors' code (``csdongxian/AWP``: ``AT_AWP/utils_awp.py``, ``AT_AWP/train_cifar10.py``,
+``trades_AWP/utils_awp.py``, ``trades_AWP/train_trades_cifar.py``):
 
 * **the proxy step** (``calc_awp``): the gradient ``g_l`` of the run's training loss, unweighted,
   at the current weights, on the step's adversarial (and, for TRADES/MART, natural) inputs. The

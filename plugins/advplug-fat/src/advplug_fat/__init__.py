@@ -2,9 +2,15 @@
 "Attacks which do not kill training make adversarial learning stronger").
 
 FAT trains on *friendly* adversarial data: PGD stopped early, ``tau`` steps after the iterate is
-first misclassified (the paper's early-stopped PGD, PGD-K-tau, Algorithm 1; the min-min
-formulation of Sec. 3). It is a ``generate_adversaries`` plugin: with ``--objective at`` it is FAT,
-with ``trades`` FAT-TRADES (the KL attack, which then replaces TRADES' own), with ``mart`` FAT-MART.
+first misclassified (the paper's early-stopped PGD, PGD-K-tau, its Algorithm 1, as the authors'
+``earlystop.py`` says it follows; the "min-min" formulation of the authors' README). It is a
+``generate_adversaries`` plugin: with ``--objective at`` it is FAT, with ``trades`` FAT-TRADES (the
+KL attack, which then replaces TRADES' own), with ``mart`` FAT-MART.
+
+**Sources.** The paper's text was not available to us beyond its title and the authors'
+README; every detail below follows the authors' code (``zjfheart/Friendly-Adversarial-Training``:
+``earlystop.py``, ``FAT.py``, ``FAT_for_TRADES.py``, ``FAT_for_MART.py``), and equation or section
+numbers of the paper are not cited because we could not check them.
 
 Early stop, as the authors' ``earlystop.py`` implements Algorithm 1 (our own code, on torchattacks'
 ``PGD``): at each of the ``K`` iterations the prediction on the current iterate is checked
@@ -30,9 +36,8 @@ tau schedule (``dynamic``, default on, the authors' ``adjust_tau`` with epochs c
 ``tau = tau0 + #{m in tau_epochs : epoch > m}``, i.e. tau increases by one after each listed
 epoch. Defaults per objective, from the authors' scripts: ``at`` (``FAT.py``): 50, 90 (tau 0, 1,
 2 over 120 epochs); ``trades`` (``FAT_for_TRADES.py``): 30, 50, 70 (tau 0..3 over 85 epochs);
-``mart`` (``FAT_for_MART.py``): 20, 40, 60, 80 (tau 0..4 over 90 epochs). The paper describes the
-same idea (tau grows during training, Sec. 4 / App.) and gives these schedules per setting; where
-they differ, the scripts' values are used.
+``mart`` (``FAT_for_MART.py``): 20, 40, 60, 80 (tau 0..4 over 90 epochs). Whether the paper
+states the same schedules we could not check.
 
 Attack settings per objective (the scripts): ``at``: cross-entropy, start uniform in the eps-ball
 (``uniform_randominit``), ``omega`` 0.001 (Gaussian noise ``omega N(0, 1)`` added at every update
