@@ -30,8 +30,8 @@ from advplug.trainer import Trainer
 REWEIGHT_NOW = {"mail": {"mail-burn-in": 0}, "gairat": {"gairat-begin-epoch": 0}, "bat": {"bat-burn-in": 0},
                 "awp": {"awp-warmup": 0}}
 # Baselines (issue 17): `--plugin awp` costs one extra forward and backward per step (its proxy
-# step; work about 1 + 2/(K + 2) of AT's for PGD-K), so its time/work should stay near 1 (<= 1.05);
-# `--plugin fat` does less work than AT (early-stopped PGD); `--plugin wmmr` the same work as AT.
+# step: work 1 + 1/(K + 1) of AT's for PGD-K, 1.09 for PGD-10), so its time/work should stay near 1
+# (<= 1.05); `--plugin fat` does less work than AT (early-stopped PGD); `--plugin wmmr` the same.
 
 
 class ForwardCounter:

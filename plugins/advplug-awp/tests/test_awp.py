@@ -166,3 +166,19 @@ def test_runs_end_to_end(tmp_path):
     t = trainer(tmp_path)
     res = t.fit()
     assert res and all(math.isfinite(v) for r in res.values() for v in r.values())
+
+
+def test_ddp_two_processes(tmp_path):
+    """torchrun, 2 gloo CPU processes: the proxy pass runs under DDP's no_sync, its gradients are
+    averaged over ranks (one perturbation for all), and training completes."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "advplug",
+           "train", "--plugin", "awp", "--plugin", "mail", "--objective", "trades", "--awp-warmup", "0",
+           "--mail-burn-in", "0", "--epochs", "1", "--milestones", "1", "--steps", "2", "--eval-steps", "2",
+           "--n-eval", "16", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "ddp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "awp: gamma 0.005" in res.stdout
