@@ -201,3 +201,42 @@ def test_end_to_end_resume_is_exact(tmp_path):
     d = np.load(tmp_path / "full" / "dumps" / "lrat-epoch001.npz")
     assert {"index", "t_cw", "t_pgd", "t_saa", "weight_cw", "weight_pgd", "weight_saa"} == set(d.files)
     assert len(d["index"]) == 128
+
+
+def test_eq15_total_includes_the_natural_floor():
+    ctx = ctx_for(P, ["cw", "saa"], Y)
+    w = plugin(attacks="saa,cw", floor="nat", c=6.0).compute_weights(ctx, ctx.variants)
+    cw, saa = by_hand_pair([P[0], P[1]])
+    floor = [max(6.0 - cw[i] - saa[i], 0.0) for i in range(2)]
+    assert min(floor) > 0
+    scale = sum(cw[i] + saa[i] + floor[i] for i in range(2)) / 2  # Eq. 15: (1/n) sum_i (floor_i + sum_j w_ij) = 1
+    assert w.local_nat.tolist() == pytest.approx([f / scale for f in floor], rel=1e-5)
+    assert w.local.tolist() == [pytest.approx([v / scale for v in cw], rel=1e-5), pytest.approx([v / scale for v in saa], rel=1e-5)]
+    assert (w.local.sum(0) + w.local_nat).mean().item() == pytest.approx(1.0)
+
+
+def test_alpha_and_beta_of_eq12_are_used():
+    ctx = ctx_for(P, ["cw", "saa"], Y)
+    w = plugin(attacks="saa,cw", floor="none", alpha=3.0, beta=2.0, normalise="none").compute_weights(ctx, ctx.variants)
+    assert w.local.tolist() == [pytest.approx(r, rel=1e-5) for r in by_hand_pair([P[0], P[1]], alpha=3.0, beta=2.0)]
+    # alpha also moves the floor, so it matters under Eq. 15 too
+    c3 = ctx_for(P, ["cw", "pgd", "saa"], Y)
+    a = plugin(attacks="saa,cw", floor="pgd", c=1.5).compute_weights(c3, c3.variants)
+    b = plugin(attacks="saa,cw", floor="pgd", c=1.5, alpha=0.5).compute_weights(c3, c3.variants)
+    assert not torch.allclose(a.local, b.local)
+
+
+def test_saa_steps_and_targets_reach_the_attack():
+    from advplug.attacks import make_attack
+    from advplug.context import TrainContext
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    p = plugin(attacks="saa", floor="none", saa_steps=7, saa_targets=2)
+    p.on_train_start(TrainContext(model=model, config=tiny_config("/tmp/unused-lrat"), num_train=8, num_classes=10,
+                                  input_shape=(1, 2, 2), device=torch.device("cpu"), epochs=2, milestones=(1,),
+                                  objective="at", log=lambda s: None,
+                                  make_attack=lambda name, **kw: make_attack(name, model, **{**dict(eps=0.1, alpha=0.02, steps=3, num_classes=10), **kw})))
+    atk = p.runners["saa"]
+    assert atk.steps == 7 and atk.n_target_classes == 2
+    atk(torch.rand(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+    assert atk.targets.shape == (4, 2)
