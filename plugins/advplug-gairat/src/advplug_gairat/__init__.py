@@ -20,6 +20,23 @@ authors' code orders these branches so that only the first can fire; we apply th
 GAIRAT's weights are global, one per instance. With several variants (LRAT's pair), kappa is read
 from one view, ``--gairat-view`` (default ``anchor``: LRAT's x*, else the only variant); the view
 must record kappa (the PGD variants do; LRAT's CW and SAA variants do not), checked at start-up.
+
+Where advplug and the authors' ``GAIRAT.py`` / ``GAIR.py`` / ``attack_generator.py`` differ, or
+the paper is open (defaults named):
+
+* kappa counts the K iterations whose prediction, *before* the update, is the label (the code;
+  in [0, K]); the paper's "least PGD steps" is the same number for samples that stay wrong once
+  misclassified. Tested against a model whose prediction flips at a known iteration.
+* ``h = int(K / 2)`` as in ``GAIR.py``, which differs from ``K / 2`` for odd K (tested for K = 3,
+  5, 7 against a transcription of ``GAIR.py``).
+* The training attack starts uniformly in the eps-ball (``GA_PGD``, ``rand_init=True``), which
+  is ``--objective at``'s default start (``--attack-start uniform``).
+* Burn-in: the code reweights when ``epoch + 1 >= begin_epoch`` (0-based epoch 59 for its 60);
+  ``--gairat-begin-epoch`` is the first reweighted 0-based epoch, by default the first lr drop
+  (the code's lr also drops at 0-based 59: ``lr_schedule(epoch + 1)``), so both start together.
+  ``examples/configs/gairat-cifar10-resnet18.toml`` reproduces the authors' run and lists what
+  it cannot (their lr / 2 at epoch 110, their test-set "best" checkpoint).
+* ``piecewise`` lambda: the evident intent, not the code's unreachable branches (above).
 """
 from __future__ import annotations
 
