@@ -39,6 +39,10 @@ is open, and what advplug does by default:
   run header.
 * PM-dif (Eq. 7) uses the least PGD step that misclassifies ``x`` (the paper); the code has no
   PM-dif. The code's PM is always PM-adv.
+* MAIL-TRADES' beta: the paper sets 5 (Sec. 4.1), the code's default is 6; advplug's TRADES
+  objective keeps TRADES' 6 (``--trades-beta 5`` for the paper's, as the example config does).
+* Burn-in: the paper starts reweighting at the first lr drop (its 75 of 100 epochs); that is the
+  default here (``--mail-burn-in``).
 """
 from __future__ import annotations
 
