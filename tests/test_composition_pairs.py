@@ -84,3 +84,17 @@ def test_readme_has_the_pair_table_of_the_installed_plugins():
     missing = [line for line in table.splitlines() if line not in README]
     assert not missing, ("the README's pair table is stale; regenerate it with `advplug hooks --pairs` "
                          f"({len(missing)} rows differ, e.g. {missing[0]!r})")
+
+
+def test_hooks_command_shows_how_the_weights_combine():
+    from click.testing import CliRunner
+
+    from advplug.cli import cli
+
+    res = CliRunner().invoke(cli, ["hooks", "--plugin", "lrat", "--plugin", "mail"])
+    assert res.exit_code == 0, res.output
+    assert "anchor pgd (lrat's x*)" in res.output
+    assert "mail: global, one weight per instance from view 'pgd'" in res.output
+    assert "combined: w[v, b] = mail[b] x lrat[v, b]" in res.output
+    res = CliRunner().invoke(cli, ["hooks", "--pairs"])
+    assert res.exit_code == 0 and res.output.strip() == pair_table()
