@@ -225,7 +225,7 @@ def test_scale_rule_by_hand():
     """Step 1 seeds the codebook: weights 1. Then T = scale x EMA(0.9) of the batch-mean natural
     distance before the step (started at the first such mean)."""
     model = Embed()
-    m = with_config("digits", "digits-cnn", codebook_size=1, temperature_scale=2.0)
+    m = with_config("digits", "digits-cnn", codebook_size=1, temperature_scale=2.0, max_log_weight=10.0)
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     ctx = step_ctx(model, x, x.clone(), torch.tensor([0, 1]))
     w = m.compute_weights(ctx, ctx.variants)
