@@ -4,7 +4,9 @@ A plugin is a class whose ``__init__`` takes its ``Options`` dataclass instance 
 declares no ``Options``) and whose methods marked ``@advplug.hookimpl`` implement some of the
 hooks below. Implementations may take any subset of a spec's arguments, by name.
 
-Order of one training step, for a batch ``(x, y, index)``::
+At start-up, ``declare`` (checked as a whole by ``compose.check_composition`` in
+``plugins.enable``), then ``requirements`` and ``on_train_start``. Order of one training step,
+for a batch ``(x, y, index)``::
 
     generate_adversaries -> perturb_weights (entered) -> (core: forward passes, cached in ctx)
     -> compute_weights -> combine_loss -> (core: backward) -> perturb_weights (exited)
