@@ -125,9 +125,9 @@ def main() -> None:
         opts = {k: v for p in plugins for k, v in REWEIGHT_NOW.get(p, {}).items()}
         cfg = TrainConfig(data="digits", model=model_name, plugins=plugins, plugin_options=opts, epochs=1000, batch_size=args.batch_size,
                           lr=0.01, milestones=(1000,), eps=eps, alpha=alpha, steps=args.steps, device=args.device,
-                          progress=False, out="/tmp/advplug-bench", n_eval=16)
+                          progress=False, out=f"/tmp/advplug-bench/{'+'.join(plugins) or 'at'}", n_eval=16)
         torch.manual_seed(0)
-        return Trainer(cfg, data=data, log=lambda s: None)
+        return Trainer(cfg, data=data, log=lambda s: None, overwrite=True)  # one run directory per contender
 
     contenders = {"advplug AT": trainer(())}
     for p in args.plugin:
