@@ -118,44 +118,47 @@ def load(path: str | Path, which: str = "last", *, need: str = "model") -> dict[
     return ckpt
 
 
-def load_best(run_dir: str | Path) -> dict[str, Any]:
-    """The run's best checkpoint as recorded in ``last.pt``.
+def last_as(last: dict[str, Any], ema: bool) -> dict[str, Any]:
+    """``last.pt``, or the EMA weights it carries, as a model checkpoint."""
+    if not ema:
+        return last
+    if not isinstance(last.get("ema"), dict) or "model" not in last["ema"]:
+        raise CheckpointError(f"{last['path']!r} holds no EMA weights (the run was trained without --ema)")
+    return {**last, "model": last["ema"]["model"]}
+
+
+def load_best(run_dir: str | Path, ema: bool = False) -> dict[str, Any]:
+    """The run's best checkpoint as recorded in ``last.pt`` (``ema``: the best EMA weights).
 
     ``last.pt`` is written before ``best.pt``; a kill between the two leaves ``best.pt`` older
     than the recorded best, and then the recorded best is ``last.pt`` itself, which is returned.
     """
     last = load(run_dir, "last", need="eval")
-    recorded = int(last.get("best_epoch", last["epoch"]))
-    best_path = Path(run_dir) / "best.pt"
+    recorded = int(last.get("best_ema_epoch" if ema else "best_epoch", last["epoch"]))
+    which = "best-ema" if ema else "best"
+    best_path = Path(run_dir) / f"{which}.pt"
     if best_path.is_file():
-        best = load(run_dir, "best", need="eval")
+        best = load(run_dir, which, need="eval")
         if int(best["epoch"]) == recorded:
             return best
     if recorded == int(last["epoch"]):
-        return last
+        return last_as(last, ema)
     raise CheckpointError(f"{str(best_path)!r} does not hold the recorded best epoch {recorded + 1}: "
                           "the run directory was altered")
 
 
-def repair_best(run_dir: str | Path) -> bool:
-    """After a kill between ``last.pt`` and ``best.pt`` when the last epoch was the best: copy
-    ``last.pt`` to ``best.pt`` (atomically). Returns whether anything was repaired."""
+def repair_best(run_dir: str | Path, ema: bool = False) -> bool:
+    """After a kill between ``last.pt`` and ``best.pt`` when the last epoch was the best: write
+    ``best.pt`` (``best-ema.pt``) from ``last.pt``. Returns whether anything was repaired."""
     run = Path(run_dir)
+    which = "best-ema" if ema else "best"
     last = load(run, "last", need="eval")
     try:
-        if int(load(run, "best", need="eval")["epoch"]) == int(last["epoch"]):
+        if int(load(run, which, need="eval")["epoch"]) == int(last["epoch"]):
             return False
     except CheckpointError:
         pass
-    import shutil
-
-    tmp = run / f".best.pt.tmp{os.getpid()}"
-    try:
-        shutil.copyfile(run / "last.pt", tmp)
-        os.replace(tmp, run / "best.pt")
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {str(run / 'best.pt')!r}: {e.strerror or e}") from None
+    save(run / f"{which}.pt", {k: v for k, v in last_as(last, ema).items() if k not in ("path", "format", "version")})
     return True
 
 

@@ -52,6 +52,23 @@ def parse_extra(args: list[str]) -> dict[str, str]:
     return out
 
 
+def strict_json(v: Any) -> Any:
+    """``v`` with what strict JSON cannot hold made explicit: non-finite floats become the strings
+    ``"inf"``, ``"-inf"``, ``"nan"`` (JSON has no Infinity; Python's ``json`` would write one),
+    tuples lists, anything else unknown its ``str``."""
+    import math
+
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, dict):
+        return {str(k): strict_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [strict_json(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
 def _csv_ints(s: str | None) -> tuple[int, ...] | None:
     if s is None:
         return None
@@ -103,6 +120,18 @@ def _csv_ints(s: str | None) -> tuple[int, ...] | None:
               help="Write per-sample weights and margins each epoch (RUN_DIR/dumps/weights-epochNNN.npz) for `advplug report`.")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bars.")
 @click.option("--workers", type=int, default=None, help="DataLoader workers (torchvision data sets).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Autocast precision of the training attack and step (fp16 with a gradient scaler); weights, "
+                   "margins and the final evaluation stay fp32 (a low-precision robust accuracy is recorded beside).")
+@click.option("--channels-last", is_flag=True, default=None, help="Model and batches in channels_last memory format.")
+@click.option("--compile", "compile", type=click.Choice(["inductor", "aot_eager", "eager"]), default=None,
+              help="torch.compile the model used by the step and the attack, with this backend.")
+@click.option("--ema", type=float, default=None,
+              help="Keep an EMA of the weights with this decay (e.g. 0.999, warm-up min(decay, (1+t)/(10+t))); "
+                   "checkpointed, evaluated beside the raw model.")
+@click.option("--data-path", type=click.Choice(["auto", "device", "loader"]), default=None,
+              help="device: the whole training set on the device, augmentation per batch there; loader: a "
+                   "DataLoader; auto: device when the set fits (in-memory tensors, or CIFAR/SVHN/MNIST-sized).")
 @click.option("--config", "config_file", default=None, help="JSON or TOML file with the same settings.")
 @click.option("--resume", default=None, help="Continue the run in this directory from its last checkpoint.")
 @click.pass_context
@@ -115,10 +144,11 @@ def train(ctx: click.Context, plugins: tuple[str, ...], config_file: str | None,
     extra = parse_extra(ctx.args)
     if resume:
         model = kw.pop("model")  # allowed: repeating an imported model is how the user vouches for it
+        data = kw.pop("data")  # the same for a module: data source
         given = [k for k, v in kw.items() if v is not None] + (["plugin"] if plugins else []) + list(extra)
         if given or config_file or milestones or overwrite:
             raise OptionError(f"--resume continues the saved configuration; drop {', '.join('--' + g.replace('_', '-') for g in given) or '--config/--milestones/--overwrite'}")
-        cfg = resume_config(resume, model)
+        cfg = resume_config(resume, model, data)
         cfg.progress = not no_progress
         Trainer(cfg, resume=True).fit()
         return
@@ -149,7 +179,8 @@ def plugins(as_json: bool) -> None:
     found, errors = list_plugins()
     objectives = [describe_plugin(n, c, __version__) for n, c in OBJECTIVES.items()]
     if as_json:
-        click.echo(json.dumps({"plugins": found, "objectives": objectives, "errors": errors}, indent=2, default=str))
+        doc = strict_json({"plugins": found, "objectives": objectives, "errors": errors})
+        click.echo(json.dumps(doc, indent=2, allow_nan=False))
         return
     if not found:
         click.echo("no plugins installed (pip install plugins/advplug-<name>)")
@@ -199,8 +230,9 @@ def hooks(plugins: tuple[str, ...], objective: str, pairs: bool) -> None:
 @click.option("--attack", "attacks", multiple=True, help="natural, fgsm, pgdK, cw / cwK, apgd-ce, aa (repeatable).")
 @click.option("--suite", type=click.Choice(["paper"]), default=None,
               help="paper: natural, PGD-20, PGD-100, CW-Linf margin, APGD-CE, AutoAttack (on --n-eval-aa samples).")
-@click.option("--which", type=click.Choice(["best", "last", "both"]), default=None,
-              help="Checkpoint(s) of a run directory (default: both with --suite, else best).")
+@click.option("--which", type=click.Choice(["best", "last", "both", "best-ema", "last-ema", "all"]), default=None,
+              help="Checkpoint(s) of a run directory (default: both with --suite, else best); -ema: the EMA weights "
+                   "of a run trained with --ema; all: best, last and, if present, both EMA ones.")
 @click.option("--backend", type=click.Choice(["torchattacks", "art"]), default="torchattacks")
 @click.option("--eps", type=float, default=None, help="Default: the run's eps.")
 @click.option("--alpha", type=float, default=None, help="PGD/CW step (default eps/4).")
@@ -231,7 +263,9 @@ def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: st
     specs = SUITES[suite] if suite else (attacks or ("natural", "pgd20", "cw20"))
     is_run = Path(target).is_dir()
     which = which or ("both" if suite else "best")
-    whiches = (["best", "last"] if which == "both" else [which]) if is_run else [None]
+    has_ema = is_run and (Path(target) / "best-ema.pt").is_file()
+    groups = {"both": ["best", "last"], "all": ["best", "last"] + (["best-ema", "last-ema"] if has_ema else [])}
+    whiches = groups.get(which, [which]) if is_run else [None]
     lock = RunLock(Path(target)).acquire() if is_run else None  # fail now, not after minutes of attacks
     try:
         rec = evaluate_checkpoints(target, whiches, specs, backend=backend, eps=eps, alpha=alpha, n_eval=n_eval,

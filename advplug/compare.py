@@ -63,9 +63,17 @@ def _training_results(run: Path) -> dict[str, dict[str, float]]:
     for key, res in raw.items():
         kind = key.split()[0]
         out[kind] = {k: v for k, v in res.items() if k != "epoch"}
-    if "last" in out and "best" not in out:  # best was the last epoch
-        out["best"] = dict(out["last"])
+    for kind in ("", "-ema"):
+        if f"last{kind}" in out and f"best{kind}" not in out:  # best was the last epoch
+            out[f"best{kind}"] = dict(out[f"last{kind}"])
     return out
+
+
+CHECKPOINTS = ("best", "last", "best-ema", "last-ema")  # -ema: the EMA weights of runs trained with --ema
+
+
+def _whiches(runs: list[Run]) -> list[str]:
+    return [w for w in CHECKPOINTS if any(w in r.results for r in runs)]
 
 
 def load_run(path: str | Path) -> Run:
@@ -112,7 +120,7 @@ def _fmt(v: Any) -> str:
 def _attack_order(runs: list[Run]) -> list[str]:
     cols: list[str] = []
     for r in runs:
-        for which in ("best", "last"):
+        for which in _whiches(runs):
             cols += [a for a in r.results.get(which, {}) if a not in cols]
     return cols
 
@@ -128,7 +136,7 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
     for method, rs in groups.items():
         cells = {}
         for a in attacks:
-            for which in ("best", "last"):
+            for which in _whiches(runs):
                 vals = [100 * r.results[which][a] for r in rs if a in r.results.get(which, {})]
                 if vals:
                     cells[(a, which)] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
@@ -150,7 +158,8 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
         for a, _ in row["cells"]:
             if a not in attacks:
                 attacks.append(a)
-    cols = [(a, w) for a in attacks for w in ("best", "last")]
+    whiches = [w for w in CHECKPOINTS if any(w == c[1] for row in rows for c in row["cells"])]
+    cols = [(a, w) for a in attacks for w in whiches]
     if fmt == "json":
         return json.dumps([{"method": r["method"], "n": r["n"], "seeds": r["seeds"], "flagged": r["flagged"],
                             "best_chosen_on": r["selection"],

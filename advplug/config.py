@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,32 +11,70 @@ from typing import Any
 from .errors import OptionError
 
 # Defaults per data set where the papers differ. CIFAR/SVHN: GAIRAT/MAIL settings (eps 8/255,
-# step 2/255, PGD-10, 120 epochs, lr 0.1 dropped at 60 and 90); SVHN step 1/255 (Rice et al.);
-# MNIST: Madry et al. (eps 0.3, step 0.01, PGD-40). Digits: tuned so that a one-minute CPU run
-# gives a clearly robust model.
+# step 2/255, PGD-10, 120 epochs, lr 0.1 dropped at 50 % and 75 % of the run, i.e. 60 and 90);
+# SVHN step 1/255 (Rice et al.); MNIST: Madry et al. (eps 0.3, step 0.01, PGD-40). Digits: tuned
+# so that a one-minute CPU run gives a clearly robust model.
+#
+# The learning-rate drops are FRACTIONS of the run (``milestone_fractions``), so that they, and
+# the burn-ins that default to the first drop (MAIL, GAIRAT), follow ``--epochs``: at the default
+# epochs they are exactly the papers' epochs; explicit ``--milestones`` win.
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": dict(model="digits-cnn", eps=0.2, alpha=0.05, steps=10, epochs=20, batch_size=64, lr=0.05,
-                   milestones=(12, 17), weight_decay=5e-4, eval_steps=10),
+                   milestone_fractions=(0.6, 0.85), weight_decay=5e-4, eval_steps=10),
     "mnist": dict(model="small-cnn", eps=0.3, alpha=0.01, steps=40, epochs=100, batch_size=128, lr=0.01,
-                  milestones=(55, 75, 90), weight_decay=5e-4, eval_steps=20),
+                  milestone_fractions=(0.55, 0.75, 0.9), weight_decay=5e-4, eval_steps=20),
     "fashion-mnist": dict(model="small-cnn", eps=0.1, alpha=0.01, steps=40, epochs=100, batch_size=128, lr=0.01,
-                          milestones=(55, 75, 90), weight_decay=5e-4, eval_steps=20),
+                          milestone_fractions=(0.55, 0.75, 0.9), weight_decay=5e-4, eval_steps=20),
     "cifar10": dict(model="preactresnet18", eps=8 / 255, alpha=2 / 255, steps=10, epochs=120, batch_size=128, lr=0.1,
-                    milestones=(60, 90), weight_decay=5e-4, eval_steps=20),
+                    milestone_fractions=(0.5, 0.75), weight_decay=5e-4, eval_steps=20),
     "cifar100": dict(model="preactresnet18", eps=8 / 255, alpha=2 / 255, steps=10, epochs=120, batch_size=128, lr=0.1,
-                     milestones=(60, 90), weight_decay=5e-4, eval_steps=20),
+                     milestone_fractions=(0.5, 0.75), weight_decay=5e-4, eval_steps=20),
     "svhn": dict(model="preactresnet18", eps=8 / 255, alpha=1 / 255, steps=10, epochs=80, batch_size=128, lr=0.01,
-                 milestones=(40, 60), weight_decay=5e-4, eval_steps=20),
+                 milestone_fractions=(0.5, 0.75), weight_decay=5e-4, eval_steps=20),
 }
+# Your own data (``folder:``, ``npz:``, ``module:``): the CIFAR settings; the model is chosen from
+# the input shape once the data is loaded ("auto", see ``data.auto_model``).
+CUSTOM_DEFAULTS: dict[str, Any] = dict(model="auto", eps=8 / 255, alpha=2 / 255, steps=10, epochs=30, batch_size=128,
+                                       lr=0.1, milestone_fractions=(0.5, 0.75), weight_decay=5e-4, eval_steps=20)
+
+
+def data_defaults(data: str) -> dict[str, Any]:
+    """The defaults of a built-in data set or of a ``folder:``/``npz:``/``module:`` source."""
+    from .data import is_custom
+
+    if data in DATA_DEFAULTS:
+        return DATA_DEFAULTS[data]
+    if is_custom(data):
+        return CUSTOM_DEFAULTS
+    from .data import SOURCES
+
+    raise OptionError(f"unknown data set {data!r} (choose from {', '.join(DATA_DEFAULTS)}, or {', '.join(SOURCES)})")
+
+
+def milestones_for(epochs: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
+    """Learning-rate drops at ``fractions`` of ``epochs`` (0-based epoch indices, as ``MultiStepLR``
+    counts): floor(f * epochs), keeping only drops that happen (1 <= m < epochs), once each.
+    ``milestones_for(120, (0.5, 0.75)) == (60, 90)``; ``milestones_for(2, (0.5, 0.75)) == (1,)``."""
+    out: list[int] = []
+    for f in fractions:
+        m = int(math.floor(f * epochs + 1e-9))
+        if 1 <= m < epochs and m not in out:
+            out.append(m)
+    return tuple(out)
 
 
 SELECTIONS = ("validation", "test")
+PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+DATA_PATHS = ("auto", "device", "loader")
 
 
 @dataclass
 class TrainConfig:
-    data: str = "digits"
+    data: str = "digits"  # a built-in name, or folder:PATH, npz:PATH, module:pkg.mod:callable
     data_root: str = "./data"
+    image_size: int | None = None  # folder:/npz:/module: resize images to SIZE x SIZE (only when asked)
+    test_fraction: float = 0.2  # folder: without train/ and test/: the test share, split by a fixed seed
     download: bool = False
     model: str | None = None
     objective: str = "at"
@@ -67,15 +106,26 @@ class TrainConfig:
     tensorboard: bool = False
     dump_weights: bool = False
     workers: int = 4
+    # GPU scale (#16): autocast precision of the training attack and step, memory format,
+    # torch.compile backend, EMA decay of the weights, and where batches are made.
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: str | None = None
+    ema: float | None = None
+    data_path: str = "auto"
 
     def resolved(self) -> "TrainConfig":
         """Fill the ``None`` fields from the data set's defaults and validate everything."""
         cfg = dataclasses.replace(self)
         check_types(cfg)
-        if cfg.data not in DATA_DEFAULTS:
-            raise OptionError(f"unknown data set {cfg.data!r} (choose from {', '.join(DATA_DEFAULTS)})")
-        d = DATA_DEFAULTS[cfg.data]
+        from .data import normalise_source
+
+        cfg.data = normalise_source(cfg.data)
+        d = dict(data_defaults(cfg.data))
+        fractions = d.pop("milestone_fractions")
         cfg = dataclasses.replace(cfg, **{k: v for k, v in d.items() if getattr(cfg, k) is None})
+        if cfg.milestones is None:
+            cfg.milestones = milestones_for(cfg.epochs, fractions) if cfg.epochs >= 1 else ()
         cfg.milestones = tuple(int(m) for m in cfg.milestones)
         cfg.plugins = tuple(cfg.plugins)
         cfg.final_attacks = tuple(cfg.final_attacks)
@@ -106,6 +156,13 @@ class TrainConfig:
             (self.selection_size is None or 0 < self.selection_size,
              f"--selection-size must be > 0, got {self.selection_size}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.image_size is None or self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
+            (0 < self.test_fraction < 1, f"--test-fraction must be in (0, 1), got {self.test_fraction}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.compile is None or self.compile in COMPILE_BACKENDS,
+             f"--compile must be one of {', '.join(COMPILE_BACKENDS)}, got {self.compile!r}"),
+            (self.ema is None or 0 < self.ema < 1, f"--ema (decay) must be in (0, 1), e.g. 0.999, got {self.ema}"),
+            (self.data_path in DATA_PATHS, f"--data-path must be one of {', '.join(DATA_PATHS)}, got {self.data_path!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -130,10 +187,11 @@ class TrainConfig:
 
 # Field types, checked before anything else so that a config file's ``epochs = "three"`` or
 # ``plugins = "mail"`` is one clear error, not a crash (or a plugin per letter) later.
-_INT = ("epochs", "batch_size", "steps", "seed", "eval_every", "eval_steps", "n_eval", "workers")
-_FLOAT = ("lr", "momentum", "weight_decay", "lr_gamma", "eps", "alpha", "val_size", "selection_size")
-_STR = ("data", "data_root", "model", "objective", "attack_bn", "attack_start", "out", "device", "selection")
-_BOOL = ("download", "progress", "tensorboard", "dump_weights")
+_INT = ("image_size", "epochs", "batch_size", "steps", "seed", "eval_every", "eval_steps", "n_eval", "workers")
+_FLOAT = ("test_fraction", "lr", "momentum", "weight_decay", "lr_gamma", "eps", "alpha", "val_size", "selection_size", "ema")
+_STR = ("data", "data_root", "model", "objective", "attack_bn", "attack_start", "out", "device", "selection", "precision",
+        "compile", "data_path")
+_BOOL = ("download", "progress", "tensorboard", "dump_weights", "channels_last")
 _STR_LIST = ("plugins", "final_attacks")
 
 

@@ -1,6 +1,7 @@
 """The small data types that flow through the hooks: Variant, Weights, StepContext, TrainContext."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -129,6 +130,10 @@ class StepContext:
     view (train mode, with gradients, so the loss reuses it); later calls, from any plugin,
     return the cached tensors. ``features(view)`` returns the penultimate features captured in
     that same forward. Plugins must treat the context as read-only.
+
+    Under ``--precision bf16|fp16`` the forward runs under autocast and the cached logits and
+    features are cast to fp32 (with gradient), so that every plugin's weights, margins and
+    codebooks, and the loss, are computed in fp32.
     """
 
     def __init__(
@@ -145,8 +150,10 @@ class StepContext:
         lr: float,
         tap: FeatureTap,
         reduce_mean: Callable[[Tensor], Tensor] | None = None,
+        autocast: Callable[[], Any] | None = None,
     ) -> None:
         self.model = model
+        self._autocast = autocast or contextlib.nullcontext
         self.x, self.y, self.index = x, y, index
         self.epoch, self.step, self.lr = epoch, step, lr
         self.num_classes = num_classes
@@ -200,10 +207,12 @@ class StepContext:
         key, x = self._key_and_input(view)
         if key not in self._logits:
             self._tap.last = None
-            self._logits[key] = self.model(x)
+            with self._autocast():  # --precision: the forward in low precision, what follows in fp32
+                out = self.model(x)
+            self._logits[key] = out.float()
             self.forward_count += 1
             if self._tap.last is not None:
-                self._features[key] = self._tap.last
+                self._features[key] = self._tap.last.float()
         return self._logits[key]
 
     def features(self, view: Variant | str = NATURAL) -> Tensor:

@@ -118,20 +118,22 @@ def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable
                          eps: float | None = None, alpha: float | None = None, n_eval: int | None = None,
                          n_eval_aa: int | None = 1000, batch_size: int = 256, device: str | None = None,
                          data_root: str | None = None, model: str | None = None, progress: bool = False,
-                         log=print) -> dict:
+                         log=print, data: str | None = None, test_data: tuple | None = None) -> dict:
     """Evaluate the named checkpoints of a run (``which`` best / last, or ``None`` for a file).
 
     AutoAttack runs on the first ``n_eval_aa`` test samples, the other attacks on the first
     ``n_eval`` (all if ``None``). Returns ``{"settings": ..., "results": {which: {attack: acc,
     "epoch": E}}}``; the settings record eps, step, backend, seed, the data set, and per attack
     the number of test samples it saw. ``best`` is the recorded best (``checkpoint.load_best``).
-    A checkpoint whose model is ``module:callable`` is evaluated only if ``model`` names it.
+    A checkpoint whose model is ``module:callable`` is evaluated only if ``model`` names it, one
+    trained on ``module:`` data only if ``data`` names it; ``test_data``: an ``(x, y)`` pair to
+    evaluate on instead of the run's test set (a run whose data came from Python in memory).
     """
     import json
 
     from . import checkpoint
     from .config import TrainConfig
-    from .data import load_dataset
+    from .data import check_data_import, load_dataset
     from .errors import CheckpointError
     from .models import build_model
     from .report import results_table
@@ -149,18 +151,28 @@ def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable
     settings: dict = {}
     data_cache: dict = {}
     for which in whiches:
-        ck = checkpoint.load_best(target) if which == "best" else checkpoint.load(target, which or "last", need="eval")
+        if which in ("best", "best-ema"):
+            ck = checkpoint.load_best(target, ema=which == "best-ema")
+        elif which == "last-ema":
+            ck = checkpoint.last_as(checkpoint.load(target, "last", need="eval"), ema=True)
+        else:
+            ck = checkpoint.load(target, which or "last", need="eval")
         try:
             cfg = TrainConfig.from_json(json.loads(ck["config"])).resolved()
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{ck['path']!r} is damaged: its config is not readable ({e})") from None
         check_model_import(cfg.model, model)
+        if test_data is None:
+            check_data_import(cfg.data, data)
         if data_root:
             cfg.data_root = data_root
         net = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"]), allow_import=True).to(dev)
         checkpoint.load_model_state(net, ck, cfg.model)
+        if test_data is not None and cfg.data not in data_cache:
+            data_cache[cfg.data] = tuple(t.to(dev) for t in test_data)
         if cfg.data not in data_cache:
-            bundle = load_dataset(cfg.data, cfg.data_root, False)
+            bundle = load_dataset(cfg.data, cfg.data_root, False, image_size=cfg.image_size,
+                                  test_fraction=cfg.test_fraction, allow_import=True)  # module: repeated (checked above)
             if (bundle.num_classes, tuple(bundle.input_shape)) != (int(ck["num_classes"]), tuple(ck["input_shape"])):
                 raise CheckpointError(
                     f"{ck['path']!r} was trained for {ck['num_classes']} classes of shape {tuple(ck['input_shape'])}, "

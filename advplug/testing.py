@@ -80,6 +80,18 @@ class BadWeights:
         return Weights(adv=w * 0 if self.kind == "zero" else w)
 
 
+class DtypeProbe:
+    """Records the dtypes a plugin sees (logits, features, probs) under the run's precision."""
+
+    seen: list = []
+
+    @hookimpl
+    def compute_weights(self, ctx: StepContext, variants: list[Variant]) -> None:
+        v = variants[0]
+        DtypeProbe.seen.append((ctx.logits(v).dtype, ctx.features(v).dtype, ctx.probs(v).dtype))
+        return None
+
+
 class WrongSignature:
     """A hook whose argument is not in the spec (pluggy rejects it at registration)."""
 

@@ -15,8 +15,9 @@ from .attacks import make_attack, resolve_attack_start
 from .compose import combine_weights, merge_variants, summary
 from .config import RECORD_ONLY, TrainConfig, read_run_config
 from .context import NATURAL, FeatureTap, StepContext, TrainContext, Variant
-from .data import DataBundle, batches, hold_out, load_dataset
+from .data import DataBundle, auto_model, batches, check_data_import, hold_out, load_dataset
 from .dump import SampleDump
+from .ema import EMA
 from .errors import CheckpointError, Interrupted, NonFiniteLossError, OptionError, PluginError
 from .evaluate import evaluate, gather_tensors
 from .models import build_model
@@ -84,14 +85,16 @@ class Trainer:
 
         torch.manual_seed(self.cfg.seed)
         self.data = training_data(self.cfg, data, "validation" in reqs)
+        if self.cfg.model == "auto":  # your own data: the model follows the input shape (data.auto_model)
+            self.cfg.model = auto_model(self.data.input_shape)
         # The config comes from the user (command line, a config file they passed, or Python), or on
         # --resume from a run directory whose imported model the CLI had the user repeat.
         self.model = build_model(self.cfg.model, self.data.num_classes, self.data.input_shape,
                                  allow_import=True).to(self.device)
-        self.net = self.model
-        if self.world > 1:
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if self.device.type == "cuda" else None)
+        if self.cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.tap = FeatureTap(self.model)
+        self._setup_speed(local)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                                    weight_decay=self.cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(self.cfg.milestones), gamma=self.cfg.lr_gamma)
@@ -111,6 +114,7 @@ class Trainer:
         else:
             self.select_data, self.select_prefix = self.test_sub, "test"
         self.start_epoch, self.best_acc, self.best_epoch = 0, -1.0, -1
+        self.best_ema_acc, self.best_ema_epoch = -1.0, -1
         self.records: list[dict[str, Any]] = []
         self.inert_streak = 0
 
@@ -135,6 +139,29 @@ class Trainer:
             self.metrics = MetricsWriter(self.out, self.cfg.tensorboard, self.records)
         self.weight_dump = SampleDump(self.out, "weights") if self.cfg.dump_weights and self.rank == 0 else None
 
+    def _setup_speed(self, local: int) -> None:
+        """--precision, --compile, --ema and DDP: the modules the step and the attacks run."""
+        cfg = self.cfg
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        net: nn.Module = self.model
+        if self.world > 1:
+            net = nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if self.device.type == "cuda" else None)
+        self.net = torch.compile(net, backend=cfg.compile) if cfg.compile else net
+        self.attack_model = torch.compile(self.model, backend=cfg.compile) if cfg.compile else self.model
+        self.ema: EMA | None = None
+        if cfg.ema is not None:
+            shadow = build_model(cfg.model, self.data.num_classes, self.data.input_shape, allow_import=True).to(self.device)
+            if cfg.channels_last:
+                shadow = shadow.to(memory_format=torch.channels_last)
+            self.ema = EMA(self.model, shadow, cfg.ema)
+
+    def autocast(self) -> Any:
+        """The low-precision context of the training attack and the step's forward passes."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def _selection_label(self) -> str:
         n = len(self.select_data[1])
         if self.cfg.selection == "validation":
@@ -155,7 +182,7 @@ class Trainer:
         kw = dict(eps=self.cfg.eps, alpha=self.cfg.alpha, steps=self.cfg.steps, bn=self.cfg.attack_bn, start=self.cfg.attack_start,
                   num_classes=self.data.num_classes, seed=self.cfg.seed)
         kw.update(overrides)
-        return make_attack(name, self.model, **kw)
+        return make_attack(name, self.attack_model, **kw)
 
     def _loss(self, ctx: StepContext, variants: list[Variant], weights: Any) -> Tensor:
         """The run's training loss (loss owner plus wrappers) for given weights: for meta-learning plugins."""
@@ -193,6 +220,9 @@ class Trainer:
             "config": json.dumps(self.cfg.to_json()),
             "num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape),
             "metrics": "".join(json.dumps(r) + "\n" for r in self.records),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "best_ema_acc": self.best_ema_acc, "best_ema_epoch": self.best_ema_epoch,
         }
 
     def _resume(self) -> None:
@@ -216,27 +246,43 @@ class Trainer:
         checkpoint.set_rng_state(ck["rng"][self.rank])
         self.start_epoch = int(ck["epoch"]) + 1
         self.best_acc, self.best_epoch = float(ck["best_acc"]), int(ck["best_epoch"])
+        if (self.ema is not None) != bool(ck.get("ema")):
+            raise CheckpointError(f"{ck['path']!r} was trained {'with' if ck.get('ema') else 'without'} --ema; this run "
+                                  f"is {'with' if self.ema is not None else 'without'}")
+        try:
+            self.scaler.load_state_dict(ck.get("scaler") or {}) if self.scaler.is_enabled() else None
+            if self.ema is not None:
+                self.ema.load_state_dict(ck["ema"])
+                self.best_ema_acc, self.best_ema_epoch = float(ck["best_ema_acc"]), int(ck["best_ema_epoch"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {ck['path']!r} does not match this run: {e}") from None
         try:
             self.records = [json.loads(line) for line in ck["metrics"].splitlines() if line.strip()]
         except ValueError as e:
             raise CheckpointError(f"{ck['path']!r} is damaged: its metrics record is not JSON ({e})") from None
         if self.rank == 0 and self.best_epoch == int(ck["epoch"]):
             checkpoint.repair_best(self.out)  # a kill between last.pt and best.pt
+        if self.rank == 0 and self.ema is not None and self.best_ema_epoch == int(ck["epoch"]):
+            checkpoint.repair_best(self.out, ema=True)
         self.log(f"resumed from {ck['path']} after epoch {self.start_epoch}")
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor, index: Tensor, epoch: int, global_step: int) -> tuple[Tensor, StepContext, Any]:
         """One training step; returns (detached loss, context, combined weights)."""
+        if self.cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         ctx = StepContext(model=self.net, x=x, y=y, index=index, epoch=epoch, step=global_step,
                           num_classes=self.data.num_classes, config=self.cfg, lr=self.opt.param_groups[0]["lr"],
-                          tap=self.tap, reduce_mean=distributed.global_row_mean if self.world > 1 else None)
+                          tap=self.tap, reduce_mean=distributed.global_row_mean if self.world > 1 else None,
+                          autocast=self.autocast)
         plugin_attacks, objective_attack = self._attack_callers()
-        variants = merge_variants(plugin_attacks(ctx=ctx))
-        if not variants and objective_attack is not None:  # plugins' variants replace the objective's attack
-            variants = merge_variants([objective_attack(ctx=ctx)])
-        if not variants:
-            x_adv = self.attack(x, y)
-            variants = [Variant("pgd", x_adv, self.attack.stats())]
+        with self.autocast():  # the training attacks in the run's precision
+            variants = merge_variants(plugin_attacks(ctx=ctx))
+            if not variants and objective_attack is not None:  # plugins' variants replace the objective's attack
+                variants = merge_variants([objective_attack(ctx=ctx)])
+            if not variants:
+                x_adv = self.attack(x, y)
+                variants = [Variant("pgd", x_adv, self.attack.stats())]
         ctx.variants = variants
         ctx.anchor_name = self.enabled.composition.anchor if self.enabled.composition else None
         with contextlib.ExitStack() as perturbed:  # perturb_weights: loss and backward at w + v, then w restored
@@ -253,8 +299,11 @@ class Trainer:
             if loss is None:
                 raise PluginError("no plugin returned a training loss (combine_loss)")
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-        self.opt.step()
+            self.scaler.scale(loss).backward()  # fp16: scaled; otherwise the plain backward
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update()
         loss = loss.detach()
         self.pm.hook.on_batch_end(ctx=ctx, loss=loss)
         self.tap.last = None
@@ -384,12 +433,19 @@ class Trainer:
             res = evaluate(self.model, *self.select_data, ["natural", f"pgd{cfg.eval_steps}"], eps=cfg.eps,
                            num_classes=self.data.num_classes, seed=cfg.seed)
             rec[f"{self.select_prefix}_clean_acc"], rec[key] = res["Natural"], res[f"PGD-{cfg.eval_steps}"]
+            if self.ema is not None:
+                res = evaluate(self.ema.model, *self.select_data, ["natural", f"pgd{cfg.eval_steps}"], eps=cfg.eps,
+                               num_classes=self.data.num_classes, seed=cfg.seed)
+                rec[f"ema_{self.select_prefix}_clean_acc"], rec[f"ema_{key}"] = res["Natural"], res[f"PGD-{cfg.eval_steps}"]
         self._check_inert(rec)
         for impl_result, name in self._epoch_end_hooks(epoch, rec):
             rec[name] = impl_result
         is_best = rec.get(key, -1.0) > self.best_acc
         if is_best:
             self.best_acc, self.best_epoch = rec[key], epoch
+        is_best_ema = rec.get(f"ema_{key}", -1.0) > self.best_ema_acc
+        if is_best_ema:
+            self.best_ema_acc, self.best_ema_epoch = rec[f"ema_{key}"], epoch
         self.records.append(rec)
         rng = distributed.all_gather_object(checkpoint.rng_state())  # every process's stream
         if self.rank != 0:
@@ -400,6 +456,8 @@ class Trainer:
         rundir.fault_point("after-last", epoch)
         if is_best:
             checkpoint.save(self.out / "best.pt", payload)
+        if is_best_ema:
+            checkpoint.save(self.out / "best-ema.pt", {**payload, "model": self.ema.model.state_dict()})
         rundir.fault_point("after-best", epoch)
         self.metrics.write(rec, self.epoch_weights)
         rundir.fault_point("after-metrics", epoch)
@@ -435,18 +493,36 @@ class Trainer:
                 out.append((r, impl.plugin_name))
         return out
 
+    def _final_eval_model(self, model: nn.Module) -> dict[str, float]:
+        """The final attacks in fp32; after low-precision training, the robust ones also under the
+        run's autocast ("PGD-20 (bf16 eval)"), so that a gap (gradient masking) shows."""
+        cfg = self.cfg
+        kw = dict(eps=cfg.eps, num_classes=self.data.num_classes, seed=cfg.seed, progress=cfg.progress)
+        res = evaluate(model, *self.test, cfg.final_attacks, **kw)
+        robust = [a for a in cfg.final_attacks if a != "natural"]
+        if self.amp_dtype is not None and robust:
+            with self.autocast():
+                low = evaluate(model, *self.test, robust, **kw)
+            res.update({f"{k} ({cfg.precision} eval)": v for k, v in low.items()})
+        return res
+
     def final_eval(self) -> dict[str, dict[str, float]]:
         """Final accuracies on the whole test split: last and best checkpoints (best as chosen on
         the selection split)."""
         if self.rank != 0:
             return {}
         cfg = self.cfg
-        kw = dict(eps=cfg.eps, num_classes=self.data.num_classes, seed=cfg.seed, progress=cfg.progress)
-        results = {f"last (epoch {cfg.epochs})": evaluate(self.model, *self.test, cfg.final_attacks, **kw)}
+        results = {f"last (epoch {cfg.epochs})": self._final_eval_model(self.model)}
         if 0 <= self.best_epoch != cfg.epochs - 1:
             model = build_model(cfg.model, self.data.num_classes, self.data.input_shape, allow_import=True).to(self.device)
             checkpoint.load_model_state(model, checkpoint.load_best(self.out), cfg.model)
-            results[f"best (epoch {self.best_epoch + 1})"] = evaluate(model, *self.test, cfg.final_attacks, **kw)
+            results[f"best (epoch {self.best_epoch + 1})"] = self._final_eval_model(model)
+        if self.ema is not None:
+            results[f"last-ema (epoch {cfg.epochs})"] = self._final_eval_model(self.ema.model)
+            if 0 <= self.best_ema_epoch != cfg.epochs - 1:
+                model = build_model(cfg.model, self.data.num_classes, self.data.input_shape, allow_import=True).to(self.device)
+                checkpoint.load_model_state(model, checkpoint.load_best(self.out, ema=True), cfg.model)
+                results[f"best-ema (epoch {self.best_ema_epoch + 1})"] = self._final_eval_model(model)
         rundir.write_json(self.out / "results.json", results)
         self.log(results_table(results, f"test accuracy (%), {len(self.test[1])} samples, eps {cfg.eps:.4g}; "
                                         f"best chosen on {self._selection_label()}"))
@@ -462,7 +538,9 @@ def training_data(cfg: TrainConfig, data: DataBundle | None = None, validation: 
     if validation is None:
         pm = enable(list(cfg.plugins), cfg.objective, cfg.plugin_options).pm
         validation = "validation" in set().union(*[r for r in pm.hook.requirements() if r])
-    data = data if data is not None else load_dataset(cfg.data, cfg.data_root, cfg.download)
+    # cfg comes from the user (or from resume_config, which had a module: data source repeated)
+    data = data if data is not None else load_dataset(cfg.data, cfg.data_root, cfg.download, image_size=cfg.image_size,
+                                                      test_fraction=cfg.test_fraction, allow_import=True)
     if cfg.selection == "validation" and data.selection is None:
         data = hold_out(data, cfg.selection_size, seed=SPLIT_SEED, role="selection")
     if validation and data.validation is None:
@@ -470,7 +548,7 @@ def training_data(cfg: TrainConfig, data: DataBundle | None = None, validation: 
     return data
 
 
-def resume_config(run_dir: str | Path, model: str | None = None) -> TrainConfig:
+def resume_config(run_dir: str | Path, model: str | None = None, data: str | None = None) -> TrainConfig:
     """The saved configuration of a run directory. A model given as ``module:callable`` is code:
     it is imported only if the user repeats it (``model``), never because the file says so."""
     d = read_run_config(run_dir, CheckpointError)
@@ -481,6 +559,7 @@ def resume_config(run_dir: str | Path, model: str | None = None) -> TrainConfig:
     except TypeError as e:
         raise CheckpointError(f"{str(Path(run_dir) / 'config.json')!r} is damaged: {e}") from None
     check_model_import(cfg.model, model)
+    check_data_import(cfg.data, data)
     cfg.out = str(run_dir)
     return cfg
 
