@@ -16,6 +16,7 @@ from .compose import combine_weights, merge_variants, summary
 from .config import RECORD_ONLY, TrainConfig, read_run_config
 from .context import NATURAL, FeatureTap, StepContext, TrainContext, Variant
 from .data import DataBundle, auto_model, batches, check_data_import, hold_out, load_dataset
+from .devicedata import device_batches
 from .dump import SampleDump
 from .ema import EMA
 from .errors import CheckpointError, Interrupted, NonFiniteLossError, OptionError, PluginError
@@ -100,8 +101,9 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(self.cfg.milestones), gamma=self.cfg.lr_gamma)
         self.cfg.attack_start, start_by = resolve_attack_start(self.cfg.attack_start, self.cfg.objective, self.enabled.items())
         self.attack = self.make_attack("pgd")
-        self.loader = batches(self.data.train, self.cfg.batch_size, True, self.device, self.cfg.seed,
-                              self.rank, self.world, self.cfg.workers)
+        self.loader = device_batches(self.data.train, self.data.augment, self.cfg.data_path, self.cfg.batch_size,
+                                     self.device, self.cfg.seed, self.rank, self.world) or batches(
+            self.data.train, self.cfg.batch_size, True, self.device, self.cfg.seed, self.rank, self.world, self.cfg.workers)
         x_test, y_test = gather_tensors(self.data.test, None, self.device)
         self.test = (x_test, y_test)
         n = self.cfg.n_eval

@@ -1,0 +1,52 @@
+"""No host synchronisation inside the training step (#16): on the CPU the calls that would sync
+a GPU (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, ``bool()``/``int()``/``float()`` of
+a tensor) are counted during steps; only the periodic check (every 20 steps and at the epoch's
+end, outside ``step``) may make them."""
+import collections
+import traceback
+
+import pytest
+import torch
+
+from advplug.testing import digits_subset, tiny_config
+from advplug.trainer import Trainer
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    counts: collections.Counter = collections.Counter()
+    on = [False]
+    for name in SYNCS:
+        real = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _real=real, _name=name, **k):
+            if on[0]:
+                frame = traceback.extract_stack(limit=3)[-2]
+                counts[f"{_name} at {frame.filename.split('site-packages/')[-1]}:{frame.lineno}"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    return counts, on
+
+
+@pytest.mark.parametrize("plugins,objective,options", [
+    ((), "at", {}), ((), "trades", {}), ((), "mart", {}),
+    (("mail",), "at", {"mail-burn-in": 0}), (("gairat",), "at", {"gairat-begin-epoch": 0}), (("meow",), "at", {}),
+    (("bat",), "at", {}), (("awp",), "at", {}), (("fat",), "at", {}), (("wmmr",), "at", {}),
+])
+def test_no_host_sync_in_the_step(tmp_path, count_syncs, plugins, objective, options):
+    counts, on = count_syncs
+    t = Trainer(tiny_config(str(tmp_path), plugins=plugins, objective=objective, plugin_options=options, epochs=3),
+                data=digits_subset(192, 16), log=lambda s: None)
+    batches = iter(t.loader)
+    x, y, i = next(batches)
+    t.step(x, y, i, 0, 0)  # first step: lazy set-up (plugins' buffers) may look at values once
+    on[0] = True
+    for k in range(2):
+        x, y, i = next(batches)
+        t.step(x, y, i, 1, k + 1)
+    on[0] = False
+    t.close()
+    assert not counts, dict(counts)
