@@ -22,7 +22,7 @@ from .ema import EMA
 from .errors import CheckpointError, Interrupted, NonFiniteLossError, OptionError, PluginError
 from .evaluate import evaluate, gather_tensors
 from .models import build_model
-from .plugins import Enabled, enable
+from .plugins import Enabled, declarations, enable
 from .signals import probabilistic_margin
 from .report import MetricsWriter, results_table
 
@@ -149,7 +149,11 @@ class Trainer:
         net: nn.Module = self.model
         if self.world > 1:
             net = nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if self.device.type == "cuda" else None)
-        self.net = torch.compile(net, backend=cfg.compile) if cfg.compile else net
+        twice = [n for n, d in declarations(self.enabled).items() if "loss" in d.needs]
+        if cfg.compile and twice:  # torch.compile has no double backward: the meta-gradient needs it
+            self.log(f"--compile: the step's forward runs uncompiled because {', '.join(twice)} differentiates "
+                     "through the loss twice (no double backward under torch.compile); the attacks are compiled")
+        self.net = torch.compile(net, backend=cfg.compile) if cfg.compile and not twice else net
         self.attack_model = torch.compile(self.model, backend=cfg.compile) if cfg.compile else self.model
         self.ema: EMA | None = None
         if cfg.ema is not None:

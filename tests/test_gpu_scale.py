@@ -110,3 +110,14 @@ def test_bad_switch_values():
                         (dict(data_path="disk"), "--data-path")):
         with pytest.raises(OptionError, match=pattern):
             tiny_config(None, **kw).resolved()
+
+
+def test_compile_with_a_meta_gradient_plugin_falls_back_for_the_step(tmp_path):
+    """BiLAW differentiates through the loss twice, which torch.compile cannot: the step runs
+    uncompiled (said in the log), the attacks compiled, and training works."""
+    logs = []
+    t = Trainer(tiny_config(str(tmp_path), plugins=("bilaw",), epochs=1, compile="eager"), data=digits_subset(96, 16),
+                log=logs.append)
+    assert t.net is t.model and t.attack_model is not t.model
+    assert any("runs uncompiled because bilaw" in m for m in logs)
+    t.fit()
