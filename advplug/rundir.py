@@ -53,7 +53,7 @@ def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> None
         raise RunDirError(f"--out {str(out)!r} is a file, not a directory")
     if resume:
         if not (out / "last.pt").is_file():
-            raise RunDirError(f"{str(out)!r} holds no checkpoint to resume (no last.pt)")
+            raise RunDirError(f"{str(out)!r} holds no checkpoint to resume (no last.pt): the run stopped before its first epoch ended; start it again with --overwrite")
     elif holds_run(out):
         if not overwrite:
             raise RunDirError(f"{str(out)!r} already holds a run: continue it with `advplug train --resume {out}`, "
