@@ -310,6 +310,51 @@ def report(run_dir: str) -> None:
         click.echo(str(p))
 
 
+@cli.command()
+@click.argument("sweep_file")
+@click.option("--dry-run", is_flag=True, help="Print the points (name, state, settings); run nothing.")
+@click.option("--report", "report_only", is_flag=True,
+              help="Print the progress and the compare table of the finished points; run nothing.")
+@click.option("--launcher", type=click.Choice(["local", "ray"]), default="local",
+              help="local: --jobs runs at once on this machine; ray: each run a Ray task (pip install 'advplug[ray]').")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="local: runs at once (default: the file's jobs, else 1).")
+@click.option("--gpu-ids", default=None, help="local: GPUs to spread the runs over, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES per run).")
+@click.option("--address", default=None, help="ray: the cluster's address (default: RAY_ADDRESS, else a local instance).")
+@click.option("--cpus", type=float, default=None, help="ray: CPUs per run (default: the file's resources, else 1).")
+@click.option("--gpus", type=float, default=None, help="ray: GPUs per run (default: the file's resources, else 0).")
+@click.option("--retries", type=click.IntRange(min=0), default=None, help="Extra attempts per failed point (default: the file's, else 2).")
+@click.option("--out", default=None, help="The sweep directory (default: the file's out, else sweeps/<file stem>).")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json"]), default="markdown")
+@click.option("--no-progress", is_flag=True, default=False)
+def sweep(sweep_file: str, dry_run: bool, report_only: bool, launcher: str, jobs: int | None, gpu_ids: str | None,
+          address: str | None, cpus: float | None, gpus: float | None, retries: int | None, out: str | None,
+          fmt: str, no_progress: bool) -> None:
+    """Run a grid of training runs (methods x seeds x settings) from SWEEP_FILE, one run
+    directory per point; re-running skips finished points and resumes interrupted ones."""
+    from . import sweep as sw
+
+    s = sw.load_sweep(sweep_file, out)
+    if dry_run:
+        click.echo("\n".join(sw.dry_run(s)))
+        return
+    if not report_only:
+        ids = [g.strip() for g in gpu_ids.split(",") if g.strip()] if gpu_ids else None
+        runner = sw.make_launcher(launcher, jobs or (len(ids) if ids else s.jobs), address, cpus, gpus, ids)
+        sw.run_sweep(s, runner, retries=retries, progress=not no_progress, log=click.echo)
+    lines = sw.summary(s)
+    text, warnings = sw.report(s, fmt)
+    click.echo(text)
+    for w in warnings:
+        click.echo(f"warning: settings differ: {w}", err=True)
+    click.echo("\n".join(lines))
+    if not report_only and text and not text.startswith("("):
+        table = s.out / {"markdown": "table.md", "csv": "table.csv", "json": "table.json"}[fmt]
+        table.write_text(text + "\n")
+        click.echo(f"table: {table}")
+    if not report_only and any(line.lstrip().startswith(("failed", "conflict")) for line in lines[1:]):
+        sys.exit(1)
+
+
 def main() -> None:
     cli()
 
