@@ -123,6 +123,11 @@ class FeatureTap:
         self._handle.remove()
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """fp16/bf16 (autocast) results as fp32; fp32 and fp64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class StepContext:
     """Everything a plugin may read during one training step.
 
@@ -209,10 +214,10 @@ class StepContext:
             self._tap.last = None
             with self._autocast():  # --precision: the forward in low precision, what follows in fp32
                 out = self.model(x)
-            self._logits[key] = out.float()
+            self._logits[key] = _at_least_fp32(out)
             self.forward_count += 1
             if self._tap.last is not None:
-                self._features[key] = self._tap.last.float()
+                self._features[key] = _at_least_fp32(self._tap.last)
         return self._logits[key]
 
     def features(self, view: Variant | str = NATURAL) -> Tensor:
