@@ -285,10 +285,9 @@ def settings_differ(p: Point, run: Path) -> list[str]:
         saved = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):
         return []
-    want = _comparable(TrainConfig(**p.settings).resolved().to_json())
+    # None: filled by the trainer (the objective's attack start ...); "auto" models: from the data
+    want = {k: v for k, v in _comparable(TrainConfig(**p.settings).resolved().to_json()).items() if v is not None}
     have = _comparable(saved)
-    if "model" not in want:  # "auto": chosen from the data's shape by the trainer
-        have.pop("model", None)
     return [f"{k} {have.get(k)!r} (sweep: {want.get(k)!r})" for k in sorted(want) if have.get(k) != want.get(k)]
 
 

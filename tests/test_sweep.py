@@ -44,7 +44,7 @@ plugins = ["mail"]
 def write(tmp_path, text, epochs=1, name="s.toml", **top):
     head = "".join(f"{k} = {json.dumps(v)}\n" for k, v in {"out": str(tmp_path / "out"), **top}.items())
     p = tmp_path / name
-    p.write_text(head + text.format(epochs=epochs))
+    p.write_text(head + text.replace("{epochs}", str(epochs)))
     return p
 
 
