@@ -243,9 +243,10 @@ def hooks(plugins: tuple[str, ...], objective: str, pairs: bool) -> None:
 @click.option("--data-root", default=None)
 @click.option("--model", default=None, help="Repeat a run's module:callable model to allow importing it "
                                             "(advplug never imports code because a run file names it).")
+@click.option("--data", default=None, help="Repeat a run's module:pkg.mod:callable data to allow importing it.")
 def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: str | None, backend: str,
              eps: float | None, alpha: float | None, n_eval: int | None, n_eval_aa: int, batch_size: int,
-             device: str | None, data_root: str | None, model: str | None) -> None:
+             device: str | None, data_root: str | None, model: str | None, data: str | None) -> None:
     """Evaluate a checkpoint (or a run directory's best / last) under attacks.
 
     For a run directory the results are added to RUN_DIR/eval.json (read by `advplug compare`),
@@ -270,7 +271,7 @@ def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: st
     try:
         rec = evaluate_checkpoints(target, whiches, specs, backend=backend, eps=eps, alpha=alpha, n_eval=n_eval,
                                    n_eval_aa=n_eval_aa, batch_size=batch_size, device=device, data_root=data_root,
-                                   model=model, progress=True, log=click.echo)
+                                   model=model, progress=True, log=click.echo, data=data)
         if is_run:
             out = Path(target) / "eval.json"
             entries = evalstore.merge(out, evalstore.entries_from_results(rec))
@@ -301,12 +302,14 @@ def compare(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
 
 @cli.command()
 @click.argument("run_dir")
-def report(run_dir: str) -> None:
+@click.option("--data", default=None, help="Repeat a run's module:pkg.mod:callable data to allow importing it "
+                                           "(extremes.png shows training images).")
+def report(run_dir: str, data: str | None) -> None:
     """Write PNG plots of a run: accuracy per epoch, weights per epoch, weight against signal,
     the training images with the highest and lowest weights (train with --dump-weights)."""
     from .plots import report as make_report
 
-    for p in make_report(run_dir):
+    for p in make_report(run_dir, data=data, log=click.echo):
         click.echo(str(p))
 
 

@@ -248,13 +248,13 @@ def check_tensors(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], nam
     for part, y in (("y_train", yt), ("y_test", ye)):
         if int(y.min()) < 0:
             raise DataError(f"{name}: {part} has negative labels ({int(y.min())}); labels must be 0..K-1")
+    if len(torch.unique(yt)) < 2:
+        raise DataError(f"{name}: the training data has one class only ({int(yt[0])}); a classifier needs two or more")
     k = num_classes if num_classes is not None else int(yt.max()) + 1
     for part, y in (("y_train", yt), ("y_test", ye)):
         if int(y.max()) >= k:
             raise DataError(f"{name}: {part} has label {int(y.max())}, out of range for {k} classes "
                             + ("(the training labels go up to " + str(int(yt.max())) + ")" if part == "y_test" else ""))
-    if len(torch.unique(yt)) < 2:
-        raise DataError(f"{name}: the training data has one class only ({int(yt[0])}); a classifier needs two or more")
     return DataBundle((xt, yt), (xe, ye), k, tuple(xt.shape[1:]))
 
 

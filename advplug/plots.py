@@ -51,20 +51,59 @@ def weight_column(cols: dict[str, np.ndarray]) -> np.ndarray:
     return cols[keys[0]] if keys else cols["weight"]
 
 
+def selection_prefix(records: list[dict[str, Any]]) -> str:
+    """``val`` (held-out selection split), ``test`` (``--selection test``) or ``""`` (older runs)."""
+    for p in ("val", "test"):
+        if any(f"{p}_pgd_acc" in r for r in records):
+            return p
+    return ""
+
+
+def best_epoch(records: list[dict[str, Any]]) -> int | None:
+    """The epoch (1-based, as the console and file names count) of the best checkpoint: the first
+    highest PGD accuracy on the selection split, the trainer's rule."""
+    key = f"{selection_prefix(records)}_pgd_acc".lstrip("_")
+    best, at = -1.0, None
+    for r in records:
+        if key in r and r[key] > best:
+            best, at = r[key], r["epoch"] + 1
+    return at
+
+
 def plot_accuracy(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, Any]) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ep = [r["epoch"] + 1 for r in records]
-    for key, label in (("train_acc", "train (adversarial)"), ("clean_acc", "test natural"), ("pgd_acc", "test PGD")):
-        pts = [(e, 100 * r[key]) for e, r in zip(ep, records) if key in r]
+    pre = selection_prefix(records)
+    where = {"val": "held-out", "test": "test"}.get(pre, "test")
+    key = lambda k: f"{pre}_{k}" if pre else k  # noqa: E731
+    for k, label in (("train_acc", "train (adversarial)"), (key("clean_acc"), f"{where} natural"),
+                     (key("pgd_acc"), f"{where} PGD")):
+        pts = [(e, 100 * r[k]) for e, r in zip(ep, records) if k in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=label)
-    for m in cfg.get("milestones") or []:
-        ax.axvline(m + 0.5, color="grey", ls=":", lw=1)
-    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{_method(cfg)} on {cfg.get('data')}")
+    last = max(int(cfg.get("epochs") or 0), max(ep))
+    drops = [m for m in cfg.get("milestones") or [] if m < last]  # only drops that happen in this run
+    for i, m in enumerate(drops):
+        ax.axvline(m + 0.5, color="grey", ls=":", lw=1, label="lr drop" if i == 0 else None)
+    b = best_epoch(records)
+    if b is not None:
+        r = records[ep.index(b)]
+        ax.plot([b], [100 * r[key("pgd_acc")]], marker="*", ms=14, color="crimson", ls="none",
+                label=f"best (epoch {b})")
+    ax.set_xlim(0.5, last + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{_method(cfg)} on {_data_label(cfg)}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return _save(fig, run_dir / "report" / "accuracy.png")
+
+
+def _data_label(cfg: dict[str, Any]) -> str:
+    d = str(cfg.get("data"))
+    return d if len(d) < 40 else "..." + d[-37:]
 
 
 def plot_weights(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, Any]) -> Path | None:
@@ -94,14 +133,17 @@ def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
     plt = _plt()
     panels: list[tuple[str, np.ndarray, np.ndarray]] = []
     ds = dumps(run_dir, "weights")
+    epochs = []
     if ds:
         last = ds[max(ds)]
+        epochs.append(max(ds))
         panels.append(("probabilistic margin p_y - max p_j", last["margin"], weight_column(last)))
     for plugin, key in SIGNALS.items():
         pd = dumps(run_dir, plugin)
         if not pd:
             continue
         cols = pd[max(pd)]
+        epochs.append(max(pd))
         sig = sorted(k for k in cols if k.startswith(key))
         if sig:  # LRAT dumps t_<variant> with weight_<variant>, the others one signal with weight
             w = cols[f"weight_{sig[0][len(key):]}"] if key.endswith("_") else cols["weight"]
@@ -113,15 +155,21 @@ def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
         ax.scatter(x, w, s=4, alpha=0.4)
         ax.set(xlabel=label, ylabel="weight")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"weight against signal, last dumped epoch, {_method(cfg)}")
+    which = f"epoch {epochs[0]}" if len(set(epochs)) == 1 else "epochs " + ", ".join(map(str, epochs))
+    fig.suptitle(f"weight against signal, {which} (the last dumped), {_method(cfg)}")
     return _save(fig, run_dir / "report" / "weight_vs_signal.png")
 
 
-def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8) -> Path | None:
+def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8, data: str | None = None) -> Path | None:
     plt = _plt()
     ds = dumps(run_dir, "weights")
     if not ds:
         return None
+    from .data import PYTHON, check_data_import
+
+    if cfg.get("data") == PYTHON:
+        raise DataError("extremes.png skipped: the run's data was passed from Python, not named by a path")
+    check_data_import(cfg.get("data"), data)  # module: data is code: imported only when the user repeats it
     cols = ds[max(ds)]
     w, idx = weight_column(cols), cols["index"]
     order = np.argsort(w, kind="stable")
@@ -136,10 +184,12 @@ def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8) -> Path | None
             if col < len(sel):
                 img = x[k].transpose(1, 2, 0)
                 ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
-                ax.set_title(f"y={y[k]} w={w[sel[col]]:.2f}", fontsize=7)
+                pred = f" pred={cols['pred'][sel[col]]}" if "pred" in cols else ""
+                ax.set_title(f"y={y[k]}{pred}\nw={w[sel[col]]:.2f}", fontsize=7)
                 k += 1
         axes[row, 0].text(-0.3, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
-    fig.suptitle(f"training images with the lowest and highest weights (epoch {max(ds)}), {_method(cfg)}", fontsize=9)
+    fig.suptitle(f"training images with the lowest and highest weights (epoch {max(ds)}), {_method(cfg)}"
+                 + ("; pred: the class the model predicted on the training attack" if "pred" in cols else ""), fontsize=9)
     return _save(fig, run_dir / "report" / "extremes.png")
 
 
@@ -149,7 +199,7 @@ def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray,
     from .trainer import training_data
 
     tc = TrainConfig.from_json({k: v for k, v in cfg.items() if k not in RECORD_ONLY})
-    data = training_data(tc.resolved(), log=lambda s: None)
+    data = training_data(tc.resolved(), log=lambda s: None)  # module: data checked by the caller (plot_extremes)
     train = data.train
     if isinstance(train, tuple):
         x, y = train[0][index].numpy(), train[1][index].numpy()
@@ -175,13 +225,21 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def report(run_dir: str | Path) -> list[Path]:
-    """Write every plot the run's files allow; returns their paths."""
+def report(run_dir: str | Path, data: str | None = None, log=None) -> list[Path]:
+    """Write every plot the run's files allow; returns their paths. ``data``: the run's
+    ``module:`` data source, repeated by the user (needed for ``extremes.png`` only)."""
     run = Path(run_dir)
     cfg = read_run_config(run, DataError)
     records = read_metrics(run)
     if not records:
         raise DataError(f"{str(run)!r} has no metrics.jsonl records yet")
-    made = [plot_accuracy(run, records, cfg), plot_weights(run, records, cfg), plot_weight_vs_signal(run, cfg),
-            plot_extremes(run, cfg)]
+    say = log or (lambda s: None)
+    made = [plot_accuracy(run, records, cfg), plot_weights(run, records, cfg), plot_weight_vs_signal(run, cfg)]
+    try:
+        made.append(plot_extremes(run, cfg, data=data))
+    except DataError as e:
+        say(f"note: {e}")
+    if not dumps(run, "weights"):
+        say("note: no per-sample dumps in this run: weights.png shows the logged min/mean/max only, and "
+            "weight_vs_signal.png and extremes.png need them; train with --dump-weights")
     return [p for p in made if p is not None]

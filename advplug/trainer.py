@@ -386,7 +386,7 @@ class Trainer:
     def _dump_weights(self, ctx: StepContext, w: Any) -> None:
         """Per-sample combined weights and the first variant's probabilistic margin (kept on the device)."""
         p = ctx.probs(ctx.variants[0])
-        cols = {"index": ctx.index, "label": ctx.y, "margin": probabilistic_margin(p, ctx.y)}
+        cols = {"index": ctx.index, "label": ctx.y, "pred": p.argmax(1), "margin": probabilistic_margin(p, ctx.y)}
         if w.adv is not None:
             adv = w.adv if w.adv.dim() == 2 else w.adv.expand(len(ctx.variants), -1)
             cols.update({f"weight_{v.name}": adv[i] for i, v in enumerate(ctx.variants)})
