@@ -689,7 +689,8 @@ def summary(sweep: Sweep, points: dict[str, Any] | None = None) -> list[str]:
             live[p.name] = "done"
         elif kind in ("busy", "conflict"):
             live[p.name] = "running" if kind == "busy" else "conflict"
-            rec = {**rec, "last_error": detail}
+            pid = re.search(r"\(pid (\S+)\)", detail) if kind == "busy" else None
+            rec = {**rec, "last_error": f"pid {pid.group(1)}" if pid else detail}
             points[p.name] = rec
         else:
             live[p.name] = rec.get("status", "pending") if rec.get("status") in ("failed", "interrupted") else (

@@ -99,6 +99,14 @@ def test_dry_run_lists_points_and_their_state(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.parametrize("example", sorted((Path(__file__).parents[1] / "examples" / "sweeps").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_example_sweeps_expand(example):
+    s = sw.load_sweep(example)
+    seeds = {p.settings["seed"] for p in s.points}
+    assert seeds == {0, 1, 2} and all(p.settings["data"] == "cifar10" for p in s.points) and len(s.points) >= 15
+
+
 def test_ray_launcher_without_ray_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     res = CliRunner().invoke(cli, ["sweep", str(write(tmp_path, GRID_2X2)), "--launcher", "ray", "--no-progress"])
