@@ -78,10 +78,112 @@ def _csv_ints(s: str | None) -> tuple[int, ...] | None:
         raise OptionError(f"--milestones: expected comma-separated epochs, got {s!r}") from None
 
 
-@cli.command(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True))
+# `advplug train --help`: the options in groups, each with its default; with --plugin NAME also
+# that plugin's options (the same information as `advplug plugins`).
+TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
+    "Method": ("plugins", "objective"),
+    "Data": ("data", "data_root", "download", "image_size", "test_fraction", "workers", "data_path"),
+    "Model": ("model",),
+    "Attack (training)": ("eps", "alpha", "steps", "attack_bn", "attack_start"),
+    "Optimisation": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "milestones", "lr_gamma", "seed",
+                     "precision", "channels_last", "compile", "ema"),
+    "Evaluation and model selection": ("eval_every", "eval_steps", "n_eval", "selection", "selection_size", "val_size"),
+    "Output and run": ("out", "overwrite", "resume", "config_file", "device", "tensorboard", "dump_weights", "no_progress"),
+}
+
+
+def _default_text(name: str) -> str | None:
+    """The default of a train option as the user gets it: the config's, or per data set."""
+    import dataclasses as dc
+
+    from .config import CUSTOM_DEFAULTS, DATA_DEFAULTS, TrainConfig
+
+    if name == "milestones":
+        d, c = DATA_DEFAULTS["digits"]["milestone_fractions"], DATA_DEFAULTS["cifar10"]["milestone_fractions"]
+        pct = lambda fs: " and ".join(f"{round(100 * f)} %" for f in fs)  # noqa: E731
+        return f"at {pct(c)} of --epochs on cifar10/svhn and your own data, {pct(d)} on digits"
+    if name in DATA_DEFAULTS["digits"]:
+        per = {k: DATA_DEFAULTS[k][name] for k in ("digits", "mnist", "cifar10")}
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        return ("per data set: " + ", ".join(f"{k} {fmt(v)}" for k, v in per.items())
+                + f", own data {fmt(CUSTOM_DEFAULTS[name])}")
+    fields = {f.name: f for f in dc.fields(TrainConfig)}
+    v = fields[name].default if name in fields else None
+    if v is not dc.MISSING and v is not None and v is not False and v != ():
+        return str(v)
+    return None
+
+
+class _TrainCommand(click.Command):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --help is eager: note the --plugin values first, to list their options in the help
+        ctx.meta["help_plugins"] = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--plugin"] + \
+            [a.split("=", 1)[1] for a in args if a.startswith("--plugin=")]
+        return super().parse_args(ctx, args)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        by_name = {p.name: p for p in self.get_params(ctx)}
+        seen = set()
+        for group, names in TRAIN_GROUPS.items():
+            rows = []
+            for n in names:
+                p = by_name.get(n)
+                if p is None:
+                    continue
+                seen.add(n)
+                rec = p.get_help_record(ctx)
+                if rec is None:
+                    continue
+                d = _default_text(n)
+                rows.append((rec[0], rec[1] + (f"  [default: {d}]" if d and "default" not in rec[1] else "")))
+            if rows:
+                with formatter.section(group):
+                    formatter.write_dl(rows)
+        rest = [p.get_help_record(ctx) for n, p in by_name.items() if n not in seen]
+        rest = [r for r in rest if r is not None]
+        if rest:
+            with formatter.section("Other"):
+                formatter.write_dl(rest)
+        self._plugin_help(ctx, formatter)
+
+    def _plugin_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .objectives import OBJECTIVES
+        from .plugins import describe_plugin, list_plugins
+
+        names = ctx.meta.get("help_plugins") or []
+        if not names:
+            formatter.write_paragraph()
+            formatter.write_text("Plugin options: `advplug train --plugin NAME --help` (or `advplug plugins`).")
+            return
+        found, _ = list_plugins()
+        known = {p["name"]: p for p in found}
+        known.update({n: describe_plugin(n, c, __version__) for n, c in OBJECTIVES.items()})
+        for n in names:
+            p = known.get(n)
+            if p is None:
+                formatter.write_paragraph()
+                formatter.write_text(f"--plugin {n}: not installed (installed: {', '.join(sorted(known))})")
+                continue
+            rows = []
+            for o in p["options"]:
+                extra = f" Choices: {', '.join(map(str, o['choices']))}." if o.get("choices") else ""
+                bounds = "".join(f" {k} {o[k]}" for k in ("min", "max", "gt") if k in o)
+                rows.append((f"{o['flag']} {o['type'].upper()}",
+                             f"{o['help']}{extra}{' (' + bounds.strip() + ')' if bounds else ''}  [default: {o['default']}]"))
+            with formatter.section(f"Options of plugin {n!r} ({p['summary']})" if p["summary"] else f"Options of plugin {n!r}"):
+                formatter.write_dl(rows or [("(none)", "")])
+
+
+@cli.command(cls=_TrainCommand, context_settings=dict(ignore_unknown_options=True, allow_extra_args=True))
 @click.option("--plugin", "plugins", multiple=True, help="Enable a plugin (repeatable). See `advplug plugins`.")
 @click.option("--objective", default=None, help="Loss owner: at (default), trades or mart.")
-@click.option("--data", default=None, help="digits (embedded, default), mnist, fashion-mnist, cifar10, cifar100, svhn.")
+@click.option("--data", default=None, help="digits (embedded, default), mnist, fashion-mnist, cifar10, cifar100, svhn; "
+              "or your own: folder:PATH (ImageFolder layout, PATH/train and PATH/test or one folder split by "
+              "--test-fraction), npz:PATH (x_train, y_train, x_test, y_test), module:pkg.mod:callable "
+              "(returns (train, test)).")
+@click.option("--image-size", type=int, default=None, help="Resize your own images to SIZE x SIZE (only when given).")
+@click.option("--test-fraction", type=float, default=None,
+              help="folder: without train/ and test/: the test share, stratified, fixed seed (default 0.2).")
 @click.option("--data-root", default=None, help="Where torchvision data sets live.")
 @click.option("--download", is_flag=True, default=None, help="Download the data set (needs a network).")
 @click.option("--model", default=None, help="Model name or module:callable (default per data set).")
@@ -90,7 +192,8 @@ def _csv_ints(s: str | None) -> tuple[int, ...] | None:
 @click.option("--lr", type=float, default=None, help="Initial learning rate (SGD).")
 @click.option("--momentum", type=float, default=None)
 @click.option("--weight-decay", type=float, default=None)
-@click.option("--milestones", default=None, help="Epochs at which the learning rate is multiplied by --lr-gamma, e.g. 60,90.")
+@click.option("--milestones", default=None, help="Epochs at which the learning rate is multiplied by --lr-gamma, "
+              "e.g. 60,90 (0-based epoch indices: 60 = after 60 epochs).")
 @click.option("--lr-gamma", type=float, default=None)
 @click.option("--eps", type=float, default=None, help="Linf budget (inputs in [0, 1]).")
 @click.option("--alpha", type=float, default=None, help="PGD step size.")
@@ -137,7 +240,13 @@ def _csv_ints(s: str | None) -> tuple[int, ...] | None:
 @click.pass_context
 def train(ctx: click.Context, plugins: tuple[str, ...], config_file: str | None, resume: str | None,
           no_progress: bool, milestones: str | None, overwrite: bool, **kw: Any) -> None:
-    """Adversarial training; plugin options as --<plugin>-<option> VALUE."""
+    """Adversarial training; plugin options as --<plugin>-<option> VALUE.
+
+    \b
+    advplug train --plugin mail --epochs 30
+    advplug train --data folder:./my-images --image-size 32 --plugin gairat
+    advplug train --plugin mail --help      # MAIL's options too
+    """
     from .config import TrainConfig, load_config_file
     from .trainer import Trainer, resume_config
 
@@ -318,13 +427,15 @@ def report(run_dir: str, data: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the points (name, state, settings); run nothing.")
 @click.option("--report", "report_only", is_flag=True,
               help="Print the progress and the compare table of the finished points; run nothing.")
-@click.option("--launcher", type=click.Choice(["local", "ray"]), default="local",
-              help="local: --jobs runs at once on this machine; ray: each run a Ray task (pip install 'advplug[ray]').")
+@click.option("--launcher", type=click.Choice(["local", "ray", "slurm"]), default="local",
+              help="local: --jobs runs at once on this machine; ray: each run a Ray task (pip install 'advplug[ray]'); "
+                   "slurm: each run a SLURM job through submitit, the file's [slurm] table its parameters "
+                   "(pip install 'advplug[slurm]').")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="local: runs at once (default: the file's jobs, else 1).")
 @click.option("--gpu-ids", default=None, help="local: GPUs to spread the runs over, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES per run).")
 @click.option("--address", default=None, help="ray: the cluster's address (default: RAY_ADDRESS, else a local instance).")
-@click.option("--cpus", type=float, default=None, help="ray: CPUs per run (default: the file's resources, else 1).")
-@click.option("--gpus", type=float, default=None, help="ray: GPUs per run (default: the file's resources, else 0).")
+@click.option("--cpus", type=float, default=None, help="ray/slurm: CPUs per run (default: the file's resources, else 1).")
+@click.option("--gpus", type=float, default=None, help="ray/slurm: GPUs per run (default: the file's resources, else 0).")
 @click.option("--retries", type=click.IntRange(min=0), default=None, help="Extra attempts per failed point (default: the file's, else 2).")
 @click.option("--out", default=None, help="The sweep directory (default: the file's out, else sweeps/<file stem>).")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json"]), default="markdown")
@@ -342,7 +453,7 @@ def sweep(sweep_file: str, dry_run: bool, report_only: bool, launcher: str, jobs
         return
     if not report_only:
         ids = [g.strip() for g in gpu_ids.split(",") if g.strip()] if gpu_ids else None
-        runner = sw.make_launcher(launcher, jobs or (len(ids) if ids else s.jobs), address, cpus, gpus, ids)
+        runner = sw.make_launcher(launcher, jobs or (len(ids) if ids else s.jobs), address, cpus, gpus, ids, s)
         sw.run_sweep(s, runner, retries=retries, progress=not no_progress, log=click.echo)
     lines = sw.summary(s)
     text, warnings = sw.report(s, fmt)

@@ -220,3 +220,40 @@ def test_module_data_and_the_import_rule(tmp_path, monkeypatch):
     # repeating it is how the user vouches for it
     r = run(["eval", str(out), "--attack", "natural", "--data", spec])
     assert marker.exists()
+
+
+# -- the Python API ------------------------------------------------------------------------------
+def test_python_api_in_memory(tmp_path):
+    import advplug.api as ap
+    from advplug.errors import OptionError, RunDirError
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(48, 1, 6, 6, generator=g)
+    y = torch.arange(48) % 3
+    data = ((x[:40], y[:40]), (x[40:], y[40:]))
+    out = tmp_path / "run"
+    res = ap.train(data=data, out=out, epochs=2, steps=1, eval_steps=1, batch_size=16, selection_size=8,
+                   final_attacks=("natural",), log=None)
+    assert res.run_dir == out and res.config["data"] == "python" and res.config["model"] == "digits-cnn"
+    assert res.config["milestones"] == [1] and len(res.metrics) == 2 and "val_pgd_acc" in res.metrics[0]
+    assert any(k.startswith("last") for k in res.results)
+    assert res.model("last")(x[:2]).shape == (2, 3)
+    with pytest.raises(RunDirError):  # the CLI's guarantees: one run per directory
+        ap.train(data=data, out=out, epochs=1, log=None)
+    with pytest.raises(OptionError, match="in memory|from Python"):
+        ap.train(resume=out, log=None)
+    acc = ap.evaluate(out, ["natural"], which="last", test=data[1])
+    assert set(acc) == {"Natural"}
+    with pytest.raises(DataError):  # bad data: the same one-line errors
+        ap.train(data=((x[:40], torch.zeros(40)), data[1]), out=tmp_path / "bad", log=None)
+
+
+# -- the command line ----------------------------------------------------------------------------
+def test_train_help_groups_defaults_and_plugin_options():
+    out = run(["train", "--help"]).output
+    for group in ("Data:", "Model:", "Attack (training):", "Optimisation:", "Output and run:"):
+        assert group in out
+    assert "[default: per data set: digits 20" in out and "50 % and 75 %" in out
+    assert "advplug train --plugin NAME --help" in out
+    mail = run(["train", "--plugin", "mail", "--help"]).output
+    assert "Options of plugin 'mail'" in mail and "--mail-burn-in INT | NONE" in mail and "[default: batch]" in mail
