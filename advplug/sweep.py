@@ -77,8 +77,9 @@ RESERVED = ("out", "progress")
 NAME_FREE = ("progress", "device", "workers", "data_root", "download", "tensorboard", "dump_weights", "out")
 # Keys that are not settings: where a point runs and with what environment.
 EXEC_KEYS = ("env", "resources")
-TOP_KEYS = ("out", "retries", "jobs", "base", "grid", "method", "resources", "env")
+TOP_KEYS = ("out", "retries", "jobs", "base", "grid", "method", "resources", "env", "slurm")
 RAY_MISSING = "--launcher ray needs Ray: pip install 'advplug[ray]' (or pip install 'ray>=2.9')"
+SUBMITIT_MISSING = "--launcher slurm needs submitit: pip install 'advplug[slurm]' (or pip install 'submitit>=1.5')"
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Sweep:
     points: list[Point]
     retries: int = 2
     jobs: int = 1
+    slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters (slurm_partition, timeout_min ...)
 
     def dir(self, p: Point) -> Path:
         return self.out / p.name
@@ -267,8 +269,11 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     for k, v in (("retries", retries), ("jobs", jobs)):
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "retries" else 1):
             raise OptionError(f"sweep file {str(path)!r}: {k} must be a whole number >= {0 if k == 'retries' else 1}, got {v!r}")
+    slurm = raw.get("slurm", {})
+    if not isinstance(slurm, dict):
+        raise OptionError(f"sweep file {str(path)!r}: [slurm] must be a table of submitit parameters")
     out = Path(out or raw.get("out") or Path("sweeps") / path.stem)
-    return Sweep(path, out.absolute(), points, retries, jobs)
+    return Sweep(path, out.absolute(), points, retries, jobs, dict(slurm))
 
 
 # -- the state of a point -----------------------------------------------------------------
@@ -542,13 +547,77 @@ class RayLauncher:
             self.ray.shutdown()
 
 
+class SlurmLauncher:
+    """Each attempt is a SLURM job submitted with submitit (one task: ``cpus_per_task`` and
+    ``gpus_per_node`` from the point's resources; the sweep file's ``[slurm]`` table is passed to
+    ``AutoExecutor.update_parameters``, e.g. ``slurm_partition``, ``timeout_min``, ``mem_gb``;
+    ``cluster = "local"`` or ``"debug"`` tries the sweep without SLURM). The job runs the same
+    ``python -m advplug train`` subprocess; a job killed at its time limit is resumed from its
+    checkpoint by the next attempt. The sweep directory must be on the cluster's shared file system."""
+
+    name = "slurm"
+
+    def __init__(self, folder: Path, params: dict[str, Any], cpus: float | None = None, gpus: float | None = None) -> None:
+        try:
+            import submitit
+        except ImportError:
+            raise OptionError(SUBMITIT_MISSING) from None
+        params = dict(params)
+        cluster = params.pop("cluster", None)
+        self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        try:
+            self.executor.update_parameters(**params)
+        except (NameError, AssertionError, TypeError) as e:
+            raise OptionError(f"[slurm]: {str(e).splitlines()[0]}") from None
+        self.cpus, self.gpus = cpus, gpus
+        self.capacity = 1 << 30  # the scheduler queues the jobs
+        self.jobs: dict[str, Any] = {}
+
+    def submit(self, key: str, p: Point, args: list[str], log: Path, header: str) -> None:
+        cpus = self.cpus if self.cpus is not None else p.cpus
+        gpus = self.gpus if self.gpus is not None else p.gpus
+        self.executor.update_parameters(name=key, cpus_per_task=max(1, int(round(cpus))), gpus_per_node=int(round(gpus)))
+        self.jobs[key] = self.executor.submit(run_point_command, args, dict(p.env), str(log), header, os.getcwd())
+
+    def wait(self, timeout: float) -> list[tuple[str, int, str | None]]:
+        end = time.monotonic() + timeout
+        while True:
+            out = []
+            for key, job in list(self.jobs.items()):
+                if job.done():
+                    del self.jobs[key]
+                    try:
+                        out.append((key, int(job.result()), None))
+                    except Exception as e:  # timeout, preemption, node failure
+                        msg = [x for x in str(e).splitlines() if x.strip()]
+                        out.append((key, -1, f"slurm: {type(e).__name__}: {msg[-1] if msg else ''}"[:300]))
+            if out or time.monotonic() >= end:
+                return out
+            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+
+    def stop(self, grace: float = 30.0) -> None:
+        for job in self.jobs.values():
+            try:
+                job.cancel(check=False)
+            except Exception:
+                pass
+        self.jobs.clear()
+
+    def close(self) -> None:
+        pass
+
+
 def make_launcher(name: str, jobs: int, address: str | None = None, cpus: float | None = None,
-                  gpus: float | None = None, gpu_ids: list[str] | None = None) -> Any:
+                  gpus: float | None = None, gpu_ids: list[str] | None = None, sweep: Sweep | None = None) -> Any:
     if name == "local":
         return LocalLauncher(jobs, gpu_ids)
     if name == "ray":
         return RayLauncher(address, cpus, gpus)
-    raise OptionError(f"unknown launcher {name!r} (local, ray)")
+    if name == "slurm":
+        if sweep is None:
+            raise OptionError("--launcher slurm needs the sweep (its [slurm] table and directory)")
+        return SlurmLauncher(sweep.out / "slurm", sweep.slurm, cpus, gpus)
+    raise OptionError(f"unknown launcher {name!r} (local, ray, slurm)")
 
 
 # -- running a sweep ----------------------------------------------------------------------
@@ -727,4 +796,4 @@ def report(sweep: Sweep, fmt: str = "markdown") -> tuple[str, list[str]]:
 
 
 __all__ = ["Point", "Sweep", "load_sweep", "expand", "point_name", "state", "run_sweep", "report", "summary",
-           "dry_run", "make_launcher", "LocalLauncher", "RayLauncher"]
+           "dry_run", "make_launcher", "LocalLauncher", "RayLauncher", "SlurmLauncher"]

@@ -107,10 +107,12 @@ def test_example_sweeps_expand(example):
     assert seeds == {0, 1, 2} and all(p.settings["data"] == "cifar10" for p in s.points) and len(s.points) >= 15
 
 
-def test_ray_launcher_without_ray_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)
-    res = CliRunner().invoke(cli, ["sweep", str(write(tmp_path, GRID_2X2)), "--launcher", "ray", "--no-progress"])
-    assert res.exit_code == 2 and res.output.strip() == "error: " + sw.RAY_MISSING
+@pytest.mark.parametrize("launcher, module, message", [("ray", "ray", sw.RAY_MISSING),
+                                                       ("slurm", "submitit", sw.SUBMITIT_MISSING)])
+def test_a_launcher_without_its_engine_is_one_line(tmp_path, monkeypatch, launcher, module, message):
+    monkeypatch.setitem(sys.modules, module, None)
+    res = CliRunner().invoke(cli, ["sweep", str(write(tmp_path, GRID_2X2)), "--launcher", launcher, "--no-progress"])
+    assert res.exit_code == 2 and res.output.strip() == "error: " + message
 
 
 # -- point states -----------------------------------------------------------------------------
@@ -283,3 +285,13 @@ def test_the_same_2x2_sweep_on_a_local_ray_instance(tmp_path):
     assert {n: r["status"] for n, r in points.items()} == {p.name: "done" for p in s.points}
     text, _ = sw.report(s)
     assert "| AT | 2 |" in text and "| mail mail-burn-in=0 | 2 |" in text
+
+
+def test_slurm_launcher_through_submitit(tmp_path):
+    """The submitit path (submit, done, result) with submitit's in-process debug executor: the
+    same launcher code a SLURM cluster gets, without one."""
+    pytest.importorskip("submitit", reason="submitit is not installed (pip install 'advplug[slurm]')")
+    text = TINY + '\n[slurm]\ncluster = "debug"\ntimeout_min = 10\n\n[[method]]\n'
+    res = CliRunner().invoke(cli, ["sweep", str(write(tmp_path, text)), "--launcher", "slurm", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "1 points: 1 done" in res.output and (tmp_path / "out" / "at-seed0" / "results.json").is_file()
