@@ -9,7 +9,10 @@ Files go to ``RUN_DIR/report/``:
   plugin), and against each plugin's own signal where its dump records one (MAIL's PM,
   GAIRAT's kappa, LRAT's t, BAT's poisoning score q);
 * ``extremes.png``: the training images with the highest and the lowest weights of the last
-  dumped epoch (as MeoW Fig. 2 and BiLAW Fig. 3 show them).
+  dumped epoch (as MeoW Fig. 2 and BiLAW Fig. 3 show them);
+* ``roc.png``: only for a run with injection flags (``RUN_DIR/injection.npz``, written by the
+  ground-truth benchmark ``benchmarks/groundtruth.py``): ROC curves of "low weight means injected"
+  and of the run's true-class confidence per injected group.
 """
 from __future__ import annotations
 
@@ -239,6 +242,9 @@ def report(run_dir: str | Path, data: str | None = None, log=None) -> list[Path]
         made.append(plot_extremes(run, cfg, data=data))
     except DataError as e:
         say(f"note: {e}")
+    from .groundtruth import plot_roc  # roc.png: only for runs with injection flags (benchmarks/groundtruth.py)
+
+    made.append(plot_roc(run))
     if not dumps(run, "weights"):
         say("note: no per-sample dumps in this run: weights.png shows the logged min/mean/max only, and "
             "weight_vs_signal.png and extremes.png need them; train with --dump-weights")
