@@ -469,6 +469,22 @@ def sweep(sweep_file: str, dry_run: bool, report_only: bool, launcher: str, jobs
         sys.exit(1)
 
 
+@cli.command(name="new-plugin")
+@click.argument("name")
+@click.option("--dest", default=".", show_default=True, help="Directory to write advplug-NAME/ into.")
+def new_plugin(name: str, dest: str) -> None:
+    """Write a plugin package advplug-NAME/ (pyproject with the entry point, src/ layout, a working
+    compute_weights with options, a test). Then: pip install -e advplug-NAME; advplug plugins;
+    python -m pytest advplug-NAME/tests."""
+    from .template import names, new_plugin as write
+
+    root = write(name, dest)
+    n = names(name)
+    click.echo(f"wrote {root}/ (distribution {n['dist']}, import {n['module']}, entry point {n['name']} = "
+               f"{n['module']}:{n['cls']}, options --{n['prefix']}-*)")
+    click.echo(f"next: pip install -e {root} && advplug plugins && python -m pytest {root}/tests")
+
+
 def main() -> None:
     cli()
 

@@ -29,7 +29,7 @@ def opt(
 
 
 def flag_name(prefix: str, field_name: str) -> str:
-    return f"--{prefix}-{field_name.replace('_', '-')}"
+    return f"--{prefix.replace('_', '-')}-{field_name.replace('_', '-')}"  # entry point my_method: --my-method-x
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:

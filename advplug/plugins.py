@@ -110,9 +110,10 @@ def split_options(names: list[str], objective: str, values: dict[str, Any]) -> d
     routed: dict[str, dict[str, Any]] = {n: {} for n in {objective, *names}}
     for key, value in values.items():
         key = key.replace("_", "-")
-        owner = next((t for t in targets if key.startswith(t + "-")), None)
+        # the entry-point name is the option prefix, with "_" written "-" (--my-method-gamma for my_method)
+        owner = next((t for t in targets if key.startswith(t.replace("_", "-") + "-")), None)
         if owner is None:
-            other = next((t for t in every if key.startswith(t + "-")), None)
+            other = next((t for t in every if key.startswith(t.replace("_", "-") + "-")), None)
             if other is not None:
                 how = f"--objective {other}" if other in builtin_objectives() else f"--plugin {other}"
                 raise OptionError(f"option --{key} is for {other!r}, which is not enabled (add {how})")
