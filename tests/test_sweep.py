@@ -1,7 +1,8 @@
 """``advplug sweep``: expansion and stable names, point states from the run directories, the
 coordinator's retries and failure isolation (a fake launcher, in-process), and real sweeps on
 digits: a 2x2 grid with the local launcher killed and re-run, a run that dies after its first
-checkpoint resumed by the re-run, and the same 2x2 grid on a local Ray instance."""
+checkpoint resumed by the re-run (through the SLURM launcher's submitit code, debug executor),
+and the same 2x2 grid on a local Ray instance."""
 import json
 import os
 import signal
@@ -258,7 +259,10 @@ def test_local_2x2_killed_and_rerun_finishes_without_redoing_finished_points(tmp
 
 
 def test_a_run_that_dies_is_reported_then_resumed_from_its_checkpoint(tmp_path):
-    text = TINY + '\n[[method]]\nenv = { ADVPLUG_FAULT = "after-last@0", ADVPLUG_FAULT_EXIT = "1" }\n'
+    """Local launcher first; the re-run goes through the SLURM launcher (submitit's in-process
+    debug executor: the same submit/done/result code a cluster gets) when submitit is installed."""
+    text = TINY + '\n[slurm]\ncluster = "debug"\ntimeout_min = 10\n'
+    text += '\n[[method]]\nenv = { ADVPLUG_FAULT = "after-last@0", ADVPLUG_FAULT_EXIT = "1" }\n'
     f = write(tmp_path, text, epochs=2)
     res = CliRunner().invoke(cli, ["sweep", str(f), "--retries", "0", "--no-progress"])
     assert res.exit_code == 1, res.output
@@ -266,7 +270,13 @@ def test_a_run_that_dies_is_reported_then_resumed_from_its_checkpoint(tmp_path):
     run = tmp_path / "out" / "at-seed0"
     assert (run / "last.pt").is_file() and not (run / "results.json").exists()
     # the re-run resumes it (the fault is in epoch 0, which the resumed run does not repeat)
-    res = CliRunner().invoke(cli, ["sweep", str(f), "--no-progress"])
+    try:
+        import submitit  # noqa: F401
+
+        launcher = ["--launcher", "slurm"]
+    except ImportError:
+        launcher = []
+    res = CliRunner().invoke(cli, ["sweep", str(f), "--no-progress", *launcher])
     assert res.exit_code == 0, res.output
     assert "start at-seed0 (resume, attempt 1)" in res.output and _epochs(run) == [0, 1]
     assert "resumed from" in (tmp_path / "out" / "logs" / "at-seed0.log").read_text()
@@ -286,12 +296,3 @@ def test_the_same_2x2_sweep_on_a_local_ray_instance(tmp_path):
     text, _ = sw.report(s)
     assert "| AT | 2 |" in text and "| mail mail-burn-in=0 | 2 |" in text
 
-
-def test_slurm_launcher_through_submitit(tmp_path):
-    """The submitit path (submit, done, result) with submitit's in-process debug executor: the
-    same launcher code a SLURM cluster gets, without one."""
-    pytest.importorskip("submitit", reason="submitit is not installed (pip install 'advplug[slurm]')")
-    text = TINY + '\n[slurm]\ncluster = "debug"\ntimeout_min = 10\n\n[[method]]\n'
-    res = CliRunner().invoke(cli, ["sweep", str(write(tmp_path, text)), "--launcher", "slurm", "--no-progress"])
-    assert res.exit_code == 0, res.output
-    assert "1 points: 1 done" in res.output and (tmp_path / "out" / "at-seed0" / "results.json").is_file()
