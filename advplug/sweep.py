@@ -515,9 +515,24 @@ class RayLauncher:
     def submit(self, key: str, p: Point, args: list[str], log: Path, header: str) -> None:
         cpus = self.cpus if self.cpus is not None else p.cpus
         gpus = self.gpus if self.gpus is not None else p.gpus
+        self._check_fits(cpus, gpus)
         ref = self.remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=0).remote(
             args, dict(p.env), str(log), header, os.getcwd())
         self.refs[ref] = key
+
+    def _check_fits(self, cpus: float, gpus: float) -> None:
+        """Warn once when no node has what a run asks for (its tasks would wait until one joins)."""
+        if getattr(self, "_warned", False):
+            return
+        self._warned = True
+        try:
+            nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        except Exception:
+            return
+        if nodes and not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+            print(f"warning: no node of this Ray cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s) for one run "
+                  "(--cpus/--gpus or the sweep file's resources); the runs wait until such a node joins",
+                  file=sys.stderr)
 
     def wait(self, timeout: float) -> list[tuple[str, int, str | None]]:
         if not self.refs:
