@@ -398,8 +398,9 @@ def train_one(cfg: Any, log: Callable[[str], None] = lambda s: None) -> Path:
     return tr.out
 
 
-def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, list[Path]]:
-    """Train every (method, seed); returns ``{method: [run dirs]}``."""
+def run(s: Settings, log: Callable[[str], None] = print, keep_going: bool = False) -> dict[str, list[Path]]:
+    """Train every (method, seed), seeds outermost; returns ``{method: [run dirs]}`` (a failed
+    run is logged and left out with ``keep_going``)."""
     import time
 
     out = Path(s.out)
@@ -411,7 +412,13 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, list[Path]
         for m in methods:
             t0 = time.perf_counter()
             cfg = method_config(m, seed, s, data_file, out / "runs" / f"{m}-seed{seed}")
-            runs[m].append(train_one(cfg))
+            try:
+                runs[m].append(train_one(cfg))
+            except Exception as e:  # one failing method must not cost the others' runs
+                if not keep_going:
+                    raise
+                log(f"{m} seed {seed}: FAILED: {type(e).__name__}: {e}")
+                continue
             log(f"{m} seed {seed}: {time.perf_counter() - t0:.1f} s")
     return runs
 
@@ -453,7 +460,7 @@ def summarise(runs: dict[str, list[Path]], score_epochs: tuple[int, ...]) -> lis
     last = max(score_epochs)
     for method, dirs in runs.items():
         scores = [score_run(d) for d in dirs]
-        row: dict[str, Any] = {"method": method, "runs": [str(d) for d in dirs], "auroc": {}, "rel_mean": {}}
+        row: dict[str, Any] = {"method": method.upper() if method in OBJECTIVES else method, "runs": [str(d) for d in dirs], "auroc": {}, "rel_mean": {}}
         weighted = any(isinstance(sc["epochs"].get(e), dict) for sc in scores for e in score_epochs)
         for e in score_epochs:
             for g in GROUPS:
@@ -553,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = {m: [d for d in ds if (d / "results.json").is_file()] for m, ds in runs.items()}
         runs = {m: ds for m, ds in runs.items() if ds}
     else:
-        runs = run(s)
+        runs = {m: ds for m, ds in run(s, keep_going=True).items() if ds}
     write_outputs(runs, s)
     print((Path(s.out) / "groundtruth.md").read_text())
     return 0

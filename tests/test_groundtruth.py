@@ -56,13 +56,13 @@ def test_benchmark_table_and_a_planted_signal(tmp_path):
         runs = gt.run(s, log=lambda m: None)
     files = gt.write_outputs(runs, s)
     md = files["md"].read_text()
-    assert "| planted |" in md and "| at | no weights" in md and "baseline: AT true-class confidence" in md
+    assert "| planted |" in md and "| AT | no weights" in md and "baseline: AT true-class confidence" in md
     rows = {r["method"]: r for r in json.loads(files["json"].read_text())["rows"]}
     planted = rows["planted"]["auroc_low_weight_means_injected"]
     assert planted["flipped e2"]["mean"] == 1.0
     assert planted["atypical e2"]["mean"] == 0.5 and planted["duplicate e2"]["mean"] == 0.5
     assert rows["planted"]["relative_mean_weight"]["flipped"]["mean"] < 0.2
-    assert rows["mail"]["gives_weights"] and not rows["at"]["gives_weights"]
+    assert rows["mail"]["gives_weights"] and not rows["AT"]["gives_weights"]
     assert "planted,auroc,flipped e2,1.0000" in files["csv"].read_text()
     assert (tmp_path / "gt" / "plots" / "planted.png").is_file()
     # the flags travel with the run: `advplug report` draws the ROC curves
