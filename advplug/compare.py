@@ -88,7 +88,7 @@ def load_run(path: str | Path) -> Run:
     elif (run / "results.json").is_file():
         results = _training_results(run)
         settings.update({"eval eps": cfg.get("eps"), "eval step": cfg.get("eps") / 4, "backend": "torchattacks",
-                         "test samples": "all (training run)"})
+                         "test samples": "all"})  # the training run's final evaluation: the whole test set
     else:
         raise DataError(f"{str(run)!r} has no results yet (no eval.json or results.json)")
     return Run(str(run), method_label(cfg), int(cfg.get("seed", 0)), results, settings)
@@ -163,7 +163,8 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
     if fmt == "json":
         return json.dumps([{"method": r["method"], "n": r["n"], "seeds": r["seeds"], "flagged": r["flagged"],
                             "best_chosen_on": r["selection"],
-                            "results": {f"{a} ({w})": {"mean": c[0], "std": c[1], "n": c[2]}
+                            "results": {f"{a} ({w})": ({"mean": c[0], "std": c[1], "n": c[2]} if c[2] > 1
+                                                       else {"mean": c[0], "n": c[2]})  # one run: no std
                                         for (a, w), c in r["cells"].items()}} for r in rows], indent=2)
     if fmt == "csv":
         buf = io.StringIO()
@@ -171,7 +172,7 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
         w.writerow(["method", "runs", "best chosen on", "attack", "checkpoint", "mean", "std", "n", "flagged"])
         for r in rows:
             for (a, which), c in r["cells"].items():
-                w.writerow([r["method"], r["n"], r["selection"], a, which, f"{c[0]:.4f}", f"{c[1]:.4f}", c[2],
+                w.writerow([r["method"], r["n"], r["selection"], a, which, f"{c[0]:.4f}", f"{c[1]:.4f}" if c[2] > 1 else "", c[2],
                             "yes" if r["flagged"] else ""])
         return buf.getvalue()
     head = ["method", "runs", "best chosen on", *[f"{a} {w}" for a, w in cols]]

@@ -29,7 +29,7 @@ def entries_from_results(rec: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"checkpoint": which, "epoch": int(res["epoch"]), "attack": attack, "accuracy": float(acc),
                         "data": s.get("data"), "eps": float(s["eps"]), "alpha": float(s["alpha"]),
                         "backend": s.get("backend", "torchattacks"), "n_test": int((s.get("n_test") or {}).get(attack, -1)),
-                        "seed": int(s.get("seed", 0))})
+                        "seed": int(s.get("seed", 0)), "n_total": s.get("n_total")})
     return out
 
 
@@ -62,6 +62,15 @@ def merge(path: str | Path, new: list[dict[str, Any]]) -> dict[str, dict[str, An
     return entries
 
 
+def _samples(picked: list[dict[str, Any]]) -> str:
+    """``all`` when every chosen entry saw the whole test set (as a training run's results do),
+    else ``attack count`` per attack (``all`` for those that saw the whole set)."""
+    full = [e.get("n_total") is not None and e["n_test"] == e["n_total"] for e in picked]
+    if picked and all(full):
+        return "all"
+    return ", ".join(sorted({f"{e['attack']} {'all' if f else e['n_test']}" for e, f in zip(picked, full)}))
+
+
 def select(entries: dict[str, dict[str, Any]], eps: float | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """For ``compare``: per checkpoint (best / last, its latest epoch) and attack, one accuracy.
 
@@ -89,5 +98,5 @@ def select(entries: dict[str, dict[str, Any]], eps: float | None = None) -> tupl
         return vals[0] if len(vals) == 1 else ", ".join(map(str, vals))
 
     settings = {"eval eps": joined("eps"), "eval step": joined("alpha"), "backend": joined("backend"),
-                "test samples": ", ".join(sorted({f"{e['attack']} {e['n_test']}" for e in picked}))}
+                "test samples": _samples(picked)}
     return results, settings

@@ -150,6 +150,7 @@ def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable
     results: dict = {}
     settings: dict = {}
     data_cache: dict = {}
+    done: dict[tuple[bool, int], str] = {}  # (EMA?, epoch) -> the checkpoint name evaluated there
     for which in whiches:
         if which in ("best", "best-ema"):
             ck = checkpoint.load_best(target, ema=which == "best-ema")
@@ -186,14 +187,23 @@ def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable
         n_main = len(y) if n_eval is None else min(n_eval, len(y))
         n_aa = n_main if n_eval_aa is None else min(n_eval_aa, n_main)
         res: dict = {}
+        name = which or "checkpoint"
+        # best and last of the same epoch are the same weights: evaluated once, said once
+        same = (which is not None and which.endswith("-ema"), int(ck["epoch"]))
+        if which is not None and same in done:
+            results[name] = dict(results[done[same]])
+            log(f"{name} is {done[same]} (both epoch {int(ck['epoch']) + 1}): its results are reused")
+            continue
+        if which is not None:
+            done[same] = name
         main = [s for s in specs if parse_eval_attack(s)[0] != "aa"]
         if main:
             res.update(evaluate(net, x[:n_main], y[:n_main], main, **kw))
         if len(main) < len(specs):
             res.update(evaluate(net, x[:n_aa], y[:n_aa], ["aa"], **kw))
-        name = which or "checkpoint"
         results[name] = {**res, "epoch": int(ck["epoch"]) + 1}
         settings = {"data": cfg.data, "eps": e, "alpha": a, "backend": backend, "attacks": specs, "seed": cfg.seed,
+                    "n_total": len(y),  # the whole test set: compare shows n_test == n_total as "all"
                     "n_test": {k: (n_aa if k.startswith("AutoAttack") else n_main) for k in res}}
         log(results_table({f"{name} (epoch {int(ck['epoch']) + 1})": res},
                           f"{ck['path']}: eps {e:.4g}, step {a:.4g}, backend {backend}, "

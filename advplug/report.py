@@ -65,9 +65,9 @@ class MetricsWriter:
         self._rewrite()
         if self.tb is not None:
             step = record["epoch"]
-            for k, v in flatten(record).items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
-                    self.tb.add_scalar(k.replace(".", "/"), v, step)
+            for k, v in flatten(record).items():  # plugins' own numbers too (mail/reweighting, meow/temperature ...)
+                if isinstance(v, (int, float)) and k != "epoch":  # a bool (a switch) as 0 / 1
+                    self.tb.add_scalar(k.replace(".", "/"), float(v), step)
             if weights is not None:
                 self.tb.add_histogram("weights", weights.detach().float().cpu(), step)
             self.tb.flush()

@@ -257,3 +257,24 @@ def test_train_help_groups_defaults_and_plugin_options():
     assert "advplug train --plugin NAME --help" in out
     mail = run(["train", "--plugin", "mail", "--help"]).output
     assert "Options of plugin 'mail'" in mail and "--mail-burn-in INT | NONE" in mail and "[default: batch]" in mail
+
+
+# -- display fixes ---------------------------------------------------------------------------------
+def test_eval_reuses_best_when_it_is_last_and_compare_says_all(tmp_path):
+    from advplug.compare import compare
+
+    npz = make_npz(tmp_path / "d.npz")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, seed in ((a, "0"), (b, "1")):
+        run(["train", "--data", f"npz:{npz}", "--epochs", "1", "--out", str(out), "--seed", seed, *FAST])
+    r = run(["eval", str(a), "--attack", "natural", "--which", "both"])
+    assert "last is best (both epoch 1): its results are reused" in r.output
+    rec = json.loads((a / "eval.json").read_text())
+    assert rec  # both checkpoints recorded
+    text, warnings = compare([str(a), str(b)])  # eval.json on the whole test set vs a training run's results
+    assert not any("test samples" in w for w in warnings), warnings
+    one_csv, _ = compare([str(b)], "csv")
+    rows = one_csv.splitlines()[1:]
+    assert rows and all(row.split(",")[6] == "" for row in rows)  # one run: no std
+    one_json, _ = compare([str(b)], "json")
+    assert all("std" not in v for v in json.loads(one_json)[0]["results"].values())
