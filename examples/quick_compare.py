@@ -1,5 +1,6 @@
 """A quick look at every installed method: a few epochs of each on the embedded digits data, then
-the comparison table (what `advplug compare` prints). About 2-4 minutes on 2 CPU cores.
+the comparison table (what `advplug compare` prints). About 2-4 minutes on 2 CPU cores. A re-run
+replaces the runs under --out.
 
     python examples/quick_compare.py                 # AT, TRADES and every plugin, one seed
     python examples/quick_compare.py --epochs 8 --seeds 3 --out runs/quick
@@ -14,7 +15,8 @@ from advplug.config import TrainConfig
 from advplug.plugins import installed
 from advplug.trainer import Trainer
 
-# (label, plugins, objective); a method whose plugin is not installed is skipped
+# (label, plugins, objective); a method whose plugin is not installed is skipped, and every other
+# installed plugin (third-party ones included) is added as "<name>" with the at objective
 METHODS = [
     ("at", (), "at"), ("trades", (), "trades"), ("mart", (), "mart"),
     ("gairat", ("gairat",), "at"), ("mail", ("mail",), "at"), ("meow", ("meow",), "at"),
@@ -30,19 +32,20 @@ def main() -> None:
     ap.add_argument("--out", default="runs/quick-compare")
     args = ap.parse_args()
     have = set(installed())
-    milestones = (max(1, args.epochs // 2), max(1, args.epochs - 1))
+    listed = {p for _, plugins, _ in METHODS for p in plugins}
+    methods = METHODS + [(name, (name,), "at") for name in sorted(have - listed)]
     dirs = []
-    for label, plugins, objective in METHODS:
+    for label, plugins, objective in methods:
         if not set(plugins) <= have:
             print(f"skip {label}: not installed")
             continue
         for seed in range(args.seeds):
             out = Path(args.out) / f"{label}-{objective}-seed{seed}"
             cfg = TrainConfig(data="digits", plugins=plugins, objective=objective, epochs=args.epochs,
-                              milestones=milestones, seed=seed, out=str(out), progress=False,
+                              seed=seed, out=str(out), progress=False,  # lr drops follow --epochs
                               final_attacks=("natural", "pgd20", "cw20"))
             print(f"train {label} ({objective}), seed {seed} -> {out}", flush=True)
-            Trainer(cfg, log=lambda s: None).fit()
+            Trainer(cfg, overwrite=True, log=lambda s: None).fit()  # its own directory: a re-run replaces it
             dirs.append(str(out))
     table, warnings = compare(dirs)
     print()
