@@ -54,6 +54,12 @@ def weight_column(cols: dict[str, np.ndarray]) -> np.ndarray:
     return cols[keys[0]] if keys else cols["weight"]
 
 
+def epoch_offset(records: list[dict[str, Any]]) -> int:
+    """metrics.jsonl numbers epochs from 1 (as the console and file names do); runs written before
+    that numbered them from 0: +1 for those."""
+    return 1 if any(r.get("epoch") == 0 for r in records) else 0
+
+
 def selection_prefix(records: list[dict[str, Any]]) -> str:
     """``val`` (held-out selection split), ``test`` (``--selection test``) or ``""`` (older runs)."""
     for p in ("val", "test"):
@@ -69,7 +75,7 @@ def best_epoch(records: list[dict[str, Any]]) -> int | None:
     best, at = -1.0, None
     for r in records:
         if key in r and r[key] > best:
-            best, at = r[key], r["epoch"] + 1
+            best, at = r[key], r["epoch"] + epoch_offset(records)
     return at
 
 
@@ -78,7 +84,7 @@ def plot_accuracy(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, A
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ep = [r["epoch"] + 1 for r in records]
+    ep = [r["epoch"] + epoch_offset(records) for r in records]
     pre = selection_prefix(records)
     where = {"val": "held-out", "test": "test"}.get(pre, "test")
     key = lambda k: f"{pre}_{k}" if pre else k  # noqa: E731
@@ -119,7 +125,7 @@ def plot_weights(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, An
                    flierprops=dict(ms=2, alpha=0.3))
         ax.set_xticks(epochs[:: max(1, len(epochs) // 10)])
     else:
-        pts = [(r["epoch"] + 1, r["weights"]) for r in records if "weights" in r]
+        pts = [(r["epoch"] + epoch_offset(records), r["weights"]) for r in records if "weights" in r]
         if not pts:
             plt.close(fig)
             return None

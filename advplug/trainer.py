@@ -374,7 +374,8 @@ class Trainer:
         stats = distributed.all_sum(torch.stack([losses.sum(), correct.float(), torch.tensor(float(seen), device=self.device),
                                                  torch.tensor(float(n_steps), device=self.device)]))
         rec: dict[str, Any] = {
-            "epoch": epoch, "lr": self.opt.param_groups[0]["lr"],
+            "epoch": epoch + 1,  # 1-based, as the console, dump file names and TensorBoard count
+            "lr": self.opt.param_groups[0]["lr"],
             "train_loss": (stats[0] / stats[3]).item(), "train_acc": (stats[1] / stats[2]).item(),
         }
         self.epoch_weights = torch.cat(weights_seen) if weights_seen else None

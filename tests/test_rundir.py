@@ -44,7 +44,7 @@ def test_an_existing_run_is_refused_and_overwrite_removes_all_its_files(tmp_path
     assert (out / "last.pt").read_bytes() == before  # untouched
     Trainer(tiny_config(str(out), epochs=1, seed=1), data=digits_subset(128, 32), overwrite=True, log=quiet).fit()
     assert not (out / "report").exists() and not (out / "eval.json").exists()
-    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert json.loads((out / "config.json").read_text())["seed"] == 1
 
 
@@ -158,11 +158,11 @@ def test_hard_kill_in_a_subprocess_keeps_metrics_and_best_consistent(tmp_path):
     env = {**os.environ, "ADVPLUG_FAULT": "after-last@1", "ADVPLUG_FAULT_EXIT": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 137, res.stderr[-2000:]
-    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     ck = checkpoint.load(out, need="training")
     assert ck["epoch"] == 1 and checkpoint.load_best(out)["epoch"] == ck["best_epoch"]
     t = Trainer(resume_config(out), data=digits_subset(160, 32), resume=True, log=quiet)
-    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     t.close()
 
 

@@ -246,7 +246,7 @@ def test_local_2x2_killed_and_rerun_finishes_without_redoing_finished_points(tmp
     after = _results(out)
     assert set(after) == {p.name for p in s.points}
     assert all(after[n] == t for n, t in before.items())  # finished points were not run again
-    assert all(_epochs(s.dir(p)) == [0, 1] for p in s.points)  # every run trained each epoch once
+    assert all(_epochs(s.dir(p)) == [1, 2] for p in s.points)  # every run trained each epoch once
     status = json.loads((out / "sweep.json").read_text())
     assert status["counts"] == {"done": 4}
     assert "| AT | 2 |" in res.output and "±" in res.output and "4 points: 4 done" in res.output
@@ -278,7 +278,7 @@ def test_a_run_that_dies_is_reported_then_resumed_from_its_checkpoint(tmp_path):
         launcher = []
     res = CliRunner().invoke(cli, ["sweep", str(f), "--no-progress", *launcher])
     assert res.exit_code == 0, res.output
-    assert "start at-seed0 (resume, attempt 1)" in res.output and _epochs(run) == [0, 1]
+    assert "start at-seed0 (resume, attempt 1)" in res.output and _epochs(run) == [1, 2]
     assert "resumed from" in (tmp_path / "out" / "logs" / "at-seed0.log").read_text()
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]["at-seed0"]["attempts"] == 2
 

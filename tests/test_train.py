@@ -18,7 +18,7 @@ def test_train_writes_run_directory(tmp_path):
     assert set(results["last (epoch 2)"]) == {"Natural", "PGD-5"}
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines]
-    assert [r["epoch"] for r in recs] == [0, 1]
+    assert [r["epoch"] for r in recs] == [1, 2]  # 1-based, as the console
     for key in ("epoch", "lr", "train_loss", "train_acc", "val_clean_acc", "val_pgd_acc", "seconds"):
         assert key in recs[0]
     assert recs[1]["lr"] == pytest.approx(0.005)  # milestone at epoch 1, gamma 0.1
@@ -34,7 +34,7 @@ def test_resume_continues_exactly(tmp_path):
     assert same_tensors(full["model"], part["model"], atol=1e-6)
     assert same_tensors(full["optimizer"]["state"][0], part["optimizer"]["state"][0], atol=1e-6)
     recs = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in recs] == [0, 1, 2]
+    assert [json.loads(r)["epoch"] for r in recs] == [1, 2, 3]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
