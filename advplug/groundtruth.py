@@ -517,14 +517,14 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown", settings: Settings
                     if c is not None:
                         w.writerow([r["method"], q, k, f"{c[0]:.4f}", f"{c[1]:.4f}", c[2]])
         return buf.getvalue()
-    head = ["method", *[f"AUROC {k}" for k in au], *[f"w {g}" for g in grp], *acc]
+    head = ["method", "runs", *[f"AUROC {k}" for k in au], *[f"w {g}" for g in grp], *acc]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
         if r["weighted"]:
             cells = [_cell(r["auroc"].get(k)) for k in au] + [_cell(r["rel_mean"].get(g)) for g in grp]
         else:
             cells = [NO_WEIGHTS] * len(au) + ["1"] * len(grp)
-        lines.append("| " + " | ".join([r["method"], *cells, *[_cell(r["accuracy"].get(k)) for k in acc]]) + " |")
+        lines.append("| " + " | ".join([r["method"], str(len(r["runs"])), *cells, *[_cell(r["accuracy"].get(k)) for k in acc]]) + " |")
     text = "\n".join(lines)
     text += ("\n\nAUROC <group> e<E>: how well a LOW weight at epoch E singles out the injected group against the "
              "unflagged samples (1: every injected sample weighs less, 0.5: no separation, 0: every one weighs more); "

@@ -56,7 +56,7 @@ def test_benchmark_table_and_a_planted_signal(tmp_path):
         runs = gt.run(s, log=lambda m: None)
     files = gt.write_outputs(runs, s)
     md = files["md"].read_text()
-    assert "| planted |" in md and "| AT | no weights" in md and "baseline: AT true-class confidence" in md
+    assert "| planted | 1 |" in md and "| AT | 1 | no weights" in md and "baseline: AT true-class confidence" in md
     rows = {r["method"]: r for r in json.loads(files["json"].read_text())["rows"]}
     planted = rows["planted"]["auroc_low_weight_means_injected"]
     assert planted["flipped e2"]["mean"] == 1.0
