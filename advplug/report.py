@@ -49,7 +49,9 @@ class MetricsWriter:
     def _rewrite(self) -> None:
         from .rundir import write_text
 
-        write_text(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        from .rundir import json_safe
+
+        write_text(self.dir / "metrics.jsonl", "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in self.records))
         rows = [flatten(r) for r in self.records]
         cols: list[str] = []
         for r in rows:

@@ -225,7 +225,7 @@ class Trainer:
             "best_acc": self.best_acc, "best_epoch": self.best_epoch, "selection": self.cfg.selection,
             "config": json.dumps(self.cfg.to_json()),
             "num_classes": self.data.num_classes, "input_shape": list(self.data.input_shape),
-            "metrics": "".join(json.dumps(r) + "\n" for r in self.records),
+            "metrics": "".join(json.dumps(rundir.json_safe(r), allow_nan=False) + "\n" for r in self.records),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
             "best_ema_acc": self.best_ema_acc, "best_ema_epoch": self.best_ema_epoch,

@@ -347,3 +347,13 @@ def test_a_plugin_with_a_wrong_hook_signature(tmp_path):
         assert "  wrongsig " not in res.output  # not listed as fine
         one_line_error(CliRunner().invoke(cli, ["train", "--plugin", "wrongsig", "--out", str(tmp_path / "r")]),
                        "{'batch'} are declared in the hookimpl but can not be found in the hookspec")
+
+
+def test_metrics_are_strict_json_even_with_an_infinite_plugin_value(tmp_path):
+    """GAIRAT records lambda = inf before its schedule starts: metrics.jsonl stays strict JSON."""
+    def strict(s):
+        return json.loads(s, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    train(tmp_path / "run", plugins=("gairat",), epochs=2).fit()
+    recs = [strict(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and "gairat" in recs[0]

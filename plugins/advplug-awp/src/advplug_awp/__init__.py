@@ -121,7 +121,7 @@ class AWP:
     @dataclass(frozen=True)
     class Options:
         gamma: float | None = opt(None, "relative size ||v_l|| / ||w_l|| (default: 0.01 at, 0.005 trades and mart)", min=0.0)
-        warmup: int | None = opt(None, "epochs trained without AWP first (default: 0 at and mart, 9 trades)", min=0)
+        warmup: int | None = opt(None, "epochs trained without AWP first (default: 0 at and mart; trades 9, or 9 % of a run shorter than 100 epochs)", min=0)
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -134,7 +134,9 @@ class AWP:
     def on_train_start(self, ctx: TrainContext) -> None:
         o = self.options
         gamma = o.gamma if o.gamma is not None else GAMMA.get(ctx.objective, 0.01)
-        warmup = o.warmup if o.warmup is not None else WARMUP.get(ctx.objective, 0)
+        # the authors' 9 of 100 TRADES epochs; a shorter run keeps the same share of warm-up
+        warmup = o.warmup if o.warmup is not None else min(WARMUP.get(ctx.objective, 0),
+                                                           int(WARMUP.get(ctx.objective, 0) * ctx.epochs / 100))
         if ctx.loss_fn is None:
             raise OptionError("awp needs the run's loss function (TrainContext.loss_fn)")
         if gamma > 0 and warmup >= ctx.epochs:
