@@ -371,17 +371,10 @@ def load_module(spec: str, image_size: int | None = None, allow_import: bool = F
     """``pkg.mod:callable`` called with no arguments, returning ``(train, test)``: each a pair of
     tensors/arrays ``(x, y)`` or a torch ``Dataset`` of ``(image, label)`` items (kept as it is, so its
     transforms, e.g. augmentation, run per epoch); or a ``DataBundle``."""
-    import importlib
+    from .usercode import import_callable
 
     name = f"module:{spec}"
-    if not allow_import:
-        raise DataError(f"data {name!r} is code to import; advplug imports code only when you name it: "
-                        f"repeat --data {name}")
-    mod, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as e:
-        raise DataError(f"--data {name}: cannot import ({e})") from None
+    fn = import_callable(spec, "data", name, allow_import, DataError)
     try:
         out = fn()
     except Exception as e:

@@ -5,13 +5,13 @@ MeoW, BAT and others read (``advplug.context.FeatureTap``).
 """
 from __future__ import annotations
 
-import importlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import OptionError
+from .usercode import import_callable
 
 
 def _flat_dim(features: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -183,14 +183,7 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], *, al
     if name in MODELS:
         return MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape))
     if ":" in name:
-        if not allow_import:
-            raise OptionError(f"model {name!r} is code to import; advplug imports code only when you name it: "
-                              f"repeat --model {name}")
-        mod, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise OptionError(f"--model {name}: cannot import ({e})") from None
+        factory = import_callable(name, "model", name, allow_import, OptionError)
         try:
             model = factory(num_classes=num_classes, input_shape=tuple(input_shape))
         except Exception as e:  # the user's factory failed: say where
