@@ -17,6 +17,8 @@ Besides hooks, a plugin may define two plain methods the core calls for checkpoi
 with ``weights_only=True``) and ``load_state_dict(state: dict) -> None``; and
 ``owns_loss(objective: str) -> bool`` to say whether its ``combine_loss`` owns the loss for the
 chosen objective (default: it does if it implements ``combine_loss`` without ``wrapper=True``).
+A plain attribute ``strength_hint: str`` names the options that make a reweighting plugin's
+weights stronger; the core quotes it when the weights stay nearly uniform for several epochs.
 
 No hook may call ``backward()``, step the optimizer, or modify the ``StepContext``, the
 variants or the model (``perturb_weights`` alone changes the weights, for the step's loss, and

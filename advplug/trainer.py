@@ -95,6 +95,9 @@ class Trainer:
         if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.tap = FeatureTap(self.model)
+        # compute_weights, called per plugin so that bad weights can be traced to their plugin
+        self._weight_impls = list(reversed(self.pm.hook.compute_weights.get_hookimpls()))
+        self.weight_faults = torch.zeros(len(self._weight_impls) + 1, dtype=torch.bool, device=self.device)
         self._setup_speed(local)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                                    weight_decay=self.cfg.weight_decay)
@@ -319,9 +322,6 @@ class Trainer:
         """Every plugin's ``compute_weights`` (as pluggy would call them), each checked on the device
         for negative or non-finite values, so that a bad plugin is named at the next periodic check
         (no host sync in the step)."""
-        if getattr(self, "_weight_impls", None) is None:
-            self._weight_impls = list(reversed(self.pm.hook.compute_weights.get_hookimpls()))
-            self.weight_faults = torch.zeros(len(self._weight_impls) + 1, dtype=torch.bool, device=self.device)
         args = {"ctx": ctx, "variants": variants}
         out = []
         for i, impl in enumerate(self._weight_impls):
@@ -400,9 +400,8 @@ class Trainer:
         plugin is the one to name), then the loss."""
         last = self.out / "last.pt"
         keep = f"; the last good checkpoint is {last}" if last.exists() else "; no checkpoint was written yet"
-        faults = getattr(self, "weight_faults", None)
-        if faults is not None and bool(faults.any()):
-            bad = [impl.plugin_name for impl, f in zip(self._weight_impls, faults.tolist()) if f]
+        if bool(self.weight_faults.any()):
+            bad = [impl.plugin_name for impl, f in zip(self._weight_impls, self.weight_faults.tolist()) if f]
             if bad:
                 raise PluginError(f"plugin {bad[0]!r} returned negative or non-finite weights in epoch {epoch + 1} "
                                   f"(weights must be finite and >= 0): stopped{keep}")
@@ -485,8 +484,7 @@ class Trainer:
         ess = rec.get("weights", {}).get("ess")
         self.inert_streak = self.inert_streak + 1 if ess is not None and ess > INERT_ESS else 0
         if self.inert_streak == INERT_EPOCHS:
-            who = [n for n, p in self.enabled.items() if n != self.cfg.objective
-                   and any(i.plugin_name == n for i in self.pm.hook.compute_weights.get_hookimpls())]
+            who = [i.plugin_name for i in self._weight_impls]
             hints = [f"{n}: {getattr(self.enabled.plugin(n), 'strength_hint', 'see its options in `advplug plugins`')}" for n in who]
             rec["warnings"] = [f"weights of {', '.join(who) or 'the plugins'} have been nearly uniform for "
                                f"{INERT_EPOCHS} epochs (effective sample size {ess:.4f} > {INERT_ESS}): the "

@@ -31,13 +31,7 @@ def fast_options(name):
     return opts
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread avoids thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quick_trainer(out, plugins, objective="at", options=None, data=None, **cfg):

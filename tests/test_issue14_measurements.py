@@ -12,12 +12,7 @@ from advplug.testing import digits_subset, tiny_config
 from advplug.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained(tmp_path, plugins, **opts):

@@ -84,3 +84,12 @@ def test_an_active_reweighting_is_not_reported(tmp_path, value, warned):
         t.fit()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("warnings" in r for r in recs) == warned
+
+
+def test_the_inert_warning_names_the_option_that_controls_the_plugin(tmp_path):
+    """MAIL with gamma 0 weighs every sample sigmoid(0) = 1/2, i.e. uniformly after Eq. 8."""
+    cfg = tiny_config(str(tmp_path), plugins=("mail",), epochs=3, milestones=(2,),
+                      plugin_options={"mail-burn-in": 0, "mail-gamma": 0.0})
+    Trainer(cfg, data=digits_subset(128, 32), log=quiet).fit()
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "mail: --mail-gamma" in recs[2]["warnings"][0]

@@ -111,6 +111,8 @@ def ensemble_disagreement(probs: Tensor) -> Tensor:
 class BAT:
     """BAT: down-weight atypical samples predicted as a wrong class; discrimination loss on typical ones."""
 
+    strength_hint = "--bat-alpha (higher: stronger down-weighting)"  # named by the core's inert-reweighting warning
+
     @dataclass(frozen=True)
     class Options:
         alpha: float = opt(1.0, "alpha of Eq. 7 (0: no reweighting)", min=0.0)

@@ -84,6 +84,8 @@ def lambda_at(epoch: int, epochs: int, begin: int, lam: float, lam_max: float, s
 class GAIRAT:
     """GAIRAT: larger weights for samples that PGD misclassifies in fewer steps (small kappa)."""
 
+    strength_hint = "--gairat-lam and --gairat-schedule (lower lambda: stronger reweighting)"  # named by the core's inert-reweighting warning
+
     @dataclass(frozen=True)
     class Options:
         lam: float = opt(-1.0, "lambda of the weight function (authors' default -1)")

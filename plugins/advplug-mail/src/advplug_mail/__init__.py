@@ -70,6 +70,8 @@ def mail_weights(pm: Tensor, gamma: float, beta: float) -> Tensor:
 class MAIL:
     """MAIL: weights from the probabilistic margin, large for samples near or past the boundary."""
 
+    strength_hint = "--mail-gamma (higher: steeper weights)"  # named by the core's inert-reweighting warning
+
     @dataclass(frozen=True)
     class Options:
         margin: str = opt("adv", "probabilistic margin: adv (Eq. 5), nat (Eq. 6) or dif (Eq. 7)", choices=("adv", "nat", "dif"))

@@ -108,6 +108,8 @@ def memorization_weights(dist: Tensor, temperature: float, max_log_weight: float
 class MeoW:
     """MeoW: down-weight atypical adversarial embeddings, far from a learned codebook (AAAI 2023)."""
 
+    strength_hint = "--meow-temperature or --meow-temperature-scale (lower: stronger reweighting)"  # named by the core's inert-reweighting warning
+
     @dataclass(frozen=True)
     class Options:
         codebook_size: int = opt(2048, "number of codes N (scaled down for small training sets)", min=1)

@@ -127,6 +127,8 @@ class WeightedPGD(torchattacks.PGD):
 class WMMR:
     """WMMR: exp(-alpha * probabilistic margin of the adversarial example), the authors' code."""
 
+    strength_hint = "--wmmr-alpha (higher: stronger reweighting)"  # named by the core's inert-reweighting warning
+
     @dataclass(frozen=True)
     class Options:
         alpha: float | None = opt(None, "kernel width: w = exp(-alpha m) (default: 0.5 at and mart, 2.0 trades)", min=0.0)
