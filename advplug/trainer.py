@@ -518,16 +518,14 @@ class Trainer:
             return {}
         cfg = self.cfg
         results = {f"last (epoch {cfg.epochs})": self._final_eval_model(self.model)}
-        if 0 <= self.best_epoch != cfg.epochs - 1:
-            model = build_model(cfg.model, self.data.num_classes, self.data.input_shape, allow_import=True).to(self.device)
-            checkpoint.load_model_state(model, checkpoint.load_best(self.out), cfg.model)
-            results[f"best (epoch {self.best_epoch + 1})"] = self._final_eval_model(model)
-        if self.ema is not None:
-            results[f"last-ema (epoch {cfg.epochs})"] = self._final_eval_model(self.ema.model)
-            if 0 <= self.best_ema_epoch != cfg.epochs - 1:
+        tracks = [("", self.best_epoch, False)] + ([("-ema", self.best_ema_epoch, True)] if self.ema is not None else [])
+        for suffix, best_epoch, ema in tracks:
+            if ema:
+                results[f"last-ema (epoch {cfg.epochs})"] = self._final_eval_model(self.ema.model)
+            if 0 <= best_epoch != cfg.epochs - 1:  # best is not the last epoch: its own checkpoint
                 model = build_model(cfg.model, self.data.num_classes, self.data.input_shape, allow_import=True).to(self.device)
-                checkpoint.load_model_state(model, checkpoint.load_best(self.out, ema=True), cfg.model)
-                results[f"best-ema (epoch {self.best_ema_epoch + 1})"] = self._final_eval_model(model)
+                checkpoint.load_model_state(model, checkpoint.load_best(self.out, ema=ema), cfg.model)
+                results[f"best{suffix} (epoch {best_epoch + 1})"] = self._final_eval_model(model)
         rundir.write_json(self.out / "results.json", results)
         self.log(results_table(results, f"test accuracy (%), {len(self.test[1])} samples, eps {cfg.eps:.4g}; "
                                         f"best chosen on {self._selection_label()}"))
