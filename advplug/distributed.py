@@ -75,3 +75,11 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shutdown() -> None:
+    """End of a multi-process run: wait for every rank (rank 0 evaluates last), then tear the
+    group down explicitly (a rank exiting with a live gloo group can abort at interpreter exit)."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()

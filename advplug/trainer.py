@@ -95,9 +95,8 @@ class Trainer:
         if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.tap = FeatureTap(self.model)
-        # compute_weights, called per plugin so that bad weights can be traced to their plugin
-        self._weight_impls = list(reversed(self.pm.hook.compute_weights.get_hookimpls()))
-        self.weight_faults = torch.zeros(len(self._weight_impls) + 1, dtype=torch.bool, device=self.device)
+        self._weight_impls: list[Any] | None = None  # set at the first step (after any late registration)
+        self.weight_faults = torch.zeros(1, dtype=torch.bool, device=self.device)
         self._setup_speed(local)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                                    weight_decay=self.cfg.weight_decay)
@@ -322,6 +321,9 @@ class Trainer:
         """Every plugin's ``compute_weights`` (as pluggy would call them), each checked on the device
         for negative or non-finite values, so that a bad plugin is named at the next periodic check
         (no host sync in the step)."""
+        if self._weight_impls is None:
+            self._weight_impls = list(reversed(self.pm.hook.compute_weights.get_hookimpls()))
+            self.weight_faults = torch.zeros(len(self._weight_impls) + 1, dtype=torch.bool, device=self.device)
         args = {"ctx": ctx, "variants": variants}
         out = []
         for i, impl in enumerate(self._weight_impls):
@@ -420,7 +422,9 @@ class Trainer:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 self._epoch(epoch)
             distributed.barrier()
-            return self.final_eval()
+            results = self.final_eval()
+            distributed.shutdown()
+            return results
         except KeyboardInterrupt:
             last = self.out / "last.pt"
             done = f"the last checkpoint is {last} (epoch {epoch})" if epoch > 0 and last.exists() else "no checkpoint was written yet"
@@ -484,7 +488,7 @@ class Trainer:
         ess = rec.get("weights", {}).get("ess")
         self.inert_streak = self.inert_streak + 1 if ess is not None and ess > INERT_ESS else 0
         if self.inert_streak == INERT_EPOCHS:
-            who = [i.plugin_name for i in self._weight_impls]
+            who = [i.plugin_name for i in self._weight_impls or []]
             hints = [f"{n}: {getattr(self.enabled.plugin(n), 'strength_hint', 'see its options in `advplug plugins`')}" for n in who]
             rec["warnings"] = [f"weights of {', '.join(who) or 'the plugins'} have been nearly uniform for "
                                f"{INERT_EPOCHS} epochs (effective sample size {ess:.4f} > {INERT_ESS}): the "
