@@ -6,8 +6,9 @@
   ``OBJECTIVE_START``), that also count per sample the iterations at which the prediction
   (before the update) was still correct: GAIRAT's kappa, as its authors' code counts it. On the
   device, no host sync.
-* ``SAA``: torchattacks' targeted APGD-DLR (``APGDT``) as LRAT trains with it: the few highest
-  non-true classes, every sample perturbed, no global reseed.
+* ``SAA``: targeted APGD-DLR as LRAT trains with it: torchattacks' ``APGDT`` iteration written
+  with device tensors only (checked bit for bit against it), the few highest non-true classes
+  attacked in waves, every sample perturbed, no global reseed.
 * ``CWLinf``: PGD under the Linf budget on the CW margin loss (confidence 50, true class masked
   with -1e4 before the max over other classes), the "CW" of the reweighting papers' tables.
   torchattacks' ``CW`` is the L2 optimisation attack, a different thing.
@@ -189,54 +190,168 @@ class CWLinf(Attack):
         return adv
 
 
-class SAA(torchattacks.APGDT):
-    """LRAT's "simplified targeted APGD-DLR" (LRAT Eq. 9, Sec. 5.1): torchattacks' ``APGDT``
-    (adaptive step, targeted DLR loss) on the ``n_target_classes`` classes with the highest scores
-    at the original point, excluding the true one (3 in LRAT), ``steps`` each (20 in LRAT).
+def dlr_targeted(logits: Tensor, y: Tensor, y_target: Tensor) -> Tensor:
+    """Targeted DLR loss (Croce & Hein 2020, Eq. 7; LRAT Eq. 9), per sample:
+    ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` with ``z_pi`` the sorted logits."""
+    z_sorted = logits.sort(dim=1).values
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    z_t = logits.gather(1, y_target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (z_sorted[:, -1] - 0.5 * z_sorted[:, -3] - 0.5 * z_sorted[:, -4] + 1e-12)
 
-    Three changes from ``APGDT.perturb``, which follows AutoAttack's evaluation conventions:
 
+class SAA(Attack):
+    """LRAT's "simplified targeted APGD-DLR" (LRAT Eq. 9, Sec. 5.1): APGD (Croce & Hein 2020,
+    Alg. 1: momentum 0.75, step 2 eps halved at the checkpoints where the loss oscillates or stalls)
+    on the targeted DLR loss, towards the ``n_target_classes`` highest non-true classes at the
+    original point (3 in LRAT), ``steps`` iterations each (20 in LRAT).
+
+    ``run`` is torchattacks' ``APGDT.attack_single_run`` (Linf, one EOT draw) written with device
+    tensors only: the same arithmetic in the same order, so from the same random start it returns
+    the same four tensors (a test checks it bit for bit), without the per-iteration host copies,
+    ``nonzero`` and numpy oscillation checks of the original. What ``forward`` does differently
+    from ``APGDT.perturb``, which follows AutoAttack's evaluation conventions:
+
+    * targets run in *waves* (``waves``, default ``(1, n - 1)``): the first target on every
+      sample classified correctly at ``x``, then all remaining targets *at once* on the samples it
+      did not fool (each sample repeated once per target, one batch). ``APGDT`` runs one target
+      after another on shrinking batches; a wave gives every target it holds the same samples, so
+      the attack is the same per sample (BatchNorm in eval mode while attacking makes samples
+      independent) or stronger, in fewer, larger model calls. Of the targets that fool a sample,
+      the first in score order wins, as in ``APGDT``. ``waves = (1,) * n`` is ``APGDT``'s order;
+      ``(n,)`` attacks every target at once (no host sync at all after the first);
     * a correctly classified sample that no target fools gets the iterate with the highest
       targeted-DLR loss over all targets, not the clean input: a training attack must perturb;
     * the global RNG is not reseeded (``APGDT`` calls ``torch.manual_seed(seed)`` on every batch,
       which would freeze every other random draw of the run); random starts come from torch's
       global RNG, which the trainer seeds and checkpoints;
+    * the logits at ``x`` are computed once for the correctness check and all targets (``APGDT``
+      recomputes them per target);
     * ``self.targets`` ``[B, n]`` records the classes each sample was attacked towards (-1: not
       attacked, because already fooled or already misclassified).
 
-    Like ``APGDT``, targets are attacked one after another on the samples still classified
-    correctly, and a sample already misclassified at ``x`` is returned as it is.
+    A sample already misclassified at ``x`` is returned as it is. Host syncs: one per wave (the
+    sizes of the batches to attack).
     """
 
-    def perturb(self, x_in: Tensor, y_in: Tensor, best_loss: bool = False, cheap: bool = True) -> tuple[Tensor, Tensor]:
-        x, y = x_in.clone(), y_in.clone()
-        adv = x.clone()
-        acc = self.get_logits(x).argmax(1) == y
-        best = torch.full(y.shape, float("-inf"), device=x.device)
-        self.targets = torch.full((y.shape[0], self.n_target_classes), -1, dtype=torch.long, device=x.device)
-        record = self.dlr_loss_targeted
-        for k, target_class in enumerate(range(2, self.n_target_classes + 2)):
-            self.target_class = target_class
-            idx = acc.nonzero().squeeze(1)
-            if idx.numel() == 0:
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 20, n_target_classes: int = 3,
+                 rho: float = 0.75, waves: tuple[int, ...] | None = None) -> None:
+        super().__init__("SAA", model)
+        self.eps, self.steps, self.n_target_classes, self.rho = eps, steps, n_target_classes, rho
+        self.waves = waves
+        self.supported_mode = ["default"]
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
+        x = images.clone().detach().to(self.device)
+        y = labels.clone().detach().to(self.device)
+        n = self.n_target_classes
+        if x.shape[0] == 0:
+            self.targets = torch.full((0, n), -1, dtype=torch.long, device=x.device)
+            return x
+        with torch.no_grad():
+            z = self.get_logits(x)
+        order = z.sort(dim=1)[1]  # ascending; column -k: the k-th highest class (APGDT's target_class k)
+        ranked = order.flip(1)[:, 1:n + 1]  # [B, n]: for a correct sample, the highest non-true classes
+        adv, best = x.clone(), torch.full(y.shape, float("-inf"), device=x.device)
+        todo = z.argmax(1) == y  # still to attack: correct at x, not fooled yet
+        self.targets = torch.full((y.shape[0], n), -1, dtype=torch.long, device=x.device)
+        waves = self.waves or ((1, n - 1) if n > 1 else (1,))
+        first = 0
+        for width in waves:
+            cols = list(range(first, min(first + width, n)))
+            first += width
+            if not cols:
                 break
+            idx = todo.nonzero().squeeze(1)  # the one host sync of the wave
+            m = idx.numel()
+            if m == 0:
+                break
+            tgt = ranked[idx][:, cols]  # [m, w]
+            self.targets[idx[:, None], torch.tensor(cols, device=x.device)[None]] = tgt
+            w = len(cols)
+            xs, ys, ts = x[idx].repeat(w, *[1] * (x.dim() - 1)), y[idx].repeat(w), tgt.t().reshape(-1)
+            x_best, acc, loss_best, x_best_adv = self.run(xs, ys, ts)  # rows: target-major, [w * m]
+            fooled = ~acc.view(w, m)
+            loss_best = loss_best.view(w, m).to(best.dtype)
+            shape = (w, m, *x.shape[1:])
+            x_best, x_best_adv = x_best.view(shape), x_best_adv.view(shape)
+            # the first target (in score order) that fools the sample wins; else the highest loss
+            any_fooled = fooled.any(0)
+            k_fool = fooled.float().argmax(0)  # first True
+            k_loss = loss_best.argmax(0)
+            ar = torch.arange(m, device=x.device)
+            pick_fool, pick_loss = x_best_adv[k_fool, ar], x_best[k_loss, ar]
+            top = loss_best[k_loss, ar]
+            better = ~any_fooled & (top > best[idx])
+            bshape = (-1, *[1] * (x.dim() - 1))
+            adv[idx] = torch.where(any_fooled.view(bshape), pick_fool,
+                                   torch.where(better.view(bshape), pick_loss, adv[idx]))
+            best[idx] = torch.where(better, top, best[idx])
+            todo[idx] = ~any_fooled
+        return adv
 
-            def dlr(logits: Tensor, yy: Tensor, y_target: Tensor, _k: int = k, _idx: Tensor = idx) -> Tensor:
-                self.targets[_idx, _k] = y_target
-                return record(logits, yy, y_target)
+    def run(self, x: Tensor, y: Tensor, y_target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """APGD on the targeted DLR loss from one random start: ``(x_best, acc, loss_best,
+        x_best_adv)`` as ``APGDT.attack_single_run`` returns them (Linf, ``eot_iter`` 1)."""
+        steps, eps = self.steps, self.eps
+        steps_2, steps_min, size_decr = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+        flat = (-1, *[1] * (x.dim() - 1))
+        t = 2 * torch.rand(x.shape, device=x.device) - 1
+        x_adv = (x + eps * t / t.flatten(1).abs().max(dim=1, keepdim=True)[0].view(flat)).clamp(0.0, 1.0)
+        x_best, x_best_adv = x_adv.clone(), x_adv.clone()
+        loss_steps = torch.zeros((steps, x.shape[0]), device=x.device)
 
-            self.dlr_loss_targeted = dlr  # type: ignore[method-assign]
-            try:
-                x_best, acc_curr, loss_best, x_best_adv = self.attack_single_run(x[idx], y[idx])
-            finally:
-                del self.dlr_loss_targeted
-            fooled = ~acc_curr.bool()
-            better = ~fooled & (loss_best > best[idx])
-            adv[idx] = torch.where(fooled.view(-1, *[1] * (x.dim() - 1)), x_best_adv,
-                                   torch.where(better.view(-1, *[1] * (x.dim() - 1)), x_best, adv[idx]))
-            best[idx] = torch.where(better, loss_best.to(best.dtype), best[idx])
-            acc[idx] = ~fooled
-        return acc, adv
+        def loss_grad(xa: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            xa.requires_grad_()
+            with torch.enable_grad():
+                logits = self.get_logits(xa)
+                loss_indiv = dlr_targeted(logits, y, y_target)
+                g = torch.autograd.grad(loss_indiv.sum(), [xa])[0].detach()
+            return logits.detach(), loss_indiv.detach(), g
+
+        logits, loss_indiv, grad = loss_grad(x_adv)
+        grad_best = grad.clone()
+        acc = logits.argmax(1) == y
+        loss_best = loss_indiv.clone()
+        step_size = torch.full((x.shape[0], *flat[1:]), 2.0 * eps, device=x.device)
+        x_adv_old = x_adv.clone()
+        k, counter3 = steps_2, 0
+        loss_best_last_check = loss_best.clone()
+        reduced_last_check = torch.ones_like(acc)
+        for i in range(steps):
+            with torch.no_grad():
+                x_adv = x_adv.detach()
+                grad2 = x_adv - x_adv_old
+                x_adv_old = x_adv.clone()
+                a = 0.75 if i > 0 else 1.0  # momentum (APGD Alg. 1)
+                x_adv_1 = x_adv + step_size * torch.sign(grad)
+                x_adv_1 = torch.clamp(torch.min(torch.max(x_adv_1, x - eps), x + eps), 0.0, 1.0)
+                x_adv_1 = torch.clamp(torch.min(torch.max(x_adv + (x_adv_1 - x_adv) * a + grad2 * (1 - a), x - eps),
+                                                x + eps), 0.0, 1.0)
+                x_adv = x_adv_1 + 0.0
+            logits, loss_indiv, grad = loss_grad(x_adv)
+            with torch.no_grad():
+                pred = logits.argmax(1) == y
+                acc = acc & pred
+                x_best_adv = torch.where((~pred).view(flat), x_adv, x_best_adv)
+                loss_steps[i] = loss_indiv
+                better = loss_indiv > loss_best
+                x_best = torch.where(better.view(flat), x_adv, x_best)
+                grad_best = torch.where(better.view(flat), grad, grad_best)
+                loss_best = torch.where(better, loss_indiv, loss_best)
+                counter3 += 1
+                if counter3 == k:  # checkpoint: halve the step where the loss oscillated or stalled
+                    rises = sum((loss_steps[i - c] > loss_steps[i - c - 1]).to(torch.int64) for c in range(k))
+                    osc = rises <= k * self.rho
+                    no_impr = ~reduced_last_check & (loss_best_last_check >= loss_best)
+                    osc = osc | no_impr
+                    reduced_last_check = osc.clone()
+                    loss_best_last_check = loss_best.clone()
+                    step_size = torch.where(osc.view(flat), step_size / 2.0, step_size)
+                    x_adv = torch.where(osc.view(flat), x_best, x_adv)
+                    grad = torch.where(osc.view(flat), grad_best, grad)
+                    counter3 = 0
+                    k = max(k - size_decr, steps_min)
+        return x_best, acc, loss_best, x_best_adv
 
 
 def set_bn_mode(attack: Attack, bn: str) -> Attack:
@@ -282,8 +397,7 @@ def make_attack(name: str, model: nn.Module, *, eps: float, alpha: float, steps:
     elif name == "cw":
         atk = CWLinf(model, eps=eps, alpha=alpha, steps=steps, confidence=extra.get("confidence", 50.0))
     elif name == "saa":
-        atk = SAA(model, norm="Linf", eps=eps, steps=steps, seed=seed, n_classes=num_classes)
-        atk.n_target_classes = min(int(extra.get("n_target_classes", 3)), num_classes - 1)
+        atk = SAA(model, eps=eps, steps=steps, n_target_classes=min(int(extra.get("n_target_classes", 3)), num_classes - 1))
     elif name == "fgsm":
         atk = torchattacks.FGSM(model, eps=eps)
     elif name == "apgd-ce":

@@ -5,8 +5,10 @@ per attack in ``--lrat-attacks`` (any of ``pgd``, ``cw``, ``saa``):
 
 * ``pgd``: PGD-K on cross-entropy (Eq. 13; torchattacks PGD, the run's eps, step and K);
 * ``cw``: PGD-K on the CW margin loss with confidence 50 (Eq. 8/14; the core's ``CWLinf``);
-* ``saa``: targeted APGD-DLR (Eq. 9) on the 3 highest non-true classes, 20 steps
-  (torchattacks ``APGDT``, through the core's ``SAA``; ``--lrat-saa-steps``, ``--lrat-saa-targets``).
+* ``saa``: targeted APGD-DLR (Eq. 9) on the 3 highest non-true classes, 20 steps each
+  (``--lrat-saa-steps``, ``--lrat-saa-targets``; the core's ``SAA``: torchattacks' ``APGDT``
+  iteration with device tensors only, bit for bit the same from the same start, the first target
+  on every correct sample, then the other targets at once on those it did not fool).
 
 The paper's settings: LRAT-SAA ``--lrat-attacks saa``, LRAT-CW ``--lrat-attacks cw``,
 LRAT-SAA+CW ``--lrat-attacks saa,cw`` (default); LSAT-X adds ``--lrat-lsat``.
