@@ -47,6 +47,7 @@ class _CountsCorrect:
 
     kappa: Tensor
     p_true_lps: Tensor
+    track = True  # False: no bookkeeping and ``stats()`` is empty (the trainer's PGD when nothing reads it)
 
     def _reset(self, labels: Tensor) -> None:
         self._labels = labels
@@ -56,7 +57,7 @@ class _CountsCorrect:
 
     def get_logits(self, inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         logits = super().get_logits(inputs, *args, **kwargs)  # type: ignore[misc]
-        if inputs.requires_grad:
+        if self.track and inputs.requires_grad:
             z = logits.detach()
             correct = z.argmax(1) == self._labels
             self.kappa += correct
@@ -66,7 +67,7 @@ class _CountsCorrect:
         return logits
 
     def stats(self) -> dict[str, Tensor]:
-        return {"kappa": self.kappa, "p_true_lps": self.p_true_lps}
+        return {"kappa": self.kappa, "p_true_lps": self.p_true_lps} if self.track else {}
 
 
 START_CHOICES = ("uniform", "normal", "normal-clamped", "none")

@@ -189,6 +189,16 @@ def declarations(enabled: Enabled) -> dict[str, Declaration]:
     return out
 
 
+def reads_attack_stats(enabled: Enabled) -> bool:
+    """Whether some enabled plugin may read ``Variant.stats`` (kappa, p_true_lps): one that
+    declares a ``stat:`` need, or one without ``declare`` (its needs are unknown). When none does,
+    the core's PGD skips that bookkeeping (a few small tensor ops per attack iteration)."""
+    declared = {i.plugin_name for i in enabled.pm.hook.declare.get_hookimpls()}
+    decls = declarations(enabled)
+    return any(n != enabled.objective and n not in declared for n, _ in enabled.items()) or any(
+        need.startswith("stat:") for d in decls.values() for need in d.needs)
+
+
 def owns_loss(name: str, plugin: Any, objective: str) -> bool:
     if hasattr(plugin, "owns_loss"):
         return bool(plugin.owns_loss(objective))

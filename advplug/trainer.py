@@ -22,7 +22,7 @@ from .ema import EMA
 from .errors import CheckpointError, Interrupted, NonFiniteLossError, OptionError, PluginError
 from .evaluate import evaluate, gather_tensors
 from .models import build_model
-from .plugins import Enabled, declarations, enable
+from .plugins import Enabled, declarations, enable, reads_attack_stats
 from .signals import probabilistic_margin
 from .report import MetricsWriter, results_table
 
@@ -103,6 +103,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(self.cfg.milestones), gamma=self.cfg.lr_gamma)
         self.cfg.attack_start, start_by = resolve_attack_start(self.cfg.attack_start, self.cfg.objective, self.enabled.items())
         self.attack = self.make_attack("pgd")
+        self.attack.track = reads_attack_stats(self.enabled)
         self.loader = device_batches(self.data.train, self.data.augment, self.cfg.data_path, self.cfg.batch_size,
                                      self.device, self.cfg.seed, self.rank, self.world) or batches(
             self.data.train, self.cfg.batch_size, True, self.device, self.cfg.seed, self.rank, self.world, self.cfg.workers)

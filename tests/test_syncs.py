@@ -75,3 +75,18 @@ def test_lrat_saa_sizes_its_waves_with_two_nonzero_calls(tmp_path, monkeypatch):
     t.step(x, y, i, 0, 1)
     t.close()
     assert 1 <= calls[0] <= 2
+
+
+@pytest.mark.parametrize("plugins,options,tracked", [
+    ((), {}, False), (("meow",), {}, False), (("bat",), {}, False),
+    (("gairat",), {}, True), (("mail",), {"mail-margin": "dif"}, True), (("mail",), {}, False),
+    (("focal",), {}, True),  # no declare(): its needs are unknown, so the stats are kept
+])
+def test_core_pgd_keeps_kappa_only_when_a_plugin_may_read_it(tmp_path, plugins, options, tracked):
+    t = Trainer(tiny_config(str(tmp_path), plugins=plugins, plugin_options=options), data=digits_subset(64, 16),
+                log=lambda s: None)
+    x, y, i = next(iter(t.loader))
+    _, ctx, _ = t.step(x, y, i, 0, 0)
+    t.close()
+    assert t.attack.track is tracked
+    assert set(ctx.variants[0].stats) == ({"kappa", "p_true_lps"} if tracked else set())
