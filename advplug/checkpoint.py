@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .rundir import create_new
 
 FORMAT = "advplug-checkpoint"
 VERSION = 2
@@ -42,7 +43,7 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with os.fdopen(create_new(tmp), "wb") as f:  # never written through a planted symlink
             torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
             f.flush()
             os.fsync(f.fileno())

@@ -23,11 +23,16 @@ class SampleDump:
         """Concatenate the epoch's columns and save them (one host transfer per epoch)."""
         if not self.parts:
             return None
+        import io
+
         import numpy as np
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"{self.plugin}-epoch{epoch + 1:03d}.npz"
-        np.savez(path, **{k: torch.cat(v).cpu().numpy() for k, v in self.parts.items()})
+        from .rundir import subdir, write_bytes
+
+        path = subdir(self.dir.parent, self.dir.name) / f"{self.plugin}-epoch{epoch + 1:03d}.npz"
+        buf = io.BytesIO()
+        np.savez(buf, **{k: torch.cat(v).cpu().numpy() for k, v in self.parts.items()})
+        write_bytes(path, buf.getvalue())  # atomic, and never through a symlink planted in dumps/
         self.parts = {}
         return path
 

@@ -137,7 +137,9 @@ def save_npz(path: Path, **arrays: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        from .rundir import create_new
+
+        with os.fdopen(create_new(tmp), "wb") as f:  # never through a symlink planted at the temp name
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())

@@ -227,10 +227,18 @@ def method_name(plugins: list[str], objective: str) -> str:
 
 
 def _save(fig, path: Path) -> Path:
+    """``fig`` as ``RUN/report/<name>.png``, replaced atomically (a symlink there is replaced, not
+    written through; a symlinked ``report/`` is refused)."""
+    import io
+
+    from .rundir import subdir, write_bytes
+
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     _plt().close(fig)
+    path = subdir(path.parent.parent, path.parent.name) / path.name
+    write_bytes(path, buf.getvalue())
     return path
 
 

@@ -44,7 +44,9 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            from .rundir import subdir
+
+            self.tb = SummaryWriter(str(subdir(self.dir, "tensorboard")))
 
     def _rewrite(self) -> None:
         from .rundir import write_text

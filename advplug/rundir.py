@@ -60,12 +60,13 @@ def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> None
                               "or replace it with --overwrite (deletes all its files)")
         with RunLock(out):  # never delete a directory another process is writing
             pass
-        shutil.rmtree(out)
+        clear(out)
     elif out.is_dir() and _has_content(out):
         raise RunDirError(f"{str(out)!r} is not empty and holds no advplug run: choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test{os.getpid()}"
+        probe.unlink(missing_ok=True)  # a planted symlink is removed, never written through
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -73,26 +74,62 @@ def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> None
     remove_stale_temps(out)
 
 
+def clear(out: Path) -> None:
+    """Delete everything in ``out`` but not ``out`` itself (it may be a symlink to the user's
+    storage); symlinks inside are removed, never followed, so nothing outside ``out`` is deleted."""
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def remove_stale_temps(out: Path) -> list[Path]:
     """Delete temp files that interrupted atomic writes left behind (they can be large)."""
-    stale = [p for p in out.glob(".*.tmp*") if p.is_file()]
+    stale = [p for p in out.glob(".*.tmp*") if p.is_file() or p.is_symlink()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace ``path`` atomically: readers see the old file or the new one, never a mix."""
+def create_new(path: Path) -> int:
+    """A descriptor of a new, empty file at ``path``, opened for writing. Never follows a symlink
+    (a link planted in a run directory must not make advplug write outside it): whatever is at
+    ``path`` is removed first, and ``O_EXCL | O_NOFOLLOW`` refuse anything that appears meanwhile."""
+    path.unlink(missing_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically: readers see the old file or the new one, never a mix. A
+    symlink at ``path`` is replaced by the file, its target is never written."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with os.fdopen(create_new(tmp), "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise RunDirError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def subdir(run: Path, name: str) -> Path:
+    """``run/name`` (``report``, ``dumps``, ``tensorboard``), created; a symlink there is refused,
+    so that files advplug writes for a run stay inside its directory."""
+    d = Path(run) / name
+    if d.is_symlink():
+        raise RunDirError(f"{str(d)!r} is a symbolic link; advplug writes a run's files only inside its directory: remove it")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create {str(d)!r}: {e.strerror or e}") from None
+    return d
 
 
 def json_safe(v: Any) -> Any:
@@ -121,7 +158,11 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a planted ``.lock`` symlink must not make us truncate a file elsewhere
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            why = "it is a symbolic link; remove it" if e.errno == errno.ELOOP else (e.strerror or str(e))
+            raise RunDirError(f"cannot lock {str(self.path.parent)!r}: {str(self.path)!r}: {why}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

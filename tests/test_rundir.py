@@ -114,6 +114,52 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_directory(tmp_path):
     rundir.RunLock(out).acquire().release()
 
 
+def test_symlinks_in_a_run_directory_are_never_followed(tmp_path):
+    """A planted symlink (the lock, a temp name, a report or dump file, a subdirectory) never makes
+    advplug write or delete outside the run directory; a symlinked run directory is kept on --overwrite."""
+    from advplug.dump import SampleDump
+    from advplug.plots import report
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    real = tmp_path / "storage"
+    out = tmp_path / "run"
+    out.symlink_to(real, target_is_directory=True)  # runs/x -> the user's storage: allowed
+    real.mkdir()
+    train(out, epochs=1).fit()
+    (out / "link").symlink_to(victim, target_is_directory=True)
+    Trainer(tiny_config(str(out), epochs=1), data=digits_subset(128, 32), overwrite=True, log=quiet).fit()
+    assert out.is_symlink() and (real / "last.pt").is_file() and not (out / "link").exists()
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
+
+    (out / ".lock").unlink()
+    (out / ".lock").symlink_to(victim / "keep.txt")
+    with pytest.raises(RunDirError, match="symbolic link"):
+        rundir.RunLock(out).acquire()
+    (out / ".lock").unlink()
+    pid = os.getpid()
+    (out / f".metrics.jsonl.tmp{pid}").symlink_to(victim / "new.txt")  # dangling: would be created
+    rundir.write_text(out / "metrics.jsonl", (out / "metrics.jsonl").read_text())
+    (out / f".last.pt.tmp{pid}").symlink_to(victim / "keep.txt")
+    checkpoint.save(out / "last.pt", {k: v for k, v in checkpoint.load(out).items() if k not in ("path", "format", "version")})
+    (out / "report").mkdir()
+    (out / "report" / "accuracy.png").symlink_to(victim / "keep.txt")
+    report(out)  # the PNGs are written as files, replacing the link
+    assert not (out / "report" / "accuracy.png").is_symlink()
+    (out / "dumps").mkdir()
+    (out / "dumps" / "weights-epoch001.npz").symlink_to(victim / "keep.txt")
+    dump = SampleDump(out, "weights")
+    dump.add(index=torch.arange(3))
+    dump.write(0)
+    assert not (out / "dumps" / "weights-epoch001.npz").is_symlink()
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"] and (victim / "keep.txt").read_text() == "precious"
+    checkpoint.load(out)
+    (out / "report2").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(RunDirError, match="symbolic link"):
+        rundir.subdir(out, "report2")
+
+
 # -- crash consistency: a kill at each point of the epoch end, then --resume ----------------
 def _records(out):
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
