@@ -139,6 +139,7 @@ class TrainConfig:
             (self.alpha > 0, f"--alpha (attack step size) must be > 0, got {self.alpha}"),
             (self.alpha <= 1, f"--alpha (attack step size) must be <= 1 (inputs are in [0, 1]), got {self.alpha}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (0 <= self.seed < 2 ** 32, f"--seed must be in 0..{2 ** 32 - 1} (numpy's and torch's seed range), got {self.seed}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
@@ -213,7 +214,13 @@ def check_types(cfg: TrainConfig) -> None:
         if v is not None:
             if not (_is_int(v) or isinstance(v, float)):
                 raise bad(name, "a number", v)
-            setattr(cfg, name, float(v))
+            try:
+                v = float(v)
+            except OverflowError:  # an integer beyond float range
+                v = math.inf
+            if not math.isfinite(v):  # inf would pass the range checks (--lr inf) or crash later (--selection-size inf)
+                raise bad(name, "a finite number", v)
+            setattr(cfg, name, v)
     for name in _STR:
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, str):

@@ -309,6 +309,10 @@ def test_the_user_may_name_their_own_model_and_repeat_it_to_resume(tmp_path, hos
     ('milestones = 5', "milestones must be a list of whole epochs, got 5"),
     ('plugins = "mail"', "plugins must be a list of names, got 'mail'"),
     ('tensorboard = "yes"', "tensorboard must be true or false"),
+    ('lr = inf', "lr must be a finite number, got inf"),
+    ('selection_size = inf', "selection-size must be a finite number, got inf"),
+    ('weight_decay = 1e400', "weight-decay must be a finite number, got inf"),
+    ('seed = 99999999999999999999999', "--seed must be in 0..4294967295"),
 ])
 def test_wrong_types_in_a_config_file(tmp_path, toml, pattern):
     f = tmp_path / "c.toml"
@@ -321,6 +325,8 @@ def test_wrong_types_in_a_config_file(tmp_path, toml, pattern):
     (["train", "--alpha", "3"], "--alpha (attack step size) must be <= 1"),
     (["train", "--model", "builtins:dict"], "--model builtins:dict returned a dict, not a torch.nn.Module"),
     (["train", "--device", "nonsense"], "--device 'nonsense' is not a device"),
+    (["train", "--selection-size", "inf"], "selection-size must be a finite number, got inf"),
+    (["train", "--seed", "-1"], "--seed must be in 0..4294967295"),
 ])
 def test_bad_values(tmp_path, args, pattern):
     one_line_error(CliRunner().invoke(cli, [*args, "--epochs", "1", "--out", str(tmp_path / "r")]), pattern)
