@@ -57,12 +57,25 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{str(path)!r} is corrupt: {e}") from None
 
 
+def accuracy(v: Any, where: str) -> float:
+    """An accuracy read from a run file: a number in [0, 1] (NaN, 7 or "0.5" would be averaged
+    into the table silently, or crash it)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise DataError(f"{where}: expected an accuracy in [0, 1], got {v!r}")
+    return float(v)
+
+
 def _training_results(run: Path) -> dict[str, dict[str, float]]:
-    raw = _read_json(run / "results.json")
+    path = run / "results.json"
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise DataError(f"{str(path)!r} is damaged: expected an object of checkpoints, got {type(raw).__name__}")
     out: dict[str, dict[str, float]] = {}
     for key, res in raw.items():
-        kind = key.split()[0]
-        out[kind] = {k: v for k, v in res.items() if k != "epoch"}
+        kind = key.split()[0] if key.split() else ""
+        if kind not in CHECKPOINTS or not isinstance(res, dict):
+            raise DataError(f"{str(path)!r} is damaged: entry {key!r} is not a checkpoint's results")
+        out[kind] = {k: accuracy(v, f"{str(path)!r} is damaged: {key} {k}") for k, v in res.items() if k != "epoch"}
     for kind in ("", "-ema"):
         if f"last{kind}" in out and f"best{kind}" not in out:  # best was the last epoch
             out[f"best{kind}"] = dict(out[f"last{kind}"])

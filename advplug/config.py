@@ -284,6 +284,26 @@ def read_run_config(run_dir: str | Path, error: type[Exception] = OptionError) -
     if not p.is_file():
         raise error(f"{str(run_dir)!r} is not a run directory (no config.json)")
     try:
-        return json.loads(p.read_text())
+        d = json.loads(p.read_text())
     except ValueError as e:
         raise error(f"{str(p)!r} is corrupt: {e}") from None
+    if not isinstance(d, dict):
+        raise error(f"{str(p)!r} is damaged: expected a JSON object of settings, got {type(d).__name__}")
+    check_run_config(d, str(p), error)
+    return d
+
+
+def check_run_config(d: dict[str, Any], name: str, error: type[Exception] = OptionError) -> None:
+    """A run's saved settings hold the types and values ``advplug train`` accepts (a hand-edited
+    ``config.json`` with ``eps = "x"``, ``NaN`` or ``plugins = "mail"`` is one clear error, not a
+    crash or a silently wrong table). Keys this advplug does not know are left to the caller."""
+    from .errors import AdvplugError
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        TrainConfig(**{k: v for k, v in d.items() if k in names}).resolved()
+    except AdvplugError as e:
+        raise error(f"{name!r} is damaged: {e}") from None
+    nulls = [k for k in (*DATA_DEFAULTS["digits"], "milestones") if k in d and d[k] is None]
+    if nulls:  # the trainer records these resolved: a null hides what the run used
+        raise error(f"{name!r} is damaged: {', '.join(nulls)} {'is' if len(nulls) == 1 else 'are'} null")

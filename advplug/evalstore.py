@@ -33,6 +33,33 @@ def entries_from_results(rec: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# The type of each field of an entry (``None`` allowed where listed): checked on reading, so that a
+# damaged or hand-edited file is one clear error, never a crash or a silently wrong ``compare``.
+FIELDS: dict[str, tuple[type, ...]] = {
+    "checkpoint": (str,), "epoch": (int,), "attack": (str,), "accuracy": (int, float), "data": (str, type(None)),
+    "eps": (int, float), "alpha": (int, float), "backend": (str,), "n_test": (int,), "seed": (int,),
+    "n_total": (int, type(None))}
+
+
+def check_entry(e: Any) -> None:
+    """Raise ``ValueError`` naming the first field of ``e`` that is missing or of the wrong type or range."""
+    import math
+
+    if not isinstance(e, dict):
+        raise ValueError(f"an entry is a {type(e).__name__}, not an object")
+    for k, types in FIELDS.items():
+        v = e.get(k, ...)
+        if v is ... and k != "n_total":  # n_total: absent in entries of older versions
+            raise ValueError(f"an entry has no {k!r}")
+        if v is not ... and (isinstance(v, bool) or not isinstance(v, types)):
+            want = "a number" if float in types else "a whole number" if int in types else "a string"
+            raise ValueError(f"{k} {v!r} is not {want}{' or null' if type(None) in types else ''}")
+    if not 0 <= e["accuracy"] <= 1:
+        raise ValueError(f"accuracy {e['accuracy']!r} is not in [0, 1]")
+    if not (math.isfinite(e["eps"]) and math.isfinite(e["alpha"])):
+        raise ValueError(f"eps {e['eps']!r} / alpha {e['alpha']!r} is not finite")
+
+
 def read(path: str | Path) -> dict[str, dict[str, Any]]:
     """Entries by key; ``{}`` if the file does not exist. Corrupt files give a one-line error."""
     p = Path(path)
@@ -42,10 +69,13 @@ def read(path: str | Path) -> dict[str, dict[str, Any]]:
         raw = json.loads(p.read_text())
         if isinstance(raw, dict) and raw.get("format") == FORMAT:
             entries = raw["entries"]
-            for e in entries.values():
-                entry_key(e)  # all fields present
-            return dict(entries)
-        return {entry_key(e): e for e in entries_from_results(raw)}  # version 1: {"settings", "results"}
+            if not isinstance(entries, dict):
+                raise ValueError(f"'entries' is a {type(entries).__name__}, not an object")
+        else:  # version 1: {"settings", "results"}
+            entries = {entry_key(e): e for e in entries_from_results(raw)}
+        for e in entries.values():
+            check_entry(e)
+        return dict(entries)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{str(p)!r} is corrupt: {type(e).__name__}: {e}") from None
 

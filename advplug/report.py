@@ -23,8 +23,48 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """``RUN_DIR/metrics.jsonl`` as records (``[]`` without the file). A damaged file is one
+    ``DataError``: a line that is not a JSON object, an ``epoch`` that is not a whole number >= 0,
+    an accuracy (``*_acc``) that is not a number in [0, 1], or ``weights`` without numbers."""
+    from .errors import DataError
+
     p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+    if not p.is_file():
+        return []
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{str(p)!r} is not readable: {e}") from None
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{str(p)!r} is corrupt: line {i} is not JSON ({e})") from None
+        if not isinstance(r, dict):
+            raise DataError(f"{str(p)!r} is corrupt: line {i} is not a JSON object")
+        bad = _bad_field(r)
+        if bad:
+            raise DataError(f"{str(p)!r} is corrupt: line {i}: {bad}")
+        records.append(r)
+    return records
+
+
+def _bad_field(r: dict[str, Any]) -> str | None:
+    """What is wrong with one epoch record (None: nothing) in the fields ``report`` and ``api`` read."""
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    e = r.get("epoch")
+    if not (num(e) and isinstance(e, int) and e >= 0):
+        return f"epoch {e!r} is not a whole number >= 0"
+    for k, v in r.items():
+        if k.endswith("_acc") and not (num(v) and 0 <= v <= 1):
+            return f"{k} {v!r} is not an accuracy in [0, 1]"
+    w = r.get("weights")
+    if w is not None and not (isinstance(w, dict) and all(num(w.get(k)) for k in ("min", "mean", "max"))):
+        return f"weights {w!r} has no numbers min, mean and max"
+    return None
 
 
 class MetricsWriter:

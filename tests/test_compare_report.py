@@ -143,3 +143,58 @@ def test_corrupt_results_and_bad_eval_counts_are_one_line_errors(tmp_path):
     assert res.exit_code == 2 and "--n-eval-aa" in res.output
     res = CliRunner().invoke(cli, ["eval", a, "--suite", "paper", "--attack", "pgd20"])
     assert res.exit_code == 2 and "exclude each other" in res.output
+
+
+DAMAGE = [  # (file, content, message): hand-edited or damaged run files, each one line, exit 2
+    ("config.json", "[1]", "config.json' is damaged: expected a JSON object of settings, got list"),
+    ("config.json", json.dumps({**BASE, "eps": "x"}), "config.json' is damaged: eps must be a number, got 'x'"),
+    ("config.json", json.dumps({**BASE, "eps": None}), "config.json' is damaged: eps is null"),
+    ("config.json", '{"eps": NaN}', "config.json' is damaged: eps must be a finite number, got nan"),
+    ("config.json", json.dumps({**BASE, "seed": "x"}), "config.json' is damaged: seed must be a whole number"),
+    ("config.json", json.dumps({**BASE, "plugins": "mail"}), "plugins must be a list of names, got 'mail'"),
+    ("config.json", json.dumps({**BASE, "objective": 3}), "objective must be a string, got 3"),
+    ("config.json", json.dumps({**BASE, "plugin_options": [1]}), "plugin-options must be a table"),
+    ("results.json", "[1, 2]", "results.json' is damaged: expected an object of checkpoints, got list"),
+    ("results.json", '{"last (epoch 20)": "abc"}', "entry 'last (epoch 20)' is not a checkpoint's results"),
+    ("results.json", '{"": {"Natural": 0.5}}', "entry '' is not a checkpoint's results"),
+    ("results.json", '{"last (epoch 20)": {"Natural": NaN}}', "Natural: expected an accuracy in [0, 1], got nan"),
+    ("results.json", '{"last (epoch 20)": {"Natural": 7}}', "Natural: expected an accuracy in [0, 1], got 7"),
+    ("results.json", '{"last (epoch 20)": {"Natural": "0.5"}}', "expected an accuracy in [0, 1], got '0.5'"),
+    ("eval.json", '{"format": "advplug-eval", "version": 2, "entries": [1]}', "'entries' is a list, not an object"),
+    ("eval.json", '{"format": "advplug-eval", "version": 2, "entries": {"k": 1}}', "an entry is a int, not an object"),
+]
+ENTRY = {"checkpoint": "best", "epoch": 19, "attack": "Natural", "accuracy": 0.5, "data": "digits", "eps": 0.2,
+         "alpha": 0.05, "backend": "torchattacks", "n_test": 360, "seed": 0, "n_total": 360}
+for field, value, message in [("accuracy", "x", "accuracy 'x' is not a number"), ("accuracy", float("nan"), "accuracy nan is not in [0, 1]"),
+                              ("accuracy", 7, "accuracy 7 is not in [0, 1]"), ("eps", "x", "eps 'x' is not a number"),
+                              ("eps", float("inf"), "is not finite"), ("epoch", "x", "epoch 'x' is not a whole number"),
+                              ("checkpoint", [1], "checkpoint [1] is not a string"), ("n_test", "x", "n_test 'x' is not a whole number")]:
+    DAMAGE.append(("eval.json", json.dumps({"format": "advplug-eval", "version": 2, "entries": {"k": {**ENTRY, field: value}}}),
+                   message))
+
+
+@pytest.mark.parametrize("name,content,message", DAMAGE)
+def test_damaged_run_files_are_one_line_errors_in_compare(tmp_path, name, content, message):
+    a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
+    (tmp_path / "a" / name).write_text(content)
+    res = CliRunner().invoke(cli, ["compare", a])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and message in res.output, res.output
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"epoch": 1, "val_pgd_acc": 0.', "line 1 is not JSON"),
+    ("[1]", "line 1 is not a JSON object"),
+    ('{"epoch": 1, "val_pgd_acc": NaN}', "line 1: val_pgd_acc nan is not an accuracy in [0, 1]"),
+    ('{"epoch": 1, "val_pgd_acc": "x"}', "val_pgd_acc 'x' is not an accuracy"),
+    ('{"val_pgd_acc": 0.3}', "epoch None is not a whole number >= 0"),
+    ('{"epoch": "a"}', "epoch 'a' is not a whole number >= 0"),
+    ('{"epoch": 1}\n{"epoch": 2, "weights": 3}', "line 2: weights 3 has no numbers min, mean and max"),
+])
+def test_damaged_metrics_are_one_line_errors_in_report(tmp_path, content, message):
+    a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
+    (tmp_path / "a" / "metrics.jsonl").write_text(content + "\n")
+    res = CliRunner().invoke(cli, ["report", a])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and message in res.output, res.output
+    (tmp_path / "a" / "metrics.jsonl").write_bytes(b"\xff\xfe\x00")
+    res = CliRunner().invoke(cli, ["report", a])
+    assert res.exit_code == 2 and "metrics.jsonl' is not readable" in res.output, res.output
