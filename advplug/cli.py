@@ -378,6 +378,8 @@ def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: st
     whiches = groups.get(which, [which]) if is_run else [None]
     lock = RunLock(Path(target)).acquire() if is_run else None  # fail now, not after minutes of attacks
     try:
+        if is_run:  # a damaged eval.json too: found now, not when the results are to be merged into it
+            evalstore.read(Path(target) / "eval.json")
         rec = evaluate_checkpoints(target, whiches, specs, backend=backend, eps=eps, alpha=alpha, n_eval=n_eval,
                                    n_eval_aa=n_eval_aa, batch_size=batch_size, device=device, data_root=data_root,
                                    model=model, progress=True, log=click.echo, data=data)

@@ -60,6 +60,22 @@ def test_eval_a_run_directory(tmp_path):
         ("last", "Natural", 64), ("last", "CW-Linf margin (PGD-5)", 64)}
 
 
+def test_eval_refuses_a_damaged_eval_json_before_evaluating(tmp_path, monkeypatch):
+    """The results of minutes of attacks are never computed only to be lost on a corrupt eval.json
+    (which is kept as it is)."""
+    import advplug.evaluate
+
+    Trainer(tiny_config(str(tmp_path), epochs=1), data=digits_subset(128, 32), log=lambda s: None).fit()
+    (tmp_path / "eval.json").write_text('{"format": "advplug-eval", "version": 2, "entries": [')
+
+    def never(*a, **k):
+        raise AssertionError("evaluated despite a damaged eval.json")
+
+    monkeypatch.setattr(advplug.evaluate, "evaluate_checkpoints", never)
+    one_line_error(run("eval", str(tmp_path), "--attack", "natural"), "eval.json' is corrupt")
+    assert (tmp_path / "eval.json").read_text().endswith("[")
+
+
 def test_eval_adds_to_eval_json_and_is_reproducible(tmp_path):
     """A later quick evaluation never wipes an earlier one; the same key is replaced, with the
     same number (seeded random starts)."""
