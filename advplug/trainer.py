@@ -234,8 +234,26 @@ class Trainer:
             "best_ema_acc": self.best_ema_acc, "best_ema_epoch": self.best_ema_epoch,
         }
 
+    def _check_resumed_config(self, ck: dict[str, Any]) -> None:
+        """``config.json`` (what ``--resume`` reads) must be the configuration ``last.pt`` was trained
+        with: an edited ``eps`` would otherwise continue the run under other settings, silently.
+        Settings that do not change the numbers may differ, and ``epochs`` (a run is extended by
+        raising it, as ``advplug.testing.run_and_resume`` does)."""
+        try:
+            saved = json.loads(ck["config"])
+        except ValueError as e:
+            raise CheckpointError(f"{ck['path']!r} is damaged: its config is not JSON ({e})") from None
+        mine = json.loads(json.dumps(self.cfg.to_json(), default=str))
+        free = {"epochs", "progress", "device", "workers", "data_root", "download", "tensorboard", "dump_weights", "out"}
+        diff = [k for k in sorted(mine) if k not in free and k in saved and saved[k] != mine[k]]
+        if diff:
+            what = "; ".join(f"{k} {mine[k]!r} (last.pt: {saved[k]!r})" for k in diff[:3])
+            raise CheckpointError(f"{str(self.out / 'config.json')!r} does not match the run's checkpoint {ck['path']!r}: "
+                                  f"{what}: the run directory was altered; restore config.json or start a new run")
+
     def _resume(self) -> None:
         ck = checkpoint.load(self.out, "last", need="training")
+        self._check_resumed_config(ck)
         if ck["world_size"] != self.world or len(ck["rng"]) != ck["world_size"]:
             raise CheckpointError(
                 f"{ck['path']!r} was written by {ck['world_size']} process(es), this run has {self.world}: resume with "

@@ -364,6 +364,21 @@ def test_zero_byte_and_damaged_checkpoints_on_resume(tmp_path):
     assert ck is not None
 
 
+def test_resume_refuses_a_config_json_edited_after_the_checkpoint(tmp_path):
+    """--resume reads config.json; one that no longer matches last.pt would continue the run under
+    other settings, silently. Raising epochs (extending the run) and the device stay allowed."""
+    out = tmp_path / "run"
+    train(out, epochs=1).fit()
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "eps": 0.3, "epochs": 2}))
+    res = CliRunner().invoke(cli, ["train", "--resume", str(out)])
+    one_line_error(res, "config.json' does not match the run's checkpoint")
+    assert "eps 0.3 (last.pt: 0.2)" in res.stderr
+    (out / "config.json").write_text(json.dumps({**saved, "epochs": 2, "device": "cpu"}))
+    Trainer(resume_config(out), data=digits_subset(128, 32), resume=True, log=quiet).fit()
+    assert checkpoint.load(out)["epoch"] == 1
+
+
 def test_resume_with_another_world_size_is_refused(tmp_path):
     out = tmp_path / "run"
     train(out, epochs=1).fit()
