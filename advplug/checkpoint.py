@@ -31,6 +31,9 @@ TRAIN_KEYS: dict[str, type | tuple[type, ...]] = {
     "best_acc": float, "best_epoch": int, "metrics": str}
 
 
+MAX_CLASSES = 100_000  # a sanity bound (ImageNet-21k has 21,841): a larger count is a damaged file or label
+
+
 def _first_line(e: BaseException) -> str:
     lines = [x for x in str(e).strip().splitlines() if x.strip()]
     return lines[0][:200] if lines else type(e).__name__
@@ -98,6 +101,12 @@ def check_schema(ck: dict[str, Any], keys: dict[str, type | tuple[type, ...]], n
         if not ok:
             want = t.__name__ if isinstance(t, type) else "/".join(x.__name__ for x in t)
             raise CheckpointError(f"{name!r} is damaged: its {k!r} entry is a {type(v).__name__}, expected {want}")
+    if "input_shape" in keys:  # numbers a model is built from: checked before any allocation
+        shape, k = ck["input_shape"], ck["num_classes"]
+        if not (1 <= len(shape) <= 4 and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 16 for d in shape)):
+            raise CheckpointError(f"{name!r} is damaged: its input shape {shape!r} is not a list of sizes")
+        if not 2 <= k <= MAX_CLASSES:
+            raise CheckpointError(f"{name!r} is damaged: its number of classes {k} is not in 2..{MAX_CLASSES}")
     if "plugins" in keys:
         for n, st in ck["plugins"].items():
             if not isinstance(st, dict):
@@ -172,6 +181,11 @@ def load_model_state(model: nn.Module, ckpt: dict[str, Any], model_name: str) ->
         raise CheckpointError(
             f"checkpoint {ckpt.get('path')!r} was written for model {saved!r} and does not fit model "
             f"{model_name!r}: {_first_line(e)[:300]}") from None
+    # training stops on a NaN/Inf loss, so no run saves such weights: they would give chance-level
+    # accuracies that look like results
+    bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {ckpt.get('path')!r} is damaged: its weight {bad!r} holds NaN or Inf")
 
 
 def rng_state() -> dict[str, Any]:

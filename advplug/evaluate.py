@@ -167,7 +167,11 @@ def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable
             check_data_import(cfg.data, data)
         if data_root:
             cfg.data_root = data_root
-        net = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"]), allow_import=True).to(dev)
+        try:
+            net = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"]), allow_import=True).to(dev)
+        except RuntimeError as e:  # e.g. a damaged input shape that asks for terabytes
+            raise CheckpointError(f"{ck['path']!r}: model {cfg.model!r} cannot be built for {ck['num_classes']} classes "
+                                  f"of shape {tuple(ck['input_shape'])} ({checkpoint._first_line(e)})") from None
         checkpoint.load_model_state(net, ck, cfg.model)
         if test_data is not None and cfg.data not in data_cache:
             data_cache[cfg.data] = tuple(t.to(dev) for t in test_data)

@@ -72,6 +72,11 @@ def test_flipped_bit_in_a_weight_tensor_is_caught_by_the_crc(tmp_path):
     (lambda ck: ck.update(epoch=True), "'epoch' entry is a bool, expected int"),
     (lambda ck: ck.update(plugins={"mail": [1, 2]}), "state of plugin 'mail' is a list, expected dict"),
     (lambda ck: ck.update(metrics=None), "'metrics' entry is a NoneType"),
+    (lambda ck: ck.update(num_classes=-1), "its number of classes -1 is not in 2..100000"),
+    (lambda ck: ck.update(num_classes=10 ** 12), "its number of classes 1000000000000 is not in"),
+    (lambda ck: ck.update(input_shape=[1, 8, "x"]), "its input shape \\[1, 8, 'x'\\] is not a list of sizes"),
+    (lambda ck: ck.update(input_shape=[1, -8, 8]), "is not a list of sizes"),
+    (lambda ck: ck.update(input_shape=[]), "is not a list of sizes"),
 ])
 def test_damaged_training_checkpoint_entries(tmp_path, change, pattern):
     ck = small_ckpt(optimizer={}, scheduler={}, rng=[checkpoint.rng_state()], world_size=1, plugins={},
@@ -115,6 +120,17 @@ def test_checkpoint_of_another_model(tmp_path):
     checkpoint.save(tmp_path / "c.pt", {"model": m.state_dict(), "model_name": "fc1"})
     with pytest.raises(CheckpointError, match="written for model 'fc1' and does not fit model 'digits-cnn'"):
         checkpoint.load_model_state(build_model("digits-cnn", 10, (1, 8, 8)), checkpoint.load(tmp_path / "c.pt"), "digits-cnn")
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    """No run saves NaN/Inf weights (training stops on a NaN loss): such a file would evaluate to
+    chance-level numbers that look like results."""
+    m = build_model("fc1", 10, (1, 8, 8))
+    state = m.state_dict()
+    checkpoint.load_model_state(m, {"model": state, "path": "c.pt"}, "fc1")
+    bad = {k: v * float("nan") if i == 0 else v for i, (k, v) in enumerate(state.items())}
+    with pytest.raises(CheckpointError, match="is damaged: its weight .* holds NaN or Inf"):
+        checkpoint.load_model_state(m, {"model": bad, "path": "c.pt"}, "fc1")
 
 
 def test_best_follows_the_record_in_last(tmp_path):
