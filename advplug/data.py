@@ -122,6 +122,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 FOLDER_SPLIT_SEED = 4321  # folder: without train/ and test/: the test split is fixed by this seed
 
 
+MAX_CLASSES = 100_000  # as checkpoint.MAX_CLASSES: a label beyond it is taken for an error
+
 PYTHON = "python"  # the data name of a run whose data came from Python (advplug.api.train(data=...))
 
 
@@ -184,6 +186,8 @@ def _as_images(x: Any, where: str) -> Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype == object:
             raise DataError(f"{where}: an object array (save plain numeric arrays)")
+        if x.dtype.kind not in "biuf":  # strings, bytes, dates: torch cannot hold them
+            raise DataError(f"{where}: images must be uint8 (0..255) or float in [0, 1], got {x.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, Tensor):
         raise DataError(f"{where}: expected an array or tensor of images, got {type(x).__name__}")
@@ -195,6 +199,8 @@ def _as_images(x: Any, where: str) -> Tensor:
         x = x.permute(0, 3, 1, 2)
     if len(x) == 0:
         raise DataError(f"{where}: no samples")
+    if x.numel() == 0:
+        raise DataError(f"{where}: images of shape {tuple(x.shape[1:])} hold no pixels")
     if x.dtype == torch.uint8:
         return x.float().div_(255)
     if x.dtype == torch.bool or not (x.dtype.is_floating_point or x.dtype in (torch.int16, torch.int32, torch.int64)):
@@ -214,6 +220,8 @@ def _as_labels(y: Any, n: int, where: str) -> Tensor:
     if isinstance(y, np.ndarray):
         if y.dtype == object:
             raise DataError(f"{where}: an object array (save integer labels)")
+        if y.dtype.kind not in "biuf":  # strings, bytes, dates: torch cannot hold them
+            raise DataError(f"{where}: labels must be integers 0..K-1, got {y.dtype}")
         y = torch.from_numpy(np.ascontiguousarray(y))
     if isinstance(y, (list, tuple)):
         y = torch.as_tensor(y)
@@ -251,6 +259,8 @@ def check_tensors(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], nam
     if len(torch.unique(yt)) < 2:
         raise DataError(f"{name}: the training data has one class only ({int(yt[0])}); a classifier needs two or more")
     k = num_classes if num_classes is not None else int(yt.max()) + 1
+    if k > MAX_CLASSES:  # the model's output layer has one unit per class: a stray huge label is an error
+        raise DataError(f"{name}: y_train has label {int(yt.max())}; labels must be 0..K-1 with K at most {MAX_CLASSES}")
     for part, y in (("y_train", yt), ("y_test", ye)):
         if int(y.max()) >= k:
             raise DataError(f"{name}: {part} has label {int(y.max())}, out of range for {k} classes "
@@ -314,11 +324,14 @@ def _read_images(items: list[tuple[str, int]], name: str, image_size: int | None
     mode = "L" if modes <= {"L", "1", "I;16", "I", "F"} else "RGB"
     xs = []
     for p, _ in items:
-        with Image.open(p) as im:
-            im = im.convert(mode)
-            if image_size is not None and im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
+        try:  # opening reads the header only: a truncated file fails here, when its pixels are decoded
+            with Image.open(p) as im:
+                im = im.convert(mode)
+                if image_size is not None and im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{name}: {p} is not a readable image ({e})") from None
         xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     x = torch.from_numpy(np.stack(xs)).float().div_(255)
     return x, torch.tensor([k for _, k in items], dtype=torch.long)
@@ -426,6 +439,8 @@ def _check_datasets(train: Dataset, test: Dataset, name: str) -> DataBundle:
     if int(min(yt.min(), ye.min())) < 0:
         raise DataError(f"{name}: negative labels; labels must be 0..K-1")
     k = int(yt.max()) + 1
+    if k > MAX_CLASSES:
+        raise DataError(f"{name}: the training labels go up to {k - 1}; labels must be 0..K-1 with K at most {MAX_CLASSES}")
     if int(ye.max()) >= k:
         raise DataError(f"{name}: y_test has label {int(ye.max())}, out of range for {k} classes")
     if len(torch.unique(yt)) < 2:

@@ -137,6 +137,10 @@ def test_npz(tmp_path):
     (dict(x_test=np.zeros((12, 7, 7), np.uint8)), "train images are"),
     (dict(y_train=np.arange(39) % 3), "39 labels for 40 images"),
     (dict(x_train=np.array([[1], "a"], dtype=object)), "cannot be read as plain arrays"),
+    (dict(x_train=np.full((40, 6, 6), "a")), "images must be uint8 .* got <U1"),
+    (dict(y_train=np.array(["a", "b", "c", "d"] * 10)), "labels must be integers 0..K-1, got <U1"),
+    (dict(y_train=np.where(np.arange(40) % 3 == 2, 2 ** 40, np.arange(40) % 3)), "K at most 100000"),
+    (dict(x_train=np.zeros((40, 1, 0, 6), np.float32)), "hold no pixels"),
 ])
 def test_npz_errors(tmp_path, override, message):
     p = make_npz(tmp_path / "bad.npz", **override)
@@ -157,6 +161,14 @@ def test_folder_errors_one_line(tmp_path):
     r = run(["train", "--data", f"npz:{tmp_path / 'missing.npz'}", "--out", str(tmp_path / "r3")], expect=2)
     assert "no such file" in r.output
     assert not (tmp_path / "r1").exists() or not (tmp_path / "r1" / "last.pt").exists()
+    cut = make_folder(tmp_path / "cut", per_class=4)  # a truncated image: its header reads, its pixels do not
+    png = cut / "train" / "cat" / "0.png"
+    from PIL import Image
+
+    Image.effect_noise((32, 32), 64).save(png)
+    png.write_bytes(png.read_bytes()[:200])
+    with pytest.raises(DataError, match="0.png is not a readable image"):
+        load_dataset(f"folder:{cut}", image_size=6)
 
 
 def test_train_eval_on_folder(tmp_path):
