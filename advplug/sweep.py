@@ -288,8 +288,12 @@ def settings_differ(p: Point, run: Path) -> list[str]:
     """The settings in which ``run/config.json`` differs from the point's (empty: the same run)."""
     try:
         saved = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
+    except OSError:
         return []
+    except ValueError as e:  # damaged: never resumed or overwritten as if it were this point's run
+        return [f"config.json is not readable ({e})"]
+    if not isinstance(saved, dict):
+        return [f"config.json is not a JSON object ({type(saved).__name__})"]
     # None: filled by the trainer (the objective's attack start ...); "auto" models: from the data
     want = {k: v for k, v in _comparable(TrainConfig(**p.settings).resolved().to_json()).items() if v is not None}
     have = _comparable(saved)
@@ -369,10 +373,14 @@ def last_error(log: Path, rc: int | None) -> str:
 
 # -- the status file ----------------------------------------------------------------------
 def read_status(out: Path) -> dict[str, Any]:
+    """``SWEEP_DIR/sweep.json`` (``{}`` when missing or damaged: the run directories are the truth)."""
     try:
-        return json.loads((out / STATUS_FILE).read_text())
+        raw = json.loads((out / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("points", {}), dict):
+        return {}
+    return raw
 
 
 class Status:
@@ -383,10 +391,13 @@ class Status:
         old = read_status(sweep.out).get("points", {})
         self.points: dict[str, dict[str, Any]] = {}
         for p in sweep.points:
-            rec = dict(old.get(p.name, {}))
+            rec = old.get(p.name, {})
+            rec = dict(rec) if isinstance(rec, dict) else {}  # a damaged entry: started afresh
             rec.update(settings=p.settings, dir=str(sweep.dir(p)), log=str(sweep.out / "logs" / f"{p.name}.log"))
-            rec.setdefault("attempts", 0)
-            rec.setdefault("status", "pending")
+            if not isinstance(rec.get("attempts"), int) or isinstance(rec.get("attempts"), bool):
+                rec["attempts"] = 0
+            if not isinstance(rec.get("status"), str):
+                rec["status"] = "pending"
             self.points[p.name] = rec
 
     def set(self, name: str, **kw: Any) -> None:

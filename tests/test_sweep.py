@@ -144,6 +144,24 @@ def test_point_state_follows_the_run_directory(tmp_path):
     assert sw.state(s.points[1], other)[0] == "conflict"
 
 
+@pytest.mark.parametrize("status", ["[1]", '{"points": [1]}', '{"points": {"at-seed0": 5}}',
+                                    '{"points": {"at-seed0": {"attempts": "x", "status": [1]}}}'])
+def test_damaged_run_and_status_files_in_a_sweep(tmp_path, status):
+    """A run directory with a damaged config.json is a conflict (never resumed or overwritten); a
+    damaged sweep.json is ignored (the run directories are the truth): no traceback."""
+    s = sw.load_sweep(write(tmp_path, GRID_2X2))
+    p = s.points[0]
+    run = s.dir(p)
+    run.mkdir(parents=True)
+    for text in ("[1]", "{not json"):
+        (run / "config.json").write_text(text)
+        kind, detail = sw.state(p, run)
+        assert kind == "conflict" and "config.json is not" in detail
+    (s.out / sw.STATUS_FILE).write_text(status)
+    res = CliRunner().invoke(cli, ["sweep", str(s.path), "--report"])
+    assert res.exit_code == 0 and "conflict" in res.output, res.output
+
+
 def test_last_error_line(tmp_path):
     log = tmp_path / "x.log"
     log.write_text("=== attempt 1\nerror: old\n=== attempt 2 (resume)\nTraceback (most recent call last):\n  File x\n"
