@@ -248,8 +248,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise OptionError(f"config file {str(p)!r} not found")
-    text = p.read_text()
     try:
+        text = p.read_text()  # inside the try: a binary file is a UnicodeDecodeError, a ValueError
         if p.suffix == ".toml":
             import tomllib
 
@@ -258,6 +258,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raw = json.loads(text)
     except ValueError as e:
         raise OptionError(f"config file {str(p)!r} cannot be parsed: {e}") from None
+    if not isinstance(raw, dict):
+        raise OptionError(f"config file {str(p)!r}: expected a table of settings, got {type(raw).__name__}")
+    if not isinstance(raw.get("plugin_options") or {}, dict):
+        raise OptionError(f"config file {str(p)!r}: plugin_options must be a table of \"plugin-option\" = value")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     out: dict[str, Any] = {}
     popts: dict[str, Any] = dict(raw.pop("plugin_options", {}) or {})

@@ -320,6 +320,18 @@ def test_wrong_types_in_a_config_file(tmp_path, toml, pattern):
     one_line_error(CliRunner().invoke(cli, ["train", "--config", str(f), "--out", str(tmp_path / "r")]), pattern)
 
 
+@pytest.mark.parametrize("name,content,pattern", [
+    ("c.json", b"[1]", "expected a table of settings, got list"),
+    ("c.json", b'"x"', "expected a table of settings, got str"),
+    ("c.json", b'{"plugin_options": [1]}', "plugin_options must be a table"),
+    ("c.toml", b"\xcc\xff\x00", "cannot be parsed: 'utf-8' codec can't decode"),
+])
+def test_a_config_file_that_is_not_a_table_of_settings(tmp_path, name, content, pattern):
+    f = tmp_path / name
+    f.write_bytes(content)
+    one_line_error(CliRunner().invoke(cli, ["train", "--config", str(f), "--out", str(tmp_path / "r")]), pattern)
+
+
 @pytest.mark.parametrize("args,pattern", [
     (["train", "--eps", "2"], "--eps must be < 1 (inputs are in [0, 1]"),
     (["train", "--alpha", "3"], "--alpha (attack step size) must be <= 1"),
