@@ -208,6 +208,12 @@ def compare(paths: list[str], fmt: str = "markdown") -> tuple[str, list[str]]:
     """The rendered table and the warnings (one per flagged run)."""
     if not paths:
         raise DataError("compare needs at least one run directory")
+    seen: dict[Path, str] = {}
+    for p in paths:  # the same run twice would be averaged as two seeds
+        real = Path(p).resolve()
+        if real in seen:
+            raise DataError(f"{p!r} is the same run directory as {seen[real]!r}: give each run once")
+        seen[real] = p
     runs = [load_run(p) for p in paths]
     rows = table(runs)
     warnings = [f"{p}: " + "; ".join(f) for r in rows for p, f in r["flagged"].items()]

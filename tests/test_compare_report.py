@@ -198,3 +198,10 @@ def test_damaged_metrics_are_one_line_errors_in_report(tmp_path, content, messag
     (tmp_path / "a" / "metrics.jsonl").write_bytes(b"\xff\xfe\x00")
     res = CliRunner().invoke(cli, ["report", a])
     assert res.exit_code == 2 and "metrics.jsonl' is not readable" in res.output, res.output
+
+
+def test_the_same_run_given_twice_is_refused(tmp_path):
+    """Listed twice (or once through another spelling of its path), one run would be averaged as two seeds."""
+    a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
+    res = CliRunner().invoke(cli, ["compare", a, str(tmp_path / "." / "a") + "/"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "is the same run directory as" in res.output, res.output
