@@ -251,9 +251,24 @@ class Trainer:
             raise CheckpointError(f"{str(self.out / 'config.json')!r} does not match the run's checkpoint {ck['path']!r}: "
                                   f"{what}: the run directory was altered; restore config.json or start a new run")
 
+    def _check_progress(self, ck: dict[str, Any]) -> None:
+        """The epoch counters of ``last.pt`` describe a run this config can continue: a negative
+        epoch would train extra epochs under old labels, one past ``epochs`` or a NaN best would
+        end or select silently."""
+        import math
+
+        epoch, best, acc = ck["epoch"], ck["best_epoch"], float(ck["best_acc"])
+        if not 0 <= epoch < self.cfg.epochs:
+            raise CheckpointError(f"{ck['path']!r} is damaged or from another run: it is after epoch {epoch + 1}, "
+                                  f"this run has epochs 1..{self.cfg.epochs}")
+        if not (-1 <= best <= epoch and math.isfinite(acc)):
+            raise CheckpointError(f"{ck['path']!r} is damaged: its best epoch {best + 1} / accuracy {acc} do not fit "
+                                  f"epoch {epoch + 1}")
+
     def _resume(self) -> None:
         ck = checkpoint.load(self.out, "last", need="training")
         self._check_resumed_config(ck)
+        self._check_progress(ck)
         if ck["world_size"] != self.world or len(ck["rng"]) != ck["world_size"]:
             raise CheckpointError(
                 f"{ck['path']!r} was written by {ck['world_size']} process(es), this run has {self.world}: resume with "
@@ -287,6 +302,9 @@ class Trainer:
             self.records = [json.loads(line) for line in ck["metrics"].splitlines() if line.strip()]
         except ValueError as e:
             raise CheckpointError(f"{ck['path']!r} is damaged: its metrics record is not JSON ({e})") from None
+        if len(self.records) != self.start_epoch or not all(isinstance(r, dict) for r in self.records):
+            raise CheckpointError(f"{ck['path']!r} is damaged: its metrics record does not hold one object per epoch "
+                                  f"({len(self.records)} entries for {self.start_epoch} epochs)")
         if self.rank == 0 and self.best_epoch == int(ck["epoch"]):
             checkpoint.repair_best(self.out)  # a kill between last.pt and best.pt
         if self.rank == 0 and self.ema is not None and self.best_ema_epoch == int(ck["epoch"]):

@@ -2,6 +2,7 @@
 no code imported because a run file names it, one-line errors for bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -389,6 +390,25 @@ def test_resume_refuses_a_config_json_edited_after_the_checkpoint(tmp_path):
     (out / "config.json").write_text(json.dumps({**saved, "epochs": 2, "device": "cpu"}))
     Trainer(resume_config(out), data=digits_subset(128, 32), resume=True, log=quiet).fit()
     assert checkpoint.load(out)["epoch"] == 1
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(epoch=-3), "it is after epoch -2, this run has epochs 1..2"),  # would train epochs -2..0 unlabelled
+    (dict(epoch=10 ** 9), "it is after epoch 1000000001"),  # would end at once as if finished
+    (dict(best_acc=float("nan")), "accuracy nan do not fit"),  # no epoch would ever be "best"
+    (dict(best_epoch=-5), "best epoch -4"),
+    (dict(metrics="[1]\n"), "does not hold one object per epoch"),
+    (dict(metrics=""), "(0 entries for 1 epochs)"),
+])
+def test_resume_refuses_damaged_epoch_counters(tmp_path, change, pattern):
+    out = tmp_path / "run"
+    train(out, epochs=1).fit()
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "epochs": 2}))
+    ck = checkpoint.load(out, need="training")
+    checkpoint.save(out / "last.pt", {**{k: v for k, v in ck.items() if k not in ("path", "format", "version")}, **change})
+    with pytest.raises(CheckpointError, match=re.escape(pattern)):
+        Trainer(resume_config(out), data=digits_subset(128, 32), resume=True, log=quiet)
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path):
