@@ -39,13 +39,46 @@ def _plt():
 
 
 def dumps(run_dir: Path, name: str) -> dict[int, dict[str, np.ndarray]]:
-    """``{epoch: columns}`` of ``RUN_DIR/dumps/<name>-epochNNN.npz``."""
+    """``{epoch: columns}`` of ``RUN_DIR/dumps/<name>-epochNNN.npz``, read as plain arrays (never
+    pickles) and checked: a damaged dump is one ``DataError``, not a traceback or a wrong plot."""
+    import zipfile
+
     out = {}
     for p in sorted((run_dir / "dumps").glob(f"{name}-epoch*.npz")):
         m = re.search(r"epoch(\d+)\.npz$", p.name)
-        with np.load(p) as d:
-            out[int(m.group(1))] = {k: d[k] for k in d.files}
+        if m is None:
+            continue
+        try:
+            with np.load(p, allow_pickle=False) as d:
+                cols = {k: d[k] for k in d.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            why = ("pickled objects, which advplug never loads" if "pickle" in str(e).lower()  # not numpy's "load it unsafely"
+                   else str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            raise DataError(f"{str(p)!r} is not a readable dump ({why})") from None
+        bad = _bad_dump(cols, name)
+        if bad:
+            raise DataError(f"{str(p)!r} is damaged: {bad}")
+        out[int(m.group(1))] = cols
     return out
+
+
+def _bad_dump(cols: dict[str, np.ndarray], name: str) -> str | None:
+    """What is wrong with one dump's columns (None: nothing): equal-length 1-D numeric columns,
+    finite weights and margins, a non-negative integer ``index``; a ``weights`` dump also has
+    ``margin`` and a weight."""
+    if not cols or "index" not in cols:
+        return "it has no 'index' column"
+    n = len(cols["index"]) if cols["index"].ndim == 1 else -1
+    for k, v in cols.items():
+        if v.ndim != 1 or len(v) != n or v.dtype.kind not in "biuf":
+            return f"column {k!r} is not a numeric column of the length of 'index' ({v.dtype}, shape {v.shape})"
+        if (k == "margin" or k.startswith("weight")) and v.dtype.kind == "f" and not np.isfinite(v).all():
+            return f"column {k!r} holds NaN or Inf"  # weights are checked finite in training; a plugin's signal may be inf
+    if cols["index"].dtype.kind not in "iu" or (n and cols["index"].min() < 0):
+        return "'index' is not a column of training-set positions"
+    if name == "weights" and ("margin" not in cols or not any(k == "weight" or k.startswith("weight_") for k in cols)):
+        return "it lacks the 'margin' or weight column"
+    return None
 
 
 def weight_column(cols: dict[str, np.ndarray]) -> np.ndarray:
@@ -154,9 +187,9 @@ def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
         cols = pd[max(pd)]
         epochs.append(max(pd))
         sig = sorted(k for k in cols if k.startswith(key))
-        if sig:  # LRAT dumps t_<variant> with weight_<variant>, the others one signal with weight
-            w = cols[f"weight_{sig[0][len(key):]}"] if key.endswith("_") else cols["weight"]
-            panels.append((f"{plugin}: {sig[0]}", cols[sig[0]], w))
+        wkey = (f"weight_{sig[0][len(key):]}" if key.endswith("_") else "weight") if sig else ""
+        if sig and wkey in cols:  # LRAT dumps t_<variant> with weight_<variant>, the others one signal with weight
+            panels.append((f"{plugin}: {sig[0]}", cols[sig[0]], cols[wkey]))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
@@ -210,6 +243,10 @@ def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray,
     tc = TrainConfig.from_json({k: v for k, v in cfg.items() if k not in RECORD_ONLY})
     data = training_data(tc.resolved(), log=lambda s: None)  # module: data checked by the caller (plot_extremes)
     train = data.train
+    n = len(train[1]) if isinstance(train, tuple) else len(train)
+    if len(index) and int(index.max()) >= n:
+        raise DataError(f"the dumps name training sample {int(index.max())}, the run's training set has {n}: "
+                        "they are from another run or damaged")
     if isinstance(train, tuple):
         x, y = train[0][index].numpy(), train[1][index].numpy()
     else:

@@ -1,6 +1,7 @@
 """advplug compare (numbers by hand, flags), report (every PNG), eval suite settings."""
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -205,3 +206,22 @@ def test_the_same_run_given_twice_is_refused(tmp_path):
     a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
     res = CliRunner().invoke(cli, ["compare", a, str(tmp_path / "." / "a") + "/"])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and "is the same run directory as" in res.output, res.output
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: p.write_text("hi"), "is not a readable dump (pickled objects, which advplug never loads)"),
+    (lambda p: p.write_bytes(p.read_bytes()[:300]), "is not a readable dump"),
+    (lambda p: np.savez(p, index=np.array([1, "a"], dtype=object)), "is not a readable dump"),
+    (lambda p: np.savez(p, index=np.arange(3)), "lacks the 'margin' or weight column"),
+    (lambda p: np.savez(p, **{**dict(np.load(p)), "index": np.arange(5)}), "not a numeric column of the length of 'index'"),
+    (lambda p: np.savez(p, **{k: v * np.nan if k.startswith("weight") else v for k, v in np.load(p).items()}),
+     "holds NaN or Inf"),
+])
+def test_damaged_weight_dumps_are_one_line_errors_in_report(small_run, tmp_path, damage, message):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    damage(run / "dumps" / "weights-epoch003.npz")
+    res = CliRunner().invoke(cli, ["report", str(run)])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and message in res.output, res.output
