@@ -285,7 +285,8 @@ def load_npz(path: str, image_size: int | None = None) -> DataBundle:
     except DataError:
         raise
     except ValueError as e:  # object arrays refused by allow_pickle=False, or not an npz file
-        raise DataError(f"{name}: cannot be read as plain arrays ({e})") from None
+        why = "it holds pickled objects, which advplug never loads" if "pickle" in str(e).lower() else str(e)
+        raise DataError(f"{name}: cannot be read as plain arrays ({why})") from None  # not numpy's "load it unsafely"
     except (OSError, EOFError) as e:
         raise DataError(f"{name}: not a readable .npz file ({e})") from None
     return check_tensors((arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"]), name,

@@ -137,6 +137,7 @@ def test_npz(tmp_path):
     (dict(x_test=np.zeros((12, 7, 7), np.uint8)), "train images are"),
     (dict(y_train=np.arange(39) % 3), "39 labels for 40 images"),
     (dict(x_train=np.array([[1], "a"], dtype=object)), "cannot be read as plain arrays"),
+    (dict(x_train=np.array([[1], "a"], dtype=object)), "it holds pickled objects, which advplug never loads"),
     (dict(x_train=np.full((40, 6, 6), "a")), "images must be uint8 .* got <U1"),
     (dict(y_train=np.array(["a", "b", "c", "d"] * 10)), "labels must be integers 0..K-1, got <U1"),
     (dict(y_train=np.where(np.arange(40) % 3 == 2, 2 ** 40, np.arange(40) % 3)), "K at most 100000"),
