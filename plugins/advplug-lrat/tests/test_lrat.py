@@ -240,3 +240,199 @@ def test_saa_steps_and_targets_reach_the_attack():
     assert atk.steps == 7 and atk.n_target_classes == 2
     atk(torch.rand(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
     assert atk.targets.shape == (4, 2)
+
+
+# -- a pure-Python transcription of Eq. 7, 11, 12, 15 and App. B (no call into the plugin's helpers) ---
+def lrat_by_hand(prob_rows, names, y, attacks, floor="pgd", alpha=2.0, beta=0.5, c=0.1, normalise="eq15", lsat=False):
+    """Returns ``(rows [V][B], nat [B] or None)``: the reweighted variants get alpha (1 - t)^beta with
+    t = p_y - max_{i != y} p_i; x* (``floor``) gets [C - sum_j w_j]_+ on top of its own weight (zero
+    when it is not one of the reweighted attacks); Eq. 15 divides everything by the batch mean of
+    the instance totals. A variant another plugin made (a name not in ``attacks``) joins the pair."""
+    b = len(y)
+    rows = []
+    for v, name in enumerate(names):
+        row = []
+        for i in range(b):
+            p = prob_rows[v][i]
+            t = p[y[i]] - max(q for k, q in enumerate(p) if k != y[i])
+            if name == floor and floor not in attacks:
+                row.append(0.0)  # x* only, not in the pair
+            elif lsat:
+                row.append(1.0)
+            else:
+                row.append(alpha * (1.0 - t) ** beta)
+        rows.append(row)
+    nat = None
+    if not lsat and floor != "none":
+        fl = [max(c - sum(r[i] for r in rows), 0.0) for i in range(b)]
+        if floor == "nat":
+            nat = fl
+        else:
+            k = names.index(floor)
+            rows[k] = [rows[k][i] + fl[i] for i in range(b)]
+    if normalise == "eq15":
+        totals = [sum(r[i] for r in rows) + (nat[i] if nat else 0.0) for i in range(b)]
+        s = sum(totals) / b
+        rows = [[v / s for v in r] for r in rows]
+        nat = [v / s for v in nat] if nat else None
+    return rows, nat
+
+
+# three classes, three instances with the true class first, second and last on each view
+P3 = [
+    [[0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.3, 0.2]],     # cw
+    [[0.5, 0.4, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]],     # pgd
+    [[0.3, 0.6, 0.1], [0.02, 0.01, 0.97], [0.1, 0.8, 0.1]],  # saa
+    [[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]],     # natural
+]
+Y3 = [0, 2, 1]
+VIEWS = {"cw": 0, "pgd": 1, "saa": 2}
+
+
+@pytest.mark.parametrize("attacks,floor", [("saa,cw", "pgd"), ("saa,cw", "cw"), ("saa,cw", "saa"), ("saa,cw", "nat"),
+                                           ("saa,cw", "none"), ("pgd", "pgd"), ("cw", "saa"), ("pgd,cw,saa", "cw")])
+@pytest.mark.parametrize("alpha,beta,c", [(2.0, 0.5, 0.1), (2.0, 0.5, 2.5), (0.7, 3.0, 1.2)])
+@pytest.mark.parametrize("normalise", ["eq15", "none"])
+def test_weights_against_a_transcription_of_the_paper(attacks, floor, alpha, beta, c, normalise):
+    names = sorted(set(parse_attacks(attacks)) | ({floor} if floor in VIEWS else set()))
+    rows = [P3[VIEWS[n]] for n in names] + [P3[3]]
+    ctx = ctx_for(rows, names, torch.tensor(Y3))
+    w = plugin(attacks=attacks, floor=floor, alpha=alpha, beta=beta, c=c, normalise=normalise).compute_weights(ctx, ctx.variants)
+    ref, ref_nat = lrat_by_hand(rows, names, Y3, parse_attacks(attacks), floor, alpha, beta, c, normalise)
+    assert w.adv is None and w.nat is None  # LRAT's weights are local
+    assert w.local.tolist() == [pytest.approx(r, rel=1e-5, abs=1e-7) for r in ref]
+    if ref_nat is None:
+        assert w.local_nat is None
+    else:
+        assert w.local_nat.tolist() == pytest.approx(ref_nat, rel=1e-5, abs=1e-7)
+
+
+def test_the_grid_above_exercises_the_floor():
+    """With C = 2.5 the floor bites on some instance and not on another (C = 0.1 never bites here)."""
+    names = ["cw", "saa"]
+    rows = [P3[VIEWS[n]] for n in names] + [P3[3]]
+    _, nat = lrat_by_hand(rows, names, Y3, ("saa", "cw"), "nat", c=2.5, normalise="none")
+    assert min(nat) == 0.0 < max(nat)
+    _, nat = lrat_by_hand(rows, names, Y3, ("saa", "cw"), "nat", c=0.1, normalise="none")
+    assert max(nat) == 0.0
+
+
+def test_eq7_loss_with_lrats_own_local_weights_by_hand():
+    """The loss LRAT gives itself: (1/n) sum_i (sum_j W_ij CE(x_ij) + W*_i CE(x_i)), W from LRAT with
+    the natural instance as x* (Weights.local and Weights.local_nat, no global method)."""
+    names = ["cw", "saa"]
+    rows = [P3[0], P3[2], P3[3]]
+    ctx = ctx_for(rows, names, torch.tensor(Y3))
+    p = plugin(attacks="saa,cw", floor="nat", c=2.5)
+    weights = p.compute_weights(ctx, ctx.variants)
+    loss = p.combine_loss(ctx, ctx.variants, weights).item()
+    ref_w, ref_nat = lrat_by_hand(rows, names, Y3, ("saa", "cw"), "nat", c=2.5)
+    ref = sum(sum(ref_w[v][i] * -math.log(rows[v][i][Y3[i]]) for v in range(2)) + ref_nat[i] * -math.log(rows[2][i][Y3[i]])
+              for i in range(3)) / 3
+    assert loss == pytest.approx(ref, rel=1e-5)
+    # and a global weight g_i on top: W_ij = g_i local_ij, the natural term g_i local_nat_i
+    g = torch.tensor([0.5, 2.0, 1.0])
+    loss_g = p.combine_loss(ctx, ctx.variants, Weights(adv=g, local=weights.local, local_nat=weights.local_nat)).item()
+    ref_g = sum(g[i].item() * (sum(ref_w[v][i] * -math.log(rows[v][i][Y3[i]]) for v in range(2))
+                               + ref_nat[i] * -math.log(rows[2][i][Y3[i]])) for i in range(3)) / 3
+    assert loss_g == pytest.approx(ref_g, rel=1e-5)
+
+
+def test_attack_lists_that_name_nothing_are_refused():
+    for spec in ("", " , ", ","):
+        with pytest.raises(Exception, match="choose one or more"):
+            parse_attacks(spec)
+    assert parse_attacks("cw,PGD") == ("cw", "pgd")  # order kept, case folded
+
+
+def test_lsat_refuses_a_floor_it_would_never_use_and_accepts_the_others():
+    from advplug.context import TrainContext
+
+    def start(**opts):
+        p = plugin(**opts)
+        p.on_train_start(TrainContext(model=None, config=None, num_train=8, num_classes=3, input_shape=(1,),
+                                      device=torch.device("cpu"), epochs=1, milestones=(), objective="at",
+                                      make_attack=lambda name, **kw: name, log=lambda s: None))
+        return p
+
+    with pytest.raises(Exception, match="--lrat-lsat has no floor term"):
+        start(attacks="cw", floor="pgd", lsat=True)
+    with pytest.raises(Exception, match="--lrat-lsat has no floor term"):
+        start(attacks="cw", floor="nat", lsat=True)
+    assert list(start(attacks="cw", floor="none", lsat=True).runners) == ["cw"]
+    assert list(start(attacks="saa,cw", floor="cw", lsat=True).runners) == ["saa", "cw"]
+    assert list(start(attacks="saa,cw", floor="pgd").runners) == ["saa", "cw", "pgd"]  # x* runs once more
+
+
+@pytest.mark.parametrize("floor,anchor", [("pgd", "pgd"), ("cw", "cw"), ("saa", "saa"), ("nat", "natural"), ("none", None)])
+def test_declaration(floor, anchor):
+    d = plugin(attacks="saa,cw", floor=floor).declare()
+    assert d.weights == "local" and d.anchor == anchor and d.natural_weights is False
+    expect = {"saa": (), "cw": ()}
+    if floor == "pgd":
+        expect["pgd"] = ("kappa", "p_true_lps")
+    assert d.variants == expect and list(d.variants) == list(expect)
+    assert d.needs == (frozenset({"natural"}) if floor == "nat" else frozenset())
+    assert d.provides == frozenset({"natural-term"}) and d.own_scale is True
+    assert plugin(normalise="none").declare().own_scale is False
+    assert plugin(lsat=True, floor="none").declare().anchor is None
+    assert plugin(attacks="pgd", floor="pgd").declare().variants == {"pgd": ("kappa", "p_true_lps")}
+
+
+def test_defaults_are_the_papers():
+    """Eq. 12 alpha 2, beta 0.5; Eq. 7 C = 0.1; LRAT-SAA+CW with PGD as x* (Sec. 5.2); SAA-20 on 3 targets."""
+    o = LRAT.Options()
+    assert (o.alpha, o.beta, o.c, o.attacks, o.floor, o.normalise, o.lsat) == (2.0, 0.5, 0.1, "saa,cw", "pgd", "eq15", False)
+    assert (o.saa_steps, o.saa_targets) == (20, 3)
+
+
+# -- properties -------------------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def prob_tables(draw):
+    b, k = draw(st.integers(1, 4), ), draw(st.integers(2, 4))
+    def row():
+        z = draw(st.lists(st.floats(-6, 6), min_size=k, max_size=k))
+        e = [math.exp(v) for v in z]
+        return [v / sum(e) for v in e]
+    views = [[row() for _ in range(b)] for _ in range(4)]  # cw, pgd, saa, natural
+    y = draw(st.lists(st.integers(0, k - 1), min_size=b, max_size=b))
+    return views, y
+
+
+@settings(max_examples=50, deadline=None)
+@given(prob_tables(), st.sampled_from(["pgd", "cw", "nat", "none"]), st.floats(0.1, 5.0), st.floats(0.1, 4.0),
+       st.floats(0.05, 4.0))
+def test_properties_of_the_weights(tables, floor, alpha, beta, c):
+    views, y = tables
+    names = ["cw", "pgd", "saa"]
+    ctx = ctx_for(views, names, torch.tensor(y))
+    p = plugin(attacks="saa,cw", floor=floor, alpha=alpha, beta=beta, c=c)
+    w = p.compute_weights(ctx, ctx.variants)
+    total = w.local.double().sum(0) + (w.local_nat.double() if w.local_nat is not None else 0.0)
+    assert (w.local >= 0).all()
+    assert total.mean().item() == pytest.approx(1.0, rel=1e-5)  # Eq. 15
+    raw = plugin(attacks="saa,cw", floor=floor, alpha=alpha, beta=beta, c=c, normalise="none").compute_weights(ctx, ctx.variants)
+    raw_total = raw.local.double().sum(0) + (raw.local_nat.double() if raw.local_nat is not None else 0.0)
+    if floor != "none":
+        assert (raw_total >= c * (1 - 1e-5)).all()  # Eq. 7: no instance below C
+    assert torch.allclose(w.local.double() * raw_total.mean(), raw.local.double(), rtol=1e-4, atol=1e-7)  # one scale for all
+    ref, ref_nat = lrat_by_hand(views, names, y, ("saa", "cw"), floor, alpha, beta, c)
+    assert w.local.tolist() == [pytest.approx(r, rel=1e-4, abs=1e-6) for r in ref]
+
+
+@pytest.mark.parametrize("floor", ["pgd", "cw", "saa", "nat", "none"])
+def test_every_floor_of_appendix_b_is_accepted_on_the_command_line(floor):
+    assert enable(["lrat"], "at", {"lrat-floor": floor}).plugin("lrat").options.floor == floor
+
+
+def test_unknown_floor_is_refused_and_options_are_frozen():
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(Exception, match="floor"):
+        enable(["lrat"], "at", {"lrat-floor": "fgsm"})
+    with pytest.raises(FrozenInstanceError):
+        LRAT.Options().alpha = 1.0
