@@ -272,6 +272,8 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     slurm = raw.get("slurm", {})
     if not isinstance(slurm, dict):
         raise OptionError(f"sweep file {str(path)!r}: [slurm] must be a table of submitit parameters")
+    if not isinstance(raw.get("out", ""), str):
+        raise OptionError(f"sweep file {str(path)!r}: out must be a directory path (a string), got {raw['out']!r}")
     out = Path(out or raw.get("out") or Path("sweeps") / path.stem)
     return Sweep(path, out.absolute(), points, retries, jobs, dict(slurm))
 

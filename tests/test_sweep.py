@@ -92,6 +92,11 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path, text, message):
     assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
 
 
+def test_a_sweep_out_that_is_not_a_path(tmp_path):
+    res = CliRunner().invoke(cli, ["sweep", str(write(tmp_path, TINY, out=5)), "--dry-run"])
+    assert res.exit_code == 2 and "out must be a directory path (a string), got 5" in res.output, res.output
+
+
 def test_dry_run_lists_points_and_their_state(tmp_path):
     res = CliRunner().invoke(cli, ["sweep", str(write(tmp_path, GRID_2X2)), "--dry-run"])
     assert res.exit_code == 0, res.output
