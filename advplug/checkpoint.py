@@ -150,6 +150,12 @@ def load_best(run_dir: str | Path, ema: bool = False) -> dict[str, Any]:
     if best_path.is_file():
         best = load(run_dir, which, need="eval")
         if int(best["epoch"]) == recorded:
+            # each checkpoint carries the run's metrics so far (timings included): a best.pt of this
+            # run holds a prefix of last.pt's; one copied from another run of the same length does not
+            mine, theirs = last.get("metrics"), best.get("metrics")
+            if isinstance(mine, str) and isinstance(theirs, str) and not mine.startswith(theirs):
+                raise CheckpointError(f"{str(best_path)!r} is not from the run of {last['path']!r} (its metrics record "
+                                      "differs): the run directory was altered")
             return best
     if recorded == int(last["epoch"]):
         return last_as(last, ema)

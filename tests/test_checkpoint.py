@@ -146,3 +146,19 @@ def test_best_follows_the_record_in_last(tmp_path):
     checkpoint.save(tmp_path / "last.pt", small_ckpt(epoch=5, best_epoch=4))  # best.pt lost or altered
     with pytest.raises(CheckpointError, match="does not hold the recorded best epoch 5"):
         checkpoint.load_best(tmp_path)
+
+
+def test_a_best_checkpoint_from_another_run_is_refused(tmp_path):
+    """best.pt is matched to last.pt by the metrics record both carry (per-epoch timings make it
+    unique), not only by its epoch number: a best.pt copied from another run is an error."""
+    import shutil
+
+    from advplug.testing import digits_subset, tiny_config
+    from advplug.trainer import Trainer
+
+    for name in ("a", "b"):
+        Trainer(tiny_config(str(tmp_path / name), epochs=1), data=digits_subset(64, 16), log=lambda s: None).fit()
+    assert checkpoint.load_best(tmp_path / "a")["epoch"] == 0
+    shutil.copy(tmp_path / "b" / "best.pt", tmp_path / "a" / "best.pt")
+    with pytest.raises(CheckpointError, match="best.pt' is not from the run of .*the run directory was altered"):
+        checkpoint.load_best(tmp_path / "a")
