@@ -316,7 +316,7 @@ def _read_images(items: list[tuple[str, int]], name: str, image_size: int | None
             with Image.open(p) as im:
                 modes.add(im.mode)
                 sizes.setdefault(im.size, p)
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:  # bomb: PIL's pixel limit
             raise DataError(f"{name}: {p} is not a readable image ({e})") from None
     if len(sizes) > 1 and image_size is None:
         (s1, p1), (s2, p2) = list(sizes.items())[:2]

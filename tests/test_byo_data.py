@@ -170,6 +170,11 @@ def test_folder_errors_one_line(tmp_path):
     png.write_bytes(png.read_bytes()[:200])
     with pytest.raises(DataError, match="0.png is not a readable image"):
         load_dataset(f"folder:{cut}", image_size=6)
+    _png(png, 1, size=(64, 64))  # a decompression bomb, as PIL's pixel limit sees it (lowered here)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        with pytest.raises(DataError, match="0.png is not a readable image .*decompression bomb"):
+            load_dataset(f"folder:{cut}", image_size=6)
 
 
 def test_train_eval_on_folder(tmp_path):
