@@ -265,6 +265,15 @@ class Trainer:
             raise CheckpointError(f"{ck['path']!r} is damaged: its best epoch {best + 1} / accuracy {acc} do not fit "
                                   f"epoch {epoch + 1}")
 
+    def _check_optimizer_state(self, path: str) -> None:
+        """SGD's ``load_state_dict`` checks neither shapes nor values: a momentum buffer of another
+        shape failed mid-step with a traceback, a NaN one became a "NaN loss" blamed on training."""
+        for i, prm in enumerate(p for g in self.opt.param_groups for p in g["params"]):
+            for k, v in self.opt.state.get(prm, {}).items():
+                if isinstance(v, Tensor) and v.dim() > 0 and (v.shape != prm.shape or not torch.isfinite(v).all()):
+                    raise CheckpointError(f"checkpoint {path!r} is damaged: the optimizer's {k} of parameter {i} is "
+                                          f"{'not finite' if v.shape == prm.shape else f'of shape {tuple(v.shape)}, expected {tuple(prm.shape)}'}")
+
     def _resume(self) -> None:
         ck = checkpoint.load(self.out, "last", need="training")
         self._check_resumed_config(ck)
@@ -285,6 +294,7 @@ class Trainer:
                 self.enabled.plugin(n).load_state_dict(state)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {ck['path']!r} does not match this run: {e}") from None
+        self._check_optimizer_state(ck["path"])
         checkpoint.set_rng_state(ck["rng"][self.rank])
         self.start_epoch = int(ck["epoch"]) + 1
         self.best_acc, self.best_epoch = float(ck["best_acc"]), int(ck["best_epoch"])

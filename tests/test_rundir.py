@@ -411,6 +411,23 @@ def test_resume_refuses_damaged_epoch_counters(tmp_path, change, pattern):
         Trainer(resume_config(out), data=digits_subset(128, 32), resume=True, log=quiet)
 
 
+@pytest.mark.parametrize("damage,pattern", [
+    (lambda b: torch.zeros(3), "momentum_buffer of parameter 0 is of shape (3,), expected"),
+    (lambda b: b * float("nan"), "momentum_buffer of parameter 0 is not finite"),
+])
+def test_resume_refuses_a_damaged_optimizer_state(tmp_path, damage, pattern):
+    out = tmp_path / "run"
+    train(out, epochs=1).fit()
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "epochs": 2}))
+    ck = checkpoint.load(out, need="training")
+    state = ck["optimizer"]["state"][0]
+    state["momentum_buffer"] = damage(state["momentum_buffer"])
+    checkpoint.save(out / "last.pt", {k: v for k, v in ck.items() if k not in ("path", "format", "version")})
+    with pytest.raises(CheckpointError, match=re.escape(pattern)):
+        Trainer(resume_config(out), data=digits_subset(128, 32), resume=True, log=quiet)
+
+
 def test_resume_with_another_world_size_is_refused(tmp_path):
     out = tmp_path / "run"
     train(out, epochs=1).fit()
