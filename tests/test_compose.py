@@ -244,3 +244,160 @@ def test_core_pgd_records_kappa_and_undeclared_generators_are_not_checked():
     c = check_composition({"at": Declaration(), "x": Declaration(), "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))},
                           "at", "at", undeclared_generators=["x"])
     assert c.views is None
+
+
+# -- the combination rule against a pure-Python transcription (lists, no call into compose) --------
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def combine_by_hand(parts, n_variants, batch):
+    """The documented rule written out again: global adv / nat multiply per part; with several
+    contributors the product is rescaled to the product of their batch means; the local part is
+    kept; adv[v][b] = instance[b] local[v][b]; nat = nat_global x instance x local_nat."""
+    def product(vectors):
+        if not vectors:
+            return None
+        out = [1.0] * batch
+        for vec in vectors:
+            out = [o * x for o, x in zip(out, vec)]
+        if len(vectors) > 1:
+            target = 1.0
+            for vec in vectors:
+                target *= _mean(vec)
+            out = [o * target / _mean(out) for o in out]
+        return out
+
+    inst = product([p["adv"] for p in parts if p.get("adv") is not None])
+    natg = product([p["nat"] for p in parts if p.get("nat") is not None])
+    local = next((p["local"] for p in parts if p.get("local") is not None), None)
+    local_nat = next((p["local_nat"] for p in parts if p.get("local_nat") is not None), None)
+    if local is not None:
+        adv = [[(inst[b] if inst else 1.0) * local[v][b] for b in range(batch)] for v in range(n_variants)]
+    else:
+        adv = [list(inst) for _ in range(n_variants)] if inst else None
+    nat = natg
+    if local_nat is not None:
+        nat = [(inst[b] if inst else 1.0) * local_nat[b] * (natg[b] if natg else 1.0) for b in range(batch)]
+    return adv, nat, inst
+
+
+def _weights(p):
+    t = {k: (torch.tensor(v, dtype=torch.float64) if v is not None else None) for k, v in p.items()}
+    return Weights(**t)
+
+
+_w = st.floats(0.01, 5.0)
+
+
+@st.composite
+def contributions_by_hand(draw):
+    nv, b = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    vec = st.lists(_w, min_size=b, max_size=b)
+    parts = [dict(adv=draw(st.none() | vec), nat=draw(st.none() | vec)) for _ in range(draw(st.integers(0, 3)))]
+    if draw(st.booleans()):
+        parts.insert(draw(st.integers(0, len(parts))),
+                     dict(local=draw(st.lists(vec, min_size=nv, max_size=nv)), local_nat=draw(st.none() | vec)))
+    return parts, nv, b
+
+
+@settings(max_examples=80, deadline=None)
+@given(contributions_by_hand())
+def test_combination_against_a_transcription_of_the_rule(case):
+    parts, nv, b = case
+    out = combine_weights([_weights(p) for p in parts], nv, b)
+    adv, nat, inst = combine_by_hand(parts, nv, b)
+    if adv is None and nat is None:
+        assert out is None or (out.adv is None and out.nat is None)
+        return
+    like = torch.zeros(1, dtype=torch.float64)
+    assert adv_matrix(out, nv, b, like).tolist() == [pytest.approx(r, rel=1e-9) for r in (adv or [[1.0] * b] * nv)]
+    assert (out.nat is None) == (nat is None)
+    if nat is not None:
+        assert out.nat.tolist() == pytest.approx(nat, rel=1e-9)
+        assert natural_weights(out).tolist() == pytest.approx(nat, rel=1e-9)
+    assert (out.instance is None) == (inst is None)
+    if inst is not None:
+        assert out.instance.tolist() == pytest.approx(inst, rel=1e-9)
+
+
+def test_three_globals_keep_the_product_of_their_three_means():
+    a, b, c = [1.0, 2.0, 3.0], [4.0, 1.0, 1.0], [0.5, 0.5, 2.0]  # means 2, 2, 1
+    out = combine_weights([Weights(adv=torch.tensor(x)) for x in (a, b, c)], 1, 3)
+    prod = [a[i] * b[i] * c[i] for i in range(3)]  # (2, 1, 6), mean 3
+    assert out.instance.tolist() == pytest.approx([p * 4.0 / 3.0 for p in prod], rel=1e-6)
+
+
+def test_the_batch_mean_given_is_the_one_used():
+    """Under DDP the rescaling uses the all-reduced mean: a batch_mean that also counts another
+    rank's instances (here one more of weight 1 in every part) changes the target."""
+    a, b = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 4.0])
+
+    def with_other_rank(t):
+        return (t.sum(-1, keepdim=True) + 1.0) / (t.shape[-1] + 1)
+
+    out = combine_weights([Weights(adv=a), Weights(adv=b)], 1, 2, batch_mean=with_other_rank)
+    ma, mb, mp = (1 + 3 + 1) / 3, (2 + 4 + 1) / 3, (2 + 12 + 1) / 3
+    assert out.instance.tolist() == pytest.approx([2 * ma * mb / mp, 12 * ma * mb / mp], rel=1e-6)
+
+
+def test_a_zero_product_stays_zero_not_nan():
+    out = combine_weights([Weights(adv=torch.tensor([1.0, 0.0])), Weights(adv=torch.tensor([0.0, 1.0]))], 1, 2)
+    assert out.instance.tolist() == [0.0, 0.0]
+
+
+def test_combined_weights_are_not_multiplied_by_their_local_part_twice():
+    local = torch.tensor([[0.5, 2.0], [1.5, 0.0]])
+    g = torch.tensor([2.0, 3.0])
+    out = combine_weights([Weights(adv=g), Weights(local=local, local_nat=torch.tensor([0.25, 4.0]))], 2, 2)
+    like = torch.zeros(1)
+    assert adv_matrix(out, 2, 2, like).tolist() == [[1.0, 6.0], [3.0, 0.0]]
+    assert natural_weights(out).tolist() == [0.5, 12.0]
+    assert nat_vector(out, 2, like).tolist() == [0.5, 12.0]
+
+
+def test_natural_weights_of_plain_weights_by_hand():
+    """Weights straight from a plugin: local_nat x adv (any [B]-sized shape) x nat."""
+    ln, a, n = torch.tensor([1.0, 3.0]), torch.tensor([[2.0, 0.5]]), torch.tensor([4.0, 2.0])
+    assert natural_weights(Weights(local_nat=ln)).tolist() == [1.0, 3.0]
+    assert natural_weights(Weights(local_nat=ln, adv=a)).tolist() == [2.0, 1.5]
+    assert natural_weights(Weights(local_nat=ln, adv=a, nat=n)).tolist() == [8.0, 3.0]
+    assert natural_weights(Weights(local_nat=ln, nat=n)).tolist() == [4.0, 6.0]
+    assert natural_weights(Weights(nat=n)).tolist() == [4.0, 2.0]
+    assert natural_weights(Weights(adv=a)) is None and natural_weights(None) is None
+    assert nat_vector(Weights(adv=a), 2, torch.zeros(1)).tolist() == [1.0, 1.0]
+
+
+def test_adv_matrix_shapes_by_hand():
+    like = torch.zeros(1, dtype=torch.float64)
+    assert adv_matrix(None, 2, 3, like).tolist() == [[1.0] * 3] * 2 and adv_matrix(None, 2, 3, like).dtype == torch.float64
+    assert adv_matrix(Weights(adv=torch.tensor([1.0, 2.0, 3.0])), 2, 3, like).tolist() == [[1.0, 2.0, 3.0]] * 2
+    assert adv_matrix(Weights(adv=torch.tensor([[1.0, 2.0, 3.0]])), 2, 3, like).tolist() == [[1.0, 2.0, 3.0]] * 2
+    assert adv_matrix(Weights(adv=torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])), 2, 3, like).tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    assert adv_matrix(Weights(local=torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])), 2, 3, like).tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    square = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # [V, B] with V = B: per variant, not an instance vector
+    assert adv_matrix(Weights(adv=square), 2, 2, like).tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    for bad in (torch.ones(2), torch.ones(2, 2), torch.ones(3, 3), torch.ones(1, 2)):
+        with pytest.raises(PluginError, match=r"\[B\]=3 or \[V, B\]=\[2, 3\]"):
+            adv_matrix(Weights(adv=bad), 2, 3, like)
+
+
+def test_weight_shapes_are_checked_per_field():
+    with pytest.raises(PluginError, match=r"weights #1: natural weights must have shape \[B\]=3, got \[2\]"):
+        combine_weights([None, Weights(nat=torch.ones(2))], 1, 3)
+    with pytest.raises(PluginError, match=r"local natural weights must have shape \[B\]=3, got \[1, 3\]"):
+        combine_weights([Weights(local_nat=torch.ones(1, 3))], 1, 3)
+    with pytest.raises(PluginError, match=r"two plugins returned local weights"):
+        combine_weights([Weights(local_nat=torch.ones(3)), Weights(local=torch.ones(1, 3))], 1, 3)
+    with pytest.raises(PluginError, match=r"adversarial weights must have shape \[B\]=3, got \[2, 2\]"):
+        combine_weights([Weights(adv=torch.ones(2, 2))], 1, 3)
+    out = combine_weights([Weights(local_nat=torch.tensor([1.0, 2.0, 3.0]))], 2, 3)  # the natural input alone in the pair
+    assert out.local is None and out.adv is None and out.nat.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_summary_by_hand():
+    s = summary(torch.tensor([1.0, 3.0]))
+    assert s == pytest.approx({"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "ess": 16 / (2 * 10)})  # population std
+    assert summary(torch.zeros(3))["ess"] == 0.0
+    assert summary(torch.tensor([0.1, 0.3]))["ess"] == pytest.approx(0.16 / (2 * 0.1))  # small weights: sum w^2 < 1
+    assert summary(torch.tensor([[2.0, 2.0], [2.0, 2.0]]))["ess"] == pytest.approx(1.0)  # equal weights: ess 1
