@@ -38,7 +38,8 @@ a 6-hex-digit hash of those settings and their values, then ``seed<S>``: ``mail-
 settings; two points with one name are an error.
 
 **Point states** (from the run directory, the truth; ``SWEEP_DIR/sweep.json`` records them):
-finished iff ``results.json`` exists (skipped); locked by another process (reported as busy,
+finished iff ``results.json`` exists and ``config.json`` holds the point's settings (skipped;
+a finished run under other settings is a conflict and is left out of the table); locked by another process (reported as busy,
 never duplicated); interrupted iff ``last.pt`` exists (``advplug train --resume``); a run that
 stopped before its first checkpoint (``--overwrite``); no run yet (a new run). A run directory
 whose ``config.json`` differs from the point's settings (the sweep file was edited) is a
@@ -315,7 +316,11 @@ def _locked(run: Path) -> str | None:
 
 def state(p: Point, run: Path) -> tuple[str, str]:
     """``(kind, detail)``: done, busy, conflict, resume, overwrite or new."""
-    if (run / "results.json").is_file():
+    if (run / "results.json").is_file():  # finished: counted only if it is this point's run
+        diff = settings_differ(p, run)
+        if diff:
+            return "conflict", (f"{run} holds a finished run with other settings: {'; '.join(diff[:3])}; move it "
+                                "away or give the sweep another out")
         return "done", ""
     busy = _locked(run)
     if busy:
@@ -809,13 +814,17 @@ def report(sweep: Sweep, fmt: str = "markdown") -> tuple[str, list[str]]:
     from .compare import compare
 
     groups: dict[str, list[str]] = {}
+    skipped = []
     for p in sweep.points:
-        if (sweep.dir(p) / "results.json").is_file():
+        kind, detail = state(p, sweep.dir(p))
+        if kind == "conflict" and (sweep.dir(p) / "results.json").is_file():
+            skipped.append(f"{p.name} left out of the table: {detail}")  # run under other settings
+        elif kind == "done":
             key = ", ".join(f"{k.removeprefix('plugin:')} = {v}" for k, v in p.axes.items())
             groups.setdefault(key, []).append(str(sweep.dir(p)))
     if not groups:
-        return "(no finished points yet)", []
-    texts, warnings = [], []
+        return "(no finished points yet)", skipped
+    texts, warnings = [], list(skipped)
     for key, paths in groups.items():
         text, warn = compare(paths, fmt)
         texts.append((f"### {key}\n\n" if key and fmt == "markdown" else "") + text)

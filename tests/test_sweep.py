@@ -142,6 +142,9 @@ def test_point_state_follows_the_run_directory(tmp_path):
     kind, detail = sw.state(p, run)
     assert kind == "conflict" and "epochs 7 (sweep: 1)" in detail
     (run / "results.json").write_text("{}")
+    kind, detail = sw.state(p, run)  # finished under other settings: never tabulated as this point
+    assert kind == "conflict" and "finished run" in detail and "epochs 7 (sweep: 1)" in detail
+    rundir.write_json(run / "config.json", {**json.loads((run / "config.json").read_text()), "epochs": 1})
     assert sw.state(p, run)[0] == "done"
     other = s.dir(s.points[1])
     other.mkdir()
@@ -319,3 +322,17 @@ def test_the_same_2x2_sweep_on_a_local_ray_instance(tmp_path):
     text, _ = sw.report(s)
     assert "| AT | 2 |" in text and "| mail mail-burn-in=0 | 2 |" in text
 
+
+
+def test_a_finished_run_under_other_settings_is_left_out_of_the_table(tmp_path):
+    s = sw.load_sweep(write(tmp_path, GRID_2X2))
+    p = s.points[0]
+    run = s.dir(p)
+    run.mkdir(parents=True)
+    from advplug.config import TrainConfig
+
+    rundir.write_json(run / "config.json", {**TrainConfig(**p.settings).resolved().to_json(), "eps": 0.3})
+    (run / "results.json").write_text("{}")
+    text, warnings = sw.report(s)
+    assert text == "(no finished points yet)"
+    assert len(warnings) == 1 and p.name in warnings[0] and "eps 0.3" in warnings[0]
