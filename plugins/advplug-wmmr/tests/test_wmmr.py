@@ -218,3 +218,52 @@ def test_default_settings():
     assert started("mart").options.alpha == 0.5 and started("at", alpha=1.5).options.alpha == 1.5
     atk = WeightedPGD(nn.Linear(2, 2))
     assert (atk.eps, atk.alpha, atk.steps, atk.weight_alpha, atk.loss) == (8 / 255, 2 / 255, 10, 0.5, "ce")
+
+
+def test_weighted_kl_attack_multiplies_the_kl_by_the_weight():
+    """Once KL(p(x) || p(x')) is large, grad(w KL) = w grad KL + KL grad w and grad(KL / w) differ
+    in the sign of the weight's own term: with a sharp kernel (alpha 5) and six steps the two
+    attacks part; the attack must follow w KL (TRADES_base/trades.py, margin mode)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x, y = torch.rand(16, 5), torch.randint(0, 3, (16,))
+    eps, step, a, k = 0.3, 0.05, 5.0, 6
+
+    def by_hand(weigh):
+        torch.manual_seed(1)
+        it = x + 0.001 * torch.randn_like(x)
+        p_nat = model(x).softmax(1).detach()
+        for _ in range(k):
+            it = it.detach().requires_grad_(True)
+            q = model(it).softmax(1)
+            margin = q.gather(1, y[:, None]).squeeze(1) - q.masked_fill(F.one_hot(y, 3).bool(), -1.0).max(1).values
+            kl = (p_nat * (p_nat.log() - q.log())).sum(1)
+            g = torch.autograd.grad(weigh(kl, torch.exp(-a * margin)).sum(), it)[0]
+            it = torch.clamp(x + torch.clamp(it.detach() + step * g.sign() - x, -eps, eps), 0, 1)
+        return it
+
+    torch.manual_seed(1)
+    adv = WeightedPGD(model, eps=eps, alpha=step, steps=k, weight_alpha=a, loss="kl")(x, y)
+    assert torch.allclose(adv, by_hand(lambda kl, w: kl * w), atol=1e-6)
+    assert not torch.allclose(adv, by_hand(lambda kl, w: kl / w), atol=1e-3)
+
+
+def test_p_true_stays_at_the_first_misclassified_iterate_when_fooled_again():
+    """A model whose prediction follows the iteration: correct, fooled (p_y 0.3), correct, fooled
+    (p_y 0.2). MAIL's p_y at the least step is 0.3: being correct again must not reopen it."""
+    class Scripted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+            self.p1 = [0.2, 0.7, 0.1, 0.8]  # p(class 1) at iterations 1..4; y = 0
+
+        def forward(self, x):
+            p1 = self.p1[min(self.calls, 3)]
+            self.calls += 1
+            z1 = math.log(p1 / (1 - p1))
+            return torch.stack([torch.zeros(len(x)), torch.full((len(x),), z1)], 1) + 0 * x.sum(1, keepdim=True)
+
+    atk = WeightedPGD(Scripted().eval(), eps=0.1, alpha=0.01, steps=4, weight_alpha=0.5)
+    atk(torch.rand(2, 3), torch.zeros(2, dtype=torch.long))
+    assert atk.stats()["p_true_lps"].tolist() == pytest.approx([0.3, 0.3], rel=1e-5)
+    assert atk.stats()["kappa"].tolist() == [2, 2]
