@@ -185,3 +185,210 @@ def test_ddp_two_processes(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "awp: gamma 0.005" in res.stdout
+
+
+def start(objective, epochs=100, **options):
+    """AWP after on_train_start on a tiny model (no Trainer)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    awp = AWP(AWP.Options(**options))
+    awp.on_train_start(TrainContext(model=model, config=None, num_train=8, num_classes=3, input_shape=(1, 2, 2),
+                                    device=torch.device("cpu"), epochs=epochs, milestones=(1,), objective=objective,
+                                    make_attack=None, log=lambda s: None, loss_fn=lambda c, v, w: None))
+    return awp
+
+
+def test_defaults_per_objective_are_the_authors_scripts():
+    # AT_AWP/train_cifar10.py: gamma 0.01, from epoch 1; trades_AWP/train_trades_cifar.py: 0.005, epoch >= 10
+    # (1-based, so 9 epochs of warm-up); mart: 0.005 and no warm-up (the module's choice); unknown: 0.01, 0
+    expected = {"at": (0.01, 0), "trades": (0.005, 9), "mart": (0.005, 0), "other": (0.01, 0)}
+    for objective, (gamma, warmup) in expected.items():
+        o = start(objective).options
+        assert (o.gamma, o.warmup) == (gamma, warmup), objective
+    # the 9 % share on shorter runs: int(9 * epochs / 100), never more than 9
+    assert [start("trades", epochs=e).options.warmup for e in (10, 11, 12, 50, 99, 200)] == [0, 0, 1, 4, 8, 9]
+    o = start("trades", gamma=0.02, warmup=3).options  # explicit options win
+    assert (o.gamma, o.warmup) == (0.02, 3)
+
+
+def test_options_bounds_and_gamma_zero_disables():
+    from advplug import OptionError
+    from advplug.plugins import enable
+
+    o = enable(["awp"], "at", {"awp-gamma": 0.0, "awp-warmup": 0}).plugin("awp").options  # both bounds inclusive
+    assert (o.gamma, o.warmup) == (0.0, 0)
+    assert enable(["awp"], "at", {"awp-gamma": 0.5}).plugin("awp").options.gamma == 0.5
+    for bad in ({"awp-gamma": -0.01}, {"awp-warmup": -1}):
+        with pytest.raises(OptionError):
+            enable(["awp"], "at", bad)
+    awp = start("at", gamma=0.0)
+    assert not awp.active(0) and not awp.active(50)  # gamma 0: never perturbs
+    assert start("at", gamma=0.01, warmup=2).active(2) and not start("at", gamma=0.01, warmup=2).active(1)
+
+
+def test_layer_perturbation_skips_a_layer_without_gradient_and_goes_on():
+    w = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]])]
+    v = layer_perturbation(w, [None, torch.tensor([[-2.0, 0.0]])], 0.1)
+    assert len(v) == 2 and v[0].tolist() == [[0.0, 0.0]]
+    assert v[1].flatten().tolist() == pytest.approx([-0.5, 0.0])  # 0.1 * 5 * (-1, 0)
+
+
+def test_layer_perturbation_eps_is_added_to_the_gradient_norm():
+    # the authors' diff_in_weights: w_norm / (g_norm + 1e-20) * g; visible where ||g|| is of the order of EPS
+    w = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    g = torch.tensor([[1e-20, 0.0]], dtype=torch.float64)
+    v = layer_perturbation([w], [g], 0.01)[0]
+    assert v.flatten().tolist() == pytest.approx([0.01 * 5 * 1e-20 / (1e-20 + 1e-20), 0.0], rel=1e-9)  # 0.025
+
+
+def test_selection_sees_through_a_ddp_style_wrapper():
+    class Wrapper(nn.Module):  # DistributedDataParallel / DataParallel keep the model as .module
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 3))
+    sel = perturbed_parameters(Wrapper(m))
+    assert [n for n, _ in sel] == ["0.weight", "3.weight"]
+    assert sel[0][1] is m[0].weight
+
+
+def test_warm_up_covering_the_whole_run_is_an_error_only_with_awp_on():
+    from advplug import OptionError
+
+    with pytest.raises(OptionError, match="no epoch"):
+        start("at", epochs=5, gamma=0.01, warmup=5)
+    assert start("at", epochs=5, gamma=0.01, warmup=4).options.warmup == 4  # the last epoch perturbs
+    assert start("at", epochs=5, gamma=0.0, warmup=5).options.warmup == 5  # gamma 0: AWP off, nothing to check
+    with pytest.raises(OptionError, match="loss function"):
+        AWP(AWP.Options()).on_train_start(TrainContext(
+            model=nn.Linear(2, 2), config=None, num_train=8, num_classes=2, input_shape=(2,), device=torch.device("cpu"),
+            epochs=3, milestones=(1,), objective="at", make_attack=None, log=lambda s: None, loss_fn=None))
+
+
+def test_proxy_loss_sees_the_views_by_name_and_the_anchor_under_no_sync():
+    """The proxy's scratch context: the step's variants (by name, and the declared anchor) and, under a
+    DDP-style wrapper, the pass runs inside no_sync (no gradient all-reduce for the proxy)."""
+    import contextlib
+
+    class FakeDDP(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module, self.syncing_off = m, False
+
+        def forward(self, x):
+            return self.module(x)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.syncing_off = True
+            try:
+                yield
+            finally:
+                self.syncing_off = False
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    model = FakeDDP(inner)
+    seen = {}
+
+    def loss_fn(ctx, variants, weights):  # reads the views through the context, by name and as the anchor
+        seen["no_sync"] = model.syncing_off
+        seen["anchor"] = ctx.anchor.name
+        return F.cross_entropy(ctx.logits("b"), ctx.y)
+
+    awp = AWP(AWP.Options(gamma=0.1, warmup=0))
+    awp.on_train_start(TrainContext(model=model, config=None, num_train=6, num_classes=3, input_shape=(1, 2, 2),
+                                    device=torch.device("cpu"), epochs=2, milestones=(1,), objective="at",
+                                    make_attack=None, log=lambda s: None, loss_fn=loss_fn))
+    x, y = torch.rand(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    ctx = StepContext(model=model, x=x, y=y, index=torch.arange(6), epoch=0, step=0, num_classes=3, config=None,
+                      lr=0.1, tap=FeatureTap(inner))
+    xb = torch.rand(6, 1, 2, 2)
+    ctx.variants = [Variant("a", x + 0.01), Variant("b", xb)]
+    ctx.anchor_name = "b"
+    w = inner[1].weight.detach().clone()
+    with awp.perturb_weights(ctx, ctx.variants):
+        v = inner[1].weight.detach() - w
+    assert seen == {"no_sync": True, "anchor": "b"}
+    # independent: CE on view "b" at w, v = 0.1 ||w|| g / ||g||
+    ref = nn.Linear(4, 3)
+    ref.load_state_dict(inner[1].state_dict())
+    g = torch.autograd.grad(F.cross_entropy(ref(xb.flatten(1)), y), ref.weight)[0]
+    assert torch.allclose(v, 0.1 * w.norm() * g / g.norm(), atol=1e-6)
+
+
+class HasSpare(nn.Module):
+    """A linear model with a second weight the loss never uses (its proxy gradient is None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.spare = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))
+
+
+def proxy_setup(world_size, gamma=0.1):
+    torch.manual_seed(0)
+    model = HasSpare()
+    awp = AWP(AWP.Options(gamma=gamma, warmup=0))
+    awp.on_train_start(TrainContext(model=model, config=None, num_train=6, num_classes=3, input_shape=(1, 2, 2),
+                                    device=torch.device("cpu"), epochs=2, milestones=(1,), objective="at",
+                                    make_attack=None, log=lambda s: None, world_size=world_size,
+                                    loss_fn=lambda c, v, w: F.cross_entropy(c.logits(v[0]), c.y)))
+    x, y = torch.rand(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    ctx = StepContext(model=model, x=x, y=y, index=torch.arange(6), epoch=0, step=0, num_classes=3, config=None,
+                      lr=0.1, tap=FeatureTap(model))
+    ctx.variants = [Variant("pgd", x + 0.05)]
+    ref = nn.Linear(4, 3)
+    ref.load_state_dict(model.lin.state_dict())
+    g = torch.autograd.grad(F.cross_entropy(ref((x + 0.05).flatten(1)), y), ref.weight)[0]
+    return model, awp, ctx, g
+
+
+def test_unused_weight_gets_no_perturbation():
+    model, awp, ctx, g = proxy_setup(1)
+    w, s = model.lin.weight.detach().clone(), model.spare.weight.detach().clone()
+    with awp.perturb_weights(ctx, ctx.variants):
+        assert torch.equal(model.spare.weight, s)
+        assert torch.allclose(model.lin.weight - w, 0.1 * w.norm() * g / g.norm(), atol=1e-6)
+
+
+def test_proxy_gradient_is_averaged_over_ranks(monkeypatch):
+    """world size 2 with a stand-in all_reduce (sum with a fixed 'other rank' gradient): v follows
+    (g_local + g_other) / 2, the unused weight's None gradient entering as zeros."""
+    import torch.distributed as dist
+
+    model, awp, ctx, g = proxy_setup(2)
+    torch.manual_seed(7)
+    other = {(3, 4): torch.randn(3, 4), (3, 3): torch.randn(3, 3)}
+    calls = []
+
+    def all_reduce(t, *a, **k):
+        calls.append(t.shape)
+        t.add_(other[tuple(t.shape)])
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    w, s = model.lin.weight.detach().clone(), model.spare.weight.detach().clone()
+    with awp.perturb_weights(ctx, ctx.variants):
+        v_lin, v_spare = model.lin.weight - w, model.spare.weight - s
+    assert len(calls) == 2
+    g_lin, g_spare = (g + other[(3, 4)]) / 2, (0 + other[(3, 3)]) / 2
+    assert torch.allclose(v_lin, 0.1 * w.norm() * g_lin / g_lin.norm(), atol=1e-6)
+    assert torch.allclose(v_spare, 0.1 * s.norm() * g_spare / g_spare.norm(), atol=1e-6)
+
+
+def test_backup_follows_a_change_of_shapes_and_epoch_metrics():
+    model, awp, ctx, _ = proxy_setup(1)
+    with awp.perturb_weights(ctx, ctx.variants):
+        pass
+    # the same number of weight tensors with other shapes: the saved copy must be reallocated
+    model.lin, model.spare = nn.Linear(4, 3), nn.Linear(3, 5)
+    s = model.spare.weight.detach().clone()
+    with awp.perturb_weights(ctx, ctx.variants):
+        pass
+    assert torch.equal(model.spare.weight, s)
+    assert [tuple(b.shape) for b in awp._backup] == [(3, 4), (5, 3)]
+    assert awp.on_epoch_end(0) == {"gamma": 0.1, "active": True}
+    assert start("trades").on_epoch_end(8) == {"gamma": 0.005, "active": False}
