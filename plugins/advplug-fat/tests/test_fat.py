@@ -173,3 +173,130 @@ def test_records_stay_at_the_first_misclassified_iterate_when_fooled_again():
     st = atk.stats()
     assert st["p_true_lps"].tolist() == pytest.approx([0.3, 0.3], rel=1e-5)
     assert st["first_wrong"].tolist() == [1, 1] and st["kappa"].tolist() == [2, 2]
+
+
+def test_attack_constructor_defaults():
+    # the docstring's (and torchattacks' PGD's) defaults: eps 8/255, alpha 2/255, K 10, tau 0, ce, uniform start
+    atk = EarlyStoppedPGD(Threshold().eval())
+    assert atk.stats() == {}  # before the first call
+    assert (atk.eps, atk.alpha, atk.steps, atk.tau) == (8 / 255, 2 / 255, 10, 0)
+    assert (atk.loss, atk.start, atk.omega, atk.random_start) == ("ce", "uniform", 0.0, True)
+    assert EarlyStoppedPGD(Threshold().eval(), start="none").random_start is False
+    x = torch.full((64, 1), 0.5)
+    d = atk.first_iterate(x) - x  # uniform in [-8/255, 8/255]
+    assert float(d.abs().max()) <= 8 / 255 + 1e-7 and float(d.abs().max()) > 4 / 255 and float(d.std()) > 2 / 255
+
+
+def test_first_iterate_per_start_against_the_same_draws():
+    # earlystop.py: uniform_randominit x + U(-eps, eps), normal_distribution_randominit x + 0.001 N(0, 1), both clamped
+    # to [0, 1]; the same random draws are replayed here with the same seed
+    x = torch.rand(32, 3)
+    x[:4] = 1.0
+    x[4:8] = 0.0
+    eps = 0.1
+    for start in ("uniform", "normal", "none"):
+        atk = EarlyStoppedPGD(Threshold().eval(), eps=eps, alpha=0.01, steps=2, start=start)
+        torch.manual_seed(3)
+        got = atk.first_iterate(x)
+        torch.manual_seed(3)
+        if start == "uniform":
+            noise = torch.empty_like(x).uniform_(-eps, eps)
+        elif start == "normal":
+            noise = 0.001 * torch.randn_like(x)
+        else:
+            noise = torch.zeros_like(x)
+        ref = torch.minimum(torch.maximum(x + noise, torch.zeros_like(x)), torch.ones_like(x))
+        assert torch.allclose(got, ref, atol=1e-7, rtol=0), start
+        if start != "none":
+            assert not torch.equal(got, x)
+
+
+def authors_earlystop_kl(model, data, start, target, step_size, epsilon, steps, tau):
+    """The authors' earlystop.py with loss_fn "kl" (FAT_for_TRADES): from ``start``, the attack ascends
+    KLDivLoss(size_average=False)(log_softmax(model(x')), softmax(model(x))), p(x) from the clean batch
+    ``data``, projection around ``data``; omega 0; the early stop as in authors_earlystop."""
+    with torch.no_grad():
+        p_nat_all = torch.exp(model(data)) / torch.exp(model(data)).sum(1, keepdim=True)
+    control = [tau] * len(target)
+    idx = list(range(len(target)))
+    iter_adv, updates = start.clone(), [0] * len(target)
+    for _ in range(steps):
+        x = iter_adv[idx].clone().requires_grad_(True)
+        output = model(x)
+        pred = output.argmax(1)
+        keep = []
+        for j, i in enumerate(idx):
+            if pred[j] != target[i]:
+                if control[i] == 0:
+                    continue
+                control[i] -= 1
+            keep.append(j)
+        p = p_nat_all[idx]
+        log_q = output - torch.logsumexp(output, 1, keepdim=True)
+        loss = (p * (torch.log(p) - log_q)).sum()
+        grad = torch.autograd.grad(loss, x)[0]
+        for j in keep:
+            i = idx[j]
+            nxt = iter_adv[i] + step_size * grad[j].sign()
+            iter_adv[i] = torch.min(torch.max(nxt, data[i] - epsilon), data[i] + epsilon).clamp(0, 1).detach()
+            updates[i] += 1
+        idx = [idx[j] for j in keep]
+        if not idx:
+            break
+    return iter_adv, updates
+
+
+@pytest.mark.parametrize("tau", [0, 2])
+def test_kl_attack_matches_a_transcription_of_the_authors_loop(tau):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    x, y = torch.rand(40, 6), torch.randint(0, 3, (40,))
+    # the KL attack starts at x + 0.001 N(0, 1) (a start exactly at x has a zero KL gradient): replay the draw
+    torch.manual_seed(5)
+    x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    ref, updates = authors_earlystop_kl(model, x, x0, y, 0.05, 0.3, 6, tau)
+    atk = EarlyStoppedPGD(model, eps=0.3, alpha=0.05, steps=6, tau=tau, loss="kl", start="normal")
+    torch.manual_seed(5)
+    adv = atk(x, y)
+    assert atk.stats()["stop_step"].tolist() == updates
+    assert 0 < sum(updates) < 6 * 40
+    assert torch.allclose(adv, ref, atol=1e-6)
+
+
+def test_omega_noise_is_added_at_every_update():
+    # earlystop.py: iter_adv = iter_adv + step_size * sign(grad) + omega * N(0, 1), then the projection; the
+    # Threshold model's gradient sign is +1, no random start, tau 10 (no stop): replay the draws
+    x0 = torch.tensor([[0.1], [0.2], [0.3]])
+    atk = EarlyStoppedPGD(Threshold().eval(), eps=0.5, alpha=ALPHA, steps=3, tau=10, start="none", omega=0.01)
+    torch.manual_seed(11)
+    adv = atk(x0, torch.zeros(3, dtype=torch.long))
+    torch.manual_seed(11)
+    ref = x0.clone()
+    for _ in range(3):
+        ref = ref + ALPHA + 0.01 * torch.randn(3, 1)
+        ref = (x0 + (ref - x0).clamp(-0.5, 0.5)).clamp(0, 1)
+    assert torch.allclose(adv, ref, atol=1e-7, rtol=0)
+    assert not torch.allclose(adv, x0 + 3 * ALPHA, atol=1e-3)  # the noise is visible
+
+
+def test_zero_gradient_means_no_move():
+    # a flat model (Threshold with slope 0: logits (0, 0) for every x) has an exactly zero input gradient;
+    # sign(0) = 0, so the sign step leaves every iterate at x
+    x = torch.tensor([[0.2], [0.5], [0.9]])
+    atk = EarlyStoppedPGD(Threshold(s=0.0).eval(), eps=0.3, alpha=0.05, steps=3, tau=10, start="none")
+    assert torch.equal(atk(x, torch.zeros(3, dtype=torch.long)), x)
+
+
+def test_defaults_for_an_objective_without_a_script():
+    # an objective the authors did not script (e.g. a plugin's own): FAT.py's settings, ce, uniform start,
+    # no noise (OMEGA's fallback 0) and the at schedule
+    from advplug.context import TrainContext
+
+    fat = enable(["fat"], "at").plugin("fat")
+    fat.on_train_start(TrainContext(model=Threshold(), config=tiny_config("/tmp/unused"), num_train=8, num_classes=2,
+                                    input_shape=(1,), device=torch.device("cpu"), epochs=120, milestones=(60,),
+                                    objective="other", make_attack=None, log=lambda s: None))
+    o = fat.options
+    assert (o.loss, o.start, o.omega, o.tau_epochs) == ("ce", "uniform", 0.0, "50,90")
+    assert fat.epochs == (50, 90) and (fat.attack.loss, fat.attack.start) == ("ce", "uniform")
+    assert [fat.tau(e) for e in (49, 50, 89, 90)] == [0, 1, 1, 2]
