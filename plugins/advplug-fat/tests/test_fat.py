@@ -300,3 +300,22 @@ def test_defaults_for_an_objective_without_a_script():
     assert (o.loss, o.start, o.omega, o.tau_epochs) == ("ce", "uniform", 0.0, "50,90")
     assert fat.epochs == (50, 90) and (fat.attack.loss, fat.attack.start) == ("ce", "uniform")
     assert [fat.tau(e) for e in (49, 50, 89, 90)] == [0, 1, 1, 2]
+
+
+def test_mean_stop_step_per_epoch():
+    # Threshold, tau 0: stops 4, 2, 0, 10 (mean 4); two batches in epoch 0, one in epoch 1: each epoch's mean
+    # is over its own samples only
+    from types import SimpleNamespace
+
+    from advplug_fat import FAT
+
+    fat = FAT(FAT.Options(tau=0, dynamic=False))
+    fat.attack = attack(0)
+    x, y = torch.tensor(X0)[:, None], torch.zeros(4, dtype=torch.long)
+    for epoch, batches in ((0, [x, x[:2]]), (1, [x[2:]])):
+        for xb in batches:
+            fat.generate_adversaries(SimpleNamespace(epoch=epoch, x=xb, y=y[:len(xb)], batch_size=len(xb)))
+        out = fat.on_epoch_end(epoch)
+        assert out["tau"] == 0
+        assert out["mean_stop_step"] == pytest.approx([(4 + 2 + 0 + 10 + 4 + 2) / 6, (0 + 10) / 2][epoch])
+    assert fat.on_epoch_end(2)["mean_stop_step"] is None  # no batch seen
