@@ -319,3 +319,24 @@ def test_mean_stop_step_per_epoch():
         assert out["tau"] == 0
         assert out["mean_stop_step"] == pytest.approx([(4 + 2 + 0 + 10 + 4 + 2) / 6, (0 + 10) / 2][epoch])
     assert fat.on_epoch_end(2)["mean_stop_step"] is None  # no batch seen
+
+
+def test_parse_epochs_bounds_and_declared_stats():
+    assert parse_epochs("50, 90") == (50, 90) and parse_epochs("0,5") == (0, 5)  # spaces; 0 is allowed
+    assert tau_at(0, 0, parse_epochs("0,5")) == 1  # "after epoch 0": tau + 1 from the first epoch
+    with pytest.raises(OptionError, match="non-negative"):
+        parse_epochs("-1,5")
+    with pytest.raises(OptionError, match="comma-separated"):
+        parse_epochs("5;9")
+    # the stats declared for the composition check are the ones the attack records
+    from advplug_fat import FAT
+
+    fat = FAT(FAT.Options())
+    if hasattr(fat, "declare"):
+        assert set(fat.declare("at").variants["fat"]) == set(attack_stats_keys())
+
+
+def attack_stats_keys():
+    atk = attack(0)
+    atk(torch.tensor(X0)[:, None], torch.zeros(4, dtype=torch.long))
+    return atk.stats().keys()
