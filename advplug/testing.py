@@ -43,6 +43,22 @@ def installed_plugins(**targets: str) -> Iterator[None]:
         plugins.installed = real  # type: ignore[assignment]
 
 
+class ScriptedTwoClass(torch.nn.Module):
+    """Two-class logits that follow the call count, not the input: call ``i`` predicts
+    ``p(class 1) = p1[i]`` (the last value after that) for every sample, with a zero gradient in
+    the input. Lets a test script an attack's iterations (fooled, correct, fooled again ...)."""
+
+    def __init__(self, p1: list[float]) -> None:
+        super().__init__()
+        self.p1, self.calls = p1, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        p1 = self.p1[min(self.calls, len(self.p1) - 1)]
+        self.calls += 1
+        z1 = torch.full((len(x),), float(torch.logit(torch.tensor(p1, dtype=torch.float64))))
+        return torch.stack([torch.zeros(len(x)), z1], 1) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
 class TableModel(torch.nn.Module):
     """Looks logits up by the first input value: lets a test fix each view's probabilities.
     ``x[:, 0]`` holds row numbers of ``table`` ``[N, K]``; ``head`` gives the FeatureTap a layer."""

@@ -5,6 +5,7 @@ from torch import nn
 
 from advplug import OptionError
 from advplug.attacks import CWLinf, TrackedPGD, cw_margin_loss, make_attack, parse_eval_attack
+from advplug.testing import ScriptedTwoClass
 
 
 def test_cw_margin_loss_by_hand():
@@ -178,20 +179,7 @@ def test_p_true_lps_stays_at_the_first_misclassified_iterate_when_fooled_again()
     """MAIL's p_y at the least PGD step (Eq. 7): a scripted model predicts correct, fooled (p_y 0.3),
     correct, fooled (p_y 0.2) over the attack's four iterations; the record is 0.3, and kappa
     (iterations still correct, GAIRAT) is 2."""
-    import math
-
-    class Scripted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, x):
-            p1 = [0.2, 0.7, 0.1, 0.8][min(self.calls, 3)]  # p(class 1) per iteration; y = 0
-            self.calls += 1
-            z1 = math.log(p1 / (1 - p1))
-            return torch.stack([torch.zeros(len(x)), torch.full((len(x),), z1)], 1) + 0 * x.flatten(1).sum(1, keepdim=True)
-
-    atk = TrackedPGD(Scripted().eval(), eps=0.1, alpha=0.01, steps=4)
+    atk = TrackedPGD(ScriptedTwoClass([0.2, 0.7, 0.1, 0.8]).eval(), eps=0.1, alpha=0.01, steps=4)
     atk(torch.rand(2, 3), torch.zeros(2, dtype=torch.long))
     assert atk.p_true_lps.tolist() == pytest.approx([0.3, 0.3], rel=1e-5)
     assert atk.kappa.tolist() == [2, 2]

@@ -9,7 +9,7 @@ from torch import nn
 
 from advplug import OptionError
 from advplug.plugins import enable
-from advplug.testing import digits_subset, tiny_config
+from advplug.testing import ScriptedTwoClass, digits_subset, tiny_config
 from advplug.trainer import Trainer
 from advplug_fat import EarlyStoppedPGD, parse_epochs, tau_at
 
@@ -155,20 +155,7 @@ def test_end_to_end(tmp_path):
 def test_records_stay_at_the_first_misclassified_iterate_when_fooled_again():
     """tau 10 (no stop): a scripted model predicts correct, fooled (p_y 0.3), correct, fooled (p_y 0.2);
     MAIL's p_true stays 0.3 and first_wrong 1, being correct again must not reopen them."""
-    import math
-
-    class Scripted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, x):
-            p1 = [0.2, 0.7, 0.1, 0.8][min(self.calls, 3)]  # p(class 1) per iteration; y = 0
-            self.calls += 1
-            z1 = math.log(p1 / (1 - p1))
-            return torch.stack([torch.zeros(len(x)), torch.full((len(x),), z1)], 1) + 0 * x.sum(1, keepdim=True)
-
-    atk = EarlyStoppedPGD(Scripted().eval(), eps=0.1, alpha=0.01, steps=4, tau=10, start="none")
+    atk = EarlyStoppedPGD(ScriptedTwoClass([0.2, 0.7, 0.1, 0.8]).eval(), eps=0.1, alpha=0.01, steps=4, tau=10, start="none")
     atk(torch.rand(2, 3), torch.zeros(2, dtype=torch.long))
     st = atk.stats()
     assert st["p_true_lps"].tolist() == pytest.approx([0.3, 0.3], rel=1e-5)

@@ -9,7 +9,7 @@ from torch import nn
 
 from advplug.context import FeatureTap, StepContext, TrainContext, Variant
 from advplug.plugins import enable
-from advplug.testing import TableModel, digits_subset, tiny_config
+from advplug.testing import ScriptedTwoClass, TableModel, digits_subset, tiny_config
 from advplug.trainer import Trainer
 from advplug_wmmr import WMMR, WeightedPGD, wmmr_weights
 
@@ -251,19 +251,7 @@ def test_weighted_kl_attack_multiplies_the_kl_by_the_weight():
 def test_p_true_stays_at_the_first_misclassified_iterate_when_fooled_again():
     """A model whose prediction follows the iteration: correct, fooled (p_y 0.3), correct, fooled
     (p_y 0.2). MAIL's p_y at the least step is 0.3: being correct again must not reopen it."""
-    class Scripted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-            self.p1 = [0.2, 0.7, 0.1, 0.8]  # p(class 1) at iterations 1..4; y = 0
-
-        def forward(self, x):
-            p1 = self.p1[min(self.calls, 3)]
-            self.calls += 1
-            z1 = math.log(p1 / (1 - p1))
-            return torch.stack([torch.zeros(len(x)), torch.full((len(x),), z1)], 1) + 0 * x.sum(1, keepdim=True)
-
-    atk = WeightedPGD(Scripted().eval(), eps=0.1, alpha=0.01, steps=4, weight_alpha=0.5)
+    atk = WeightedPGD(ScriptedTwoClass([0.2, 0.7, 0.1, 0.8]).eval(), eps=0.1, alpha=0.01, steps=4, weight_alpha=0.5)
     atk(torch.rand(2, 3), torch.zeros(2, dtype=torch.long))
     assert atk.stats()["p_true_lps"].tolist() == pytest.approx([0.3, 0.3], rel=1e-5)
     assert atk.stats()["kappa"].tolist() == [2, 2]
