@@ -52,13 +52,18 @@ def test_stops_tau_steps_after_the_first_misclassification(tau, stops):
     assert st["p_true_lps"].tolist() == pytest.approx(torch.sigmoid(-10 * (x_first - 0.6)).tolist(), rel=1e-5)
 
 
-def authors_earlystop(model, data, target, step_size, epsilon, steps, tau):
-    """A transcription of the authors' earlystop.py (loss "cent", no random start, omega 0): the
-    batch shrinks as samples stop; returns the examples in the original order and the updates each
-    received."""
+def authors_earlystop(model, data, target, step_size, epsilon, steps, tau, loss_fn="cent", start=None):
+    """A transcription of the authors' earlystop.py (omega 0): the batch shrinks as samples stop;
+    returns the examples in the original order and the updates each received. ``loss_fn``
+    "cent": CE from ``data`` (no random start); "kl" (FAT_for_TRADES): from ``start``, ascent on
+    KLDivLoss(size_average=False)(log_softmax(model(x')), softmax(model(x))), p(x) from the clean
+    batch ``data``; projection around ``data``."""
+    if loss_fn == "kl":
+        with torch.no_grad():
+            p_nat_all = torch.exp(model(data)) / torch.exp(model(data)).sum(1, keepdim=True)
     control = [tau] * len(target)
     idx = list(range(len(target)))
-    iter_adv, out, updates = data.clone(), {}, [0] * len(target)
+    iter_adv, updates = (data if start is None else start).clone(), [0] * len(target)
     for _ in range(steps):
         x = iter_adv[idx].clone().requires_grad_(True)
         output = model(x)
@@ -67,24 +72,25 @@ def authors_earlystop(model, data, target, step_size, epsilon, steps, tau):
         for j, i in enumerate(idx):
             if pred[j] != target[i]:
                 if control[i] == 0:
-                    out[i] = iter_adv[i].clone()
-                    continue
+                    continue  # stopped: iter_adv[i] is never updated again
                 control[i] -= 1
             keep.append(j)
-        loss = F.cross_entropy(output, target[idx])
+        if loss_fn == "kl":
+            p = p_nat_all[idx]
+            log_q = output - torch.logsumexp(output, 1, keepdim=True)
+            loss = (p * (torch.log(p) - log_q)).sum()
+        else:
+            loss = F.cross_entropy(output, target[idx])
         grad = torch.autograd.grad(loss, x)[0]
         for j in keep:
             i = idx[j]
             nxt = iter_adv[i] + step_size * grad[j].sign()
-            nxt = torch.min(torch.max(nxt, data[i] - epsilon), data[i] + epsilon).clamp(0, 1)
-            iter_adv[i] = nxt.detach()
+            iter_adv[i] = torch.min(torch.max(nxt, data[i] - epsilon), data[i] + epsilon).clamp(0, 1).detach()
             updates[i] += 1
         idx = [idx[j] for j in keep]
         if not idx:
             break
-    for i in idx:
-        out[i] = iter_adv[i]
-    return torch.stack([out[i] for i in range(len(target))]), updates
+    return iter_adv, updates
 
 
 @pytest.mark.parametrize("tau", [0, 1, 3])
@@ -198,41 +204,6 @@ def test_first_iterate_per_start_against_the_same_draws():
             assert not torch.equal(got, x)
 
 
-def authors_earlystop_kl(model, data, start, target, step_size, epsilon, steps, tau):
-    """The authors' earlystop.py with loss_fn "kl" (FAT_for_TRADES): from ``start``, the attack ascends
-    KLDivLoss(size_average=False)(log_softmax(model(x')), softmax(model(x))), p(x) from the clean batch
-    ``data``, projection around ``data``; omega 0; the early stop as in authors_earlystop."""
-    with torch.no_grad():
-        p_nat_all = torch.exp(model(data)) / torch.exp(model(data)).sum(1, keepdim=True)
-    control = [tau] * len(target)
-    idx = list(range(len(target)))
-    iter_adv, updates = start.clone(), [0] * len(target)
-    for _ in range(steps):
-        x = iter_adv[idx].clone().requires_grad_(True)
-        output = model(x)
-        pred = output.argmax(1)
-        keep = []
-        for j, i in enumerate(idx):
-            if pred[j] != target[i]:
-                if control[i] == 0:
-                    continue
-                control[i] -= 1
-            keep.append(j)
-        p = p_nat_all[idx]
-        log_q = output - torch.logsumexp(output, 1, keepdim=True)
-        loss = (p * (torch.log(p) - log_q)).sum()
-        grad = torch.autograd.grad(loss, x)[0]
-        for j in keep:
-            i = idx[j]
-            nxt = iter_adv[i] + step_size * grad[j].sign()
-            iter_adv[i] = torch.min(torch.max(nxt, data[i] - epsilon), data[i] + epsilon).clamp(0, 1).detach()
-            updates[i] += 1
-        idx = [idx[j] for j in keep]
-        if not idx:
-            break
-    return iter_adv, updates
-
-
 @pytest.mark.parametrize("tau", [0, 2])
 def test_kl_attack_matches_a_transcription_of_the_authors_loop(tau):
     torch.manual_seed(1)
@@ -241,7 +212,7 @@ def test_kl_attack_matches_a_transcription_of_the_authors_loop(tau):
     # the KL attack starts at x + 0.001 N(0, 1) (a start exactly at x has a zero KL gradient): replay the draw
     torch.manual_seed(5)
     x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
-    ref, updates = authors_earlystop_kl(model, x, x0, y, 0.05, 0.3, 6, tau)
+    ref, updates = authors_earlystop(model, x, y, 0.05, 0.3, 6, tau, loss_fn="kl", start=x0)
     atk = EarlyStoppedPGD(model, eps=0.3, alpha=0.05, steps=6, tau=tau, loss="kl", start="normal")
     torch.manual_seed(5)
     adv = atk(x, y)

@@ -91,16 +91,19 @@ def test_plain_attack_keeps_the_runs_attack_and_trains(tmp_path):
     assert all(math.isfinite(v) for r in res.values() for v in r.values())
 
 
+class Threshold(nn.Module):
+    """Class 1 iff x > 0.6; the weighted CE pushes x up by alpha per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        z1 = 10 * (x[:, 0] - 0.6) + 0 * self.dummy
+        return torch.stack([torch.zeros_like(z1), z1], 1)
+
+
 def test_weighted_attack_records_kappa_for_gairat():
-    class Threshold(nn.Module):  # class 1 iff x > 0.6; the weighted CE pushes x up by alpha per step
-        def __init__(self):
-            super().__init__()
-            self.dummy = nn.Parameter(torch.zeros(()))
-
-        def forward(self, x):
-            z1 = 10 * (x[:, 0] - 0.6) + 0 * self.dummy
-            return torch.stack([torch.zeros_like(z1), z1], 1)
-
     eps, step, k = 0.05, 1 / 32, 6
     x, y = torch.tensor([[0.58], [0.57], [0.0]]), torch.zeros(3, dtype=torch.long)
     torch.manual_seed(3)
@@ -150,15 +153,6 @@ def test_weighted_kl_attack_against_an_independent_computation():
 
 def test_weighted_attack_records_mails_p_true_at_the_least_step():
     """p_y(x') at the first misclassified iterate (MAIL's least step); p_y at the last one if never fooled."""
-    class Threshold(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.dummy = nn.Parameter(torch.zeros(()))
-
-        def forward(self, x):
-            z1 = 10 * (x[:, 0] - 0.6) + 0 * self.dummy
-            return torch.stack([torch.zeros_like(z1), z1], 1)
-
     eps, step, k = 0.05, 1 / 32, 6
     x, y = torch.tensor([[0.58], [0.57], [0.0]]), torch.zeros(3, dtype=torch.long)
     torch.manual_seed(3)
