@@ -280,6 +280,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 RECORD_ONLY = ("resolved_plugin_options", "num_train", "world_size", "num_selection", "num_validation", "split_seed")
+# Settings that do not change a run's numbers (where and how it runs, what else it writes).
+NUMBERS_FREE = ("progress", "device", "workers", "data_root", "download", "tensorboard", "dump_weights", "out")
 
 
 def read_run_config(run_dir: str | Path, error: type[Exception] = OptionError) -> dict[str, Any]:

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import rundir
-from .config import RECORD_ONLY, TrainConfig
+from .config import NUMBERS_FREE, RECORD_ONLY, TrainConfig
 from .errors import AdvplugError, Interrupted, OptionError, RunDirError
 
 STATUS_FILE = "sweep.json"
@@ -75,7 +75,7 @@ FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 RESERVED = ("out", "progress")
 # Settings that do not change a run's numbers: left out of point names and of the check that a
 # run directory holds this point's run.
-NAME_FREE = ("progress", "device", "workers", "data_root", "download", "tensorboard", "dump_weights", "out")
+NAME_FREE = NUMBERS_FREE
 # Keys that are not settings: where a point runs and with what environment.
 EXEC_KEYS = ("env", "resources")
 TOP_KEYS = ("out", "retries", "jobs", "base", "grid", "method", "resources", "env", "slurm")

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from . import checkpoint, distributed, rundir
 from .attacks import make_attack, resolve_attack_start
 from .compose import combine_weights, merge_variants, summary
-from .config import RECORD_ONLY, TrainConfig, read_run_config
+from .config import NUMBERS_FREE, RECORD_ONLY, TrainConfig, read_run_config
 from .context import NATURAL, FeatureTap, StepContext, TrainContext, Variant
 from .data import DataBundle, auto_model, batches, check_data_import, hold_out, load_dataset
 from .devicedata import device_batches
@@ -244,7 +244,7 @@ class Trainer:
         except ValueError as e:
             raise CheckpointError(f"{ck['path']!r} is damaged: its config is not JSON ({e})") from None
         mine = json.loads(json.dumps(self.cfg.to_json(), default=str))
-        free = {"epochs", "progress", "device", "workers", "data_root", "download", "tensorboard", "dump_weights", "out"}
+        free = {"epochs", *NUMBERS_FREE}
         diff = [k for k in sorted(mine) if k not in free and k in saved and saved[k] != mine[k]]
         if diff:
             what = "; ".join(f"{k} {mine[k]!r} (last.pt: {saved[k]!r})" for k in diff[:3])
