@@ -1,3 +1,3 @@
-from .cli import main
+from advplug.tools.cli import main
 
 main()

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import torchattacks
-from torchattacks.attack import Attack
 from torch import Tensor, nn
+from torchattacks.attack import Attack
 
-from .errors import OptionError
+from advplug.errors import OptionError
 
 
 def cw_margin_loss(logits: Tensor, y: Tensor, confidence: float = 50.0) -> Tensor:

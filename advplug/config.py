@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OptionError
+from advplug.errors import OptionError
 
 # Defaults per data set where the papers differ. CIFAR/SVHN: GAIRAT/MAIL settings (eps 8/255,
 # step 2/255, PGD-10, 120 epochs, lr 0.1 dropped at 50 % and 75 % of the run, i.e. 60 and 90);
@@ -40,13 +40,13 @@ CUSTOM_DEFAULTS: dict[str, Any] = dict(model="auto", eps=8 / 255, alpha=2 / 255,
 
 def data_defaults(data: str) -> dict[str, Any]:
     """The defaults of a built-in data set or of a ``folder:``/``npz:``/``module:`` source."""
-    from .data import is_custom
+    from advplug.data import is_custom
 
     if data in DATA_DEFAULTS:
         return DATA_DEFAULTS[data]
     if is_custom(data):
         return CUSTOM_DEFAULTS
-    from .data import SOURCES
+    from advplug.data import SOURCES
 
     raise OptionError(f"unknown data set {data!r} (choose from {', '.join(DATA_DEFAULTS)}, or {', '.join(SOURCES)})")
 
@@ -118,7 +118,7 @@ class TrainConfig:
         """Fill the ``None`` fields from the data set's defaults and validate everything."""
         cfg = dataclasses.replace(self)
         check_types(cfg)
-        from .data import normalise_source
+        from advplug.data import normalise_source
 
         cfg.data = normalise_source(cfg.data)
         d = dict(data_defaults(cfg.data))
@@ -303,7 +303,7 @@ def check_run_config(d: dict[str, Any], name: str, error: type[Exception] = Opti
     """A run's saved settings hold the types and values ``advplug train`` accepts (a hand-edited
     ``config.json`` with ``eps = "x"``, ``NaN`` or ``plugins = "mail"`` is one clear error, not a
     crash or a silently wrong table). Keys this advplug does not know are left to the caller."""
-    from .errors import AdvplugError
+    from advplug.errors import AdvplugError
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     try:

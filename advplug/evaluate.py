@@ -6,8 +6,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from .attacks import display_name, make_eval_attack, parse_eval_attack
-from .errors import OptionError
+from advplug.attacks import display_name, make_eval_attack, parse_eval_attack
+from advplug.errors import OptionError
 
 
 def _batches(x: Tensor, y: Tensor, batch_size: int):
@@ -76,7 +76,11 @@ def evaluate_art(model: nn.Module, x: Tensor, y: Tensor, attacks: list[str], *, 
                  num_classes: int, batch_size: int) -> dict[str, float]:
     """The same evaluation through ART's ``PyTorchClassifier`` (PGD, FGSM, AutoAttack)."""
     import numpy as np
-    from art.attacks.evasion import AutoAttack, FastGradientMethod, ProjectedGradientDescent
+    from art.attacks.evasion import (
+        AutoAttack,
+        FastGradientMethod,
+        ProjectedGradientDescent,
+    )
     from art.estimators.classification import PyTorchClassifier
 
     was_training = model.training
@@ -131,13 +135,13 @@ def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable
     """
     import json
 
-    from . import checkpoint
-    from .config import TrainConfig
-    from .data import check_data_import, load_dataset
-    from .errors import CheckpointError
-    from .models import build_model
-    from .report import results_table
-    from .trainer import check_model_import, pick_device
+    from advplug.config import TrainConfig
+    from advplug.data import check_data_import, load_dataset
+    from advplug.engine.trainer import check_model_import, pick_device
+    from advplug.errors import CheckpointError
+    from advplug.models import build_model
+    from advplug.run import checkpoint
+    from advplug.run.metrics import results_table
 
     specs = list(specs)
     for s in specs:

@@ -19,7 +19,7 @@ the flags in the injected set's numbering). Each run trains on ``--data npz:<tha
 ``config.json`` names the exact data and ``advplug report`` finds its images. The flags in the
 run's own numbering (the trainer holds the model-selection split, and BiLAW's validation split,
 out of the training set and renumbers what is left: :func:`flags_for_config` applies the same
-``advplug.trainer.training_data``) go to ``RUN_DIR/injection.npz`` (columns ``index``, ``flipped``,
+``advplug.engine.trainer.training_data``) go to ``RUN_DIR/injection.npz`` (columns ``index``, ``flipped``,
 ``atypical``, ``duplicate``, ``true_label``, ``source``); the final model's true-class
 probability on every (natural) training sample goes to ``RUN_DIR/confidence.npz``.
 
@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from . import hookimpl
+from advplug import hookimpl
 
 GROUPS = ("flipped", "atypical", "duplicate")
 OBJECTIVES = ("at", "trades", "mart")
@@ -119,7 +119,7 @@ def write_data(path: Path, *, flip: float, atypical: float, duplicate: float, se
                n_train: int | None = None) -> Path:
     """The injected digits set as an ``npz:`` data file (plus flag arrays), written atomically;
     ``n_train``: only the first samples of the digits training split (tests)."""
-    from .data import load_digits_tensors
+    from advplug.data import load_digits_tensors
 
     (xt, yt), (xe, ye) = load_digits_tensors()
     xt, yt = xt[:n_train], yt[:n_train]
@@ -137,7 +137,7 @@ def save_npz(path: Path, **arrays: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        from .rundir import create_new
+        from advplug.run.directory import create_new
 
         with os.fdopen(create_new(tmp), "wb") as f:  # never through a symlink planted at the temp name
             np.savez(f, **arrays)
@@ -150,10 +150,10 @@ def save_npz(path: Path, **arrays: Any) -> None:
 
 def flags_for_config(cfg: Any) -> dict[str, np.ndarray]:
     """The flags of a run trained on an injected ``npz:`` file, in the run's numbering: the
-    positions ``advplug.trainer.training_data`` keeps after holding out the selection (and any
+    positions ``advplug.engine.trainer.training_data`` keeps after holding out the selection (and any
     validation) split, applied to the file's flags. ``cfg``: a resolved ``TrainConfig``."""
-    from .data import DataBundle
-    from .trainer import training_data
+    from advplug.data import DataBundle
+    from advplug.engine.trainer import training_data
 
     path = cfg.data[len("npz:"):]
     with np.load(path, allow_pickle=False) as f:
@@ -212,7 +212,7 @@ def score_values(flags: dict[str, np.ndarray], value: np.ndarray) -> dict[str, A
 def score_run(run_dir: str | Path) -> dict[str, Any]:
     """Per dumped epoch: AUROC per group and relative mean weight per group (or "no weights"),
     plus the same for the run's final true-class confidence."""
-    from .plots import dumps
+    from advplug.tools.report import dumps
 
     run = Path(run_dir)
     flags = read_injection(run)
@@ -235,7 +235,7 @@ def score_run(run_dir: str | Path) -> dict[str, Any]:
 
 def weights_by_group(run_dir: str | Path) -> dict[int, dict[str, np.ndarray]]:
     """``{epoch: {group: weights}}`` of one run (relative to the epoch's mean), for the plots."""
-    from .plots import dumps
+    from advplug.tools.report import dumps
 
     run = Path(run_dir)
     flags = read_injection(run)
@@ -257,7 +257,7 @@ COLOURS = {"clean": "tab:blue", "flipped": "tab:red", "atypical": "tab:orange", 
 
 def plot_groups(runs: list[Path], title: str, path: Path) -> Path | None:
     """Weight distribution per group over epochs (median and 10-90 % band, seeds pooled)."""
-    from .plots import _plt, _save
+    from advplug.tools.report import _plt, _save
 
     pooled: dict[int, dict[str, list[np.ndarray]]] = {}
     for r in runs:
@@ -290,7 +290,7 @@ def plot_roc(run_dir: str | Path) -> Path | None:
     run without ``injection.npz``."""
     from sklearn.metrics import roc_curve
 
-    from .plots import _plt, _save, dumps
+    from advplug.tools.report import _plt, _save, dumps
 
     run = Path(run_dir)
     flags = read_injection(run)
@@ -352,7 +352,7 @@ class Settings:
 
 
 def default_methods() -> list[str]:
-    from . import plugins
+    from advplug import plugins
 
     return [*OBJECTIVES, *sorted(plugins.installed())]
 
@@ -368,7 +368,7 @@ def default_score_epochs(epochs: int) -> tuple[int, ...]:
 
 
 def method_config(method: str, seed: int, s: Settings, data_file: Path, out: Path):
-    from .config import TrainConfig, milestones_for
+    from advplug.config import TrainConfig, milestones_for
 
     objective, plugins_ = (method, ()) if method in OBJECTIVES else ("at", (method,))
     opts: dict[str, Any] = {}
@@ -387,7 +387,7 @@ def method_config(method: str, seed: int, s: Settings, data_file: Path, out: Pat
 def train_one(cfg: Any, log: Callable[[str], None] = lambda s: None) -> Path:
     """Train one run in-process, writing ``injection.npz`` before the first epoch and
     ``confidence.npz`` after the last."""
-    from .trainer import Trainer
+    from advplug.engine.trainer import Trainer
 
     tr = Trainer(cfg, overwrite=True, log=log)
     save_npz(tr.out / "injection.npz", **flags_for_config(tr.cfg))
@@ -440,7 +440,7 @@ class PlantedFlipped:
 
     @hookimpl
     def compute_weights(self, ctx: Any, variants: list) -> Any:
-        from .context import Weights
+        from advplug.context import Weights
 
         return Weights(adv=torch.where(self.down[ctx.index], 0.1, 1.0).float())
 
@@ -456,7 +456,7 @@ def _ms(vals: Iterable[float]) -> tuple[float, float, int] | None:
 def summarise(runs: dict[str, list[Path]], score_epochs: tuple[int, ...]) -> list[dict[str, Any]]:
     """One row per method (and the baseline): AUROC per group at each scored epoch, relative mean
     weight per group at the last scored epoch, test accuracies (mean, std, n over seeds)."""
-    from .compare import load_run, table
+    from advplug.tools.compare import load_run, table
 
     rows = []
     last = max(score_epochs)
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_outputs(runs: dict[str, list[Path]], s: Settings) -> dict[str, Path]:
     """``OUT/groundtruth.{md,csv,json}`` and ``OUT/plots/<method>.png``."""
-    from .rundir import write_text
+    from advplug.run.directory import write_text
 
     out = Path(s.out)
     rows = summarise(runs, s.score_epochs or default_score_epochs(s.epochs))

@@ -32,7 +32,7 @@ from typing import Any
 import pluggy
 from torch import Tensor
 
-from .context import Declaration, StepContext, TrainContext, Variant, Weights
+from advplug.context import Declaration, StepContext, TrainContext, Variant, Weights
 
 hookspec = pluggy.HookspecMarker("advplug")
 

@@ -5,13 +5,12 @@ MeoW, BAT and others read (``advplug.context.FeatureTap``).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import OptionError
-from .usercode import import_callable
+from advplug.errors import OptionError
+from advplug.usercode import import_callable
 
 
 def _flat_dim(features: nn.Module, input_shape: tuple[int, ...]) -> int:

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import hookimpl
-from .compose import adv_matrix, nat_vector
-from .context import NATURAL, StepContext, TrainContext, Variant, Weights
-from .errors import PluginError
-from .options import opt
+from advplug import hookimpl
+from advplug.context import NATURAL, StepContext, TrainContext, Variant, Weights
+from advplug.errors import PluginError
+from advplug.options import opt
+from advplug.weights import adv_matrix, nat_vector
 
 
 def _check_no_natural(name: str, weights: Weights | None) -> None:

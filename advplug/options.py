@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any
 
-from .errors import OptionError
+from advplug.errors import OptionError
 
 
 def opt(

@@ -13,11 +13,11 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .compose import Composition, check_composition
-from .context import Declaration
-from .errors import OptionError, PluginError
-from .options import build_options, describe, flag_name
+from advplug import hookspecs
+from advplug.composition import Composition, check_composition
+from advplug.context import Declaration
+from advplug.errors import OptionError, PluginError
+from advplug.options import build_options, describe, flag_name
 
 GROUP = "advplug"
 
@@ -33,7 +33,7 @@ def installed() -> dict[str, EntryPoint]:
 
 
 def builtin_objectives() -> dict[str, type]:
-    from .objectives import OBJECTIVES
+    from advplug.objectives import OBJECTIVES
 
     return dict(OBJECTIVES)
 

@@ -9,10 +9,10 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from . import hookimpl, plugins
-from .config import TrainConfig
-from .context import StepContext, Variant, Weights
-from .data import DataBundle, load_digits_tensors
+from advplug import hookimpl, plugins
+from advplug.config import TrainConfig
+from advplug.context import StepContext, Variant, Weights
+from advplug.data import DataBundle, load_digits_tensors
 
 
 def digits_subset(n_train: int = 256, n_test: int = 128) -> DataBundle:
@@ -149,8 +149,8 @@ def run_and_resume(tmp, data: DataBundle, epochs: int = 3, **cfg) -> tuple[dict,
     import json
     from pathlib import Path
 
-    from . import checkpoint
-    from .trainer import Trainer, resume_config
+    from advplug.engine.trainer import Trainer, resume_config
+    from advplug.run import checkpoint
 
     full, part = Path(tmp) / "full", Path(tmp) / "part"
     Trainer(tiny_config(str(full), epochs=epochs, **cfg), data=data, log=lambda s: None).fit()

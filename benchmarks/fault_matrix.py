@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from advplug import checkpoint
+from advplug.run import checkpoint
+
 
 def train_cmd(out: Path, epochs: int, resume: bool) -> list[str]:
     base = [sys.executable, "-m", "advplug", "train"]

@@ -29,10 +29,9 @@ import torchattacks
 
 from advplug.config import TrainConfig
 from advplug.data import DataBundle, LoaderBatches, TensorBatches, load_digits_tensors
-from advplug.devicedata import device_batches
+from advplug.data.device import device_batches
+from advplug.engine.trainer import Trainer
 from advplug.models import build_model
-from advplug.trainer import Trainer
-
 
 # time the reweighting itself, not a burn-in period
 REWEIGHT_NOW = {"mail": {"mail-burn-in": 0}, "gairat": {"gairat-begin-epoch": 0}, "bat": {"bat-burn-in": 0},

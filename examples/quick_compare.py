@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from advplug.compare import compare
 from advplug.config import TrainConfig
+from advplug.engine.trainer import Trainer
 from advplug.plugins import installed
-from advplug.trainer import Trainer
+from advplug.tools.compare import compare
 
 # (label, plugins, objective); a method whose plugin is not installed is skipped, and every other
 # installed plugin (third-party ones included) is added as "<name>" with the at objective

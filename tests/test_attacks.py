@@ -4,7 +4,13 @@ import torch
 from torch import nn
 
 from advplug import OptionError
-from advplug.attacks import CWLinf, TrackedPGD, cw_margin_loss, make_attack, parse_eval_attack
+from advplug.attacks import (
+    CWLinf,
+    TrackedPGD,
+    cw_margin_loss,
+    make_attack,
+    parse_eval_attack,
+)
 from advplug.testing import ScriptedTwoClass
 
 
@@ -151,8 +157,9 @@ def test_tpgd_replays_the_trades_loop():
 
 
 def test_objective_and_plugin_defaults_for_the_start():
-    from advplug.attacks import resolve_attack_start
     from advplug_mail import MAIL
+
+    from advplug.attacks import resolve_attack_start
 
     assert resolve_attack_start(None, "at", []) == ("uniform", "at default")
     assert resolve_attack_start(None, "trades", [])[0] == "normal"
@@ -166,8 +173,8 @@ def test_objective_and_plugin_defaults_for_the_start():
 def test_the_run_header_and_config_record_the_start(tmp_path):
     import json
 
+    from advplug.engine.trainer import Trainer
     from advplug.testing import digits_subset, tiny_config
-    from advplug.trainer import Trainer
 
     lines = []
     Trainer(tiny_config(str(tmp_path), objective="trades", epochs=1), data=digits_subset(64, 16), log=lines.append)

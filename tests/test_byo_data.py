@@ -3,7 +3,6 @@ module: data, the schedule that follows --epochs, strict JSON from `advplug plug
 from __future__ import annotations
 
 import json
-import math
 import sys
 import textwrap
 from pathlib import Path
@@ -13,10 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from advplug.cli import cli
 from advplug.config import TrainConfig, milestones_for
 from advplug.data import load_dataset
 from advplug.errors import DataError
+from advplug.tools.cli import cli
 
 FAST = ["--steps", "1", "--eval-steps", "1", "--n-eval", "16", "--batch-size", "16", "--no-progress",
         "--selection-size", "8", "--model", "digits-cnn"]
@@ -242,7 +241,7 @@ def test_module_data_and_the_import_rule(tmp_path, monkeypatch):
 
 # -- the Python API ------------------------------------------------------------------------------
 def test_python_api_in_memory(tmp_path):
-    import advplug.api as ap
+    import advplug.tools.api as ap
     from advplug.errors import OptionError, RunDirError
 
     g = torch.Generator().manual_seed(0)
@@ -279,7 +278,7 @@ def test_train_help_groups_defaults_and_plugin_options():
 
 # -- display fixes ---------------------------------------------------------------------------------
 def test_eval_reuses_best_when_it_is_last_and_compare_says_all(tmp_path):
-    from advplug.compare import compare
+    from advplug.tools.compare import compare
 
     npz = make_npz(tmp_path / "d.npz")
     a, b = tmp_path / "a", tmp_path / "b"

@@ -7,9 +7,9 @@ import zipfile
 import pytest
 import torch
 
-from advplug import checkpoint
 from advplug.errors import CheckpointError
 from advplug.models import build_model
+from advplug.run import checkpoint
 
 
 def small_ckpt(epoch=0, **extra):
@@ -153,8 +153,8 @@ def test_a_best_checkpoint_from_another_run_is_refused(tmp_path):
     unique), not only by its epoch number: a best.pt copied from another run is an error."""
     import shutil
 
+    from advplug.engine.trainer import Trainer
     from advplug.testing import digits_subset, tiny_config
-    from advplug.trainer import Trainer
 
     for name in ("a", "b"):
         Trainer(tiny_config(str(tmp_path / name), epochs=1), data=digits_subset(64, 16), log=lambda s: None).fit()

@@ -4,9 +4,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from advplug.cli import cli
+from advplug.engine.trainer import Trainer
 from advplug.testing import digits_subset, tiny_config
-from advplug.trainer import Trainer
+from advplug.tools.cli import cli
 
 
 def run(*args):

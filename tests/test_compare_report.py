@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from advplug.cli import cli
-from advplug.compare import compare, load_run, table
+from advplug.engine.trainer import Trainer
 from advplug.evaluate import evaluate_checkpoints
 from advplug.testing import digits_subset, tiny_config
-from advplug.trainer import Trainer
+from advplug.tools.cli import cli
+from advplug.tools.compare import compare, load_run, table
 
 BASE = dict(data="digits", model="digits-cnn", eps=0.2, alpha=0.05, steps=10, epochs=20, batch_size=64, lr=0.05,
             milestones=[12, 17], attack_bn="eval", objective="at", plugin_options={})

@@ -10,8 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from advplug import CombinedWeights, Declaration, PluginError, Variant, Weights
-from advplug.compose import (adv_matrix, check_composition, combine_weights, merge_variants, nat_vector,
-                             natural_weights, summary)
+from advplug.composition import check_composition
+from advplug.weights import (
+    adv_matrix,
+    combine_weights,
+    merge_variants,
+    nat_vector,
+    natural_weights,
+    summary,
+)
 
 
 def v(name):

@@ -1,15 +1,14 @@
 """Every pair of installed plugins, under each objective: a defined meaning (one step runs) or a
 one-line start-up error naming both; and the measurements of issue 14 on real plugins."""
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from advplug import OptionError, PluginError
+from advplug.engine.trainer import Trainer
 from advplug.plugins import enable, installed, pair_table
 from advplug.testing import digits_subset, tiny_config
-from advplug.trainer import Trainer
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 PLUGINS = sorted(installed())
@@ -83,7 +82,7 @@ def test_readme_has_the_pair_table_of_the_installed_plugins():
 def test_hooks_command_shows_how_the_weights_combine():
     from click.testing import CliRunner
 
-    from advplug.cli import cli
+    from advplug.tools.cli import cli
 
     res = CliRunner().invoke(cli, ["hooks", "--plugin", "lrat", "--plugin", "mail"])
     assert res.exit_code == 0, res.output

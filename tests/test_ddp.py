@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from advplug import checkpoint
+from advplug.run import checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

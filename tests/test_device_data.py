@@ -7,7 +7,13 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset, Subset
 
 from advplug.data import DataBundle, hold_out
-from advplug.devicedata import DeviceBatches, crop_flip, crop_flip_params, device_batches, raw_tensors
+from advplug.data.device import (
+    DeviceBatches,
+    crop_flip,
+    crop_flip_params,
+    device_batches,
+    raw_tensors,
+)
 
 
 class FakeCIFAR(Dataset):

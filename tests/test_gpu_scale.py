@@ -5,10 +5,17 @@ import json
 import pytest
 import torch
 
-from advplug import checkpoint
-from advplug.ema import EMA
-from advplug.testing import DtypeProbe, digits_subset, installed_plugins, run_and_resume, same_tensors, tiny_config
-from advplug.trainer import Trainer
+from advplug.engine.ema import EMA
+from advplug.engine.trainer import Trainer
+from advplug.run import checkpoint
+from advplug.testing import (
+    DtypeProbe,
+    digits_subset,
+    installed_plugins,
+    run_and_resume,
+    same_tensors,
+    tiny_config,
+)
 
 
 def quiet(_):
@@ -91,13 +98,13 @@ def test_ema_is_evaluated_selected_and_reported(tmp_path):
     assert best["epoch"] == last["best_ema_epoch"] == max(range(3), key=lambda e: (recs[e]["ema_val_pgd_acc"], -e))
     from click.testing import CliRunner
 
-    from advplug.cli import cli
+    from advplug.tools.cli import cli
 
     out = CliRunner().invoke(cli, ["eval", str(tmp_path), "--which", "all", "--attack", "natural", "--n-eval", "16"])
     assert out.exit_code == 0, out.output
     entries = json.loads((tmp_path / "eval.json").read_text())["entries"]
     assert {e["checkpoint"] for e in entries.values()} == {"best", "last", "best-ema", "last-ema"}
-    from advplug.compare import compare
+    from advplug.tools.compare import compare
 
     md, _ = compare([str(tmp_path)])
     assert "Natural best-ema" in md and "Natural last-ema" in md

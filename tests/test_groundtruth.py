@@ -32,7 +32,7 @@ def test_injection_flags_are_disjoint_and_truthful():
 def test_flags_follow_the_trainers_numbering(tmp_path):
     """With the selection (and BiLAW's validation) split held out, flags must index the samples
     the trainer actually trains on: the labels in the run's data equal the file's at the flags' positions."""
-    from advplug.trainer import training_data
+    from advplug.engine.trainer import training_data
 
     f = gt.write_data(tmp_path / "d.npz", flip=0.1, atypical=0.1, duplicate=0.1, seed=0, transform="shift", n_train=300)
     s = gt.Settings(epochs=2)
@@ -65,7 +65,7 @@ def test_benchmark_table_and_a_planted_signal(tmp_path):
     assert "planted,auroc,flipped e2,1.0000" in files["csv"].read_text()
     assert (tmp_path / "gt" / "plots" / "planted.png").is_file()
     # the flags travel with the run: `advplug report` draws the ROC curves
-    from advplug.plots import report
+    from advplug.tools.report import report
 
     with installed_plugins(planted="advplug.groundtruth:PlantedFlipped"):
         made = report(runs["planted"][0])

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from advplug import OptionError, PluginError
+from advplug.engine.trainer import Trainer
 from advplug.plugins import enable
 from advplug.signals import probabilistic_margin
 from advplug.testing import digits_subset, tiny_config
-from advplug.trainer import Trainer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from advplug.cli import cli
 from advplug.errors import OptionError
-from advplug.template import names
+from advplug.tools.cli import cli
+from advplug.tools.template import names
 
 
 def test_names():

@@ -11,11 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from advplug import checkpoint, rundir
-from advplug.cli import cli
+from advplug.engine.trainer import Trainer, resume_config
 from advplug.errors import CheckpointError, OptionError, RunDirError
+from advplug.run import checkpoint
+from advplug.run import directory as rundir
 from advplug.testing import digits_subset, tiny_config
-from advplug.trainer import Trainer, resume_config
+from advplug.tools.cli import cli
 
 
 def quiet(_):
@@ -106,7 +107,7 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_directory(tmp_path):
     with pytest.raises(RunDirError, match=r"is in use by another advplug process \(pid \d+\)"):
         rundir.RunLock(out).acquire()
     # a second process too (flock is per open file, held by the kernel until the first process lets go)
-    code = f"from advplug.rundir import RunLock; RunLock({str(out)!r}).acquire()"
+    code = f"from advplug.run.directory import RunLock; RunLock({str(out)!r}).acquire()"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode != 0 and "in use by another advplug process" in res.stderr
     res = CliRunner().invoke(cli, ["eval", str(out), "--which", "last", "--attack", "natural"])
@@ -118,8 +119,8 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_directory(tmp_path):
 def test_symlinks_in_a_run_directory_are_never_followed(tmp_path):
     """A planted symlink (the lock, a temp name, a report or dump file, a subdirectory) never makes
     advplug write or delete outside the run directory; a symlinked run directory is kept on --overwrite."""
-    from advplug.dump import SampleDump
-    from advplug.plots import report
+    from advplug.run.dump import SampleDump
+    from advplug.tools.report import report
 
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -200,7 +201,7 @@ def test_hard_kill_in_a_subprocess_keeps_metrics_and_best_consistent(tmp_path):
     """os._exit at the worst point (checkpoint written, metrics not): the epoch is in the checkpoint
     and comes back on resume; best.pt agrees with the record."""
     out = tmp_path / "run"
-    code = ("from advplug.testing import tiny_config, digits_subset\nfrom advplug.trainer import Trainer\n"
+    code = ("from advplug.testing import tiny_config, digits_subset\nfrom advplug.engine.trainer import Trainer\n"
             f"Trainer(tiny_config({str(out)!r}, epochs=3, milestones=(2,)), data=digits_subset(160, 32), log=lambda s: None).fit()\n")
     env = {**os.environ, "ADVPLUG_FAULT": "after-last@1", "ADVPLUG_FAULT_EXIT": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

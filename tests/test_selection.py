@@ -5,9 +5,14 @@ import json
 import pytest
 import torch
 
-from advplug import checkpoint
-from advplug.testing import ConstantWeights, digits_subset, installed_plugins, tiny_config
-from advplug.trainer import SPLIT_SEED, Trainer, training_data
+from advplug.engine.trainer import SPLIT_SEED, Trainer, training_data
+from advplug.run import checkpoint
+from advplug.testing import (
+    ConstantWeights,
+    digits_subset,
+    installed_plugins,
+    tiny_config,
+)
 
 
 def quiet(_):
@@ -57,7 +62,7 @@ def test_selection_on_test_is_explicit_and_labelled(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "test_pgd_acc" in recs[0] and "val_pgd_acc" not in recs[0]
     assert any("TEST samples (--selection test: not a held-out choice)" in m for m in logs)
-    from advplug.compare import compare
+    from advplug.tools.compare import compare
 
     md, _ = compare([str(tmp_path)])
     assert "| AT | 1 | test |" in md

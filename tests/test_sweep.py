@@ -4,7 +4,6 @@ digits: a 2x2 grid with the local launcher killed and re-run, a run that dies af
 checkpoint resumed by the re-run (through the SLURM launcher's submitit code, debug executor),
 and the same 2x2 grid on a local Ray instance."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from advplug import rundir
-from advplug import sweep as sw
-from advplug.cli import cli
-from advplug.errors import OptionError
+from advplug.run import directory as rundir
+from advplug.tools import sweep as sw
+from advplug.tools.cli import cli
 
 # Tiny runs: one or two epochs of PGD-1 on digits, natural accuracy only at the end.
 TINY = """

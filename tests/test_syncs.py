@@ -9,8 +9,8 @@ import traceback
 import pytest
 import torch
 
+from advplug.engine.trainer import Trainer
 from advplug.testing import digits_subset, tiny_config
-from advplug.trainer import Trainer
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 

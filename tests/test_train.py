@@ -3,10 +3,16 @@ import json
 
 import pytest
 
-from advplug import checkpoint
+from advplug.engine.trainer import Trainer
 from advplug.errors import NonFiniteLossError
-from advplug.testing import digits_subset, installed_plugins, run_and_resume, same_tensors, tiny_config
-from advplug.trainer import Trainer
+from advplug.run import checkpoint
+from advplug.testing import (
+    digits_subset,
+    installed_plugins,
+    run_and_resume,
+    same_tensors,
+    tiny_config,
+)
 
 
 def quiet(_):

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from advplug_awp import AWP, layer_perturbation, perturbed_parameters
 from torch import nn
 
 from advplug import PluginError, StepContext, TrainContext, Variant, hookimpl
 from advplug.context import FeatureTap
+from advplug.engine.trainer import Trainer
 from advplug.models import build_model
 from advplug.testing import digits_subset, tiny_config
-from advplug.trainer import Trainer
-from advplug_awp import AWP, layer_perturbation, perturbed_parameters
 
 
 def test_layer_perturbation_by_hand():

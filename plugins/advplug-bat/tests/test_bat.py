@@ -4,17 +4,23 @@ import math
 import numpy as np
 import pytest
 import torch
+from advplug_bat import (
+    BAT,
+    bat_weights,
+    discrimination_loss,
+    ensemble_disagreement,
+    poisoning_score,
+)
 
 from advplug import DataError, OptionError
-from advplug import checkpoint
 from advplug.config import TrainConfig
 from advplug.context import TrainContext
 from advplug.data import DataBundle
+from advplug.engine.trainer import Trainer
 from advplug.models import build_model
 from advplug.plugins import enable
+from advplug.run import checkpoint
 from advplug.testing import digits_subset, run_and_resume, same_tensors, tiny_config
-from advplug.trainer import Trainer
-from advplug_bat import BAT, bat_weights, discrimination_loss, ensemble_disagreement, poisoning_score
 
 
 def test_poisoning_score_and_weights_by_hand():
@@ -212,8 +218,8 @@ def preset(atyp, **opts):
 
 
 def test_eq8_loss_is_the_weighted_mean_over_the_sum_of_weights():
-    from advplug.compose import combine_weights
     from advplug.objectives import AdversarialCE
+    from advplug.weights import combine_weights
 
     b = preset([True, False, True, True, False, False], alpha=2.0, beta=0.0)
     ctx = bat_ctx(X_NAT, X_ADV, Y6)
@@ -287,7 +293,7 @@ def test_memorisation_command_writes_the_file_bat_reads(tmp_path, capsys):
     n = int(d["num_train"])
     assert d["values"].shape == (n,) and (d["n_in"] + d["n_out"] == 3).all()
     assert np.all(np.abs(d["values"]) <= 1)
-    from advplug.trainer import training_data
+    from advplug.engine.trainer import training_data
 
     cfg = TrainConfig(plugins=("bat",)).resolved()
     assert training_data(cfg, None, None).num_train == n  # numbered as the trainer numbers the run's data

@@ -2,15 +2,15 @@
 non-parametric weights against explicit per-sample gradients, the validation split, resume."""
 import pytest
 import torch
+from advplug_bilaw import BiLAW, WeightNet, mean_one, multiclass_margin
 from torch import nn
 
 from advplug import OptionError
 from advplug.context import FeatureTap, StepContext, Variant
+from advplug.engine.trainer import Trainer
 from advplug.objectives import AdversarialCE
 from advplug.plugins import enable
 from advplug.testing import digits_subset, run_and_resume, same_tensors, tiny_config
-from advplug.trainer import Trainer
-from advplug_bilaw import BiLAW, WeightNet, mean_one, multiclass_margin
 
 
 def test_multiclass_margin_by_hand():

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from advplug_fat import EarlyStoppedPGD, parse_epochs, tau_at
 from torch import nn
 
 from advplug import OptionError
+from advplug.engine.trainer import Trainer
 from advplug.plugins import enable
 from advplug.testing import ScriptedTwoClass, digits_subset, tiny_config
-from advplug.trainer import Trainer
-from advplug_fat import EarlyStoppedPGD, parse_epochs, tau_at
 
 
 class Threshold(nn.Module):

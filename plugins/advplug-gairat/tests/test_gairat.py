@@ -3,13 +3,13 @@ import math
 
 import pytest
 import torch
+from advplug_gairat import GAIRAT, gair_weights, lambda_at
 
 from advplug import OptionError
 from advplug.context import FeatureTap, StepContext, TrainContext, Variant
+from advplug.engine.trainer import Trainer
 from advplug.plugins import enable
 from advplug.testing import digits_subset, tiny_config
-from advplug.trainer import Trainer
-from advplug_gairat import GAIRAT, gair_weights, lambda_at
 
 
 def test_tanh_weight_by_hand_and_lrat_eq10_form():

@@ -3,13 +3,25 @@ import math
 
 import pytest
 import torch
+from advplug_lrat import (
+    LRAT,
+    floor_weight,
+    local_weight,
+    parse_attacks,
+    variable_factor,
+)
 
 from advplug import PluginError, Weights
 from advplug.context import FeatureTap, StepContext, Variant
+from advplug.engine.trainer import Trainer
 from advplug.plugins import enable
-from advplug.testing import TableModel, digits_subset, run_and_resume, same_tensors, tiny_config
-from advplug.trainer import Trainer
-from advplug_lrat import LRAT, floor_weight, local_weight, parse_attacks, variable_factor
+from advplug.testing import (
+    TableModel,
+    digits_subset,
+    run_and_resume,
+    same_tensors,
+    tiny_config,
+)
 
 
 def test_variable_factor_and_weight_by_hand():

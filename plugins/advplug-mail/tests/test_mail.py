@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
+from advplug_mail import MAIL, mail_weights, probabilistic_margin
 
 from advplug import OptionError, Weights
-from advplug.compose import combine_weights
 from advplug.context import FeatureTap, StepContext, TrainContext, Variant
 from advplug.plugins import enable
 from advplug.testing import TableModel, digits_subset, tiny_config
-from advplug_mail import MAIL, mail_weights, probabilistic_margin
+from advplug.weights import combine_weights
 
 
 def test_probabilistic_margin_by_hand():

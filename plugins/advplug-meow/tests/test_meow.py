@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from advplug_meow import MeoW, memorization_weights, nearest_code
 from torch import nn
 
 from advplug.context import FeatureTap, StepContext, TrainContext, Variant
 from advplug.data import DataBundle
+from advplug.engine.trainer import Trainer
 from advplug.testing import tiny_config
-from advplug.trainer import Trainer
-from advplug_meow import MeoW, memorization_weights, nearest_code
 
 
 def test_distance_and_weights_by_hand():

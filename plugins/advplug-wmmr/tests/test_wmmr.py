@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from advplug_wmmr import WMMR, WeightedPGD, wmmr_weights
 from torch import nn
 
 from advplug.context import FeatureTap, StepContext, TrainContext, Variant
+from advplug.engine.trainer import Trainer
 from advplug.plugins import enable
 from advplug.testing import ScriptedTwoClass, TableModel, digits_subset, tiny_config
-from advplug.trainer import Trainer
-from advplug_wmmr import WMMR, WeightedPGD, wmmr_weights
 
 
 def test_weights_by_hand():

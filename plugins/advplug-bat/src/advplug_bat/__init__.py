@@ -64,8 +64,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advplug import NATURAL, DataError, Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
-from advplug.dump import SampleDump
+from advplug import (
+    NATURAL,
+    DataError,
+    Declaration,
+    OptionError,
+    StepContext,
+    TrainContext,
+    Variant,
+    Weights,
+    hookimpl,
+    opt,
+)
+from advplug.run.dump import SampleDump
 from advplug.signals import max_other_prob, true_prob
 
 __version__ = "0.1.0"
@@ -205,9 +216,9 @@ class BAT:
         return mem
 
     def ensemble(self, ctx: TrainContext) -> Tensor:
-        from advplug import checkpoint
         from advplug.evaluate import gather_tensors
         from advplug.models import build_model
+        from advplug.run import checkpoint
 
         paths = [p.strip() for p in self.options.mem_checkpoints.split(",") if p.strip()]
         if len(paths) < 2:
@@ -260,7 +271,7 @@ class BAT:
 
     @hookimpl
     def on_epoch_end(self, epoch: int) -> dict[str, Any] | None:
-        from advplug import distributed
+        from advplug.engine import distributed
 
         if self.conf_epoch is not None:
             seen = distributed.all_sum(self.seen.float())

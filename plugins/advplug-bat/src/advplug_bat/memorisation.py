@@ -92,8 +92,8 @@ def estimate(cfg: Any, *, models: int, subset: float, epochs: int, seed: int = 0
              log: Callable[[str], None] = print, allow_import: bool = False) -> dict[str, Any]:
     """Train ``models`` models on random ``subset`` fractions of the run's training set (as the
     trainer numbers it) and return the arrays of the output file."""
+    from advplug.engine.trainer import pick_device, training_data
     from advplug.models import build_model
-    from advplug.trainer import pick_device, training_data
 
     if models < 2:
         raise ValueError("--models must be >= 2 (each side of the estimator needs models)")

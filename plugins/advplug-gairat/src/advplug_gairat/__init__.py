@@ -48,8 +48,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advplug import Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
-from advplug.dump import SampleDump, burn_in_default
+from advplug import (
+    Declaration,
+    OptionError,
+    StepContext,
+    TrainContext,
+    Variant,
+    Weights,
+    hookimpl,
+    opt,
+)
+from advplug.run.dump import SampleDump, burn_in_default
 
 __version__ = "0.1.0"
 

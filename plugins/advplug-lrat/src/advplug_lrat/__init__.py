@@ -49,10 +49,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advplug import NATURAL, Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
-from advplug.compose import adv_matrix, natural_weights
-from advplug.dump import SampleDump
+from advplug import (
+    NATURAL,
+    Declaration,
+    OptionError,
+    StepContext,
+    TrainContext,
+    Variant,
+    Weights,
+    hookimpl,
+    opt,
+)
+from advplug.run.dump import SampleDump
 from advplug.signals import probabilistic_margin
+from advplug.weights import adv_matrix, natural_weights
 
 __version__ = "0.1.0"
 ATTACKS = ("pgd", "cw", "saa")

@@ -53,9 +53,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advplug import NATURAL, Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
-from advplug.dump import SampleDump, burn_in_default
-from advplug.signals import probabilistic_margin, true_prob  # PM of Eq. 5/6: p_y - max_{j != y} p_j
+from advplug import (
+    NATURAL,
+    Declaration,
+    OptionError,
+    StepContext,
+    TrainContext,
+    Variant,
+    Weights,
+    hookimpl,
+    opt,
+)
+from advplug.run.dump import SampleDump, burn_in_default
+from advplug.signals import (  # PM of Eq. 5/6: p_y - max_{j != y} p_j
+    probabilistic_margin,
+    true_prob,
+)
 
 __version__ = "0.1.0"
 PRESETS = {"at": (10.0, -0.5), "trades": (2.0, 0.0), "mart": (2.0, 0.0)}

@@ -76,8 +76,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advplug import NATURAL, Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
-from advplug.compose import adv_matrix, nat_vector
+from advplug import (
+    NATURAL,
+    Declaration,
+    OptionError,
+    StepContext,
+    TrainContext,
+    Variant,
+    Weights,
+    hookimpl,
+    opt,
+)
+from advplug.weights import adv_matrix, nat_vector
 
 __version__ = "0.1.0"
 PAPER_TRAIN_SIZE, PAPER_CODES = 50000, 2048

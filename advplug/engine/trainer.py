@@ -10,21 +10,36 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, distributed, rundir
-from .attacks import make_attack, resolve_attack_start
-from .compose import combine_weights, merge_variants, summary
-from .config import NUMBERS_FREE, RECORD_ONLY, TrainConfig, read_run_config
-from .context import NATURAL, FeatureTap, StepContext, TrainContext, Variant
-from .data import DataBundle, auto_model, batches, check_data_import, hold_out, load_dataset
-from .devicedata import device_batches
-from .dump import SampleDump
-from .ema import EMA
-from .errors import CheckpointError, Interrupted, NonFiniteLossError, OptionError, PluginError
-from .evaluate import evaluate, gather_tensors
-from .models import build_model
-from .plugins import Enabled, declarations, enable, reads_attack_stats
-from .signals import probabilistic_margin
-from .report import MetricsWriter, results_table
+from advplug.attacks import make_attack, resolve_attack_start
+from advplug.config import NUMBERS_FREE, RECORD_ONLY, TrainConfig, read_run_config
+from advplug.context import NATURAL, FeatureTap, StepContext, TrainContext, Variant
+from advplug.data import (
+    DataBundle,
+    auto_model,
+    batches,
+    check_data_import,
+    hold_out,
+    load_dataset,
+)
+from advplug.data.device import device_batches
+from advplug.engine import distributed
+from advplug.engine.ema import EMA
+from advplug.errors import (
+    CheckpointError,
+    Interrupted,
+    NonFiniteLossError,
+    OptionError,
+    PluginError,
+)
+from advplug.evaluate import evaluate, gather_tensors
+from advplug.models import build_model
+from advplug.plugins import Enabled, declarations, enable, reads_attack_stats
+from advplug.run import checkpoint
+from advplug.run import directory as rundir
+from advplug.run.dump import SampleDump
+from advplug.run.metrics import MetricsWriter, results_table
+from advplug.signals import probabilistic_margin
+from advplug.weights import combine_weights, merge_variants, summary
 
 KNOWN_REQUIREMENTS = {"validation"}
 SPLIT_SEED = 1234  # fixes the held-out selection split (and SPLIT_SEED + 1 the plugins' validation split)

@@ -1,6 +1,6 @@
 """The Python API for notebooks and scripts: one call trains, one call evaluates.
 
-    import advplug.api as ap
+    import advplug.tools.api as ap
 
     res = ap.train(data=((x_train, y_train), (x_test, y_test)), plugins=["mail"], epochs=10)
     res.results            # {"last (epoch 10)": {"Natural": 0.91, "PGD-20": 0.52, ...}, "best (epoch 8)": ...}
@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .config import TrainConfig, load_config_file
-from .data import PYTHON, DataBundle, as_bundle
-from .errors import OptionError
+from advplug.config import TrainConfig, load_config_file
+from advplug.data import PYTHON, DataBundle, as_bundle
+from advplug.errors import OptionError
 
 __all__ = ["train", "evaluate", "load_model", "Result"]
 
@@ -84,8 +84,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, data: Any = 
     it was in memory or ``module:``; no other settings). ``log``: where progress lines go
     (``None``: quiet; progress bars are off unless ``progress=True``).
     """
-    from .report import read_metrics
-    from .trainer import Trainer, resume_config
+    from advplug.engine.trainer import Trainer, resume_config
+    from advplug.run.metrics import read_metrics
 
     say = log if log is not None else (lambda s: None)
     if resume is not None:
@@ -125,8 +125,8 @@ def evaluate(run_dir: str | Path, attacks: tuple[str, ...] | list[str] = ("natur
     """Accuracies of a run's ``best`` / ``last`` checkpoint under ``attacks`` (as ``advplug eval``),
     on its test set, or on ``test=(x, y)`` (required when the run's data was in memory). ``data`` /
     ``model``: repeat a run's ``module:`` data or model to allow importing it."""
-    from .data import _as_images, _as_labels
-    from .evaluate import evaluate_checkpoints
+    from advplug.data import _as_images, _as_labels
+    from advplug.evaluate import evaluate_checkpoints
 
     pair = None
     if test is not None:
@@ -145,9 +145,9 @@ def load_model(run_dir: str | Path, which: str = "best", *, model: str | None = 
     model is imported only if ``model`` repeats it."""
     import json
 
-    from . import checkpoint
-    from .models import build_model
-    from .trainer import check_model_import, pick_device
+    from advplug.engine.trainer import check_model_import, pick_device
+    from advplug.models import build_model
+    from advplug.run import checkpoint
 
     ck = checkpoint.load_best(run_dir) if which == "best" else checkpoint.load(run_dir, which, need="eval")
     name = json.loads(ck["config"])["model"]

@@ -26,7 +26,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """``RUN_DIR/metrics.jsonl`` as records (``[]`` without the file). A damaged file is one
     ``DataError``: a line that is not a JSON object, an ``epoch`` that is not a whole number >= 0,
     an accuracy (``*_acc``) that is not a number in [0, 1], or ``weights`` without numbers."""
-    from .errors import DataError
+    from advplug.errors import DataError
 
     p = Path(run_dir) / "metrics.jsonl"
     if not p.is_file():
@@ -84,14 +84,12 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            from .rundir import subdir
+            from advplug.run.directory import subdir
 
             self.tb = SummaryWriter(str(subdir(self.dir, "tensorboard")))
 
     def _rewrite(self) -> None:
-        from .rundir import write_text
-
-        from .rundir import json_safe
+        from advplug.run.directory import json_safe, write_text
 
         write_text(self.dir / "metrics.jsonl", "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in self.records))
         rows = [flatten(r) for r in self.records]

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import RunDirError
+from advplug.errors import RunDirError
 
 # Files whose presence means "this directory holds an advplug run".
 RUN_MARKERS = ("config.json", "last.pt", "best.pt", "metrics.jsonl", "results.json", "eval.json")

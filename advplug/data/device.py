@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from .data import TensorBatches
+from advplug.data import TensorBatches
 
 # Fits-in-memory rule for --data-path auto: the raw training images, as stored, below this size.
 AUTO_MAX_BYTES = 4 << 30
@@ -97,7 +97,7 @@ def device_batches(train: Dataset | tuple[Tensor, Tensor], augment: str, path: s
     raw = train if isinstance(train, tuple) else raw_tensors(train)
     if raw is None or (path == "auto" and raw[0].numel() * raw[0].element_size() > AUTO_MAX_BYTES):
         if path == "device":
-            from .errors import DataError
+            from advplug.errors import DataError
 
             raise DataError("--data-path device: this data set cannot be loaded into memory as tensors; use --data-path loader")
         return None

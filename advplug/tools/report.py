@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import read_run_config
-from .errors import DataError
-from .report import read_metrics
+from advplug.config import read_run_config
+from advplug.errors import DataError
+from advplug.run.metrics import read_metrics
 
 SIGNALS = {"mail": "pm", "gairat": "kappa", "bat": "q", "lrat": "t_"}
 
@@ -207,7 +207,7 @@ def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8, data: str | No
     ds = dumps(run_dir, "weights")
     if not ds:
         return None
-    from .data import PYTHON, check_data_import
+    from advplug.data import PYTHON, check_data_import
 
     if cfg.get("data") == PYTHON:
         raise DataError("extremes.png skipped: the run's data was passed from Python, not named by a path")
@@ -237,8 +237,8 @@ def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8, data: str | No
 
 def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Training images by training-set index, as the run numbered them (validation held out)."""
-    from .config import RECORD_ONLY, TrainConfig
-    from .trainer import training_data
+    from advplug.config import RECORD_ONLY, TrainConfig
+    from advplug.engine.trainer import training_data
 
     tc = TrainConfig.from_json({k: v for k, v in cfg.items() if k not in RECORD_ONLY})
     data = training_data(tc.resolved(), log=lambda s: None)  # module: data checked by the caller (plot_extremes)
@@ -268,7 +268,7 @@ def _save(fig, path: Path) -> Path:
     written through; a symlinked ``report/`` is refused)."""
     import io
 
-    from .rundir import subdir, write_bytes
+    from advplug.run.directory import subdir, write_bytes
 
     fig.tight_layout()
     buf = io.BytesIO()
@@ -293,7 +293,9 @@ def report(run_dir: str | Path, data: str | None = None, log=None) -> list[Path]
         made.append(plot_extremes(run, cfg, data=data))
     except DataError as e:
         say(f"note: {e}")
-    from .groundtruth import plot_roc  # roc.png: only for runs with injection flags (benchmarks/groundtruth.py)
+    from advplug.groundtruth import (
+        plot_roc,  # roc.png: only for runs with injection flags (benchmarks/groundtruth.py)
+    )
 
     made.append(plot_roc(run))
     if not dumps(run, "weights"):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .errors import DataError
+from advplug.errors import DataError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
 
@@ -29,7 +29,7 @@ class DataBundle:
     input_shape: tuple[int, ...]
     validation: tuple[Tensor, Tensor] | None = None  # plugins' own split (BiLAW's meta-objective)
     selection: tuple[Tensor, Tensor] | None = None  # model selection ("best"), disjoint from the above
-    augment: str = "none"  # training augmentation for the on-device path: "none" or "crop-flip" (advplug.devicedata)
+    augment: str = "none"  # training augmentation for the on-device path: "none" or "crop-flip" (advplug.data.device)
 
     @property
     def num_train(self) -> int:
@@ -105,7 +105,7 @@ def load_dataset(name: str, root: str = "./data", download: bool = False, *, ima
         return load_module(name[len("module:"):], image_size=image_size, allow_import=allow_import)
     if name == PYTHON:
         raise DataError("this run's data was passed from Python (in memory): pass it again, "
-                        "e.g. advplug.api.evaluate(run_dir, test=(x, y))")
+                        "e.g. advplug.tools.api.evaluate(run_dir, test=(x, y))")
     if image_size is not None:
         raise DataError(f"--image-size applies to folder:, npz: and module: data, not to the built-in {name!r}")
     if name == "digits":
@@ -124,7 +124,7 @@ FOLDER_SPLIT_SEED = 4321  # folder: without train/ and test/: the test split is 
 
 MAX_CLASSES = 100_000  # as checkpoint.MAX_CLASSES: a label beyond it is taken for an error
 
-PYTHON = "python"  # the data name of a run whose data came from Python (advplug.api.train(data=...))
+PYTHON = "python"  # the data name of a run whose data came from Python (advplug.tools.api.train(data=...))
 
 
 def is_custom(data: str) -> bool:
@@ -385,7 +385,7 @@ def load_module(spec: str, image_size: int | None = None, allow_import: bool = F
     """``pkg.mod:callable`` called with no arguments, returning ``(train, test)``: each a pair of
     tensors/arrays ``(x, y)`` or a torch ``Dataset`` of ``(image, label)`` items (kept as it is, so its
     transforms, e.g. augmentation, run per epoch); or a ``DataBundle``."""
-    from .usercode import import_callable
+    from advplug.usercode import import_callable
 
     name = f"module:{spec}"
     fn = import_callable(spec, "data", name, allow_import, DataError)
@@ -472,7 +472,7 @@ def hold_out(bundle: DataBundle, size: int | float | None, seed: int, role: str 
         x, y = bundle.train
         train, split = (x[tr_idx], y[tr_idx]), (x[val_idx], y[val_idx])
     else:
-        from .devicedata import raw_tensors
+        from advplug.data.device import raw_tensors
 
         raw = raw_tensors(bundle.train)  # held-out images without the training augmentation
         if raw is not None:

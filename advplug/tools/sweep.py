@@ -65,9 +65,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import rundir
-from .config import NUMBERS_FREE, RECORD_ONLY, TrainConfig
-from .errors import AdvplugError, Interrupted, OptionError, RunDirError
+from advplug.config import NUMBERS_FREE, RECORD_ONLY, TrainConfig
+from advplug.errors import AdvplugError, Interrupted, OptionError, RunDirError
+from advplug.run import directory as rundir
 
 STATUS_FILE = "sweep.json"
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -239,7 +239,7 @@ def expand(raw: dict[str, Any], where: str = "sweep file") -> list[Point]:
 
 
 def _validate(points: list[Point]) -> None:
-    from .plugins import enable
+    from advplug.plugins import enable
 
     checked: set[str] = set()
     for p in points:
@@ -811,7 +811,7 @@ def summary(sweep: Sweep, points: dict[str, Any] | None = None) -> list[str]:
 def report(sweep: Sweep, fmt: str = "markdown") -> tuple[str, list[str]]:
     """The compare table over the finished points, one table per combination of the non-seed
     grid axes (data sets...), mean ± std over seeds; and compare's warnings."""
-    from .compare import compare
+    from advplug.tools.compare import compare
 
     groups: dict[str, list[str]] = {}
     skipped = []

@@ -15,7 +15,7 @@ import keyword
 import re
 from pathlib import Path
 
-from .errors import OptionError
+from advplug.errors import OptionError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
 
@@ -132,7 +132,7 @@ from advplug import StepContext, Variant
 from advplug.plugins import enable, installed
 from advplug.context import FeatureTap
 from advplug.testing import TableModel, digits_subset, installed_plugins, tiny_config
-from advplug.trainer import Trainer
+from advplug.engine.trainer import Trainer
 
 from {module} import {cls}
 

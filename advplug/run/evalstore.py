@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from advplug.errors import DataError
 
 FORMAT, VERSION = "advplug-eval", 2
 SETTING_KEYS = ("data", "eps", "alpha", "backend", "n_test", "seed")
@@ -82,7 +82,7 @@ def read(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def merge(path: str | Path, new: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Add ``new`` entries to the file (same key: replaced), atomically."""
-    from .rundir import write_json
+    from advplug.run.directory import write_json
 
     entries = read(path)
     for e in new:

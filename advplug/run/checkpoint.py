@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .rundir import create_new
+from advplug.errors import CheckpointError
+from advplug.run.directory import create_new
 
 FORMAT = "advplug-checkpoint"
 VERSION = 2

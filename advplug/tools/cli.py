@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .errors import AdvplugError, Interrupted, OptionError
+from advplug import __version__
+from advplug.errors import AdvplugError, Interrupted, OptionError
 
 
 def _fail(e: Exception) -> None:
@@ -96,7 +96,7 @@ def _default_text(name: str) -> str | None:
     """The default of a train option as the user gets it: the config's, or per data set."""
     import dataclasses as dc
 
-    from .config import CUSTOM_DEFAULTS, DATA_DEFAULTS, TrainConfig
+    from advplug.config import CUSTOM_DEFAULTS, DATA_DEFAULTS, TrainConfig
 
     if name == "milestones":
         d, c = DATA_DEFAULTS["digits"]["milestone_fractions"], DATA_DEFAULTS["cifar10"]["milestone_fractions"]
@@ -147,8 +147,8 @@ class _TrainCommand(click.Command):
         self._plugin_help(ctx, formatter)
 
     def _plugin_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from .objectives import OBJECTIVES
-        from .plugins import describe_plugin, list_plugins
+        from advplug.objectives import OBJECTIVES
+        from advplug.plugins import describe_plugin, list_plugins
 
         names = ctx.meta.get("help_plugins") or []
         if not names:
@@ -247,8 +247,8 @@ def train(ctx: click.Context, plugins: tuple[str, ...], config_file: str | None,
     advplug train --data folder:./my-images --image-size 32 --plugin gairat
     advplug train --plugin mail --help      # MAIL's options too
     """
-    from .config import TrainConfig, load_config_file
-    from .trainer import Trainer, resume_config
+    from advplug.config import TrainConfig, load_config_file
+    from advplug.engine.trainer import Trainer, resume_config
 
     extra = parse_extra(ctx.args)
     if resume:
@@ -282,8 +282,8 @@ def train(ctx: click.Context, plugins: tuple[str, ...], config_file: str | None,
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
     """List installed plugins: version, hooks, options with defaults."""
-    from .objectives import OBJECTIVES
-    from .plugins import describe_plugin, list_plugins
+    from advplug.objectives import OBJECTIVES
+    from advplug.plugins import describe_plugin, list_plugins
 
     found, errors = list_plugins()
     objectives = [describe_plugin(n, c, __version__) for n, c in OBJECTIVES.items()]
@@ -312,7 +312,7 @@ def plugins(as_json: bool) -> None:
 def hooks(plugins: tuple[str, ...], objective: str, pairs: bool) -> None:
     """Show, per hook, which implementations run for these plugins and in what order, and how
     their weights combine."""
-    from .plugins import enable, hook_order, loss_owners, pair_table
+    from advplug.plugins import enable, hook_order, loss_owners, pair_table
 
     if pairs:
         click.echo(pair_table())
@@ -364,9 +364,9 @@ def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: st
     """
     from pathlib import Path
 
-    from . import evalstore
-    from .evaluate import SUITES, evaluate_checkpoints
-    from .rundir import RunLock
+    from advplug.evaluate import SUITES, evaluate_checkpoints
+    from advplug.run import evalstore
+    from advplug.run.directory import RunLock
 
     if suite and attacks:
         raise OptionError("--suite and --attack exclude each other")
@@ -399,7 +399,7 @@ def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: st
 def compare(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
     """The papers' table: one row per method (plugins + objective + options), attacks x best/last,
     mean ± std over seeds. Runs with differing settings are flagged."""
-    from .compare import compare as make_table
+    from advplug.tools.compare import compare as make_table
 
     text, warnings = make_table(list(run_dirs), fmt)
     click.echo(text)
@@ -418,7 +418,7 @@ def compare(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
 def report(run_dir: str, data: str | None) -> None:
     """Write PNG plots of a run: accuracy per epoch, weights per epoch, weight against signal,
     the training images with the highest and lowest weights (train with --dump-weights)."""
-    from .plots import report as make_report
+    from advplug.tools.report import report as make_report
 
     for p in make_report(run_dir, data=data, log=click.echo):
         click.echo(str(p))
@@ -447,7 +447,7 @@ def sweep(sweep_file: str, dry_run: bool, report_only: bool, launcher: str, jobs
           fmt: str, no_progress: bool) -> None:
     """Run a grid of training runs (methods x seeds x settings) from SWEEP_FILE, one run
     directory per point; re-running skips finished points and resumes interrupted ones."""
-    from . import sweep as sw
+    from advplug.tools import sweep as sw
 
     s = sw.load_sweep(sweep_file, out)
     if dry_run:
@@ -478,7 +478,8 @@ def new_plugin(name: str, dest: str) -> None:
     """Write a plugin package advplug-NAME/ (pyproject with the entry point, src/ layout, a working
     compute_weights with options, a test). Then: pip install -e advplug-NAME; advplug plugins;
     python -m pytest advplug-NAME/tests."""
-    from .template import names, new_plugin as write
+    from advplug.tools.template import names
+    from advplug.tools.template import new_plugin as write
 
     root = write(name, dest)
     n = names(name)

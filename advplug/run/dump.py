@@ -27,7 +27,7 @@ class SampleDump:
 
         import numpy as np
 
-        from .rundir import subdir, write_bytes
+        from advplug.run.directory import subdir, write_bytes
 
         path = subdir(self.dir.parent, self.dir.name) / f"{self.plugin}-epoch{epoch + 1:03d}.npz"
         buf = io.BytesIO()

@@ -14,16 +14,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import evalstore
-from .config import read_run_config
-from .errors import DataError
+from advplug.config import read_run_config
+from advplug.errors import DataError
+from advplug.run import evalstore
 
 TRAIN_KEYS = ("data", "model", "eps", "alpha", "steps", "epochs", "batch_size", "lr", "milestones", "attack_bn", "selection")
 

@@ -1,0 +1,1 @@
+"""What users run: the command line, the Python API, compare, report, the plugin template, sweeps."""
