@@ -399,7 +399,7 @@ def test_defaults_are_the_papers():
 
 
 # -- properties -------------------------------------------------------------------------------------
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
@@ -420,6 +420,11 @@ def prob_tables(draw):
        st.floats(0.05, 4.0))
 def test_properties_of_the_weights(tables, floor, alpha, beta, c):
     views, y = tables
+    # The plugin computes t = p_y - max_{j != y} p_j in float32: near t = 1, 1 - t loses digits
+    # (t = 0.9998 leaves 1 - t with a relative error ~3e-4), beyond this test's 1e-4 against the
+    # float64 transcription. Margins that close to 1 are left to the hand-computed tests above.
+    assume(all(1 - (r[yi] - max(q for k, q in enumerate(r) if k != yi)) >= 0.01
+               for view in views[:3] for r, yi in zip(view, y)))
     names = ["cw", "pgd", "saa"]
     ctx = ctx_for(views, names, torch.tensor(y))
     p = plugin(attacks="saa,cw", floor=floor, alpha=alpha, beta=beta, c=c)
