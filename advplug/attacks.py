@@ -23,6 +23,7 @@ import torchattacks
 from torch import Tensor, nn
 from torchattacks.attack import Attack
 
+from advplug.config import ATTACK_STARTS
 from advplug.errors import OptionError
 
 
@@ -70,7 +71,6 @@ class _CountsCorrect:
         return {"kappa": self.kappa, "p_true_lps": self.p_true_lps} if self.track else {}
 
 
-START_CHOICES = ("uniform", "normal", "normal-clamped", "none")
 OBJECTIVE_START = {"at": "uniform", "trades": "normal", "mart": "normal"}
 """The official start of each built-in objective's training attack: Madry et al.'s PGD starts
 uniformly in the eps-ball; TRADES' ``trades.py`` and MART's ``train_wideresnet.py`` (and MAIL's
@@ -95,7 +95,7 @@ def random_start(images: Tensor, start: str, eps: float) -> Tensor:
         return torch.clamp(images + 0.001 * torch.randn_like(images), 0, 1).detach()
     if start == "none":
         return images.clone().detach()
-    raise OptionError(f"--attack-start: {start!r} is not one of {', '.join(START_CHOICES)}")
+    raise OptionError(f"--attack-start: {start!r} is not one of {', '.join(ATTACK_STARTS)}")
 
 
 def resolve_attack_start(requested: str | None, objective: str, plugins: list[tuple[str, Any]]) -> tuple[str, str]:
@@ -104,9 +104,10 @@ def resolve_attack_start(requested: str | None, objective: str, plugins: list[tu
     starts every objective from ``normal``); if plugins disagree, or none says, the objective's
     official start (``OBJECTIVE_START``; ``uniform`` for objectives it does not list)."""
     if requested is not None:
-        if requested not in START_CHOICES:
-            raise OptionError(f"--attack-start: {requested!r} is not one of {', '.join(START_CHOICES)}")
+        if requested not in ATTACK_STARTS:
+            raise OptionError(f"--attack-start: {requested!r} is not one of {', '.join(ATTACK_STARTS)}")
         return requested, "--attack-start"
+    # hookspecs.StartsAttacks; callable(): a plain attribute of that name is no wish
     wishes = {n: p.attack_start(objective) for n, p in plugins if callable(getattr(p, "attack_start", None))}
     wishes = {n: s for n, s in wishes.items() if s is not None}
     if wishes and len(set(wishes.values())) == 1:
@@ -369,8 +370,8 @@ def set_bn_mode(attack: Attack, bn: str) -> Attack:
 def random_start_name(start: str | None, default: str) -> str:
     if start is None:
         return default
-    if start not in START_CHOICES:
-        raise OptionError(f"--attack-start: {start!r} is not one of {', '.join(START_CHOICES)}")
+    if start not in ATTACK_STARTS:
+        raise OptionError(f"--attack-start: {start!r} is not one of {', '.join(ATTACK_STARTS)}")
     return start
 
 
@@ -433,6 +434,13 @@ def display_name(spec: str) -> str:
         "natural": "Natural", "fgsm": "FGSM", "pgd": f"PGD-{steps or 20}",
         "cw": f"CW-Linf margin (PGD-{steps or 20})", "apgd-ce": f"APGD-CE-{steps or 100}", "aa": "AutoAttack",
     }[kind]
+
+
+def canonical_spec(spec: str) -> str:
+    """The one spelling results are keyed by: lower case, the step count explicit (``pgd`` -> ``pgd20``)."""
+    kind, steps = parse_eval_attack(spec)
+    default = {"pgd": 20, "cw": 20, "apgd-ce": 100}.get(kind)  # as display_name and make_eval_attack default them
+    return kind if default is None else f"{kind}{steps or default}"
 
 
 def make_eval_attack(spec: str, model: nn.Module, *, eps: float, alpha: float | None, num_classes: int,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from advplug.context import ANCHOR, NATURAL, Declaration
-from advplug.errors import PluginError
+from advplug.errors import CompositionError
 
 CORE = "the core"
 CORE_VIEWS = {"pgd": ("kappa", "p_true_lps")}  # the core's PGD-K when no plugin generates variants
@@ -75,12 +75,10 @@ class Composition:
         return out
 
 
-def _fail(a: str, b: str, problem: str, short: str = "") -> PluginError:
+def _fail(a: str, b: str, problem: str, short: str = "") -> CompositionError:
     """One line naming both plugins and the missing piece; ``short`` for the README's pair table."""
     pair = f"{a!r} with {b!r}" if a != b else repr(a)
-    err = PluginError(f"{pair}: {problem}")
-    err.short = short or problem  # type: ignore[attr-defined]
-    return err
+    return CompositionError(f"{pair}: {problem}", short or problem)
 
 
 def check_composition(

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
                  milestone_fractions=(0.5, 0.75), weight_decay=5e-4, eval_steps=20),
 }
 # Your own data (``folder:``, ``npz:``, ``module:``): the CIFAR settings; the model is chosen from
-# the input shape once the data is loaded ("auto", see ``data.auto_model``).
+# the input shape once the data is loaded ("auto", see ``models.auto_model``).
 CUSTOM_DEFAULTS: dict[str, Any] = dict(model="auto", eps=8 / 255, alpha=2 / 255, steps=10, epochs=30, batch_size=128,
                                        lr=0.1, milestone_fractions=(0.5, 0.75), weight_decay=5e-4, eval_steps=20)
 
@@ -67,6 +69,9 @@ SELECTIONS = ("validation", "test")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 DATA_PATHS = ("auto", "device", "loader")
+ATTACK_BN_MODES = ("eval", "train")
+# Random start of the training attack (``attacks.random_start``); None in the config: the objective's.
+ATTACK_STARTS = ("uniform", "normal", "normal-clamped", "none")
 
 
 @dataclass
@@ -139,7 +144,8 @@ class TrainConfig:
             (self.alpha > 0, f"--alpha (attack step size) must be > 0, got {self.alpha}"),
             (self.alpha <= 1, f"--alpha (attack step size) must be <= 1 (inputs are in [0, 1]), got {self.alpha}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (0 <= self.seed < 2 ** 32, f"--seed must be in 0..{2 ** 32 - 1} (numpy's and torch's seed range), got {self.seed}"),
+            (0 <= self.seed < 2 ** 32,
+             f"--seed must be in 0..{2 ** 32 - 1} (numpy's and torch's seed range), got {self.seed}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
@@ -148,22 +154,26 @@ class TrainConfig:
             (0 < self.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {self.lr_gamma}"),
             (all(0 < m for m in self.milestones), f"--milestones must be positive epochs, got {self.milestones}"),
             (list(self.milestones) == sorted(self.milestones), f"--milestones must increase, got {self.milestones}"),
-            (self.attack_bn in ("eval", "train"), f"--attack-bn must be eval or train, got {self.attack_bn!r}"),
+            (self.attack_bn in ATTACK_BN_MODES,
+             f"--attack-bn must be {' or '.join(ATTACK_BN_MODES)}, got {self.attack_bn!r}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
             (self.eval_steps >= 1, f"--eval-steps must be >= 1, got {self.eval_steps}"),
             (self.n_eval is None or self.n_eval >= 1, f"--n-eval must be >= 1, got {self.n_eval}"),
             (self.val_size is None or 0 < self.val_size, f"--val-size must be > 0, got {self.val_size}"),
-            (self.selection in SELECTIONS, f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"),
+            (self.selection in SELECTIONS,
+             f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"),
             (self.selection_size is None or 0 < self.selection_size,
              f"--selection-size must be > 0, got {self.selection_size}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.image_size is None or self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
             (0 < self.test_fraction < 1, f"--test-fraction must be in (0, 1), got {self.test_fraction}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.precision in PRECISIONS,
+             f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.compile is None or self.compile in COMPILE_BACKENDS,
              f"--compile must be one of {', '.join(COMPILE_BACKENDS)}, got {self.compile!r}"),
             (self.ema is None or 0 < self.ema < 1, f"--ema (decay) must be in (0, 1), e.g. 0.999, got {self.ema}"),
-            (self.data_path in DATA_PATHS, f"--data-path must be one of {', '.join(DATA_PATHS)}, got {self.data_path!r}"),
+            (self.data_path in DATA_PATHS,
+             f"--data-path must be one of {', '.join(DATA_PATHS)}, got {self.data_path!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -189,9 +199,10 @@ class TrainConfig:
 # Field types, checked before anything else so that a config file's ``epochs = "three"`` or
 # ``plugins = "mail"`` is one clear error, not a crash (or a plugin per letter) later.
 _INT = ("image_size", "epochs", "batch_size", "steps", "seed", "eval_every", "eval_steps", "n_eval", "workers")
-_FLOAT = ("test_fraction", "lr", "momentum", "weight_decay", "lr_gamma", "eps", "alpha", "val_size", "selection_size", "ema")
-_STR = ("data", "data_root", "model", "objective", "attack_bn", "attack_start", "out", "device", "selection", "precision",
-        "compile", "data_path")
+_FLOAT = ("test_fraction", "lr", "momentum", "weight_decay", "lr_gamma", "eps", "alpha", "val_size", "selection_size",
+          "ema")
+_STR = ("data", "data_root", "model", "objective", "attack_bn", "attack_start", "out", "device", "selection",
+        "precision", "compile", "data_path")
 _BOOL = ("download", "progress", "tensorboard", "dump_weights", "channels_last")
 _STR_LIST = ("plugins", "final_attacks")
 
@@ -242,6 +253,33 @@ def check_types(cfg: TrainConfig) -> None:
         raise bad("plugin_options", "a table of option = value", cfg.plugin_options)
 
 
+FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def table_entries(table: Mapping[str, Any], own: Collection[str] = (),
+                  flat_options: bool = False) -> Iterator[tuple[str, str, Any]]:
+    """The entries of a config or sweep file's table as ``(kind, name, value)``, in file order: the
+    one place that says what a key means. Kinds: ``"own"`` (a key in ``own``, left to the caller),
+    ``"setting"`` (a ``TrainConfig`` field, written with ``-`` or ``_``), ``"plugin_options"`` (the
+    ``[plugin_options]`` table, as it is), ``"option"`` (one plugin option: ``[mail] gamma = 10`` is
+    ``mail-gamma``; with ``flat_options`` also ``"mail-gamma" = 10``) or ``"unknown"`` (as written)."""
+    for k, v in table.items():
+        key = k.replace("-", "_")
+        if key in own:
+            yield "own", key, v
+        elif key == "plugin_options":
+            yield "plugin_options", key, v
+        elif key in FIELDS:
+            yield "setting", key, v
+        elif isinstance(v, dict):  # [mail] gamma = 10
+            for option, value in v.items():
+                yield "option", f"{k}-{option}", value
+        elif flat_options and "-" in k:  # "mail-gamma" = 10
+            yield "option", k, v
+        else:
+            yield "unknown", k, v
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A JSON or TOML file with run settings; plugin options under ``[plugin_options]`` as
     ``"mail-gamma" = 10`` or nested ``[mail] gamma = 10`` tables."""
@@ -260,23 +298,59 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise OptionError(f"config file {str(p)!r} cannot be parsed: {e}") from None
     if not isinstance(raw, dict):
         raise OptionError(f"config file {str(p)!r}: expected a table of settings, got {type(raw).__name__}")
-    if not isinstance(raw.get("plugin_options") or {}, dict):
+    if any(k.replace("-", "_") == "plugin_options" and not isinstance(v or {}, dict) for k, v in raw.items()):
         raise OptionError(f"config file {str(p)!r}: plugin_options must be a table of \"plugin-option\" = value")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
     out: dict[str, Any] = {}
-    popts: dict[str, Any] = dict(raw.pop("plugin_options", {}) or {})
-    for k, v in raw.items():
-        key = k.replace("-", "_")
-        if key in names:
+    table: dict[str, Any] = {}  # [plugin_options] first, plugins' own tables over it
+    popts: dict[str, Any] = {}
+    for kind, key, v in table_entries(raw):
+        if kind == "setting":
             out[key] = v
-        elif isinstance(v, dict):  # [mail] gamma = 10
-            for fk, fv in v.items():
-                popts[f"{k}-{fk}"] = fv
+        elif kind == "plugin_options":
+            table.update(v or {})
+        elif kind == "option":
+            popts[key] = v
         else:
-            raise OptionError(f"config file {str(p)!r}: unknown setting {k!r}")
+            raise OptionError(f"config file {str(p)!r}: unknown setting {key!r}")
+    popts = {**table, **popts}
     if popts:
         out["plugin_options"] = popts
     return out
+
+
+# A source of settings: a config file, a TrainConfig, a table of its fields (plugin options under
+# ``plugin_options``), or None (nothing).
+SettingsSource = Mapping[str, Any] | TrainConfig | str | os.PathLike | None
+
+
+def merge_settings(*layers: SettingsSource) -> dict[str, Any]:
+    """``TrainConfig`` keyword arguments from ``layers``, each over the ones before it; plugin
+    options merge option by option (``plugin_options`` only when there are some)."""
+    out: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        if isinstance(layer, TrainConfig):
+            layer = layer.to_json()
+        elif isinstance(layer, (str, os.PathLike)):
+            layer = load_config_file(layer)
+        layer = dict(layer)
+        options.update(layer.pop("plugin_options", None) or {})
+        out.update(layer)
+    if options:
+        out["plugin_options"] = options
+    return out
+
+
+def build_config(*layers: SettingsSource) -> TrainConfig:
+    """The one way to a run's ``TrainConfig`` (``advplug train``, ``advplug.tools.api.train``, a
+    sweep point): ``layers`` merged by :func:`merge_settings`. Not yet resolved: ``resolved()``
+    fills the data set's defaults and validates."""
+    try:
+        return TrainConfig(**merge_settings(*layers))
+    except TypeError as e:  # an unknown setting name
+        raise OptionError(str(e)) from None
 
 
 RECORD_ONLY = ("resolved_plugin_options", "num_train", "world_size", "num_selection", "num_validation", "split_seed")
@@ -305,9 +379,8 @@ def check_run_config(d: dict[str, Any], name: str, error: type[Exception] = Opti
     crash or a silently wrong table). Keys this advplug does not know are left to the caller."""
     from advplug.errors import AdvplugError
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        TrainConfig(**{k: v for k, v in d.items() if k in names}).resolved()
+        TrainConfig(**{k: v for k, v in d.items() if k in FIELDS}).resolved()
     except AdvplugError as e:
         raise error(f"{name!r} is damaged: {e}") from None
     nulls = [k for k in (*DATA_DEFAULTS["digits"], "milestones") if k in d and d[k] is None]

@@ -38,7 +38,7 @@ class Weights:
       ``[B]`` when the natural input is a member of the pair (LRAT's ``--lrat-floor nat``).
 
     Any field may be ``None``. Weights are returned at the scale the plugin's method defines;
-    how the core combines them is ``compose.combine_weights``.
+    how the core combines them is ``weights.combine_weights``.
     """
 
     adv: Tensor | None = None
@@ -68,7 +68,7 @@ DECLARED_NEEDS = ("natural", "features", "validation", "loss", "stat:<key>")
 @dataclass(frozen=True)
 class Declaration:
     """What a plugin needs from a run and what it gives it, from the ``declare`` hook; the core
-    checks the whole set at start-up (``compose.check_composition``), before any data is loaded.
+    checks the whole set at start-up (``composition.check_composition``), before any data is loaded.
 
     ``weights``: the kind of ``compute_weights`` result, ``"global"``, ``"local"`` or ``None``.
     ``view``: the view a global method reads when the pair has several variants:
@@ -262,4 +262,3 @@ class TrainContext:
     rank: int = 0
     world_size: int = 1
     loss_fn: Callable[..., Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -9,6 +9,14 @@ class PluginError(AdvplugError):
     """Unknown plugin, import failure, conflicting plugins, bad hook implementation."""
 
 
+class CompositionError(PluginError):
+    """Plugins that cannot run together; ``short`` says why in a few words (the README's pair table)."""
+
+    def __init__(self, message: str, short: str) -> None:
+        super().__init__(message)
+        self.short = short
+
+
 class OptionError(AdvplugError):
     """An invalid or misplaced option value."""
 

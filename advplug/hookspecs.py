@@ -4,7 +4,7 @@ A plugin is a class whose ``__init__`` takes its ``Options`` dataclass instance 
 declares no ``Options``) and whose methods marked ``@advplug.hookimpl`` implement some of the
 hooks below. Implementations may take any subset of a spec's arguments, by name.
 
-At start-up, ``declare`` (checked as a whole by ``compose.check_composition`` in
+At start-up, ``declare`` (checked as a whole by ``composition.check_composition`` in
 ``plugins.enable``), then ``requirements`` and ``on_train_start``. Order of one training step,
 for a batch ``(x, y, index)``::
 
@@ -12,13 +12,16 @@ for a batch ``(x, y, index)``::
     -> compute_weights -> combine_loss -> (core: backward) -> perturb_weights (exited)
     -> (core: optimizer step) -> on_batch_end
 
-Besides hooks, a plugin may define two plain methods the core calls for checkpoints:
-``state_dict() -> dict`` (tensors, numbers, strings, lists and dicts only: checkpoints are loaded
-with ``weights_only=True``) and ``load_state_dict(state: dict) -> None``; and
-``owns_loss(objective: str) -> bool`` to say whether its ``combine_loss`` owns the loss for the
-chosen objective (default: it does if it implements ``combine_loss`` without ``wrapper=True``).
-A plain attribute ``strength_hint: str`` names the options that make a reweighting plugin's
-weights stronger; the core quotes it when the weights stay nearly uniform for several epochs.
+Besides hooks, a plugin may define plain methods and attributes the core looks for, each
+described by a ``Protocol`` at the end of this module: ``Stateful`` (``state_dict`` /
+``load_state_dict``, for checkpoints), ``OwnsLoss``, ``StartsAttacks`` (``attack_start``) and
+``HintsStrength`` (``strength_hint``).
+
+Every hook is called through pluggy, so wrappers (``@hookimpl(wrapper=True)``) are honoured:
+a wrapper sees the result of the call it wraps and may change it. The collected hooks whose
+results the core attributes to a plugin (``declare``, ``compute_weights``, ``on_epoch_end``) are
+called one plugin at a time (``plugins.per_plugin``), so there wrappers wrap each plugin's call
+and see that plugin's result as a one-item list (empty if it returned ``None``).
 
 No hook may call ``backward()``, step the optimizer, or modify the ``StepContext``, the
 variants or the model (``perturb_weights`` alone changes the weights, for the step's loss, and
@@ -27,7 +30,7 @@ restores them before the update); plugin state is the plugin's own.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pluggy
 from torch import Tensor
@@ -35,6 +38,7 @@ from torch import Tensor
 from advplug.context import Declaration, StepContext, TrainContext, Variant, Weights
 
 hookspec = pluggy.HookspecMarker("advplug")
+hookimpl = pluggy.HookimplMarker("advplug")  # re-exported as advplug.hookimpl
 
 
 @hookspec
@@ -50,7 +54,7 @@ def declare(objective: str) -> Declaration | None:
         plugin: global weights read from ``ctx.anchor``; variants it generates are unchecked).
 
     **Combining**: collected once, in ``plugins.enable``, before any data is loaded or any step
-    runs; ``compose.check_composition`` checks the whole set: duplicate variant names, two local
+    runs; ``composition.check_composition`` checks the whole set: duplicate variant names, two local
     methods, a view nobody makes, a stat the view does not record, natural weights with a loss
     that has no natural term, a meta-learning need beside local weights. Each failure is one line
     naming both plugins and the missing piece. Must not touch the model or data.
@@ -101,7 +105,7 @@ def generate_adversaries(ctx: StepContext) -> list[Variant] | None:
     early-stopped KL attack *is* FAT-TRADES' attack). If neither returns one, the core's
     training attack (PGD-K, torchattacks) supplies a single variant named ``"pgd"`` with
     ``stats["kappa"]`` (the number of PGD iterations at which the sample was still classified
-    correctly, GAIRAT's kappa).
+    correctly, GAIRAT's kappa). Wrappers wrap the plugins' call and, when it runs, the objective's.
 
     Must not run the model on the clean batch for training purposes (use ``ctx.logits``).
     """
@@ -166,7 +170,9 @@ def compute_weights(ctx: StepContext, variants: list[Variant]) -> Weights | None
     checked at start-up), kept exactly as returned. ``combine_loss`` receives
     ``CombinedWeights``: ``adv[v, b] = instance[b] * local[v, b]``, the natural term's weight, and
     the parts; detached. Abstaining or all-ones weights change nothing; the order of ``--plugin``
-    flags changes nothing. If nobody returns weights, ``combine_loss`` receives ``None``.
+    flags changes nothing. If nobody returns weights, ``combine_loss`` receives ``None``. Wrappers
+    wrap each plugin's call (a wrapper sees ``[weights]`` of one plugin, or ``[]``); each plugin's
+    result, as its wrappers leave it, is checked (finite, >= 0) and a bad one is named.
     """
 
 
@@ -207,9 +213,73 @@ def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> dict[str, Any] | None:
     :param metrics: the epoch's metrics so far (read-only).
     :return: extra JSON-serialisable metrics to record under the plugin's name, or ``None``.
 
-    **Combining**: collected; every plugin is called; results are stored as
-    ``metrics[plugin_name]``.
+    **Combining**: collected; every plugin is called, each with its own copy of the metrics;
+    results are stored as ``metrics[plugin_name]``. Wrappers wrap each plugin's call (a wrapper
+    sees ``[result]`` of one plugin, or ``[]``, and may change it).
     """
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """A plugin with state to checkpoint: a resumed run continues exactly.
+
+    ``state_dict() -> dict``: the plugin's state after an epoch; tensors, numbers, strings, lists and
+    dicts only (checkpoints are loaded with ``weights_only=True``). Saved in ``last.pt`` and
+    ``best.pt`` under the plugin's name.
+    ``load_state_dict(state: dict) -> None``: restore it, on ``--resume``, after ``on_train_start``.
+    Raise ``KeyError``, ``ValueError`` or ``RuntimeError`` for a state that does not fit (reported as
+    a checkpoint that does not match the run).
+
+    **Combining**: one state per plugin; a resume whose checkpoint holds the states of other
+    plugins than the run's is refused. Both methods or neither: a plugin with only one is not stateful.
+    """
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class OwnsLoss(Protocol):
+    """A plugin that says whether its ``combine_loss`` owns the loss under the chosen objective.
+
+    ``owns_loss(objective: str) -> bool``: e.g. MeoW's mixture owns the loss beside ``at`` and
+    yields to ``trades``. Without this method a plugin owns the loss if it implements
+    ``combine_loss`` without ``wrapper=True``.
+
+    **Combining**: asked at start-up (``plugins.enable``); two owners are an error naming both,
+    except that the ``at`` objective yields to any other owner.
+    """
+
+    def owns_loss(self, objective: str) -> bool: ...
+
+
+@runtime_checkable
+class StartsAttacks(Protocol):
+    """A plugin whose method starts the training attacks from its own random start.
+
+    ``attack_start(objective: str) -> str | None``: ``"uniform"``, ``"normal"``, ... (see
+    ``config.ATTACK_STARTS``), or ``None`` for no wish (e.g. MAIL's code starts every objective
+    from ``normal``).
+
+    **Combining**: ``--attack-start`` wins; else the plugins' wish if they all agree; else the
+    objective's official start (``attacks.resolve_attack_start``). The run header logs who chose.
+    """
+
+    def attack_start(self, objective: str) -> str | None: ...
+
+
+@runtime_checkable
+class HintsStrength(Protocol):
+    """A reweighting plugin that names the options making its weights stronger.
+
+    ``strength_hint: str``: e.g. ``"--mail-gamma (higher: steeper weights)"``, quoted by the core's
+    warning when the combined weights stay nearly uniform for several epochs.
+
+    **Combining**: each weigher's hint is quoted in the one warning.
+    """
+
+    strength_hint: str
 
 
 SPEC_NAMES = (
@@ -224,4 +294,19 @@ SPEC_NAMES = (
     "on_epoch_end",
 )
 
-__all__ = ["hookspec", "SPEC_NAMES", "Any", "Tensor", "Declaration", "StepContext", "TrainContext", "Variant", "Weights"]
+__all__ = [
+    "Any",
+    "Declaration",
+    "HintsStrength",
+    "OwnsLoss",
+    "SPEC_NAMES",
+    "StartsAttacks",
+    "Stateful",
+    "StepContext",
+    "Tensor",
+    "TrainContext",
+    "Variant",
+    "Weights",
+    "hookimpl",
+    "hookspec",
+]

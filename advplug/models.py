@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advplug.errors import OptionError
+from advplug.errors import DataError, OptionError
 from advplug.usercode import import_callable
 
 
@@ -172,6 +172,15 @@ MODELS = {
 }
 
 
+def auto_model(input_shape: tuple[int, ...]) -> str:
+    """The default model for your own data, by image size: digits-cnn below 16 px, small-cnn up to
+    64 px, preactresnet18 above (its global pooling takes any size)."""
+    side = min(input_shape[1:]) if len(input_shape) == 3 else 0
+    if len(input_shape) != 3:
+        raise DataError(f"images must be [C, H, W]; the data has samples of shape {tuple(input_shape)}")
+    return "digits-cnn" if side < 16 else "small-cnn" if max(input_shape[1:]) <= 64 else "preactresnet18"
+
+
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], *, allow_import: bool = False) -> nn.Module:
     """A model by name, or ``package.module:callable`` called as ``f(num_classes=, input_shape=)``.
 
@@ -192,3 +201,12 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], *, al
             raise OptionError(f"--model {name} returned a {type(model).__name__}, not a torch.nn.Module")
         return model
     raise OptionError(f"unknown model {name!r} (choose from {', '.join(MODELS)}, or module:callable)")
+
+
+def check_model_import(saved: object, given: str | None) -> None:
+    """Refuse a saved ``module:callable`` model unless the user named the same one."""
+    if isinstance(saved, str) and ":" in saved and given != saved:
+        raise OptionError(f"this run's model {saved!r} is code to import; advplug imports code only when you "
+                          f"name it: add --model {saved}" + (f" (you gave {given!r})" if given else ""))
+    if given is not None and given != saved:
+        raise OptionError(f"--model {given}: this run was trained with model {saved!r}")

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advplug import hookimpl
 from advplug.context import NATURAL, StepContext, TrainContext, Variant, Weights
 from advplug.errors import PluginError
+from advplug.hookspecs import hookimpl
 from advplug.options import opt
 from advplug.weights import adv_matrix, nat_vector
 

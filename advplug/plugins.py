@@ -12,11 +12,12 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import pluggy
+from pluggy import HookCaller
 
 from advplug import hookspecs
 from advplug.composition import Composition, check_composition
 from advplug.context import Declaration
-from advplug.errors import OptionError, PluginError
+from advplug.errors import CompositionError, OptionError, PluginError
 from advplug.options import build_options, describe, flag_name
 
 GROUP = "advplug"
@@ -86,20 +87,40 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-@dataclass
+KNOWN_REQUIREMENTS = frozenset({"validation"})
+
+
+@dataclass(frozen=True)
 class Enabled:
-    """The plugins of one run: names in order, instances, and the objective's name."""
+    """The plugins of one run and what the core derives from them, computed once in ``enable``: names in order,
+    the objective's name, the union of their ``requirements``, whether one may read ``Variant.stats``, and the
+    checked ``composition`` (which carries the declarations and the loss owner)."""
 
     pm: pluggy.PluginManager
     names: list[str]
     objective: str
-    composition: Composition | None = None
+    requirements: frozenset[str] = frozenset()
+    reads_attack_stats: bool = True
+    composition: Composition | None = None  # None only while ``enable`` builds it
+
+    @property
+    def declarations(self) -> dict[str, Declaration]:
+        """Each plugin's ``declare`` result (objective first), as checked at start-up."""
+        return self.composition.declarations
 
     def plugin(self, name: str) -> Any:
         return self.pm.get_plugin(name)
 
     def items(self) -> list[tuple[str, Any]]:
         return [(n, self.pm.get_plugin(n)) for n in [self.objective, *self.names]]
+
+
+def per_plugin(pm: pluggy.PluginManager, hook: str) -> list[tuple[str, HookCaller]]:
+    """Per plugin implementing ``hook`` (wrappers aside), in pluggy's call order: a caller of that plugin's
+    implementation inside every wrapper of the hook (``pm.subset_hook_caller``). The core calls a collected hook
+    this way when it must know whose result is whose (fault flags, ``metrics[name]``); wrappers wrap each call."""
+    impls = [i for i in reversed(getattr(pm.hook, hook).get_hookimpls()) if not (i.wrapper or i.hookwrapper)]
+    return [(i.plugin_name, pm.subset_hook_caller(hook, [j.plugin for j in impls if j is not i])) for i in impls]
 
 
 def split_options(names: list[str], objective: str, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -146,11 +167,14 @@ def enable(names: list[str], objective: str = "at", options: dict[str, Any] | No
     owners = loss_owners(enabled)
     requested: set[str] = set().union(*[r for r in pm.hook.requirements() if r])
     gens = {i.plugin_name for i in pm.hook.generate_adversaries.get_hookimpls()}
-    decls = declarations(enabled)
-    enabled.composition = check_composition(
+    decls = _declarations(enabled)
+    composition = check_composition(
         decls, objective, owners[0] if owners else None, requested,
         [n for n in gens if not decls[n].variants and not _declares(pm, n)])
-    return enabled
+    if requested - KNOWN_REQUIREMENTS:
+        raise PluginError(f"unknown requirement(s) {', '.join(sorted(requested - KNOWN_REQUIREMENTS))}")
+    return dataclasses.replace(enabled, requirements=frozenset(requested), composition=composition,
+                               reads_attack_stats=_reads_attack_stats(enabled, decls))
 
 
 # The built-in objectives' declarations (they implement no ``declare``): the views they make and
@@ -167,18 +191,16 @@ def _declares(pm: pluggy.PluginManager, name: str) -> bool:
     return any(i.plugin_name == name for i in pm.hook.declare.get_hookimpls())
 
 
-def declarations(enabled: Enabled) -> dict[str, Declaration]:
+def _declarations(enabled: Enabled) -> dict[str, Declaration]:
     """Each enabled plugin's ``declare`` result (objective first). A plugin without one is a
     global weigher reading ``ctx.anchor`` if it implements ``compute_weights``."""
     pm = enabled.pm
-    impls = {i.plugin_name: i for i in pm.hook.declare.get_hookimpls()}
+    declare = dict(per_plugin(pm, "declare"))
     weighers = {i.plugin_name for i in pm.hook.compute_weights.get_hookimpls()}
     out: dict[str, Declaration] = {}
-    for name, _ in enabled.items():
-        d = None
-        if name in impls:
-            impl = impls[name]
-            d = impl.function(*[{"objective": enabled.objective}[a] for a in impl.argnames])
+    for name in (enabled.objective, *enabled.names):
+        results = declare[name](objective=enabled.objective) if name in declare else []
+        d = results[0] if results else None
         if d is None:
             d = OBJECTIVE_DECLARATIONS.get(name) if name == enabled.objective else None
         if d is None:
@@ -189,18 +211,18 @@ def declarations(enabled: Enabled) -> dict[str, Declaration]:
     return out
 
 
-def reads_attack_stats(enabled: Enabled) -> bool:
+def _reads_attack_stats(enabled: Enabled, decls: dict[str, Declaration]) -> bool:
     """Whether some enabled plugin may read ``Variant.stats`` (kappa, p_true_lps): one that
     declares a ``stat:`` need, or one without ``declare`` (its needs are unknown). When none does,
     the core's PGD skips that bookkeeping (a few small tensor ops per attack iteration)."""
     declared = {i.plugin_name for i in enabled.pm.hook.declare.get_hookimpls()}
-    decls = declarations(enabled)
     return any(n != enabled.objective and n not in declared for n, _ in enabled.items()) or any(
         need.startswith("stat:") for d in decls.values() for need in d.needs)
 
 
-def owns_loss(name: str, plugin: Any, objective: str) -> bool:
-    if hasattr(plugin, "owns_loss"):
+def owns_loss(plugin: Any, objective: str) -> bool:
+    """Whether ``plugin``'s ``combine_loss`` owns the loss for ``objective`` (``hookspecs.OwnsLoss``)."""
+    if isinstance(plugin, hookspecs.OwnsLoss):
         return bool(plugin.owns_loss(objective))
     impl = getattr(plugin, "combine_loss", None)
     opts = getattr(impl, "advplug_impl", None)
@@ -209,16 +231,15 @@ def owns_loss(name: str, plugin: Any, objective: str) -> bool:
 
 def loss_owners(enabled: Enabled) -> list[str]:
     """Who owns ``combine_loss``; the trylast ``at`` objective yields to any other owner."""
-    owners = [n for n, p in enabled.items() if owns_loss(n, p, enabled.objective)]
+    owners = [n for n, p in enabled.items() if owns_loss(p, enabled.objective)]
     if len(owners) > 1 and "at" in owners:
         owners.remove("at")
     if len(owners) > 1:
-        err = PluginError(
+        raise CompositionError(
             f"plugins {' and '.join(repr(o) for o in owners)} both own the training loss "
-            f"(combine_loss); enable only one of them"
+            f"(combine_loss); enable only one of them",
+            "two loss owners",
         )
-        err.short = "two loss owners"  # type: ignore[attr-defined]
-        raise err
     return owners
 
 
@@ -234,7 +255,7 @@ def pair_table(names: list[str] | None = None, objectives: tuple[str, ...] = ("a
                 try:
                     cells.append(enable([a, b], o).composition.cell())
                 except (PluginError, OptionError) as e:
-                    cells.append("error: " + getattr(e, "short", str(e)))
+                    cells.append("error: " + (e.short if isinstance(e, CompositionError) else str(e)))
             rows.append(f"| {a} + {b} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from importlib.metadata import EntryPoint
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -41,6 +41,19 @@ def installed_plugins(**targets: str) -> Iterator[None]:
         yield
     finally:
         plugins.installed = real  # type: ignore[assignment]
+
+
+def enabled_plugin(name: str, options: dict[str, str] | None = None, objective: str = "at") -> Any:
+    """The plugin ``name`` as a run constructs it, ``options`` given as on the command line
+    (``{"mail-gamma": "2.5"}``): checks an ``Options`` class and its parsing."""
+    return plugins.enable([name], objective, options or {}).plugin(name)
+
+
+def train_quietly(cfg: TrainConfig, data: DataBundle) -> None:
+    """Train (and evaluate) ``cfg`` on ``data`` without log output: a plugin's end-to-end test."""
+    from advplug.engine.trainer import Trainer
+
+    Trainer(cfg, data=data, log=lambda s: None).fit()
 
 
 class ScriptedTwoClass(torch.nn.Module):
@@ -149,7 +162,8 @@ def run_and_resume(tmp, data: DataBundle, epochs: int = 3, **cfg) -> tuple[dict,
     import json
     from pathlib import Path
 
-    from advplug.engine.trainer import Trainer, resume_config
+    from advplug.engine.inputs import resume_config
+    from advplug.engine.trainer import Trainer
     from advplug.run import checkpoint
 
     full, part = Path(tmp) / "full", Path(tmp) / "part"

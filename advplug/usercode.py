@@ -8,7 +8,8 @@ import importlib
 from typing import Any, Callable
 
 
-def import_callable(spec: str, option: str, value: str, allow_import: bool, error: type[Exception]) -> Callable[..., Any]:
+def import_callable(spec: str, option: str, value: str, allow_import: bool,
+                    error: type[Exception]) -> Callable[..., Any]:
     """``pkg.mod:attr`` imported, for ``--<option> <value>`` as the user writes it."""
     if not allow_import:
         raise error(f"{option} {value!r} is code to import; advplug imports code only when you name it: "

@@ -57,13 +57,13 @@ def test_eval_a_run_directory(tmp_path):
     assert "CW-Linf margin (PGD-5) on 64" in res.output and "Natural on 64" in res.output
     saved = json.loads((tmp_path / "eval.json").read_text())["entries"]
     assert {(e["checkpoint"], e["attack"], e["n_test"]) for e in saved.values()} == {
-        ("last", "Natural", 64), ("last", "CW-Linf margin (PGD-5)", 64)}
+        ("last", "natural", 64), ("last", "cw5", 64)}
 
 
 def test_eval_refuses_a_damaged_eval_json_before_evaluating(tmp_path, monkeypatch):
     """The results of minutes of attacks are never computed only to be lost on a corrupt eval.json
     (which is kept as it is)."""
-    import advplug.evaluate
+    import advplug.tools.evaluation
 
     Trainer(tiny_config(str(tmp_path), epochs=1), data=digits_subset(128, 32), log=lambda s: None).fit()
     (tmp_path / "eval.json").write_text('{"format": "advplug-eval", "version": 2, "entries": [')
@@ -71,7 +71,7 @@ def test_eval_refuses_a_damaged_eval_json_before_evaluating(tmp_path, monkeypatc
     def never(*a, **k):
         raise AssertionError("evaluated despite a damaged eval.json")
 
-    monkeypatch.setattr(advplug.evaluate, "evaluate_checkpoints", never)
+    monkeypatch.setattr(advplug.tools.evaluation, "evaluate_checkpoints", never)
     one_line_error(run("eval", str(tmp_path), "--attack", "natural"), "eval.json' is corrupt")
     assert (tmp_path / "eval.json").read_text().endswith("[")
 

@@ -6,10 +6,10 @@ import pytest
 from click.testing import CliRunner
 
 from advplug.engine.trainer import Trainer
-from advplug.evaluate import evaluate_checkpoints
 from advplug.testing import digits_subset, tiny_config
 from advplug.tools.cli import cli
 from advplug.tools.compare import compare, load_run, table
+from advplug.tools.evaluation import evaluate_checkpoints
 
 BASE = dict(data="digits", model="digits-cnn", eps=0.2, alpha=0.05, steps=10, epochs=20, batch_size=64, lr=0.05,
             milestones=[12, 17], attack_bn="eval", objective="at", plugin_options={})
@@ -89,6 +89,38 @@ def test_compare_shows_and_flags_where_best_was_chosen(tmp_path):
     assert "| AT ⚠ | 3 | test/validation |" in md and "selection test (others: validation)" in warnings[0]
 
 
+def test_old_result_files_read_as_fields_and_compare_as_new_ones(tmp_path):
+    """results.json of version 1 (display-keyed) and eval.json of versions 1 and 2 (display names as
+    attacks) read as entries with fields, and compare exactly as the same results written today."""
+    from advplug.run import results
+
+    old = {"last (epoch 20)": {"Natural": 0.8, "PGD-20": 0.4, "PGD-20 (bf16 eval)": 0.41},
+           "best (epoch 15)": {"Natural": 0.81, "PGD-20": 0.45, "PGD-20 (bf16 eval)": 0.46}}
+    a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
+    (tmp_path / "a" / "results.json").write_text(json.dumps(old))
+    entries = results.read_results(tmp_path / "a" / "results.json", {**BASE, "seed": 0})
+    assert [(e["checkpoint"], e["epoch"], e["attack"], e["precision"], e["eps"]) for e in entries[:3]] == [
+        ("last", 20, "natural", "fp32", 0.2), ("last", 20, "pgd20", "fp32", 0.2), ("last", 20, "pgd20", "bf16", 0.2)]
+    assert results.by_row(entries) == old
+    b = fake_run(tmp_path, "b", 1, 0.8, 0.4)
+    results.write_results(tmp_path / "b" / "results.json", [{**e, "n_test": 360, "n_total": 360, "seed": 1} for e in entries])
+    assert results.read_results(tmp_path / "b" / "results.json", {})[2]["attack"] == "pgd20"
+    md, warnings = compare([a, b])
+    assert warnings == [] and "| PGD-20 (bf16 eval) best | PGD-20 (bf16 eval) last |" in md
+    assert "| AT | 2 | test | 81.00 ± 0.00 | 80.00 ± 0.00 | 45.00 ± 0.00 | 40.00 ± 0.00 | 46.00 ± 0.00 | 41.00 ± 0.00 |" in md
+
+    v2 = {**ENTRY, "attack": "CW-Linf margin (PGD-5)"}
+    art = {**ENTRY, "attack": "PGD-5 (ART)", "backend": "art"}
+    (tmp_path / "a" / "eval.json").write_text(json.dumps({"format": "advplug-eval", "version": 2,
+                                                          "entries": {"x": v2, "y": art}}))
+    got = list(results.read_evals(tmp_path / "a" / "eval.json").values())
+    assert [(e["attack"], e["backend"], results.label(e)) for e in got] == [
+        ("cw5", "torchattacks", "CW-Linf margin (PGD-5)"), ("pgd5", "art", "PGD-5 (ART)")]
+    merged = results.merge_evals(tmp_path / "a" / "eval.json", [{**got[0], "accuracy": 0.25}])  # same key: replaced
+    assert len(merged) == 2 and json.loads((tmp_path / "a" / "eval.json").read_text())["version"] == 3
+    assert [e["accuracy"] for e in results.read_evals(tmp_path / "a" / "eval.json").values()] == [0.5, 0.25]
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -109,12 +141,13 @@ def test_report_writes_every_plot(small_run):
 
 
 def test_eval_suite_records_the_autoattack_subset(small_run):
-    rec = evaluate_checkpoints(str(small_run), ["best", "last"], ["natural", "pgd5", "aa"], n_eval=32, n_eval_aa=8,
-                               log=lambda s: None)
-    assert rec["settings"]["n_test"] == {"Natural": 32, "PGD-5": 32, "AutoAttack": 8}
-    assert rec["settings"]["alpha"] == pytest.approx(rec["settings"]["eps"] / 4)
-    assert set(rec["results"]) == {"best", "last"} and rec["results"]["last"]["epoch"] == 3
-    assert 0.0 <= rec["results"]["last"]["AutoAttack"] <= rec["results"]["last"]["Natural"]
+    entries = evaluate_checkpoints(str(small_run), ["best", "last"], ["natural", "pgd5", "aa"], n_eval=32, n_eval_aa=8,
+                                   log=lambda s: None)
+    last = {e["attack"]: e for e in entries if e["checkpoint"] == "last"}
+    assert {a: e["n_test"] for a, e in last.items()} == {"natural": 32, "pgd5": 32, "aa": 8}
+    assert all(e["alpha"] == pytest.approx(e["eps"] / 4) for e in entries)
+    assert {e["checkpoint"] for e in entries} == {"best", "last"} and {e["epoch"] for e in last.values()} == {3}
+    assert 0.0 <= last["aa"]["accuracy"] <= last["natural"]["accuracy"]
 
 
 def test_example_configs_are_valid():

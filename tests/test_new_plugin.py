@@ -1,8 +1,9 @@
-"""`advplug new-plugin NAME` (#15): the package installs, shows up in `advplug plugins` and
-passes its own generated test. Installed with pip --target into a temporary directory put on
-PYTHONPATH, so the shared environment never sees the generated plugin."""
+"""`advplug new-plugin NAME`: the package installs, shows up in `advplug plugins`, passes its own
+generated test and imports only advplug's public surface. Installed with pip --target into a
+temporary directory put on PYTHONPATH, so the shared environment never sees the generated plugin."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -13,7 +14,10 @@ from click.testing import CliRunner
 
 from advplug.errors import OptionError
 from advplug.tools.cli import cli
-from advplug.tools.template import names
+from advplug.tools.template import names, new_plugin
+
+PUBLIC = {"advplug", "advplug.signals"}
+TEST_HELPERS = {"advplug.testing"}
 
 
 def test_names():
@@ -44,3 +48,16 @@ def test_generated_package_installs_lists_and_passes_its_test(tmp_path):
     test = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
                           env=env, cwd=pkg, capture_output=True, text=True)
     assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-2000:]
+
+
+def _advplug_imports(path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    found |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    return {m for m in found if m == "advplug" or m.startswith("advplug.")}
+
+
+def test_generated_code_imports_only_the_public_surface(tmp_path):
+    pkg = new_plugin("my-method", tmp_path)
+    assert _advplug_imports(pkg / "src" / "advplug_my_method" / "__init__.py") <= PUBLIC
+    assert _advplug_imports(pkg / "tests" / "test_my_method.py") <= PUBLIC | TEST_HELPERS

@@ -11,7 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from advplug.engine.trainer import Trainer, resume_config
+from advplug.engine.inputs import resume_config
+from advplug.engine.trainer import Trainer
 from advplug.errors import CheckpointError, OptionError, RunDirError
 from advplug.run import checkpoint
 from advplug.run import directory as rundir

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from advplug.engine.trainer import SPLIT_SEED, Trainer, training_data
+from advplug.engine.inputs import SPLIT_SEED, training_data
+from advplug.engine.trainer import Trainer
 from advplug.run import checkpoint
 from advplug.testing import (
     ConstantWeights,

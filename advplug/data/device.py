@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from advplug.data import TensorBatches
+from advplug.data.batches import TensorBatches
+from advplug.errors import DataError
 
 # Fits-in-memory rule for --data-path auto: the raw training images, as stored, below this size.
 AUTO_MAX_BYTES = 4 << 30
@@ -97,9 +98,8 @@ def device_batches(train: Dataset | tuple[Tensor, Tensor], augment: str, path: s
     raw = train if isinstance(train, tuple) else raw_tensors(train)
     if raw is None or (path == "auto" and raw[0].numel() * raw[0].element_size() > AUTO_MAX_BYTES):
         if path == "device":
-            from advplug.errors import DataError
-
-            raise DataError("--data-path device: this data set cannot be loaded into memory as tensors; use --data-path loader")
+            raise DataError("--data-path device: this data set cannot be loaded into memory as tensors; "
+                            "use --data-path loader")
         return None
     x, y = raw
     return DeviceBatches(x.to(device), y.to(device), batch_size, True, seed, rank, world_size, augment)

@@ -7,6 +7,7 @@ state per process, plugin states, the best-so-far record and the epoch metrics s
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import zipfile
@@ -73,20 +74,24 @@ def resolve(path: str | Path, which: str = "last") -> Path:
 def _read(p: Path) -> dict[str, Any]:
     name = str(p)
     if p.stat().st_size == 0:
-        raise CheckpointError(f"{name!r} is empty (0 bytes): an interrupted write; use the run's other checkpoint or retrain")
+        raise CheckpointError(f"{name!r} is empty (0 bytes): an interrupted write; "
+                              "use the run's other checkpoint or retrain")
     try:
         with zipfile.ZipFile(p) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"{name!r} is corrupt or truncated: not a readable checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{name!r} is corrupt or truncated: not a readable checkpoint "
+                              f"({_first_line(e)})") from None
     if bad is not None:
-        raise CheckpointError(f"{name!r} is corrupt: the checksum of its entry {bad!r} does not match (damaged on disk or in transfer)")
+        raise CheckpointError(f"{name!r} is corrupt: the checksum of its entry {bad!r} does not match "
+                              "(damaged on disk or in transfer)")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # anything but tensors and plain data is refused, never unpickled
         if isinstance(e, __import__("pickle").UnpicklingError) or "weights_only" in str(e):
             raise CheckpointError(f"{name!r} is not an advplug checkpoint: it holds pickled objects other than "
-                                  "tensors and plain data, which advplug refuses to load (loading them could run code)") from None
+                                  "tensors and plain data, which advplug refuses to load "
+                                  "(loading them could run code)") from None
         raise CheckpointError(f"{name!r} is corrupt or not an advplug checkpoint ({type(e).__name__})") from None
 
 
@@ -103,14 +108,16 @@ def check_schema(ck: dict[str, Any], keys: dict[str, type | tuple[type, ...]], n
             raise CheckpointError(f"{name!r} is damaged: its {k!r} entry is a {type(v).__name__}, expected {want}")
     if "input_shape" in keys:  # numbers a model is built from: checked before any allocation
         shape, k = ck["input_shape"], ck["num_classes"]
-        if not (1 <= len(shape) <= 4 and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 16 for d in shape)):
+        sizes = all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 16 for d in shape)
+        if not (1 <= len(shape) <= 4 and sizes):
             raise CheckpointError(f"{name!r} is damaged: its input shape {shape!r} is not a list of sizes")
         if not 2 <= k <= MAX_CLASSES:
             raise CheckpointError(f"{name!r} is damaged: its number of classes {k} is not in 2..{MAX_CLASSES}")
     if "plugins" in keys:
         for n, st in ck["plugins"].items():
             if not isinstance(st, dict):
-                raise CheckpointError(f"{name!r} is damaged: the state of plugin {n!r} is a {type(st).__name__}, expected dict")
+                raise CheckpointError(f"{name!r} is damaged: the state of plugin {n!r} is a {type(st).__name__}, "
+                                      "expected dict")
 
 
 def load(path: str | Path, which: str = "last", *, need: str = "model") -> dict[str, Any]:
@@ -126,6 +133,14 @@ def load(path: str | Path, which: str = "last", *, need: str = "model") -> dict[
     check_schema(ckpt, {"model": MODEL_KEYS, "eval": EVAL_KEYS, "training": TRAIN_KEYS}[need], str(p))
     ckpt["path"] = str(p)
     return ckpt
+
+
+def saved_config(ck: dict[str, Any]) -> Any:
+    """The run's settings a checkpoint carries (its ``config`` entry, JSON text), parsed."""
+    try:
+        return json.loads(ck["config"])
+    except ValueError as e:
+        raise CheckpointError(f"{ck['path']!r} is damaged: its config is not readable ({e})") from None
 
 
 def last_as(last: dict[str, Any], ema: bool) -> dict[str, Any]:

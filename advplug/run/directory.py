@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -53,7 +54,8 @@ def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> None
         raise RunDirError(f"--out {str(out)!r} is a file, not a directory")
     if resume:
         if not (out / "last.pt").is_file():
-            raise RunDirError(f"{str(out)!r} holds no checkpoint to resume (no last.pt): the run stopped before its first epoch ended; start it again with --overwrite")
+            raise RunDirError(f"{str(out)!r} holds no checkpoint to resume (no last.pt): the run stopped before "
+                              "its first epoch ended; start it again with --overwrite")
     elif holds_run(out):
         if not overwrite:
             raise RunDirError(f"{str(out)!r} already holds a run: continue it with `advplug train --resume {out}`, "
@@ -124,7 +126,8 @@ def subdir(run: Path, name: str) -> Path:
     so that files advplug writes for a run stay inside its directory."""
     d = Path(run) / name
     if d.is_symlink():
-        raise RunDirError(f"{str(d)!r} is a symbolic link; advplug writes a run's files only inside its directory: remove it")
+        raise RunDirError(f"{str(d)!r} is a symbolic link; advplug writes a run's files only inside its directory: "
+                          "remove it")
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -133,14 +136,18 @@ def subdir(run: Path, name: str) -> Path:
 
 
 def json_safe(v: Any) -> Any:
-    """Strict JSON: non-finite floats (e.g. a schedule's ``inf``) become the strings "inf", "-inf", "nan"."""
-    if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
-        return str(v)
+    """``v`` with what strict JSON cannot hold made explicit: non-finite floats (e.g. a schedule's
+    ``inf``) become the strings ``"inf"``, ``"-inf"``, ``"nan"`` (JSON has no Infinity; Python's
+    ``json`` would write one), tuples lists, keys strings, anything else unknown its ``str``."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
     if isinstance(v, dict):
-        return {k: json_safe(x) for k, x in v.items()}
+        return {str(k): json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [json_safe(x) for x in v]
-    return v
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -153,6 +160,7 @@ class RunLock:
     def __init__(self, out: Path) -> None:
         self.path = Path(out) / LOCK
         self.fd: int | None = None
+        self.holder: str | None = None  # after acquire() was refused: the pid the holding process wrote
 
     def acquire(self) -> "RunLock":
         import fcntl
@@ -169,6 +177,7 @@ class RunLock:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                self.holder = holder
                 raise RunDirError(f"{str(self.path.parent)!r} is in use by another advplug process (pid {holder}); "
                                   "wait for it to finish or stop it") from None
             raise RunDirError(f"cannot lock {str(self.path.parent)!r}: {e.strerror or e}") from None

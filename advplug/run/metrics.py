@@ -1,5 +1,5 @@
-"""Metrics output: one JSON object per epoch (metrics.jsonl), the same flattened as CSV, and
-optional TensorBoard scalars and weight histograms; plus the plain-text results table."""
+"""Metrics of a run: one JSON object per epoch (``metrics.jsonl``, also carried by each checkpoint),
+the same flattened as CSV, and optional TensorBoard scalars and weight histograms."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from advplug.errors import DataError
+from advplug.run.directory import json_safe, subdir, write_text
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -22,12 +25,20 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def to_jsonl(records: list[dict[str, Any]]) -> str:
+    """Epoch records as ``metrics.jsonl`` holds them (and checkpoints carry them): one strict JSON object a line."""
+    return "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in records)
+
+
+def from_jsonl(text: str) -> list[dict[str, Any]]:
+    """The records of ``to_jsonl``'s text (as a checkpoint carries them)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """``RUN_DIR/metrics.jsonl`` as records (``[]`` without the file). A damaged file is one
     ``DataError``: a line that is not a JSON object, an ``epoch`` that is not a whole number >= 0,
     an accuracy (``*_acc``) that is not a number in [0, 1], or ``weights`` without numbers."""
-    from advplug.errors import DataError
-
     p = Path(run_dir) / "metrics.jsonl"
     if not p.is_file():
         return []
@@ -82,16 +93,12 @@ class MetricsWriter:
         self._rewrite()
         self.tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            from advplug.run.directory import subdir
+            from torch.utils.tensorboard import SummaryWriter  # only when asked for: slow to import
 
             self.tb = SummaryWriter(str(subdir(self.dir, "tensorboard")))
 
     def _rewrite(self) -> None:
-        from advplug.run.directory import json_safe, write_text
-
-        write_text(self.dir / "metrics.jsonl", "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in self.records))
+        write_text(self.dir / "metrics.jsonl", to_jsonl(self.records))
         rows = [flatten(r) for r in self.records]
         cols: list[str] = []
         for r in rows:
@@ -118,18 +125,3 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
-
-
-def results_table(results: dict[str, dict[str, float]], title: str = "") -> str:
-    """``{"last": {"Natural": 0.97, ...}, "best": {...}}`` as an aligned text table (accuracy %)."""
-    rows = list(results)
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in results[r] if c not in cols]
-    head = ["checkpoint", *cols]
-    body = [[r, *(f"{100 * results[r][c]:.2f}" if c in results[r] else "-" for c in cols)] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    out = [title] if title else []
-    out += [line(head), line(["-" * w for w in widths]), *(line(b) for b in body)]
-    return "\n".join(out)

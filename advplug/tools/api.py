@@ -14,14 +14,13 @@ epoch is checkpointed so that ``train(resume=run_dir)`` continues exactly.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
-from advplug.config import TrainConfig, load_config_file
+from advplug.config import TrainConfig, build_config, merge_settings
 from advplug.data import PYTHON, DataBundle, as_bundle
 from advplug.errors import OptionError
 
@@ -41,22 +40,6 @@ class Result:
     def model(self, which: str = "best", device: str | None = None) -> nn.Module:
         """The network of ``best`` or ``last`` (eval mode)."""
         return load_model(self.run_dir, which, device=device)
-
-
-def _settings(config: TrainConfig | dict | str | Path | None, settings: dict[str, Any]) -> dict[str, Any]:
-    if config is None:
-        base: dict[str, Any] = {}
-    elif isinstance(config, TrainConfig):
-        base = dataclasses.asdict(config)
-    elif isinstance(config, dict):
-        base = dict(config)
-    else:
-        base = load_config_file(config)
-    plugin_options = dict(base.pop("plugin_options", {}) or {})
-    plugin_options.update(settings.pop("plugin_options", {}) or {})
-    base.update(settings)
-    base["plugin_options"] = plugin_options
-    return base
 
 
 def _bundle(data: Any, image_size: int | None) -> tuple[str | None, DataBundle | None]:
@@ -84,7 +67,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, data: Any = 
     it was in memory or ``module:``; no other settings). ``log``: where progress lines go
     (``None``: quiet; progress bars are off unless ``progress=True``).
     """
-    from advplug.engine.trainer import Trainer, resume_config
+    from advplug.engine.inputs import resume_config
+    from advplug.engine.trainer import Trainer
     from advplug.run.metrics import read_metrics
 
     say = log if log is not None else (lambda s: None)
@@ -96,20 +80,11 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, data: Any = 
         cfg = resume_config(resume, settings.get("model"), name if name != PYTHON else None)
         if cfg.data == PYTHON and bundle is None:
             raise OptionError(f"{resume}: this run's data was passed from Python: pass it again as data=")
-        cfg.progress = False
-        trainer = Trainer(cfg, data=bundle, resume=True, log=say)
+        trainer = Trainer(build_config(cfg, {"progress": False}), data=bundle, resume=True, log=say)
     else:
-        s = _settings(config, settings)
-        s.setdefault("progress", False)
-        if out is not None:
-            s["out"] = str(out)
+        s = merge_settings({"progress": False}, config, settings, {"out": str(out)} if out is not None else None)
         name, bundle = _bundle(data, s.get("image_size"))
-        if name is not None:
-            s["data"] = name
-        try:
-            cfg = TrainConfig(**s)
-        except TypeError as e:
-            raise OptionError(str(e)) from None
+        cfg = build_config(s, {"data": name} if name is not None else None)
         trainer = Trainer(cfg, data=bundle, overwrite=overwrite, log=say)
     results = trainer.fit()
     run = Path(trainer.cfg.out)
@@ -123,34 +98,32 @@ def evaluate(run_dir: str | Path, attacks: tuple[str, ...] | list[str] = ("natur
              n_eval: int | None = None, eps: float | None = None, device: str | None = None,
              log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Accuracies of a run's ``best`` / ``last`` checkpoint under ``attacks`` (as ``advplug eval``),
-    on its test set, or on ``test=(x, y)`` (required when the run's data was in memory). ``data`` /
-    ``model``: repeat a run's ``module:`` data or model to allow importing it."""
-    from advplug.data import _as_images, _as_labels
-    from advplug.evaluate import evaluate_checkpoints
+    on its test set, or on ``test=(x, y)`` (required when the run's data was in memory), by the names
+    tables show (``{"Natural": 0.9, "PGD-20": 0.5}``). ``data`` / ``model``: repeat a run's ``module:``
+    data or model to allow importing it."""
+    from advplug.data import as_images, as_labels
+    from advplug.run.results import label
+    from advplug.tools.evaluation import evaluate_checkpoints
 
     pair = None
     if test is not None:
-        x = _as_images(test[0], "test x")
-        pair = (x, _as_labels(test[1], len(x), "test y"))
-    rec = evaluate_checkpoints(str(run_dir), [which], list(attacks), eps=eps, n_eval=n_eval, device=device,
-                               model=model, data=data, test_data=pair, log=log or (lambda s: None))
-    out = dict(rec["results"][which])
-    out.pop("epoch", None)
-    return out
+        x = as_images(test[0], "test x")
+        pair = (x, as_labels(test[1], len(x), "test y"))
+    entries = evaluate_checkpoints(str(run_dir), [which], list(attacks), eps=eps, n_eval=n_eval, device=device,
+                                   model=model, data=data, test_data=pair, log=log or (lambda s: None))
+    return {label(e): e["accuracy"] for e in entries}
 
 
 def load_model(run_dir: str | Path, which: str = "best", *, model: str | None = None,
                device: str | None = None) -> nn.Module:
     """The network of a run's ``best`` / ``last`` checkpoint (eval mode). A ``module:callable``
     model is imported only if ``model`` repeats it."""
-    import json
-
-    from advplug.engine.trainer import check_model_import, pick_device
-    from advplug.models import build_model
+    from advplug.devices import pick_device
+    from advplug.models import build_model, check_model_import
     from advplug.run import checkpoint
 
     ck = checkpoint.load_best(run_dir) if which == "best" else checkpoint.load(run_dir, which, need="eval")
-    name = json.loads(ck["config"])["model"]
+    name = checkpoint.saved_config(ck)["model"]
     check_model_import(name, model)
     net = build_model(name, int(ck["num_classes"]), tuple(ck["input_shape"]), allow_import=True)
     checkpoint.load_model_state(net, ck, name)

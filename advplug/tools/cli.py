@@ -8,22 +8,30 @@ from typing import Any
 import click
 
 from advplug import __version__
+from advplug.config import (
+    ATTACK_BN_MODES,
+    ATTACK_STARTS,
+    COMPILE_BACKENDS,
+    DATA_PATHS,
+    PRECISIONS,
+    SELECTIONS,
+    build_config,
+    load_config_file,
+)
 from advplug.errors import AdvplugError, Interrupted, OptionError
-
-
-def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(130 if isinstance(e, Interrupted) else 2)
+from advplug.tools.sweep.launchers import LAUNCHERS
 
 
 class _Group(click.Group):
-    """Turns advplug's own errors into one line on stderr and exit status 2."""
+    """Turns advplug's own errors into one line on stderr and an exit status chosen by their type:
+    130 for ``Interrupted`` (Ctrl-C, as shells report it), 2 for any other."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except AdvplugError as e:
-            _fail(e)
+            click.echo(f"error: {e}", err=True)
+            sys.exit(130 if isinstance(e, Interrupted) else 2)
 
 
 @click.group(cls=_Group)
@@ -33,7 +41,10 @@ def cli() -> None:
 
 
 def parse_extra(args: list[str]) -> dict[str, str]:
-    """``--mail-gamma 10`` / ``--mail-gamma=10`` pairs from click's leftover arguments."""
+    """``--mail-gamma 10`` / ``--mail-gamma=10`` pairs from click's leftover arguments: the one
+    parser of plugin options. They cannot be click options: which exist depends on ``--plugin`` and
+    on the ``--config`` file's plugins, and an option of a plugin that is not enabled must reach
+    ``plugins.enable`` to be refused with its message (``add --plugin mail``)."""
     out: dict[str, str] = {}
     i = 0
     while i < len(args):
@@ -50,23 +61,6 @@ def parse_extra(args: list[str]) -> dict[str, str]:
             i += 2
         out[k] = v
     return out
-
-
-def strict_json(v: Any) -> Any:
-    """``v`` with what strict JSON cannot hold made explicit: non-finite floats become the strings
-    ``"inf"``, ``"-inf"``, ``"nan"`` (JSON has no Infinity; Python's ``json`` would write one),
-    tuples lists, anything else unknown its ``str``."""
-    import math
-
-    if isinstance(v, float) and not math.isfinite(v):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, dict):
-        return {str(k): strict_json(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [strict_json(x) for x in v]
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return str(v)
 
 
 def _csv_ints(s: str | None) -> tuple[int, ...] | None:
@@ -88,7 +82,8 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "Optimisation": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "milestones", "lr_gamma", "seed",
                      "precision", "channels_last", "compile", "ema"),
     "Evaluation and model selection": ("eval_every", "eval_steps", "n_eval", "selection", "selection_size", "val_size"),
-    "Output and run": ("out", "overwrite", "resume", "config_file", "device", "tensorboard", "dump_weights", "no_progress"),
+    "Output and run": ("out", "overwrite", "resume", "config_file", "device", "tensorboard", "dump_weights",
+                       "no_progress"),
 }
 
 
@@ -116,9 +111,10 @@ def _default_text(name: str) -> str | None:
 
 class _TrainCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        # --help is eager: note the --plugin values first, to list their options in the help
-        ctx.meta["help_plugins"] = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--plugin"] + \
-            [a.split("=", 1)[1] for a in args if a.startswith("--plugin=")]
+        # --help is eager: note the --plugin values first (click's own parser, a dry pass), to list
+        # their options in the help
+        opts, _, _ = self.make_parser(ctx).parse_args(args=list(args))
+        ctx.meta["help_plugins"] = list(opts.get("plugins") or [])
         return super().parse_args(ctx, args)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -169,8 +165,10 @@ class _TrainCommand(click.Command):
                 extra = f" Choices: {', '.join(map(str, o['choices']))}." if o.get("choices") else ""
                 bounds = "".join(f" {k} {o[k]}" for k in ("min", "max", "gt") if k in o)
                 rows.append((f"{o['flag']} {o['type'].upper()}",
-                             f"{o['help']}{extra}{' (' + bounds.strip() + ')' if bounds else ''}  [default: {o['default']}]"))
-            with formatter.section(f"Options of plugin {n!r} ({p['summary']})" if p["summary"] else f"Options of plugin {n!r}"):
+                             f"{o['help']}{extra}{' (' + bounds.strip() + ')' if bounds else ''}"
+                             f"  [default: {o['default']}]"))
+            title = f"Options of plugin {n!r}" + (f" ({p['summary']})" if p["summary"] else "")
+            with formatter.section(title):
                 formatter.write_dl(rows or [("(none)", "")])
 
 
@@ -198,9 +196,9 @@ class _TrainCommand(click.Command):
 @click.option("--eps", type=float, default=None, help="Linf budget (inputs in [0, 1]).")
 @click.option("--alpha", type=float, default=None, help="PGD step size.")
 @click.option("--steps", type=int, default=None, help="PGD steps of the training attack.")
-@click.option("--attack-bn", type=click.Choice(["eval", "train"]), default=None,
+@click.option("--attack-bn", type=click.Choice(ATTACK_BN_MODES), default=None,
               help="BatchNorm mode while generating training attacks (default eval).")
-@click.option("--attack-start", type=click.Choice(["uniform", "normal", "normal-clamped", "none"]), default=None,
+@click.option("--attack-start", type=click.Choice(ATTACK_STARTS), default=None,
               help="Start of the training attack: uniform in the eps-ball, normal = x + 0.001 N(0,1) unclamped "
                    "(TRADES/MART/MAIL code), normal-clamped (torchattacks TPGD), none (default: the objective's).")
 @click.option("--seed", type=int, default=None)
@@ -208,8 +206,9 @@ class _TrainCommand(click.Command):
 @click.option("--eval-steps", type=int, default=None, help="PGD steps of the per-epoch evaluation.")
 @click.option("--n-eval", type=int, default=None, help="Test samples for the per-epoch evaluation.")
 @click.option("--val-size", type=float, default=None,
-              help="Plugins' own validation split (fraction or count; default min(1000, 10%)), disjoint from the selection split.")
-@click.option("--selection", type=click.Choice(["validation", "test"]), default=None,
+              help="Plugins' own validation split (fraction or count; default min(1000, 10%)), disjoint from the "
+                   "selection split.")
+@click.option("--selection", type=click.Choice(SELECTIONS), default=None,
               help="Where the 'best' checkpoint is chosen: a held-out split of the training set (default) or, "
                    "explicitly, the test set (as some papers' tables were made; labelled in results and compare).")
 @click.option("--selection-size", type=float, default=None,
@@ -220,19 +219,20 @@ class _TrainCommand(click.Command):
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--tensorboard", is_flag=True, default=None, help="Also log to TensorBoard (RUN_DIR/tensorboard).")
 @click.option("--dump-weights", is_flag=True, default=None,
-              help="Write per-sample weights and margins each epoch (RUN_DIR/dumps/weights-epochNNN.npz) for `advplug report`.")
+              help="Write per-sample weights and margins each epoch (RUN_DIR/dumps/weights-epochNNN.npz) for "
+                   "`advplug report`.")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bars.")
 @click.option("--workers", type=int, default=None, help="DataLoader workers (torchvision data sets).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Autocast precision of the training attack and step (fp16 with a gradient scaler); weights, "
                    "margins and the final evaluation stay fp32 (a low-precision robust accuracy is recorded beside).")
 @click.option("--channels-last", is_flag=True, default=None, help="Model and batches in channels_last memory format.")
-@click.option("--compile", "compile", type=click.Choice(["inductor", "aot_eager", "eager"]), default=None,
+@click.option("--compile", "compile", type=click.Choice(COMPILE_BACKENDS), default=None,
               help="torch.compile the model used by the step and the attack, with this backend.")
 @click.option("--ema", type=float, default=None,
               help="Keep an EMA of the weights with this decay (e.g. 0.999, warm-up min(decay, (1+t)/(10+t))); "
                    "checkpointed, evaluated beside the raw model.")
-@click.option("--data-path", type=click.Choice(["auto", "device", "loader"]), default=None,
+@click.option("--data-path", type=click.Choice(DATA_PATHS), default=None,
               help="device: the whole training set on the device, augmentation per batch there; loader: a "
                    "DataLoader; auto: device when the set fits (in-memory tensors, or CIFAR/SVHN/MNIST-sized).")
 @click.option("--config", "config_file", default=None, help="JSON or TOML file with the same settings.")
@@ -247,8 +247,8 @@ def train(ctx: click.Context, plugins: tuple[str, ...], config_file: str | None,
     advplug train --data folder:./my-images --image-size 32 --plugin gairat
     advplug train --plugin mail --help      # MAIL's options too
     """
-    from advplug.config import TrainConfig, load_config_file
-    from advplug.engine.trainer import Trainer, resume_config
+    from advplug.engine.inputs import resume_config
+    from advplug.engine.trainer import Trainer
 
     extra = parse_extra(ctx.args)
     if resume:
@@ -256,25 +256,18 @@ def train(ctx: click.Context, plugins: tuple[str, ...], config_file: str | None,
         data = kw.pop("data")  # the same for a module: data source
         given = [k for k, v in kw.items() if v is not None] + (["plugin"] if plugins else []) + list(extra)
         if given or config_file or milestones or overwrite:
-            raise OptionError(f"--resume continues the saved configuration; drop {', '.join('--' + g.replace('_', '-') for g in given) or '--config/--milestones/--overwrite'}")
-        cfg = resume_config(resume, model, data)
-        cfg.progress = not no_progress
+            drop = ", ".join("--" + g.replace("_", "-") for g in given) or "--config/--milestones/--overwrite"
+            raise OptionError(f"--resume continues the saved configuration; drop {drop}")
+        cfg = build_config(resume_config(resume, model, data), {"progress": not no_progress})
         Trainer(cfg, resume=True).fit()
         return
-    settings: dict[str, Any] = load_config_file(config_file) if config_file else {}
-    settings.update({k: v for k, v in kw.items() if v is not None})
+    from_file = load_config_file(config_file) if config_file else None  # its errors before those of --milestones
+    options = {k: v for k, v in kw.items() if v is not None}
     if plugins:
-        settings["plugins"] = tuple(plugins)
+        options["plugins"] = tuple(plugins)
     if milestones is not None:
-        settings["milestones"] = _csv_ints(milestones)
-    popts = dict(settings.pop("plugin_options", {}) or {})
-    popts.update(extra)
-    settings["plugin_options"] = popts
-    settings["progress"] = not no_progress
-    try:
-        cfg = TrainConfig(**settings)
-    except TypeError as e:
-        raise OptionError(str(e)) from None
+        options["milestones"] = _csv_ints(milestones)
+    cfg = build_config(from_file, {**options, "plugin_options": extra, "progress": not no_progress})
     Trainer(cfg, overwrite=overwrite).fit()
 
 
@@ -284,11 +277,12 @@ def plugins(as_json: bool) -> None:
     """List installed plugins: version, hooks, options with defaults."""
     from advplug.objectives import OBJECTIVES
     from advplug.plugins import describe_plugin, list_plugins
+    from advplug.run.directory import json_safe
 
     found, errors = list_plugins()
     objectives = [describe_plugin(n, c, __version__) for n, c in OBJECTIVES.items()]
     if as_json:
-        doc = strict_json({"plugins": found, "objectives": objectives, "errors": errors})
+        doc = json_safe({"plugins": found, "objectives": objectives, "errors": errors})
         click.echo(json.dumps(doc, indent=2, allow_nan=False))
         return
     if not found:
@@ -364,9 +358,9 @@ def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: st
     """
     from pathlib import Path
 
-    from advplug.evaluate import SUITES, evaluate_checkpoints
-    from advplug.run import evalstore
+    from advplug.run import results
     from advplug.run.directory import RunLock
+    from advplug.tools.evaluation import SUITES, evaluate_checkpoints
 
     if suite and attacks:
         raise OptionError("--suite and --attack exclude each other")
@@ -379,14 +373,13 @@ def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: st
     lock = RunLock(Path(target)).acquire() if is_run else None  # fail now, not after minutes of attacks
     try:
         if is_run:  # a damaged eval.json too: found now, not when the results are to be merged into it
-            evalstore.read(Path(target) / "eval.json")
-        rec = evaluate_checkpoints(target, whiches, specs, backend=backend, eps=eps, alpha=alpha, n_eval=n_eval,
-                                   n_eval_aa=n_eval_aa, batch_size=batch_size, device=device, data_root=data_root,
-                                   model=model, progress=True, log=click.echo, data=data)
+            results.read_evals(Path(target) / "eval.json")
+        entries = evaluate_checkpoints(target, whiches, specs, backend=backend, eps=eps, alpha=alpha, n_eval=n_eval,
+                                       n_eval_aa=n_eval_aa, batch_size=batch_size, device=device, data_root=data_root,
+                                       model=model, progress=True, log=click.echo, data=data)
         if is_run:
             out = Path(target) / "eval.json"
-            entries = evalstore.merge(out, evalstore.entries_from_results(rec))
-            click.echo(f"saved {out} ({len(entries)} entries)")
+            click.echo(f"saved {out} ({len(results.merge_evals(out, entries))} entries)")
     finally:
         if lock is not None:
             lock.release()
@@ -429,16 +422,22 @@ def report(run_dir: str, data: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the points (name, state, settings); run nothing.")
 @click.option("--report", "report_only", is_flag=True,
               help="Print the progress and the compare table of the finished points; run nothing.")
-@click.option("--launcher", type=click.Choice(["local", "ray", "slurm"]), default="local",
+@click.option("--launcher", type=click.Choice(LAUNCHERS), default="local",
               help="local: --jobs runs at once on this machine; ray: each run a Ray task (pip install 'advplug[ray]'); "
                    "slurm: each run a SLURM job through submitit, the file's [slurm] table its parameters "
                    "(pip install 'advplug[slurm]').")
-@click.option("--jobs", type=click.IntRange(min=1), default=None, help="local: runs at once (default: the file's jobs, else 1).")
-@click.option("--gpu-ids", default=None, help="local: GPUs to spread the runs over, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES per run).")
-@click.option("--address", default=None, help="ray: the cluster's address (default: RAY_ADDRESS, else a local instance).")
-@click.option("--cpus", type=float, default=None, help="ray/slurm: CPUs per run (default: the file's resources, else 1).")
-@click.option("--gpus", type=float, default=None, help="ray/slurm: GPUs per run (default: the file's resources, else 0).")
-@click.option("--retries", type=click.IntRange(min=0), default=None, help="Extra attempts per failed point (default: the file's, else 2).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="local: runs at once (default: the file's jobs, else 1).")
+@click.option("--gpu-ids", default=None,
+              help="local: GPUs to spread the runs over, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES per run).")
+@click.option("--address", default=None,
+              help="ray: the cluster's address (default: RAY_ADDRESS, else a local instance).")
+@click.option("--cpus", type=float, default=None,
+              help="ray/slurm: CPUs per run (default: the file's resources, else 1).")
+@click.option("--gpus", type=float, default=None,
+              help="ray/slurm: GPUs per run (default: the file's resources, else 0).")
+@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="Extra attempts per failed point (default: the file's, else 2).")
 @click.option("--out", default=None, help="The sweep directory (default: the file's out, else sweeps/<file stem>).")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json"]), default="markdown")
 @click.option("--no-progress", is_flag=True, default=False)
@@ -457,17 +456,17 @@ def sweep(sweep_file: str, dry_run: bool, report_only: bool, launcher: str, jobs
         ids = [g.strip() for g in gpu_ids.split(",") if g.strip()] if gpu_ids else None
         runner = sw.make_launcher(launcher, jobs or (len(ids) if ids else s.jobs), address, cpus, gpus, ids, s)
         sw.run_sweep(s, runner, retries=retries, progress=not no_progress, log=click.echo)
-    lines = sw.summary(s)
+    where = sw.tally(s)
     text, warnings = sw.report(s, fmt)
     click.echo(text)
     for w in warnings:
         click.echo(f"warning: settings differ: {w}", err=True)
-    click.echo("\n".join(lines))
-    if not report_only and text and not text.startswith("("):
+    click.echo("\n".join(where.lines()))
+    if not report_only and text and text != sw.NOTHING_FINISHED:
         table = s.out / {"markdown": "table.md", "csv": "table.csv", "json": "table.json"}[fmt]
         table.write_text(text + "\n")
         click.echo(f"table: {table}")
-    if not report_only and any(line.lstrip().startswith(("failed", "conflict")) for line in lines[1:]):
+    if not report_only and (where.counts["failed"] or where.counts["conflict"]):
         sys.exit(1)
 
 

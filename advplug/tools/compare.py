@@ -22,9 +22,11 @@ from typing import Any
 
 from advplug.config import read_run_config
 from advplug.errors import DataError
-from advplug.run import evalstore
+from advplug.run import results
+from advplug.run.results import CHECKPOINTS
 
-TRAIN_KEYS = ("data", "model", "eps", "alpha", "steps", "epochs", "batch_size", "lr", "milestones", "attack_bn", "selection")
+TRAIN_KEYS = ("data", "model", "eps", "alpha", "steps", "epochs", "batch_size", "lr", "milestones", "attack_bn",
+              "selection")
 
 
 @dataclass
@@ -32,12 +34,13 @@ class Run:
     path: str
     method: str
     seed: int
-    results: dict[str, dict[str, float]]  # {"best"|"last": {attack: accuracy in [0, 1]}}
+    results: dict[str, dict[str, float]]  # {"best"|"last"|...: {attack column: accuracy in [0, 1]}}
     settings: dict[str, Any]
     flags: list[str] = field(default_factory=list)
 
 
 def method_label(cfg: dict[str, Any]) -> str:
+    """A run's method as tables and plots name it: plugins (order-free) + objective + the plugin options set."""
     plugins = sorted(cfg.get("plugins") or [])
     label = "+".join(plugins) if plugins else "AT"
     obj = cfg.get("objective", "at")
@@ -49,41 +52,6 @@ def method_label(cfg: dict[str, Any]) -> str:
     return label
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise DataError(f"{str(path)!r} is corrupt: {e}") from None
-
-
-def accuracy(v: Any, where: str) -> float:
-    """An accuracy read from a run file: a number in [0, 1] (NaN, 7 or "0.5" would be averaged
-    into the table silently, or crash it)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-        raise DataError(f"{where}: expected an accuracy in [0, 1], got {v!r}")
-    return float(v)
-
-
-def _training_results(run: Path) -> dict[str, dict[str, float]]:
-    path = run / "results.json"
-    raw = _read_json(path)
-    if not isinstance(raw, dict):
-        raise DataError(f"{str(path)!r} is damaged: expected an object of checkpoints, got {type(raw).__name__}")
-    out: dict[str, dict[str, float]] = {}
-    for key, res in raw.items():
-        kind = key.split()[0] if key.split() else ""
-        if kind not in CHECKPOINTS or not isinstance(res, dict):
-            raise DataError(f"{str(path)!r} is damaged: entry {key!r} is not a checkpoint's results")
-        out[kind] = {k: accuracy(v, f"{str(path)!r} is damaged: {key} {k}") for k, v in res.items() if k != "epoch"}
-    for kind in ("", "-ema"):
-        if f"last{kind}" in out and f"best{kind}" not in out:  # best was the last epoch
-            out[f"best{kind}"] = dict(out[f"last{kind}"])
-    return out
-
-
-CHECKPOINTS = ("best", "last", "best-ema", "last-ema")  # -ema: the EMA weights of runs trained with --ema
-
-
 def _whiches(runs: list[Run]) -> list[str]:
     return [w for w in CHECKPOINTS if any(w in r.results for r in runs)]
 
@@ -93,17 +61,14 @@ def load_run(path: str | Path) -> Run:
     cfg = read_run_config(run, DataError)
     settings = {k: cfg.get(k) for k in TRAIN_KEYS}
     settings["selection"] = cfg.get("selection", "test")  # runs from before held-out selection chose on test
-    entries = evalstore.read(run / "eval.json")
-    if entries:
-        results, ev_settings = evalstore.select(entries, cfg.get("eps"))
-        settings.update(ev_settings)
-    elif (run / "results.json").is_file():
-        results = _training_results(run)
-        settings.update({"eval eps": cfg.get("eps"), "eval step": cfg.get("eps") / 4, "backend": "torchattacks",
-                         "test samples": "all"})  # the training run's final evaluation: the whole test set
-    else:
+    entries = list(results.read_evals(run / "eval.json").values())
+    if not entries and (run / "results.json").is_file():
+        entries = results.best_from_last(results.read_results(run / "results.json", cfg))
+    elif not entries:
         raise DataError(f"{str(run)!r} has no results yet (no eval.json or results.json)")
-    return Run(str(run), method_label(cfg), int(cfg.get("seed", 0)), results, settings)
+    accuracies, ev_settings = results.select(entries, cfg.get("eps"))
+    settings.update(ev_settings)
+    return Run(str(run), method_label(cfg), int(cfg.get("seed", 0)), accuracies, settings)
 
 
 def flag_mismatches(runs: list[Run]) -> None:
@@ -151,7 +116,8 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
             for which in _whiches(runs):
                 vals = [100 * r.results[which][a] for r in rs if a in r.results.get(which, {})]
                 if vals:
-                    cells[(a, which)] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+                    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                    cells[(a, which)] = (statistics.fmean(vals), std, len(vals))
         rows.append({"method": method, "n": len(rs), "seeds": sorted(r.seed for r in rs),
                      "selection": "/".join(sorted({str(r.settings.get("selection")) for r in rs})),
                      "flagged": {r.path: r.flags for r in rs if r.flags}, "cells": cells})
@@ -184,20 +150,21 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
         w.writerow(["method", "runs", "best chosen on", "attack", "checkpoint", "mean", "std", "n", "flagged"])
         for r in rows:
             for (a, which), c in r["cells"].items():
-                w.writerow([r["method"], r["n"], r["selection"], a, which, f"{c[0]:.4f}", f"{c[1]:.4f}" if c[2] > 1 else "", c[2],
-                            "yes" if r["flagged"] else ""])
+                w.writerow([r["method"], r["n"], r["selection"], a, which, f"{c[0]:.4f}",
+                            f"{c[1]:.4f}" if c[2] > 1 else "", c[2], "yes" if r["flagged"] else ""])
         return buf.getvalue()
     head = ["method", "runs", "best chosen on", *[f"{a} {w}" for a, w in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     notes = []
     for r in rows:
         name = r["method"] + (" ⚠" if r["flagged"] else "")
-        lines.append("| " + " | ".join([name, str(r["n"]), r["selection"], *[_cell(r["cells"].get(c)) for c in cols]]) + " |")
+        cells = [name, str(r["n"]), r["selection"], *[_cell(r["cells"].get(c)) for c in cols]]
+        lines.append("| " + " | ".join(cells) + " |")
         for path, flags in r["flagged"].items():
             notes.append(f"⚠ {path}: " + "; ".join(flags))
-    text = "\n".join(lines) + ("\n\nTest accuracy (%), mean ± std over runs (seeds). \"best\" is the checkpoint chosen "
-                                "by PGD accuracy on the split named under \"best chosen on\" (validation: held out from "
-                                "training; test: chosen on the test set itself, optimistic).")
+    text = "\n".join(lines) + ("\n\nTest accuracy (%), mean ± std over runs (seeds). \"best\" is the checkpoint "
+                                "chosen by PGD accuracy on the split named under \"best chosen on\" (validation: held "
+                                "out from training; test: chosen on the test set itself, optimistic).")
     if notes:
         text += "\nSettings differ, not comparable as they stand:\n" + "\n".join(notes)
     return text

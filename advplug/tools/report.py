@@ -11,12 +11,11 @@ Files go to ``RUN_DIR/report/``:
 * ``extremes.png``: the training images with the highest and the lowest weights of the last
   dumped epoch (as MeoW Fig. 2 and BiLAW Fig. 3 show them);
 * ``roc.png``: only for a run with injection flags (``RUN_DIR/injection.npz``, written by the
-  ground-truth benchmark ``benchmarks/groundtruth.py``): ROC curves of "low weight means injected"
+  ground-truth benchmark ``benchmarks/groundtruth``): ROC curves of "low weight means injected"
   and of the run's true-class confidence per injected group.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ import numpy as np
 
 from advplug.config import read_run_config
 from advplug.errors import DataError
+from advplug.run.dump import read_dumps, weight_column
 from advplug.run.metrics import read_metrics
+from advplug.tools.compare import method_label
 
 SIGNALS = {"mail": "pm", "gairat": "kappa", "bat": "q", "lrat": "t_"}
 
@@ -36,55 +37,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def dumps(run_dir: Path, name: str) -> dict[int, dict[str, np.ndarray]]:
-    """``{epoch: columns}`` of ``RUN_DIR/dumps/<name>-epochNNN.npz``, read as plain arrays (never
-    pickles) and checked: a damaged dump is one ``DataError``, not a traceback or a wrong plot."""
-    import zipfile
-
-    out = {}
-    for p in sorted((run_dir / "dumps").glob(f"{name}-epoch*.npz")):
-        m = re.search(r"epoch(\d+)\.npz$", p.name)
-        if m is None:
-            continue
-        try:
-            with np.load(p, allow_pickle=False) as d:
-                cols = {k: d[k] for k in d.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            why = ("pickled objects, which advplug never loads" if "pickle" in str(e).lower()  # not numpy's "load it unsafely"
-                   else str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-            raise DataError(f"{str(p)!r} is not a readable dump ({why})") from None
-        bad = _bad_dump(cols, name)
-        if bad:
-            raise DataError(f"{str(p)!r} is damaged: {bad}")
-        out[int(m.group(1))] = cols
-    return out
-
-
-def _bad_dump(cols: dict[str, np.ndarray], name: str) -> str | None:
-    """What is wrong with one dump's columns (None: nothing): equal-length 1-D numeric columns,
-    finite weights and margins, a non-negative integer ``index``; a ``weights`` dump also has
-    ``margin`` and a weight."""
-    if not cols or "index" not in cols:
-        return "it has no 'index' column"
-    n = len(cols["index"]) if cols["index"].ndim == 1 else -1
-    for k, v in cols.items():
-        if v.ndim != 1 or len(v) != n or v.dtype.kind not in "biuf":
-            return f"column {k!r} is not a numeric column of the length of 'index' ({v.dtype}, shape {v.shape})"
-        if (k == "margin" or k.startswith("weight")) and v.dtype.kind == "f" and not np.isfinite(v).all():
-            return f"column {k!r} holds NaN or Inf"  # weights are checked finite in training; a plugin's signal may be inf
-    if cols["index"].dtype.kind not in "iu" or (n and cols["index"].min() < 0):
-        return "'index' is not a column of training-set positions"
-    if name == "weights" and ("margin" not in cols or not any(k == "weight" or k.startswith("weight_") for k in cols)):
-        return "it lacks the 'margin' or weight column"
-    return None
-
-
-def weight_column(cols: dict[str, np.ndarray]) -> np.ndarray:
-    """The weight of the first variant (``weight_<variant>``), or ``weight``."""
-    keys = sorted(k for k in cols if k.startswith("weight_") and k != "weight_natural")
-    return cols[keys[0]] if keys else cols["weight"]
 
 
 def epoch_offset(records: list[dict[str, Any]]) -> int:
@@ -137,7 +89,7 @@ def plot_accuracy(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, A
                 label=f"best (epoch {b})")
     ax.set_xlim(0.5, last + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{_method(cfg)} on {_data_label(cfg)}")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{method_label(cfg)} on {_data_label(cfg)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, run_dir / "report" / "accuracy.png")
@@ -150,7 +102,7 @@ def _data_label(cfg: dict[str, Any]) -> str:
 
 def plot_weights(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, Any]) -> Path | None:
     plt = _plt()
-    ds = dumps(run_dir, "weights")
+    ds = read_dumps(run_dir, "weights")
     fig, ax = plt.subplots(figsize=(6.4, 4))
     if ds:
         epochs = sorted(ds)
@@ -166,7 +118,7 @@ def plot_weights(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, An
         ax.fill_between(e, [p[1]["min"] for p in pts], [p[1]["max"] for p in pts], alpha=0.3, label="min-max")
         ax.plot(e, [p[1]["mean"] for p in pts], marker="o", ms=3, label="mean")
         ax.legend()
-    ax.set(xlabel="epoch", ylabel="per-sample weight", title=f"weights per epoch, {_method(cfg)}")
+    ax.set(xlabel="epoch", ylabel="per-sample weight", title=f"weights per epoch, {method_label(cfg)}")
     ax.grid(alpha=0.3)
     return _save(fig, run_dir / "report" / "weights.png")
 
@@ -174,14 +126,14 @@ def plot_weights(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, An
 def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
     plt = _plt()
     panels: list[tuple[str, np.ndarray, np.ndarray]] = []
-    ds = dumps(run_dir, "weights")
+    ds = read_dumps(run_dir, "weights")
     epochs = []
     if ds:
         last = ds[max(ds)]
         epochs.append(max(ds))
         panels.append(("probabilistic margin p_y - max p_j", last["margin"], weight_column(last)))
     for plugin, key in SIGNALS.items():
-        pd = dumps(run_dir, plugin)
+        pd = read_dumps(run_dir, plugin)
         if not pd:
             continue
         cols = pd[max(pd)]
@@ -198,13 +150,13 @@ def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
         ax.set(xlabel=label, ylabel="weight")
         ax.grid(alpha=0.3)
     which = f"epoch {epochs[0]}" if len(set(epochs)) == 1 else "epochs " + ", ".join(map(str, epochs))
-    fig.suptitle(f"weight against signal, {which} (the last dumped), {_method(cfg)}")
+    fig.suptitle(f"weight against signal, {which} (the last dumped), {method_label(cfg)}")
     return _save(fig, run_dir / "report" / "weight_vs_signal.png")
 
 
 def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8, data: str | None = None) -> Path | None:
     plt = _plt()
-    ds = dumps(run_dir, "weights")
+    ds = read_dumps(run_dir, "weights")
     if not ds:
         return None
     from advplug.data import PYTHON, check_data_import
@@ -230,18 +182,19 @@ def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8, data: str | No
                 ax.set_title(f"y={y[k]}{pred}\nw={w[sel[col]]:.2f}", fontsize=7)
                 k += 1
         axes[row, 0].text(-0.3, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
-    fig.suptitle(f"training images with the lowest and highest weights (epoch {max(ds)}), {_method(cfg)}"
-                 + ("; pred: the class the model predicted on the training attack" if "pred" in cols else ""), fontsize=9)
+    fig.suptitle(f"training images with the lowest and highest weights (epoch {max(ds)}), {method_label(cfg)}"
+                 + ("; pred: the class the model predicted on the training attack" if "pred" in cols else ""),
+                 fontsize=9)
     return _save(fig, run_dir / "report" / "extremes.png")
 
 
 def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Training images by training-set index, as the run numbered them (validation held out)."""
     from advplug.config import RECORD_ONLY, TrainConfig
-    from advplug.engine.trainer import training_data
+    from advplug.engine.inputs import training_data
 
     tc = TrainConfig.from_json({k: v for k, v in cfg.items() if k not in RECORD_ONLY})
-    data = training_data(tc.resolved(), log=lambda s: None)  # module: data checked by the caller (plot_extremes)
+    data = training_data(tc.resolved())  # module: data checked by the caller (plot_extremes)
     train = data.train
     n = len(train[1]) if isinstance(train, tuple) else len(train)
     if len(index) and int(index.max()) >= n:
@@ -253,14 +206,6 @@ def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray,
         items = [train[int(i)] for i in index]
         x, y = np.stack([np.asarray(it[0]) for it in items]), np.array([int(it[1]) for it in items])
     return x, y
-
-
-def _method(cfg: dict[str, Any]) -> str:
-    return method_name(cfg.get("plugins") or [], cfg.get("objective", "at"))
-
-
-def method_name(plugins: list[str], objective: str) -> str:
-    return "+".join(list(plugins) or ["AT"]) + ("" if objective == "at" else f" ({objective})")
 
 
 def _save(fig, path: Path) -> Path:
@@ -279,6 +224,87 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# -- runs with injection flags (RUN_DIR/injection.npz, written by benchmarks/groundtruth) -------------
+GROUPS = ("flipped", "atypical", "duplicate")  # the injected groups, each a boolean column of injection.npz
+COLOURS = {"clean": "tab:blue", "flipped": "tab:red", "atypical": "tab:orange", "duplicate": "tab:green"}
+
+
+def read_injection(run_dir: str | Path) -> dict[str, np.ndarray] | None:
+    """The columns of ``RUN_DIR/injection.npz`` (``None`` for a run without one)."""
+    p = Path(run_dir) / "injection.npz"
+    if not p.is_file():
+        return None
+    with np.load(p, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def epoch_weights(cols: dict[str, np.ndarray], n: int) -> np.ndarray | None:
+    """Per-sample weight of one dumped epoch in the run's numbering (NaN where not seen);
+    ``None`` when the dump has no weight columns (the method gives none)."""
+    keys = sorted(k for k in cols if k.startswith("weight_") and k != "weight_natural")
+    if not keys:
+        return None
+    w = np.mean([cols[k] for k in keys], axis=0)
+    out = np.full(n, np.nan)
+    out[cols["index"]] = w  # a sample seen twice keeps its last weight
+    return out
+
+
+def auroc_low(flag: np.ndarray, clean: np.ndarray, value: np.ndarray) -> float:
+    """AUROC of "low value means flagged": positives ``flag``, negatives ``clean``."""
+    from sklearn.metrics import roc_auc_score
+
+    keep = (flag | clean) & np.isfinite(value)
+    if flag[keep].all() or not flag[keep].any():
+        return float("nan")
+    return float(roc_auc_score(flag[keep], -value[keep]))
+
+
+def plot_roc(run_dir: str | Path) -> Path | None:
+    """``RUN_DIR/report/roc.png``: ROC curves of "low weight means injected" per group at the last
+    dumped epoch with weights, and of the run's own final true-class confidence; ``None`` for a
+    run without ``injection.npz``."""
+    from sklearn.metrics import roc_curve
+
+    run = Path(run_dir)
+    flags = read_injection(run)
+    if flags is None:
+        return None
+    n = len(flags["index"])
+    clean = ~np.any([flags[g] for g in GROUPS], axis=0)
+    signals = []
+    ds = read_dumps(run, "weights")
+    for ep in sorted(ds, reverse=True):
+        w = epoch_weights(ds[ep], n)
+        if w is not None:
+            signals.append((f"weight (epoch {ep})", w, "-"))
+            break
+    conf = run / "confidence.npz"
+    if conf.is_file():
+        with np.load(conf) as f:
+            c = np.full(n, np.nan)
+            c[f["index"]] = f["confidence"]
+        signals.append(("true-class confidence", c, ":"))
+    if not signals:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    for label, v, ls in signals:
+        for g in GROUPS:
+            keep = (flags[g] | clean) & np.isfinite(v)
+            if not flags[g][keep].any() or flags[g][keep].all():
+                continue
+            fpr, tpr, _ = roc_curve(flags[g][keep], -v[keep])
+            ax.plot(fpr, tpr, ls=ls, color=COLOURS[g],
+                    label=f"{g}, low {label}: AUROC {auroc_low(flags[g], clean, v):.2f}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+    ax.set(xlabel="false positive rate (clean samples)", ylabel="true positive rate (injected samples)",
+           title="finding the injected samples")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, run / "report" / "roc.png")
+
+
 def report(run_dir: str | Path, data: str | None = None, log=None) -> list[Path]:
     """Write every plot the run's files allow; returns their paths. ``data``: the run's
     ``module:`` data source, repeated by the user (needed for ``extremes.png`` only)."""
@@ -293,12 +319,8 @@ def report(run_dir: str | Path, data: str | None = None, log=None) -> list[Path]
         made.append(plot_extremes(run, cfg, data=data))
     except DataError as e:
         say(f"note: {e}")
-    from advplug.groundtruth import (
-        plot_roc,  # roc.png: only for runs with injection flags (benchmarks/groundtruth.py)
-    )
-
-    made.append(plot_roc(run))
-    if not dumps(run, "weights"):
+    made.append(plot_roc(run))  # roc.png: only for runs with injection flags
+    if not read_dumps(run, "weights"):
         say("note: no per-sample dumps in this run: weights.png shows the logged min/mean/max only, and "
             "weight_vs_signal.png and extremes.png need them; train with --dump-weights")
     return [p for p in made if p is not None]

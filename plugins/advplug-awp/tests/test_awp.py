@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from advplug_awp import AWP, layer_perturbation, perturbed_parameters
 from torch import nn
 
-from advplug import PluginError, StepContext, TrainContext, Variant, hookimpl
-from advplug.context import FeatureTap
+from advplug import FeatureTap, PluginError, StepContext, TrainContext, Variant, hookimpl
 from advplug.engine.trainer import Trainer
 from advplug.models import build_model
 from advplug.testing import digits_subset, tiny_config

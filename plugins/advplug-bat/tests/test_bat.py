@@ -12,9 +12,7 @@ from advplug_bat import (
     poisoning_score,
 )
 
-from advplug import DataError, OptionError
-from advplug.config import TrainConfig
-from advplug.context import TrainContext
+from advplug import DataError, OptionError, TrainConfig, TrainContext
 from advplug.data import DataBundle
 from advplug.engine.trainer import Trainer
 from advplug.models import build_model
@@ -197,7 +195,7 @@ class Feat(torch.nn.Module):
 
 
 def bat_ctx(x_nat, x_adv, y, epoch=3):
-    from advplug.context import FeatureTap, StepContext, Variant
+    from advplug import FeatureTap, StepContext, Variant
 
     model = Feat()
     ctx = StepContext(model=model, x=x_nat, y=y, index=torch.arange(len(y)), epoch=epoch, step=0, num_classes=3,
@@ -293,7 +291,7 @@ def test_memorisation_command_writes_the_file_bat_reads(tmp_path, capsys):
     n = int(d["num_train"])
     assert d["values"].shape == (n,) and (d["n_in"] + d["n_out"] == 3).all()
     assert np.all(np.abs(d["values"]) <= 1)
-    from advplug.engine.trainer import training_data
+    from advplug.engine.inputs import training_data
 
     cfg = TrainConfig(plugins=("bat",)).resolved()
     assert training_data(cfg, None, None).num_train == n  # numbered as the trainer numbers the run's data

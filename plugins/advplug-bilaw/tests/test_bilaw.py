@@ -5,8 +5,7 @@ import torch
 from advplug_bilaw import BiLAW, WeightNet, mean_one, multiclass_margin
 from torch import nn
 
-from advplug import OptionError
-from advplug.context import FeatureTap, StepContext, Variant
+from advplug import FeatureTap, OptionError, StepContext, Variant
 from advplug.engine.trainer import Trainer
 from advplug.objectives import AdversarialCE
 from advplug.plugins import enable
@@ -119,7 +118,7 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_start_up_leaves_the_global_rng_alone():
-    from advplug.context import TrainContext
+    from advplug import TrainContext
 
     b = BiLAW(BiLAW.Options())
     ctx = TrainContext(model=nn.Linear(2, 3), config=tiny_config("/tmp/unused-bilaw"), num_train=10, num_classes=3,

@@ -128,7 +128,7 @@ def test_defaults_per_objective():
                                                    "trades": ("kl", "normal", 0.0, "30,50,70"),
                                                    "mart": ("ce", "normal", 0.0, "20,40,60,80")}.items():
         fat = enable(["fat"], objective).plugin("fat")
-        from advplug.context import TrainContext
+        from advplug import TrainContext
 
         fat.on_train_start(TrainContext(model=Threshold(), config=tiny_config("/tmp/unused"), num_train=8, num_classes=2,
                                         input_shape=(1,), device=torch.device("cpu"), epochs=120, milestones=(60,),
@@ -248,7 +248,7 @@ def test_zero_gradient_means_no_move():
 def test_defaults_for_an_objective_without_a_script():
     # an objective the authors did not script (e.g. a plugin's own): FAT.py's settings, ce, uniform start,
     # no noise (OMEGA's fallback 0) and the at schedule
-    from advplug.context import TrainContext
+    from advplug import TrainContext
 
     fat = enable(["fat"], "at").plugin("fat")
     fat.on_train_start(TrainContext(model=Threshold(), config=tiny_config("/tmp/unused"), num_train=8, num_classes=2,

@@ -5,8 +5,7 @@ import pytest
 import torch
 from advplug_gairat import GAIRAT, gair_weights, lambda_at
 
-from advplug import OptionError
-from advplug.context import FeatureTap, StepContext, TrainContext, Variant
+from advplug import FeatureTap, OptionError, StepContext, TrainContext, Variant
 from advplug.engine.trainer import Trainer
 from advplug.plugins import enable
 from advplug.testing import digits_subset, tiny_config

@@ -11,8 +11,7 @@ from advplug_lrat import (
     variable_factor,
 )
 
-from advplug import PluginError, Weights
-from advplug.context import FeatureTap, StepContext, Variant
+from advplug import FeatureTap, PluginError, StepContext, Variant, Weights
 from advplug.engine.trainer import Trainer
 from advplug.plugins import enable
 from advplug.testing import (
@@ -240,7 +239,7 @@ def test_alpha_and_beta_of_eq12_are_used():
 
 def test_saa_steps_and_targets_reach_the_attack():
     from advplug.attacks import make_attack
-    from advplug.context import TrainContext
+    from advplug import TrainContext
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 10))
     p = plugin(attacks="saa", floor="none", saa_steps=7, saa_targets=2)
@@ -358,7 +357,7 @@ def test_attack_lists_that_name_nothing_are_refused():
 
 
 def test_lsat_refuses_a_floor_it_would_never_use_and_accepts_the_others():
-    from advplug.context import TrainContext
+    from advplug import TrainContext
 
     def start(**opts):
         p = plugin(**opts)

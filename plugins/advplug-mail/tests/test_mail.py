@@ -6,8 +6,7 @@ import pytest
 import torch
 from advplug_mail import MAIL, mail_weights, probabilistic_margin
 
-from advplug import OptionError, Weights
-from advplug.context import FeatureTap, StepContext, TrainContext, Variant
+from advplug import FeatureTap, OptionError, StepContext, TrainContext, Variant, Weights
 from advplug.plugins import enable
 from advplug.testing import TableModel, digits_subset, tiny_config
 from advplug.weights import combine_weights

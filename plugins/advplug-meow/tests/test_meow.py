@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from advplug_meow import MeoW, memorization_weights, nearest_code
 from torch import nn
 
-from advplug.context import FeatureTap, StepContext, TrainContext, Variant
+from advplug import FeatureTap, StepContext, TrainContext, Variant
 from advplug.data import DataBundle
 from advplug.engine.trainer import Trainer
 from advplug.testing import tiny_config
@@ -205,7 +205,7 @@ def test_overflow_guard_keeps_weights_finite():
 
 
 def with_config(data, model, **opts):
-    from advplug.config import TrainConfig
+    from advplug import TrainConfig
 
     m = MeoW(MeoW.Options(**opts))
     m.on_train_start(TrainContext(model=None, config=TrainConfig(data=data, model=model), num_train=10 ** 6, num_classes=2,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from advplug_wmmr import WMMR, WeightedPGD, wmmr_weights
 from torch import nn
 
-from advplug.context import FeatureTap, StepContext, TrainContext, Variant
+from advplug import FeatureTap, StepContext, TrainContext, Variant
 from advplug.engine.trainer import Trainer
 from advplug.plugins import enable
 from advplug.testing import ScriptedTwoClass, TableModel, digits_subset, tiny_config

@@ -67,8 +67,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from advplug import OptionError, StepContext, TrainContext, Variant, hookimpl, opt
-from advplug.context import FeatureTap
+from advplug import FeatureTap, OptionError, StepContext, TrainContext, Variant, hookimpl, opt
 
 __version__ = "0.1.0"
 

@@ -69,14 +69,17 @@ from advplug import (
     DataError,
     Declaration,
     OptionError,
+    SampleDump,
     StepContext,
     TrainContext,
     Variant,
     Weights,
+    all_sum,
+    gather_tensors,
     hookimpl,
+    load_checkpoint_model,
     opt,
 )
-from advplug.run.dump import SampleDump
 from advplug.signals import max_other_prob, true_prob
 
 __version__ = "0.1.0"
@@ -216,20 +219,14 @@ class BAT:
         return mem
 
     def ensemble(self, ctx: TrainContext) -> Tensor:
-        from advplug.evaluate import gather_tensors
-        from advplug.models import build_model
-        from advplug.run import checkpoint
-
         paths = [p.strip() for p in self.options.mem_checkpoints.split(",") if p.strip()]
         if len(paths) < 2:
             raise OptionError("--bat-mem ensemble needs two or more checkpoints in --bat-mem-checkpoints")
         x, _ = gather_tensors(ctx.train_data, None, torch.device("cpu"))
         probs = []
         for p in paths:
-            ck = checkpoint.load(p, "best")
-            name = ck.get("model_name") or ctx.config.model
-            model = build_model(name, ctx.num_classes, ctx.input_shape).to(ctx.device).eval()
-            checkpoint.load_model_state(model, ck, name)
+            model = load_checkpoint_model(p, default_model=ctx.config.model, num_classes=ctx.num_classes,
+                                          input_shape=ctx.input_shape, device=ctx.device)
             with torch.no_grad():
                 probs.append(torch.cat([model(xb.to(ctx.device)).softmax(1) for xb in x.split(512)]))
         return ensemble_disagreement(torch.stack(probs)) / math.log(2)  # in [0, 1]
@@ -271,11 +268,9 @@ class BAT:
 
     @hookimpl
     def on_epoch_end(self, epoch: int) -> dict[str, Any] | None:
-        from advplug.engine import distributed
-
         if self.conf_epoch is not None:
-            seen = distributed.all_sum(self.seen.float())
-            conf = distributed.all_sum(self.conf_epoch * self.seen)
+            seen = all_sum(self.seen.float())
+            conf = all_sum(self.conf_epoch * self.seen)
             self.conf_sum += conf
             self.conf_count += (seen > 0).float()
             self.conf_epoch.zero_()

@@ -15,10 +15,10 @@ did not. Models are trained with clean (standard) training, as F&Z do: SGD with 
 learning rate, momentum and weight decay, the rate divided by 10 at 50% and 75% of ``--epochs``.
 
 Samples are numbered exactly as ``advplug train`` numbers them for the same settings (data set,
-plugins, held-out splits), because this command builds the training set with the trainer's own
-``training_data`` and the model with ``advplug.models.build_model``. The file holds ``indices``,
-``values`` (what ``--bat-mem-file`` reads), ``n_in`` / ``n_out`` (models per sample on each
-side), ``num_train`` (checked by BAT) and the settings. A sample that no model left out (or
+plugins, held-out splits), because this command builds the training set and the models with the
+trainer's own set-up (``advplug.prepare``). The file holds ``indices``, ``values`` (what
+``--bat-mem-file`` reads), ``n_in`` / ``n_out`` (models per sample on each side), ``num_train``
+(checked by BAT) and the settings. A sample that no model left out (or
 none saw) has no estimate on that side: with m models and fraction p, a fraction
 ``p^m + (1 - p)^m`` of the samples; its value is written as 0 (no evidence of memorisation) and
 the count is printed. Use more models to shrink it.
@@ -26,7 +26,6 @@ the count is printed. Use more models to shrink it.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from typing import Any, Callable, Sequence
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from advplug import AdvplugError, TrainConfig, batches, load_config_file, prepare
 
 
 def memorisation_scores(correct: Tensor, member: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -60,8 +61,6 @@ def _subset(train: Any, idx: Tensor) -> Any:
 def train_one(model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: float, momentum: float,
               weight_decay: float, device: torch.device, seed: int) -> nn.Module:
     """Standard (clean) training, SGD, lr / 10 at 50% and 75% of the epochs."""
-    from advplug.data import batches
-
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     milestones = sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
@@ -80,34 +79,27 @@ def train_one(model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: 
 @torch.no_grad()
 def correct_on(model: nn.Module, train: Any, n: int, device: torch.device) -> Tensor:
     """``[N]`` bool: the model's prediction on each training sample (by position) is right."""
-    from advplug.data import batches
-
     out = torch.zeros(n, dtype=torch.bool)
     for x, y, idx in batches(train, 512, False, device, workers=0):
         out[idx.cpu()] = (model(x).argmax(1) == y).cpu()
     return out
 
 
-def estimate(cfg: Any, *, models: int, subset: float, epochs: int, seed: int = 0,
+def estimate(cfg: TrainConfig, *, models: int, subset: float, epochs: int, seed: int = 0,
              log: Callable[[str], None] = print, allow_import: bool = False) -> dict[str, Any]:
     """Train ``models`` models on random ``subset`` fractions of the run's training set (as the
     trainer numbers it) and return the arrays of the output file."""
-    from advplug.engine.trainer import pick_device, training_data
-    from advplug.models import build_model
-
     if models < 2:
         raise ValueError("--models must be >= 2 (each side of the estimator needs models)")
     if not 0 < subset < 1:
         raise ValueError("--subset must lie in (0, 1)")
     if epochs < 1:
         raise ValueError("--epochs must be >= 1")
-    cfg = cfg.resolved()
-    data = training_data(cfg, None, None)
+    run = prepare(cfg)
+    cfg, data, device = run.config, run.data, run.device
     n = data.num_train
-    device = pick_device(cfg.device)
     k = max(1, round(subset * n))
     gen = torch.Generator().manual_seed(seed)
-    kw = {"allow_import": True} if allow_import and "allow_import" in inspect.signature(build_model).parameters else {}
     member = torch.zeros(models, n, dtype=torch.bool)
     correct = torch.zeros(models, n, dtype=torch.bool)
     log(f"advplug-bat-memorisation: {cfg.data}, {n} training samples, model {cfg.model}, "
@@ -116,7 +108,7 @@ def estimate(cfg: Any, *, models: int, subset: float, epochs: int, seed: int = 0
         idx = torch.randperm(n, generator=gen)[:k]
         member[t, idx] = True
         torch.manual_seed(seed * 100003 + t)
-        model = build_model(cfg.model, data.num_classes, data.input_shape, **kw).to(device)
+        model = run.new_model(allow_import=allow_import)
         train_one(model, _subset(data.train, idx), epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, device=device, seed=seed + t)
         correct[t] = correct_on(model, data.train, n, device)
@@ -135,9 +127,6 @@ def estimate(cfg: Any, *, models: int, subset: float, epochs: int, seed: int = 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from advplug.config import TrainConfig, load_config_file
-    from advplug.errors import AdvplugError
-
     ap = argparse.ArgumentParser(prog="advplug-bat-memorisation", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="npz to write (read by --bat-mem file --bat-mem-file OUT)")
     ap.add_argument("--models", type=int, default=10, help="models trained on random subsets (default 10; F&Z: thousands)")

@@ -58,13 +58,7 @@ import torch.nn.functional as F
 import torchattacks
 from torch import Tensor, nn
 
-from advplug import OptionError, StepContext, TrainContext, Variant, hookimpl, opt
-from advplug.attacks import set_bn_mode
-
-try:  # the start-up declaration of the composition check, where the core has it
-    from advplug.context import Declaration
-except ImportError:  # pragma: no cover - older core
-    Declaration = None
+from advplug import Declaration, OptionError, StepContext, TrainContext, Variant, hookimpl, opt, set_bn_mode
 
 __version__ = "0.1.0"
 
@@ -197,11 +191,10 @@ class FAT:
         self._stop_sum: Any = 0
         self._seen = 0
 
-    if Declaration is not None:
-        @hookimpl
-        def declare(self, objective: str) -> Any:
-            return Declaration(variants={"fat": STATS},
-                               meaning="early-stopped PGD: tau steps after the first misclassification (stats: stop_step)")
+    @hookimpl
+    def declare(self, objective: str) -> Any:
+        return Declaration(variants={"fat": STATS},
+                           meaning="early-stopped PGD: tau steps after the first misclassification (stats: stop_step)")
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:

@@ -51,14 +51,15 @@ from torch import Tensor
 from advplug import (
     Declaration,
     OptionError,
+    SampleDump,
     StepContext,
     TrainContext,
     Variant,
     Weights,
+    burn_in_default,
     hookimpl,
     opt,
 )
-from advplug.run.dump import SampleDump, burn_in_default
 
 __version__ = "0.1.0"
 

@@ -53,16 +53,17 @@ from advplug import (
     NATURAL,
     Declaration,
     OptionError,
+    SampleDump,
     StepContext,
     TrainContext,
     Variant,
     Weights,
+    adv_matrix,
     hookimpl,
+    natural_weights,
     opt,
 )
-from advplug.run.dump import SampleDump
 from advplug.signals import probabilistic_margin
-from advplug.weights import adv_matrix, natural_weights
 
 __version__ = "0.1.0"
 ATTACKS = ("pgd", "cw", "saa")

@@ -57,14 +57,15 @@ from advplug import (
     NATURAL,
     Declaration,
     OptionError,
+    SampleDump,
     StepContext,
     TrainContext,
     Variant,
     Weights,
+    burn_in_default,
     hookimpl,
     opt,
 )
-from advplug.run.dump import SampleDump, burn_in_default
 from advplug.signals import (  # PM of Eq. 5/6: p_y - max_{j != y} p_j
     probabilistic_margin,
     true_prob,

@@ -84,10 +84,11 @@ from advplug import (
     TrainContext,
     Variant,
     Weights,
+    adv_matrix,
     hookimpl,
+    nat_vector,
     opt,
 )
-from advplug.weights import adv_matrix, nat_vector
 
 __version__ = "0.1.0"
 PAPER_TRAIN_SIZE, PAPER_CODES = 50000, 2048

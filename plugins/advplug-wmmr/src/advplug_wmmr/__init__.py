@@ -51,14 +51,8 @@ import torch.nn.functional as F
 import torchattacks
 from torch import Tensor, nn
 
-from advplug import StepContext, TrainContext, Variant, Weights, hookimpl, opt
-from advplug.attacks import set_bn_mode
+from advplug import Declaration, StepContext, TrainContext, Variant, Weights, hookimpl, opt, set_bn_mode
 from advplug.signals import probabilistic_margin
-
-try:  # the start-up declaration of the composition check, where the core has it
-    from advplug.context import Declaration
-except ImportError:  # pragma: no cover - older core
-    Declaration = None
 
 __version__ = "0.1.0"
 
@@ -141,14 +135,13 @@ class WMMR:
         self.options = options
         self.attack: WeightedPGD | None = None
 
-    if Declaration is not None:
-        @hookimpl
-        def declare(self, objective: str) -> Any:
-            o = self.options
-            scale = "mean 1 per batch" if o.normalise == "batch" else "in [exp(-alpha), exp(alpha)], not rescaled"
-            variants = {"wmmr": ("kappa", "p_true_lps")} if o.attack == "weighted" else {}
-            return Declaration(weights="global", view=o.view, variants=variants, own_scale=o.normalise != "batch",
-                               meaning=f"exp(-alpha (p_y - max_t p_t)) on the adversarial example, {scale}")
+    @hookimpl
+    def declare(self, objective: str) -> Any:
+        o = self.options
+        scale = "mean 1 per batch" if o.normalise == "batch" else "in [exp(-alpha), exp(alpha)], not rescaled"
+        variants = {"wmmr": ("kappa", "p_true_lps")} if o.attack == "weighted" else {}
+        return Declaration(weights="global", view=o.view, variants=variants, own_scale=o.normalise != "batch",
+                           meaning=f"exp(-alpha (p_y - max_t p_t)) on the adversarial example, {scale}")
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:

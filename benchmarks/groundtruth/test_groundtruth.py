@@ -1,4 +1,4 @@
-"""Ground-truth benchmark (#18): injection, flags in the trainer's numbering, the table, a planted signal."""
+"""Ground-truth benchmark: injection, flags in the trainer's numbering, the table, a planted signal."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import numpy as np
 import torch
 
-from advplug import groundtruth as gt
 from advplug.testing import installed_plugins
+from benchmarks import groundtruth as gt
 
 
 def test_injection_flags_are_disjoint_and_truthful():
@@ -32,7 +32,7 @@ def test_injection_flags_are_disjoint_and_truthful():
 def test_flags_follow_the_trainers_numbering(tmp_path):
     """With the selection (and BiLAW's validation) split held out, flags must index the samples
     the trainer actually trains on: the labels in the run's data equal the file's at the flags' positions."""
-    from advplug.engine.trainer import training_data
+    from advplug.engine.inputs import training_data
 
     f = gt.write_data(tmp_path / "d.npz", flip=0.1, atypical=0.1, duplicate=0.1, seed=0, transform="shift", n_train=300)
     s = gt.Settings(epochs=2)
@@ -41,7 +41,7 @@ def test_flags_follow_the_trainers_numbering(tmp_path):
     for method in ("at", "bilaw"):
         cfg = gt.method_config(method, 0, s, f.resolve(), tmp_path / method).resolved()
         flags = gt.flags_for_config(cfg)
-        data = training_data(cfg, log=lambda s: None)
+        data = training_data(cfg)
         assert len(flags["index"]) == data.num_train < len(y_file)
         assert (data.train[1].numpy() == y_file[flags["injected_index"]]).all()
 
@@ -51,7 +51,7 @@ def test_benchmark_table_and_a_planted_signal(tmp_path):
     (AUROC 1 for flipped, about 0.5 for the others); the table, CSV, JSON, plots and ROC come out."""
     s = gt.Settings(out=str(tmp_path / "gt"), methods=("at", "mail", "planted"), seeds=(0,), epochs=2, steps=2,
                     n_train=200, final_attacks=("natural",), flip=0.1, atypical=0.1, duplicate=0.05)
-    with installed_plugins(planted="advplug.groundtruth:PlantedFlipped"):
+    with installed_plugins(planted="benchmarks.groundtruth.planted:PlantedFlipped"):
         runs = gt.run(s, log=lambda m: None)
     files = gt.write_outputs(runs, s)
     md = files["md"].read_text()
@@ -67,7 +67,7 @@ def test_benchmark_table_and_a_planted_signal(tmp_path):
     # the flags travel with the run: `advplug report` draws the ROC curves
     from advplug.tools.report import report
 
-    with installed_plugins(planted="advplug.groundtruth:PlantedFlipped"):
+    with installed_plugins(planted="benchmarks.groundtruth.planted:PlantedFlipped"):
         made = report(runs["planted"][0])
     assert runs["planted"][0] / "report" / "roc.png" in made
     inj = gt.read_injection(runs["planted"][0])

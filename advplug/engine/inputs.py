@@ -1,0 +1,99 @@
+"""What a run is made of before it trains, from its config: the data with its held-out splits, the final config
+(output directory, model, attack start resolved once), the selection split, a resumed run's config, and the record
+of all this (``config.json``, the run header)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from advplug.attacks import resolve_attack_start
+from advplug.config import RECORD_ONLY, TrainConfig, read_run_config
+from advplug.data import DataBundle, check_data_import, hold_out, load_dataset
+from advplug.errors import CheckpointError
+from advplug.models import auto_model, check_model_import
+from advplug.plugins import Enabled, enable
+
+SPLIT_SEED = 1234  # fixes the held-out selection split (and SPLIT_SEED + 1 the plugins' validation split)
+
+
+def training_data(cfg: TrainConfig, data: DataBundle | None = None, validation: bool | None = None) -> DataBundle:
+    """The run's data as the trainer numbers it: loaded (unless given), with the model-selection
+    split held out (unless ``--selection test``), then, disjoint from it, the plugins' validation
+    split when a plugin requires one (``validation=None``: ask the config's plugins)."""
+    if validation is None:
+        validation = "validation" in enable(list(cfg.plugins), cfg.objective, cfg.plugin_options).requirements
+    # cfg comes from the user (or from resume_config, which had a module: data source repeated)
+    data = data if data is not None else load_dataset(cfg.data, cfg.data_root, cfg.download, image_size=cfg.image_size,
+                                                      test_fraction=cfg.test_fraction, allow_import=True)
+    if cfg.selection == "validation" and data.selection is None:
+        data = hold_out(data, cfg.selection_size, seed=SPLIT_SEED, role="selection")
+    if validation and data.validation is None:
+        data = hold_out(data, cfg.val_size, seed=SPLIT_SEED + 1, role="validation")
+    return data
+
+
+def final_config(cfg: TrainConfig, out: str, input_shape: tuple[int, ...], enabled: Enabled) -> tuple[TrainConfig, str]:
+    """(the run's final config, who chose the attack start): ``cfg`` (resolved) with the output directory, the model
+    (``auto``: from the input shape, ``models.auto_model``) and the training attack's random start filled in."""
+    start, start_by = resolve_attack_start(cfg.attack_start, cfg.objective, enabled.items())
+    model = auto_model(input_shape) if cfg.model == "auto" else cfg.model
+    return dataclasses.replace(cfg, out=out, model=model, attack_start=start), start_by
+
+
+def selection_split(cfg: TrainConfig, data: DataBundle, test: tuple[Tensor, Tensor],
+                    device: torch.device) -> tuple[tuple[Tensor, Tensor], str, str]:
+    """(the model-selection samples, their metrics prefix, a description): per-epoch clean / PGD accuracy on the
+    held-out selection split, or, only when asked with ``--selection test``, on the first ``--n-eval`` test samples."""
+    if cfg.selection == "validation":
+        sx, sy = data.selection
+        return (sx.to(device), sy.to(device)), "val", f"{len(sy)} held-out training samples (split seed {SPLIT_SEED})"
+    n = cfg.n_eval
+    sub = (test[0][:n], test[1][:n]) if n else test
+    return sub, "test", f"the first {len(sub[1])} TEST samples (--selection test: not a held-out choice)"
+
+
+def config_record(cfg: TrainConfig, enabled: Enabled, data: DataBundle, num_selection: int,
+                  world: int) -> dict[str, Any]:
+    """``config.json``: the final config, with every enabled plugin's resolved options and the data's numbers."""
+    rec = cfg.to_json()
+    rec["resolved_plugin_options"] = {
+        name: dataclasses.asdict(p.options) for name, p in enabled.items()
+        if dataclasses.is_dataclass(getattr(p, "options", None))}
+    rec["num_train"] = data.num_train
+    rec["num_selection"] = num_selection
+    rec["num_validation"] = len(data.validation[1]) if data.validation is not None else 0
+    rec["split_seed"] = SPLIT_SEED
+    rec["world_size"] = world
+    return rec
+
+
+def run_header(cfg: TrainConfig, data: DataBundle, n_test: int, device: torch.device, start_by: str,
+               selection: str) -> str:
+    """The run's one-line description, logged before it trains."""
+    return (f"advplug: {cfg.data} ({data.num_train} train, {n_test} test), model {cfg.model}, "
+            f"objective {cfg.objective}, plugins {', '.join(cfg.plugins) or 'none'}, eps {cfg.eps:.4g}, "
+            f"PGD-{cfg.steps} step {cfg.alpha:.4g}, attack start {cfg.attack_start} ({start_by}), "
+            f"attack BN mode {cfg.attack_bn}, device {device}"
+            + f", best chosen by PGD-{cfg.eval_steps} on {selection}"
+            + (f", {len(data.validation[1])} validation samples held out for plugins"
+               if data.validation is not None else ""))
+
+
+def resume_config(run_dir: str | Path, model: str | None = None, data: str | None = None) -> TrainConfig:
+    """The saved configuration of a run directory. A model given as ``module:callable`` is code:
+    it is imported only if the user repeats it (``model``), never because the file says so."""
+    d = read_run_config(run_dir, CheckpointError)
+    for k in RECORD_ONLY:
+        d.pop(k, None)
+    try:
+        cfg = TrainConfig.from_json(d)
+    except TypeError as e:
+        raise CheckpointError(f"{str(Path(run_dir) / 'config.json')!r} is damaged: {e}") from None
+    check_model_import(cfg.model, model)
+    check_data_import(cfg.data, data)
+    return dataclasses.replace(cfg, out=str(run_dir))

@@ -1,0 +1,2 @@
+"""Benchmarks and behaviour checks, run from the repository root (``python benchmarks/<name>.py``,
+``python -m benchmarks.groundtruth``)."""
