@@ -45,6 +45,7 @@ Hooks, data types, options, errors and weight helpers are imported with this mod
 names are loaded on first use (``_LAZY``), so that importing any advplug module (every one of them
 runs this file first) never loads the engine, the run store or the data sources.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -81,10 +82,25 @@ _LAZY = {  # public name -> the module defining it, imported on first access
 }
 
 __all__ = [
-    "__version__", "hookimpl",
-    "StepContext", "TrainContext", "Variant", "Weights", "CombinedWeights", "Declaration", "NATURAL", "FeatureTap",
-    "opt", "AdvplugError", "OptionError", "DataError", "CheckpointError", "PluginError",
-    "adv_matrix", "natural_weights", "nat_vector",
+    "__version__",
+    "hookimpl",
+    "StepContext",
+    "TrainContext",
+    "Variant",
+    "Weights",
+    "CombinedWeights",
+    "Declaration",
+    "NATURAL",
+    "FeatureTap",
+    "opt",
+    "AdvplugError",
+    "OptionError",
+    "DataError",
+    "CheckpointError",
+    "PluginError",
+    "adv_matrix",
+    "natural_weights",
+    "nat_vector",
     *_LAZY,
 ]
 

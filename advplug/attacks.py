@@ -13,6 +13,7 @@
   with -1e4 before the max over other classes), the "CW" of the reweighting papers' tables.
   torchattacks' ``CW`` is the L2 optimisation attack, a different thing.
 """
+
 from __future__ import annotations
 
 import re
@@ -170,8 +171,15 @@ class CWLinf(Attack):
     >>> atk = CWLinf(model, eps=8/255, alpha=2/255, steps=20); x_adv = atk(x, y)
     """
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20,
-                 confidence: float = 50.0, random_start: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8 / 255,
+        alpha: float = 2 / 255,
+        steps: int = 20,
+        confidence: float = 50.0,
+        random_start: bool = True,
+    ) -> None:
         super().__init__("CWLinf", model)
         self.eps, self.alpha, self.steps = eps, alpha, steps
         self.confidence, self.random_start = confidence, random_start
@@ -235,8 +243,15 @@ class SAA(Attack):
     sizes of the batches to attack).
     """
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, steps: int = 20, n_target_classes: int = 3,
-                 rho: float = 0.75, waves: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8 / 255,
+        steps: int = 20,
+        n_target_classes: int = 3,
+        rho: float = 0.75,
+        waves: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__("SAA", model)
         self.eps, self.steps, self.n_target_classes, self.rho = eps, steps, n_target_classes, rho
         self.waves = waves
@@ -252,7 +267,7 @@ class SAA(Attack):
         with torch.no_grad():
             z = self.get_logits(x)
         order = z.sort(dim=1)[1]  # ascending; column -k: the k-th highest class (APGDT's target_class k)
-        ranked = order.flip(1)[:, 1:n + 1]  # [B, n]: for a correct sample, the highest non-true classes
+        ranked = order.flip(1)[:, 1 : n + 1]  # [B, n]: for a correct sample, the highest non-true classes
         adv, best = x.clone(), torch.full(y.shape, float("-inf"), device=x.device)
         todo = z.argmax(1) == y  # still to attack: correct at x, not fooled yet
         self.targets = torch.full((y.shape[0], n), -1, dtype=torch.long, device=x.device)
@@ -285,8 +300,9 @@ class SAA(Attack):
             top = loss_best[k_loss, ar]
             better = ~any_fooled & (top > best[idx])
             bshape = (-1, *[1] * (x.dim() - 1))
-            adv[idx] = torch.where(any_fooled.view(bshape), pick_fool,
-                                   torch.where(better.view(bshape), pick_loss, adv[idx]))
+            adv[idx] = torch.where(
+                any_fooled.view(bshape), pick_fool, torch.where(better.view(bshape), pick_loss, adv[idx])
+            )
             best[idx] = torch.where(better, top, best[idx])
             todo[idx] = ~any_fooled
         return adv
@@ -327,8 +343,9 @@ class SAA(Attack):
                 a = 0.75 if i > 0 else 1.0  # momentum (APGD Alg. 1)
                 x_adv_1 = x_adv + step_size * torch.sign(grad)
                 x_adv_1 = torch.clamp(torch.min(torch.max(x_adv_1, x - eps), x + eps), 0.0, 1.0)
-                x_adv_1 = torch.clamp(torch.min(torch.max(x_adv + (x_adv_1 - x_adv) * a + grad2 * (1 - a), x - eps),
-                                                x + eps), 0.0, 1.0)
+                x_adv_1 = torch.clamp(
+                    torch.min(torch.max(x_adv + (x_adv_1 - x_adv) * a + grad2 * (1 - a), x - eps), x + eps), 0.0, 1.0
+                )
                 x_adv = x_adv_1 + 0.0
             logits, loss_indiv, grad = loss_grad(x_adv)
             with torch.no_grad():
@@ -378,8 +395,18 @@ def random_start_name(start: str | None, default: str) -> str:
 TRAIN_ATTACKS = ("pgd", "tpgd", "cw", "saa", "fgsm", "apgd-ce", "apgdt")
 
 
-def make_attack(name: str, model: nn.Module, *, eps: float, alpha: float, steps: int, bn: str = "eval",
-                num_classes: int = 10, seed: int = 0, **extra: Any) -> Attack:
+def make_attack(
+    name: str,
+    model: nn.Module,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    bn: str = "eval",
+    num_classes: int = 10,
+    seed: int = 0,
+    **extra: Any,
+) -> Attack:
     """A torchattacks attack by name under an Linf budget.
 
     ``pgd`` (TrackedPGD), ``tpgd`` (TrackedTPGD), ``cw`` (CWLinf), ``fgsm``, ``apgd-ce`` (APGD on
@@ -399,7 +426,9 @@ def make_attack(name: str, model: nn.Module, *, eps: float, alpha: float, steps:
     elif name == "cw":
         atk = CWLinf(model, eps=eps, alpha=alpha, steps=steps, confidence=extra.get("confidence", 50.0))
     elif name == "saa":
-        atk = SAA(model, eps=eps, steps=steps, n_target_classes=min(int(extra.get("n_target_classes", 3)), num_classes - 1))
+        atk = SAA(
+            model, eps=eps, steps=steps, n_target_classes=min(int(extra.get("n_target_classes", 3)), num_classes - 1)
+        )
     elif name == "fgsm":
         atk = torchattacks.FGSM(model, eps=eps)
     elif name == "apgd-ce":
@@ -431,8 +460,12 @@ def parse_eval_attack(spec: str) -> tuple[str, int | None]:
 def display_name(spec: str) -> str:
     kind, steps = parse_eval_attack(spec)
     return {
-        "natural": "Natural", "fgsm": "FGSM", "pgd": f"PGD-{steps or 20}",
-        "cw": f"CW-Linf margin (PGD-{steps or 20})", "apgd-ce": f"APGD-CE-{steps or 100}", "aa": "AutoAttack",
+        "natural": "Natural",
+        "fgsm": "FGSM",
+        "pgd": f"PGD-{steps or 20}",
+        "cw": f"CW-Linf margin (PGD-{steps or 20})",
+        "apgd-ce": f"APGD-CE-{steps or 100}",
+        "aa": "AutoAttack",
     }[kind]
 
 
@@ -443,8 +476,9 @@ def canonical_spec(spec: str) -> str:
     return kind if default is None else f"{kind}{steps or default}"
 
 
-def make_eval_attack(spec: str, model: nn.Module, *, eps: float, alpha: float | None, num_classes: int,
-                     seed: int = 0) -> Attack | None:
+def make_eval_attack(
+    spec: str, model: nn.Module, *, eps: float, alpha: float | None, num_classes: int, seed: int = 0
+) -> Attack | None:
     """An evaluation attack by spec (``None`` for ``natural``). PGD/CW step size defaults to eps/4."""
     kind, steps = parse_eval_attack(spec)
     alpha = alpha if alpha is not None else eps / 4

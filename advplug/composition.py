@@ -1,9 +1,10 @@
 """The start-up check of a set of plugins: their declarations (views, stats, weights, needs) are
 checked as a whole, and the combination's meaning is described (``advplug hooks``, the pair table)."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from advplug.context import ANCHOR, NATURAL, Declaration
 from advplug.errors import CompositionError
@@ -35,15 +36,24 @@ class Composition:
             lines = ["views: declared by no one (an undeclared plugin generates variants)"]
         else:
             by = sorted({self.makers[v] for v in self.views})
-            lines = [f"views: {', '.join(self.views)} (made by {', '.join(by)})"
-                     + (f"; anchor {self.anchor}" + (f" ({self.local}'s x*)" if self.local and d[self.local].anchor else "")
-                        if self.anchor else "")]
+            lines = [
+                f"views: {', '.join(self.views)} (made by {', '.join(by)})"
+                + (
+                    f"; anchor {self.anchor}" + (f" ({self.local}'s x*)" if self.local and d[self.local].anchor else "")
+                    if self.anchor
+                    else ""
+                )
+            ]
         for n in self.globals:
-            lines.append(f"{n}: global, one weight per instance from view {self.reads[n]!r}"
-                         + (f": {d[n].meaning}" if d[n].meaning else ""))
+            lines.append(
+                f"{n}: global, one weight per instance from view {self.reads[n]!r}"
+                + (f": {d[n].meaning}" if d[n].meaning else "")
+            )
         if self.local:
-            lines.append(f"{self.local}: local, one weight per variant inside the pair"
-                         + (f": {d[self.local].meaning}" if d[self.local].meaning else ""))
+            lines.append(
+                f"{self.local}: local, one weight per variant inside the pair"
+                + (f": {d[self.local].meaning}" if d[self.local].meaning else "")
+            )
         lines.append(f"loss: {self.owner or 'none'}")
         lines.append("combined: " + self.formula())
         return lines
@@ -114,20 +124,32 @@ def check_composition(
 
     locals_ = [n for n, d in declarations.items() if d.weights == "local"]
     if len(locals_) > 1:
-        raise _fail(locals_[0], locals_[1], "both return local weights (one weight per variant inside the pair); "
-                                            "only one method may distribute weight inside the pair", "two local weightings")
+        raise _fail(
+            locals_[0],
+            locals_[1],
+            "both return local weights (one weight per variant inside the pair); "
+            "only one method may distribute weight inside the pair",
+            "two local weightings",
+        )
     local = locals_[0] if locals_ else None
     globals_ = [n for n, d in declarations.items() if d.weights == "global"]
 
     if local and declarations[local].own_scale:
         for n in globals_:
             if declarations[n].own_scale:
-                raise _fail(n, local, f"both set the loss scale: {n}'s weights are not mean 1 and {local} normalises its "
-                                      f"own (e.g. LRAT's Eq. 15); choose a mean-1 setting of {n}", "both set the loss scale")
+                raise _fail(
+                    n,
+                    local,
+                    f"both set the loss scale: {n}'s weights are not mean 1 and {local} normalises its "
+                    f"own (e.g. LRAT's Eq. 15); choose a mean-1 setting of {n}",
+                    "both set the loss scale",
+                )
     anchor = declarations[local].anchor if local else None
     if views is not None:
         if anchor is not None and anchor != NATURAL and anchor not in views:
-            raise _fail(local, local, f"declares the anchor {anchor!r}, which is not a view of this run ({', '.join(views)})")
+            raise _fail(
+                local, local, f"declares the anchor {anchor!r}, which is not a view of this run ({', '.join(views)})"
+            )
         if anchor is None:
             anchor = min(views)  # the only variant, or the first by name
 
@@ -145,34 +167,68 @@ def check_composition(
             reads[n] = v if v is not None else ANCHOR
         for need in sorted(d.needs):
             if need.startswith("stat:"):
-                key = need[len("stat:"):]
+                key = need[len("stat:") :]
                 if views is None:
                     continue  # an undeclared generator: checked by the plugin at the first step
                 if v != NATURAL and v not in views:
-                    raise _fail(n, local or owner or n, f"{n} reads the view {v!r}, which this run does not make "
-                                                        f"(views: natural, {', '.join(views)})")
+                    raise _fail(
+                        n,
+                        local or owner or n,
+                        f"{n} reads the view {v!r}, which this run does not make (views: natural, {', '.join(views)})",
+                    )
                 have = () if v == NATURAL else views[v]
                 if key not in have:
                     maker = makers.get(v, CORE) if v != NATURAL else CORE
                     other = local if (local and v == anchor) else (maker if maker != CORE else owner or n)
                     recording = [w for w, s in views.items() if key in s]
-                    hint = (f"views that record it: {', '.join(recording)}" if recording else "no view of this run records it")
-                    raise _fail(n, other, f"{n} needs {key!r} on the view it reads, {describe_view(v)}, which does not "
-                                          f"record it ({hint})", f"no {key} on {v}")
+                    hint = (
+                        f"views that record it: {', '.join(recording)}"
+                        if recording
+                        else "no view of this run records it"
+                    )
+                    raise _fail(
+                        n,
+                        other,
+                        f"{n} needs {key!r} on the view it reads, {describe_view(v)}, which does not "
+                        f"record it ({hint})",
+                        f"no {key} on {v}",
+                    )
             elif need == "validation":
                 if "validation" not in requested:
                     raise _fail(n, n, "needs a validation split but does not ask for it in requirements()")
             elif need == "loss":
                 if local is not None and local != n:
-                    raise _fail(n, local, f"{n} learns its weights through the run's loss as a function of its own "
-                                          f"weights, but {local}'s local weights are part of that loss and are not "
-                                          f"known when {n} computes; not supported", "meta-gradient beside local weights")
+                    raise _fail(
+                        n,
+                        local,
+                        f"{n} learns its weights through the run's loss as a function of its own "
+                        f"weights, but {local}'s local weights are part of that loss and are not "
+                        f"known when {n} computes; not supported",
+                        "meta-gradient beside local weights",
+                    )
             elif need not in CORE_NEEDS:
-                raise _fail(n, n, f"declares an unknown need {need!r} (known: {', '.join(sorted(CORE_NEEDS))}, stat:KEY)")
+                raise _fail(
+                    n, n, f"declares an unknown need {need!r} (known: {', '.join(sorted(CORE_NEEDS))}, stat:KEY)"
+                )
         if d.weights == "global" and views is not None and v != NATURAL and v not in views:
-            raise _fail(n, local or n, f"{n} reads the view {v!r}, which this run does not make (views: natural, {', '.join(views)})")
+            raise _fail(
+                n,
+                local or n,
+                f"{n} reads the view {v!r}, which this run does not make (views: natural, {', '.join(views)})",
+            )
         if d.natural_weights and owner is not None:
             if "natural-term" not in declarations.get(owner, Declaration()).provides:
-                raise _fail(n, owner, f"{n} weighs the natural term, but the loss of {owner!r} has none", "no natural term")
-    return Composition(objective=objective, owner=owner, views=views, makers=makers, anchor=anchor, local=local,
-                       globals=globals_, reads=reads, declarations=dict(declarations))
+                raise _fail(
+                    n, owner, f"{n} weighs the natural term, but the loss of {owner!r} has none", "no natural term"
+                )
+    return Composition(
+        objective=objective,
+        owner=owner,
+        views=views,
+        makers=makers,
+        anchor=anchor,
+        local=local,
+        globals=globals_,
+        reads=reads,
+        declarations=dict(declarations),
+    )

@@ -1,4 +1,5 @@
 """The run configuration: one dataclass, with the papers' defaults per data set."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,23 +22,93 @@ from advplug.errors import OptionError
 # the burn-ins that default to the first drop (MAIL, GAIRAT), follow ``--epochs``: at the default
 # epochs they are exactly the papers' epochs; explicit ``--milestones`` win.
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": dict(model="digits-cnn", eps=0.2, alpha=0.05, steps=10, epochs=20, batch_size=64, lr=0.05,
-                   milestone_fractions=(0.6, 0.85), weight_decay=5e-4, eval_steps=10),
-    "mnist": dict(model="small-cnn", eps=0.3, alpha=0.01, steps=40, epochs=100, batch_size=128, lr=0.01,
-                  milestone_fractions=(0.55, 0.75, 0.9), weight_decay=5e-4, eval_steps=20),
-    "fashion-mnist": dict(model="small-cnn", eps=0.1, alpha=0.01, steps=40, epochs=100, batch_size=128, lr=0.01,
-                          milestone_fractions=(0.55, 0.75, 0.9), weight_decay=5e-4, eval_steps=20),
-    "cifar10": dict(model="preactresnet18", eps=8 / 255, alpha=2 / 255, steps=10, epochs=120, batch_size=128, lr=0.1,
-                    milestone_fractions=(0.5, 0.75), weight_decay=5e-4, eval_steps=20),
-    "cifar100": dict(model="preactresnet18", eps=8 / 255, alpha=2 / 255, steps=10, epochs=120, batch_size=128, lr=0.1,
-                     milestone_fractions=(0.5, 0.75), weight_decay=5e-4, eval_steps=20),
-    "svhn": dict(model="preactresnet18", eps=8 / 255, alpha=1 / 255, steps=10, epochs=80, batch_size=128, lr=0.01,
-                 milestone_fractions=(0.5, 0.75), weight_decay=5e-4, eval_steps=20),
+    "digits": dict(
+        model="digits-cnn",
+        eps=0.2,
+        alpha=0.05,
+        steps=10,
+        epochs=20,
+        batch_size=64,
+        lr=0.05,
+        milestone_fractions=(0.6, 0.85),
+        weight_decay=5e-4,
+        eval_steps=10,
+    ),
+    "mnist": dict(
+        model="small-cnn",
+        eps=0.3,
+        alpha=0.01,
+        steps=40,
+        epochs=100,
+        batch_size=128,
+        lr=0.01,
+        milestone_fractions=(0.55, 0.75, 0.9),
+        weight_decay=5e-4,
+        eval_steps=20,
+    ),
+    "fashion-mnist": dict(
+        model="small-cnn",
+        eps=0.1,
+        alpha=0.01,
+        steps=40,
+        epochs=100,
+        batch_size=128,
+        lr=0.01,
+        milestone_fractions=(0.55, 0.75, 0.9),
+        weight_decay=5e-4,
+        eval_steps=20,
+    ),
+    "cifar10": dict(
+        model="preactresnet18",
+        eps=8 / 255,
+        alpha=2 / 255,
+        steps=10,
+        epochs=120,
+        batch_size=128,
+        lr=0.1,
+        milestone_fractions=(0.5, 0.75),
+        weight_decay=5e-4,
+        eval_steps=20,
+    ),
+    "cifar100": dict(
+        model="preactresnet18",
+        eps=8 / 255,
+        alpha=2 / 255,
+        steps=10,
+        epochs=120,
+        batch_size=128,
+        lr=0.1,
+        milestone_fractions=(0.5, 0.75),
+        weight_decay=5e-4,
+        eval_steps=20,
+    ),
+    "svhn": dict(
+        model="preactresnet18",
+        eps=8 / 255,
+        alpha=1 / 255,
+        steps=10,
+        epochs=80,
+        batch_size=128,
+        lr=0.01,
+        milestone_fractions=(0.5, 0.75),
+        weight_decay=5e-4,
+        eval_steps=20,
+    ),
 }
 # Your own data (``folder:``, ``npz:``, ``module:``): the CIFAR settings; the model is chosen from
 # the input shape once the data is loaded ("auto", see ``models.auto_model``).
-CUSTOM_DEFAULTS: dict[str, Any] = dict(model="auto", eps=8 / 255, alpha=2 / 255, steps=10, epochs=30, batch_size=128,
-                                       lr=0.1, milestone_fractions=(0.5, 0.75), weight_decay=5e-4, eval_steps=20)
+CUSTOM_DEFAULTS: dict[str, Any] = dict(
+    model="auto",
+    eps=8 / 255,
+    alpha=2 / 255,
+    steps=10,
+    epochs=30,
+    batch_size=128,
+    lr=0.1,
+    milestone_fractions=(0.5, 0.75),
+    weight_decay=5e-4,
+    eval_steps=20,
+)
 
 
 def data_defaults(data: str) -> dict[str, Any]:
@@ -119,7 +190,7 @@ class TrainConfig:
     ema: float | None = None
     data_path: str = "auto"
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """Fill the ``None`` fields from the data set's defaults and validate everything."""
         cfg = dataclasses.replace(self)
         check_types(cfg)
@@ -144,8 +215,10 @@ class TrainConfig:
             (self.alpha > 0, f"--alpha (attack step size) must be > 0, got {self.alpha}"),
             (self.alpha <= 1, f"--alpha (attack step size) must be <= 1 (inputs are in [0, 1]), got {self.alpha}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (0 <= self.seed < 2 ** 32,
-             f"--seed must be in 0..{2 ** 32 - 1} (numpy's and torch's seed range), got {self.seed}"),
+            (
+                0 <= self.seed < 2**32,
+                f"--seed must be in 0..{2**32 - 1} (numpy's and torch's seed range), got {self.seed}",
+            ),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
@@ -154,26 +227,38 @@ class TrainConfig:
             (0 < self.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {self.lr_gamma}"),
             (all(0 < m for m in self.milestones), f"--milestones must be positive epochs, got {self.milestones}"),
             (list(self.milestones) == sorted(self.milestones), f"--milestones must increase, got {self.milestones}"),
-            (self.attack_bn in ATTACK_BN_MODES,
-             f"--attack-bn must be {' or '.join(ATTACK_BN_MODES)}, got {self.attack_bn!r}"),
+            (
+                self.attack_bn in ATTACK_BN_MODES,
+                f"--attack-bn must be {' or '.join(ATTACK_BN_MODES)}, got {self.attack_bn!r}",
+            ),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
             (self.eval_steps >= 1, f"--eval-steps must be >= 1, got {self.eval_steps}"),
             (self.n_eval is None or self.n_eval >= 1, f"--n-eval must be >= 1, got {self.n_eval}"),
             (self.val_size is None or 0 < self.val_size, f"--val-size must be > 0, got {self.val_size}"),
-            (self.selection in SELECTIONS,
-             f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"),
-            (self.selection_size is None or 0 < self.selection_size,
-             f"--selection-size must be > 0, got {self.selection_size}"),
+            (
+                self.selection in SELECTIONS,
+                f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}",
+            ),
+            (
+                self.selection_size is None or 0 < self.selection_size,
+                f"--selection-size must be > 0, got {self.selection_size}",
+            ),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.image_size is None or self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
             (0 < self.test_fraction < 1, f"--test-fraction must be in (0, 1), got {self.test_fraction}"),
-            (self.precision in PRECISIONS,
-             f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
-            (self.compile is None or self.compile in COMPILE_BACKENDS,
-             f"--compile must be one of {', '.join(COMPILE_BACKENDS)}, got {self.compile!r}"),
+            (
+                self.precision in PRECISIONS,
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+            ),
+            (
+                self.compile is None or self.compile in COMPILE_BACKENDS,
+                f"--compile must be one of {', '.join(COMPILE_BACKENDS)}, got {self.compile!r}",
+            ),
             (self.ema is None or 0 < self.ema < 1, f"--ema (decay) must be in (0, 1), e.g. 0.999, got {self.ema}"),
-            (self.data_path in DATA_PATHS,
-             f"--data-path must be one of {', '.join(DATA_PATHS)}, got {self.data_path!r}"),
+            (
+                self.data_path in DATA_PATHS,
+                f"--data-path must be one of {', '.join(DATA_PATHS)}, got {self.data_path!r}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -183,7 +268,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -199,10 +284,32 @@ class TrainConfig:
 # Field types, checked before anything else so that a config file's ``epochs = "three"`` or
 # ``plugins = "mail"`` is one clear error, not a crash (or a plugin per letter) later.
 _INT = ("image_size", "epochs", "batch_size", "steps", "seed", "eval_every", "eval_steps", "n_eval", "workers")
-_FLOAT = ("test_fraction", "lr", "momentum", "weight_decay", "lr_gamma", "eps", "alpha", "val_size", "selection_size",
-          "ema")
-_STR = ("data", "data_root", "model", "objective", "attack_bn", "attack_start", "out", "device", "selection",
-        "precision", "compile", "data_path")
+_FLOAT = (
+    "test_fraction",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lr_gamma",
+    "eps",
+    "alpha",
+    "val_size",
+    "selection_size",
+    "ema",
+)
+_STR = (
+    "data",
+    "data_root",
+    "model",
+    "objective",
+    "attack_bn",
+    "attack_start",
+    "out",
+    "device",
+    "selection",
+    "precision",
+    "compile",
+    "data_path",
+)
 _BOOL = ("download", "progress", "tensorboard", "dump_weights", "channels_last")
 _STR_LIST = ("plugins", "final_attacks")
 
@@ -213,6 +320,7 @@ def _is_int(v: Any) -> bool:
 
 def check_types(cfg: TrainConfig) -> None:
     """Raise ``OptionError`` for a field of the wrong type; lists become tuples, ints floats."""
+
     def bad(name: str, want: str, v: Any) -> OptionError:
         return OptionError(f"{name.replace('_', '-')} must be {want}, got {v!r}")
 
@@ -256,8 +364,9 @@ def check_types(cfg: TrainConfig) -> None:
 FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
-def table_entries(table: Mapping[str, Any], own: Collection[str] = (),
-                  flat_options: bool = False) -> Iterator[tuple[str, str, Any]]:
+def table_entries(
+    table: Mapping[str, Any], own: Collection[str] = (), flat_options: bool = False
+) -> Iterator[tuple[str, str, Any]]:
     """The entries of a config or sweep file's table as ``(kind, name, value)``, in file order: the
     one place that says what a key means. Kinds: ``"own"`` (a key in ``own``, left to the caller),
     ``"setting"`` (a ``TrainConfig`` field, written with ``-`` or ``_``), ``"plugin_options"`` (the
@@ -299,7 +408,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise OptionError(f"config file {str(p)!r}: expected a table of settings, got {type(raw).__name__}")
     if any(k.replace("-", "_") == "plugin_options" and not isinstance(v or {}, dict) for k, v in raw.items()):
-        raise OptionError(f"config file {str(p)!r}: plugin_options must be a table of \"plugin-option\" = value")
+        raise OptionError(f'config file {str(p)!r}: plugin_options must be a table of "plugin-option" = value')
     out: dict[str, Any] = {}
     table: dict[str, Any] = {}  # [plugin_options] first, plugins' own tables over it
     popts: dict[str, Any] = {}

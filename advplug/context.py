@@ -1,9 +1,11 @@
 """The small data types that flow through the hooks: Variant, Weights, StepContext, TrainContext."""
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -1,7 +1,8 @@
 """Robust accuracy of a model under named attacks: torchattacks by default, ART as a cross-check."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,7 @@ from advplug.errors import OptionError
 
 def _batches(x: Tensor, y: Tensor, batch_size: int):
     for i in range(0, len(y), batch_size):
-        yield x[i:i + batch_size], y[i:i + batch_size]
+        yield x[i : i + batch_size], y[i : i + batch_size]
 
 
 def gather_tensors(data, n: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -34,9 +35,20 @@ def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return (model(x).argmax(1) == y).sum()
 
 
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: Iterable[str], *, eps: float,
-             alpha: float | None = None, num_classes: int = 10, batch_size: int = 256, seed: int = 0,
-             backend: str = "torchattacks", progress: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: Iterable[str],
+    *,
+    eps: float,
+    alpha: float | None = None,
+    num_classes: int = 10,
+    batch_size: int = 256,
+    seed: int = 0,
+    backend: str = "torchattacks",
+    progress: bool = False,
+) -> dict[str, float]:
     """Accuracy per attack spec (``natural``, ``fgsm``, ``pgd20``, ``cw``, ``apgd-ce``, ``aa``),
     keyed by canonical spec (``pgd`` -> ``pgd20``). The model is evaluated in eval mode and left as it was.
 
@@ -72,8 +84,17 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, attacks: Iterable[str], *, 
     return out
 
 
-def evaluate_art(model: nn.Module, x: Tensor, y: Tensor, attacks: list[str], *, eps: float, alpha: float | None,
-                 num_classes: int, batch_size: int) -> dict[str, float]:
+def evaluate_art(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: list[str],
+    *,
+    eps: float,
+    alpha: float | None,
+    num_classes: int,
+    batch_size: int,
+) -> dict[str, float]:
     """The same evaluation through ART's ``PyTorchClassifier`` (PGD, FGSM, AutoAttack), keyed by canonical spec."""
     import numpy as np
     from art.attacks.evasion import (
@@ -85,9 +106,14 @@ def evaluate_art(model: nn.Module, x: Tensor, y: Tensor, attacks: list[str], *, 
 
     was_training = model.training
     model.eval()
-    clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
-                            nb_classes=num_classes, clip_values=(0.0, 1.0),
-                            device_type="gpu" if x.is_cuda else "cpu")
+    clf = PyTorchClassifier(
+        model=model,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=num_classes,
+        clip_values=(0.0, 1.0),
+        device_type="gpu" if x.is_cuda else "cpu",
+    )
     xn, yn = x.detach().cpu().numpy(), y.detach().cpu().numpy()
     alpha = alpha if alpha is not None else eps / 4
     out: dict[str, float] = {}
@@ -101,8 +127,16 @@ def evaluate_art(model: nn.Module, x: Tensor, y: Tensor, attacks: list[str], *, 
             elif kind == "fgsm":
                 xa = FastGradientMethod(clf, norm=np.inf, eps=eps, batch_size=batch_size).generate(xn)
             elif kind == "pgd":
-                xa = ProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=alpha, max_iter=steps or 20,
-                                              num_random_init=1, batch_size=batch_size, verbose=False).generate(xn, yn)
+                xa = ProjectedGradientDescent(
+                    clf,
+                    norm=np.inf,
+                    eps=eps,
+                    eps_step=alpha,
+                    max_iter=steps or 20,
+                    num_random_init=1,
+                    batch_size=batch_size,
+                    verbose=False,
+                ).generate(xn, yn)
             elif kind == "aa":
                 xa = AutoAttack(clf, norm=np.inf, eps=eps, eps_step=alpha, batch_size=batch_size).generate(xn, yn)
             else:

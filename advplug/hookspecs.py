@@ -27,6 +27,7 @@ No hook may call ``backward()``, step the optimizer, or modify the ``StepContext
 variants or the model (``perturb_weights`` alone changes the weights, for the step's loss, and
 restores them before the update); plugin state is the plugin's own.
 """
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager

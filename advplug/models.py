@@ -3,6 +3,7 @@
 Every model ends with an ``nn.Linear`` head whose input is the penultimate embedding that
 MeoW, BAT and others read (``advplug.context.FeatureTap``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,15 @@ class DigitsCNN(nn.Module):
         super().__init__()
         c = input_shape[0]
         self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * (input_shape[1] // 2) * (input_shape[2] // 2), 128), nn.ReLU())
+            nn.Conv2d(c, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * (input_shape[1] // 2) * (input_shape[2] // 2), 128),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,8 +61,13 @@ class TinyCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28)) -> None:
         super().__init__()
-        conv = nn.Sequential(nn.Conv2d(input_shape[0], 16, 4, stride=2, padding=1), nn.ReLU(),
-                             nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten())
+        conv = nn.Sequential(
+            nn.Conv2d(input_shape[0], 16, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
         self.features = nn.Sequential(conv, nn.Linear(_flat_dim(conv, input_shape), 100), nn.ReLU())
         self.head = nn.Linear(100, num_classes)
 
@@ -63,8 +76,15 @@ class TinyCNN(nn.Module):
 
 
 def _small_block(cin: int, c: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
-                         nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2))
+    return nn.Sequential(
+        nn.Conv2d(cin, c, 3, padding=1),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
 
 
 class SmallCNN(nn.Module):
@@ -72,7 +92,9 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
         super().__init__()
-        conv = nn.Sequential(_small_block(input_shape[0], 64), _small_block(64, 128), _small_block(128, 196), nn.Flatten())
+        conv = nn.Sequential(
+            _small_block(input_shape[0], 64), _small_block(64, 128), _small_block(128, 196), nn.Flatten()
+        )
         self.features = nn.Sequential(conv, nn.Linear(_flat_dim(conv, input_shape), 256), nn.ReLU())
         self.head = nn.Linear(256, num_classes)
 
@@ -130,7 +152,9 @@ class WideResNet(nn.Module):
     """WRN-depth-width (Zagoruyko & Komodakis, 2016), (depth - 4) // 6 blocks per stage, as the
     TRADES / MART / GAIRAT code builds WRN-34-10, WRN-28-10 and WRN-32-10."""
 
-    def __init__(self, depth: int = 34, width: int = 10, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
+    def __init__(
+        self, depth: int = 34, width: int = 10, num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32)
+    ) -> None:
         super().__init__()
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
@@ -195,8 +219,10 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], *, al
         try:
             model = factory(num_classes=num_classes, input_shape=tuple(input_shape))
         except Exception as e:  # the user's factory failed: say where
-            raise OptionError(f"--model {name}: calling it with num_classes={num_classes}, input_shape="
-                              f"{tuple(input_shape)} failed ({type(e).__name__}: {e})") from None
+            raise OptionError(
+                f"--model {name}: calling it with num_classes={num_classes}, input_shape="
+                f"{tuple(input_shape)} failed ({type(e).__name__}: {e})"
+            ) from None
         if not isinstance(model, nn.Module):
             raise OptionError(f"--model {name} returned a {type(model).__name__}, not a torch.nn.Module")
         return model
@@ -206,7 +232,9 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], *, al
 def check_model_import(saved: object, given: str | None) -> None:
     """Refuse a saved ``module:callable`` model unless the user named the same one."""
     if isinstance(saved, str) and ":" in saved and given != saved:
-        raise OptionError(f"this run's model {saved!r} is code to import; advplug imports code only when you "
-                          f"name it: add --model {saved}" + (f" (you gave {given!r})" if given else ""))
+        raise OptionError(
+            f"this run's model {saved!r} is code to import; advplug imports code only when you "
+            f"name it: add --model {saved}" + (f" (you gave {given!r})" if given else "")
+        )
     if given is not None and given != saved:
         raise OptionError(f"--model {given}: this run was trained with model {saved!r}")

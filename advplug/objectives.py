@@ -17,6 +17,7 @@ Each objective's training attack starts as its authors' code starts it (``attack
 ``at`` uniform in the eps-ball, ``trades`` and ``mart`` ``x + 0.001 N(0, 1)``); ``--attack-start``
 overrides it and the run header logs the start used.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,10 @@ from advplug.weights import adv_matrix, nat_vector
 
 def _check_no_natural(name: str, weights: Weights | None) -> None:
     if weights is not None and weights.nat is not None:
-        raise PluginError(f"objective {name!r} has no natural term, but a plugin supplied natural weights; "
-                          "use --objective trades (or a plugin whose objective has one)")
+        raise PluginError(
+            f"objective {name!r} has no natural term, but a plugin supplied natural weights; "
+            "use --objective trades (or a plugin whose objective has one)"
+        )
 
 
 class AdversarialCE:
@@ -91,7 +94,8 @@ def mart_terms(nat_logits: Tensor, adv_logits: Tensor, y: Tensor) -> tuple[Tenso
     top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
     new_y = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
     bce = F.cross_entropy(adv_logits, y, reduction="none") + F.nll_loss(
-        torch.log(1.0001 - adv_probs + 1e-12), new_y, reduction="none")
+        torch.log(1.0001 - adv_probs + 1e-12), new_y, reduction="none"
+    )
     nat_probs = F.softmax(nat_logits, dim=1)
     true_probs = nat_probs.gather(1, y[:, None]).squeeze(1)
     kl = (torch.xlogy(nat_probs, nat_probs) - nat_probs * torch.log(adv_probs + 1e-12)).sum(1)
@@ -104,8 +108,11 @@ class MART:
     @dataclass(frozen=True)
     class Options:
         beta: float = opt(6.0, "weight of the misclassification-aware KL term", min=0.0)
-        weighted: str = opt("bce", "terms the adversarial weights multiply: bce (MAIL's mail_loss.py) or both (BCE and KL)",
-                            choices=("bce", "both"))
+        weighted: str = opt(
+            "bce",
+            "terms the adversarial weights multiply: bce (MAIL's mail_loss.py) or both (BCE and KL)",
+            choices=("bce", "both"),
+        )
 
     def __init__(self, options: Options) -> None:
         self.options = options

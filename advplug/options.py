@@ -3,6 +3,7 @@
 The CLI turns field ``gamma`` of plugin ``mail`` into ``--mail-gamma``; config files set the same
 names; values are converted and validated here, with messages that say what is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,7 +93,9 @@ def build_options(cls: type | None, prefix: str, values: dict[str, Any]) -> Any:
     """Instantiate ``cls`` from ``{field_name: raw value}``; unknown names are an error."""
     if cls is None:
         if values:
-            raise OptionError(f"plugin {prefix!r} takes no options, got {', '.join(flag_name(prefix, k) for k in values)}")
+            raise OptionError(
+                f"plugin {prefix!r} takes no options, got {', '.join(flag_name(prefix, k) for k in values)}"
+            )
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -119,11 +122,13 @@ def describe(cls: type | None) -> list[dict[str, Any]]:
     out = []
     for f in dataclasses.fields(cls):
         base, optional = _base_type(hints[f.name])
-        out.append({
-            "name": f.name,
-            "type": base.__name__ + (" | None" if optional else ""),
-            "default": f.default,
-            "help": f.metadata.get("help", ""),
-            **{k: f.metadata[k] for k in ("min", "max", "gt", "choices") if f.metadata.get(k) is not None},
-        })
+        out.append(
+            {
+                "name": f.name,
+                "type": base.__name__ + (" | None" if optional else ""),
+                "default": f.default,
+                "help": f.metadata.get("help", ""),
+                **{k: f.metadata[k] for k in ("min", "max", "gt", "choices") if f.metadata.get(k) is not None},
+            }
+        )
     return out

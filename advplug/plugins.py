@@ -3,6 +3,7 @@
 Only the plugins named with ``--plugin`` are imported and registered; each run or test gets a
 fresh ``pluggy.PluginManager`` (no module-global state).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -139,7 +140,7 @@ def split_options(names: list[str], objective: str, values: dict[str, Any]) -> d
                 how = f"--objective {other}" if other in builtin_objectives() else f"--plugin {other}"
                 raise OptionError(f"option --{key} is for {other!r}, which is not enabled (add {how})")
             raise OptionError(f"no such option: --{key}")
-        routed[owner][key[len(owner) + 1:]] = value
+        routed[owner][key[len(owner) + 1 :]] = value
     return routed
 
 
@@ -169,20 +170,31 @@ def enable(names: list[str], objective: str = "at", options: dict[str, Any] | No
     gens = {i.plugin_name for i in pm.hook.generate_adversaries.get_hookimpls()}
     decls = _declarations(enabled)
     composition = check_composition(
-        decls, objective, owners[0] if owners else None, requested,
-        [n for n in gens if not decls[n].variants and not _declares(pm, n)])
+        decls,
+        objective,
+        owners[0] if owners else None,
+        requested,
+        [n for n in gens if not decls[n].variants and not _declares(pm, n)],
+    )
     if requested - KNOWN_REQUIREMENTS:
         raise PluginError(f"unknown requirement(s) {', '.join(sorted(requested - KNOWN_REQUIREMENTS))}")
-    return dataclasses.replace(enabled, requirements=frozenset(requested), composition=composition,
-                               reads_attack_stats=_reads_attack_stats(enabled, decls))
+    return dataclasses.replace(
+        enabled,
+        requirements=frozenset(requested),
+        composition=composition,
+        reads_attack_stats=_reads_attack_stats(enabled, decls),
+    )
 
 
 # The built-in objectives' declarations (they implement no ``declare``): the views they make and
 # whether their loss weighs a natural term.
 OBJECTIVE_DECLARATIONS = {
     "at": Declaration(meaning="weighted CE over the variants"),
-    "trades": Declaration(variants={"tpgd": ("kappa", "p_true_lps")}, provides=frozenset({"natural-term"}),
-                          meaning="natural CE + beta KL(p(x) || p(x'))"),
+    "trades": Declaration(
+        variants={"tpgd": ("kappa", "p_true_lps")},
+        provides=frozenset({"natural-term"}),
+        meaning="natural CE + beta KL(p(x) || p(x'))",
+    ),
     "mart": Declaration(meaning="BCE(x') + beta KL (1 - p_y(x))"),
 }
 
@@ -217,7 +229,8 @@ def _reads_attack_stats(enabled: Enabled, decls: dict[str, Declaration]) -> bool
     the core's PGD skips that bookkeeping (a few small tensor ops per attack iteration)."""
     declared = {i.plugin_name for i in enabled.pm.hook.declare.get_hookimpls()}
     return any(n != enabled.objective and n not in declared for n, _ in enabled.items()) or any(
-        need.startswith("stat:") for d in decls.values() for need in d.needs)
+        need.startswith("stat:") for d in decls.values() for need in d.needs
+    )
 
 
 def owns_loss(plugin: Any, objective: str) -> bool:
@@ -249,7 +262,7 @@ def pair_table(names: list[str] | None = None, objectives: tuple[str, ...] = ("a
     names = sorted(names if names is not None else installed())
     rows = ["| pair | " + " | ".join(f"`{o}`" for o in objectives) + " |", "| --- |" + " --- |" * len(objectives)]
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             cells = []
             for o in objectives:
                 try:

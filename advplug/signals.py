@@ -1,5 +1,6 @@
 """Per-sample signals from class probabilities ``[..., B, K]`` and labels ``[B]``, shared by the
 core and the plugins (MAIL's PM, LRAT's t, BAT's q, BiLAW's margins, the weight dumps)."""
+
 from __future__ import annotations
 
 from torch import Tensor

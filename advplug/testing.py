@@ -1,10 +1,12 @@
 """Helpers for testing advplug and third-party plugins: tiny data, tiny configs, and
 registering plugin classes as if installed through the ``advplug`` entry-point group."""
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from importlib.metadata import EntryPoint
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,8 +27,19 @@ def tiny_config(out: str, **kw) -> TrainConfig:
     """Two quick epochs on digits: PGD-3, final evaluation natural + PGD-5, best chosen on test."""
     # selection="test": plugin tests count and index the whole training set they pass in; the
     # held-out selection split (the default) has its own tests in tests/test_selection.py.
-    base = dict(data="digits", epochs=2, batch_size=64, steps=3, eval_steps=3, milestones=(1,), out=out,
-                progress=False, final_attacks=("natural", "pgd5"), n_eval=64, selection="test")
+    base = dict(
+        data="digits",
+        epochs=2,
+        batch_size=64,
+        steps=3,
+        eval_steps=3,
+        milestones=(1,),
+        out=out,
+        progress=False,
+        final_attacks=("natural", "pgd5"),
+        n_eval=64,
+        selection="test",
+    )
     base.update(kw)
     return TrainConfig(**base)
 

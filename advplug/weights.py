@@ -1,7 +1,8 @@
 """How the results of several plugins combine. Pure functions, unit-tested on their own."""
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -26,8 +27,10 @@ def _instance_vector(w: Tensor, n_variants: int, batch: int, who: str) -> Tensor
     if w.shape == (batch,):
         return w
     if w.shape == (n_variants, batch):
-        raise PluginError(f"{who}: global weights (Weights.adv) are one per instance, [B]={batch}, got one per variant "
-                          f"{list(w.shape)}: read one view (ctx.anchor) or return local weights (Weights.local)")
+        raise PluginError(
+            f"{who}: global weights (Weights.adv) are one per instance, [B]={batch}, got one per variant "
+            f"{list(w.shape)}: read one view (ctx.anchor) or return local weights (Weights.local)"
+        )
     raise PluginError(f"{who}: adversarial weights must have shape [B]={batch}, got {list(w.shape)}")
 
 
@@ -38,7 +41,9 @@ def _as_matrix(w: Tensor, n_variants: int, batch: int, who: str) -> Tensor:
         return w.expand(n_variants, batch)
     if w.shape == (n_variants, batch):
         return w
-    raise PluginError(f"{who}: adversarial weights must have shape [B]={batch} or [V, B]=[{n_variants}, {batch}], got {list(w.shape)}")
+    raise PluginError(
+        f"{who}: adversarial weights must have shape [B]={batch} or [V, B]=[{n_variants}, {batch}], got {list(w.shape)}"
+    )
 
 
 def _rowmean(t: Tensor) -> Tensor:
@@ -97,10 +102,14 @@ def combine_weights(
             nat.append(r.nat.detach())
         if r.local is not None or r.local_nat is not None:
             if local is not None or local_nat is not None:
-                raise PluginError("two plugins returned local weights (Weights.local): only one method may distribute "
-                                  "weight inside the pair")
+                raise PluginError(
+                    "two plugins returned local weights (Weights.local): only one method may distribute "
+                    "weight inside the pair"
+                )
             if r.local is not None and r.local.shape != (n_variants, batch):
-                raise PluginError(f"{who}: local weights must have shape [V, B]=[{n_variants}, {batch}], got {list(r.local.shape)}")
+                raise PluginError(
+                    f"{who}: local weights must have shape [V, B]=[{n_variants}, {batch}], got {list(r.local.shape)}"
+                )
             local = r.local.detach() if r.local is not None else None
             local_nat = r.local_nat.detach() if r.local_nat is not None else None
     if not inst and not nat and local is None and local_nat is None:

@@ -11,6 +11,7 @@ the epoch end), resume until done, and check the invariants against an uninterru
 
 Prints one row per scenario: scenario, expected, observed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,23 @@ def train_cmd(out: Path, epochs: int, resume: bool) -> list[str]:
     base = [sys.executable, "-m", "advplug", "train"]
     if resume:
         return base + ["--resume", str(out), "--no-progress"]
-    return base + ["--epochs", str(epochs), "--milestones", str(max(1, epochs // 2)), "--steps", "2",
-                   "--eval-steps", "2", "--n-eval", "64", "--no-progress", "--device", "cpu", "--out", str(out)]
+    return base + [
+        "--epochs",
+        str(epochs),
+        "--milestones",
+        str(max(1, epochs // 2)),
+        "--steps",
+        "2",
+        "--eval-steps",
+        "2",
+        "--n-eval",
+        "64",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
 
 
 def records(out: Path) -> list[dict]:
@@ -66,7 +82,9 @@ def run_to_end(out: Path, epochs: int, env: dict, kill_after: float | None = Non
     kills = 0
     resume = False
     while True:
-        proc = subprocess.Popen(train_cmd(out, epochs, resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            train_cmd(out, epochs, resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         if kill_after is not None:
             try:
                 proc.wait(timeout=kill_after)
@@ -106,7 +124,8 @@ def main() -> None:
         e = {**env, "ADVPLUG_FAULT": f"{point}@1", "ADVPLUG_FAULT_EXIT": "1"}
         subprocess.run(train_cmd(out, a.epochs, False), env=e, capture_output=True)
         run_to_end(out, a.epochs, env) if not (out / "last.pt").exists() else subprocess.run(
-            train_cmd(out, a.epochs, True), env=env, capture_output=True)
+            train_cmd(out, a.epochs, True), env=env, capture_output=True
+        )
         rows.append((f"os._exit at {point}, epoch 2", "resume = uninterrupted", check(out, ref)))
     for i in range(a.random):
         out = root / f"random{i}"

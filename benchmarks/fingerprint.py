@@ -11,6 +11,7 @@ against any internal layout. Accuracies are read from results.json whatever its 
 of entries with fields, or the older display-string keys), so a change of the file's layout is
 not reported as a change of numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,17 @@ CASES: dict[str, list[str]] = {
     "focal": ["--plugin", "focal"],
     "lrat+mail": ["--plugin", "lrat", "--plugin", "mail", "--lrat-saa-steps", "3", "--mail-burn-in", "0"],
     "mail-trades": ["--plugin", "mail", "--objective", "trades", "--mail-burn-in", "0"],
-    "at-ema-bf16-dump": ["--ema", "0.9", "--precision", "bf16", "--dump-weights", "--plugin", "gairat",
-                         "--gairat-begin-epoch", "0"],
+    "at-ema-bf16-dump": [
+        "--ema",
+        "0.9",
+        "--precision",
+        "bf16",
+        "--dump-weights",
+        "--plugin",
+        "gairat",
+        "--gairat-begin-epoch",
+        "0",
+    ],
 }
 DROP = {"seconds"}  # timings
 
@@ -99,8 +109,11 @@ def run_case(name: str, extra: list[str], root: Path) -> dict[str, str]:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         return {"error": (p.stderr or p.stdout).strip().splitlines()[-1]}
-    fp = {"last.pt": _state_hash(out / "last.pt"), "metrics": _metrics(out),
-          "results": _sha(json.dumps(_numbers(json.loads((out / "results.json").read_text()))).encode())}
+    fp = {
+        "last.pt": _state_hash(out / "last.pt"),
+        "metrics": _metrics(out),
+        "results": _sha(json.dumps(_numbers(json.loads((out / "results.json").read_text()))).encode()),
+    }
     if (out / "best.pt").exists():
         fp["best.pt"] = _state_hash(out / "best.pt")
     dumps = sorted((out / "dumps").glob("*.npz")) if (out / "dumps").exists() else []
@@ -147,8 +160,13 @@ def main() -> int:
         Path(a.write).write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
         return 0
     ref = json.loads(Path(a.check).read_text())
-    bad = [f"{case}.{k}: {ref[case].get(k)} -> {v}" for case, fp in res.items() if case in ref
-           for k, v in fp.items() if ref[case].get(k) != v]
+    bad = [
+        f"{case}.{k}: {ref[case].get(k)} -> {v}"
+        for case, fp in res.items()
+        if case in ref
+        for k, v in fp.items()
+        if ref[case].get(k) != v
+    ]
     bad += [f"{case}.{k}: missing" for case, fp in res.items() if case in ref for k in ref[case] if k not in fp]
     print("\n".join(bad) if bad else f"identical: {len(res)} cases")
     return 1 if bad else 0

@@ -17,6 +17,7 @@ scaler for fp16, the memory format, torch.compile, a fused EMA update, and the s
 on the device with on-device crop-flip, or from a DataLoader), so each ratio compares like with
 like. ``--shape cifar`` builds a CIFAR-shaped uint8 image set (as torchvision's CIFAR10 holds it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ from advplug.engine.trainer import Trainer
 from advplug.models import build_model
 
 # time the reweighting itself, not a burn-in period
-REWEIGHT_NOW = {"mail": {"mail-burn-in": 0}, "gairat": {"gairat-begin-epoch": 0}, "bat": {"bat-burn-in": 0},
-                "awp": {"awp-warmup": 0}}
+REWEIGHT_NOW = {
+    "mail": {"mail-burn-in": 0},
+    "gairat": {"gairat-begin-epoch": 0},
+    "bat": {"bat-burn-in": 0},
+    "awp": {"awp-warmup": 0},
+}
 # Baselines (issue 17): `--plugin awp` costs one extra forward and backward per step (its proxy
 # step: work 1 + 1/(K + 1) of AT's for PGD-K, 1.09 for PGD-10), so its time/work should stay near 1
 # (<= 1.05); `--plugin fat` does less work than AT (early-stopped PGD); `--plugin wmmr` the same.
@@ -133,8 +138,9 @@ class CifarShaped(torch.utils.data.Dataset):
         g = np.random.default_rng(0)
         self.data = g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         self.targets = g.integers(0, 10, n).tolist()
-        self.t = transforms.Compose([transforms.ToTensor(), transforms.RandomCrop(32, padding=4),
-                                     transforms.RandomHorizontalFlip()])
+        self.t = transforms.Compose(
+            [transforms.ToTensor(), transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+        )
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -160,9 +166,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5, help="timed epochs per contender (after one warm-up)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--plugin", action="append", default=[], help="also time advplug with this plugin (a+b: both together)")
+    ap.add_argument(
+        "--plugin", action="append", default=[], help="also time advplug with this plugin (a+b: both together)"
+    )
     ap.add_argument("--no-art", action="store_true")
-    ap.add_argument("--lrat-reference", action="store_true", help="also time LRAT written by hand (compare with --plugin lrat)")
+    ap.add_argument(
+        "--lrat-reference", action="store_true", help="also time LRAT written by hand (compare with --plugin lrat)"
+    )
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", choices=["inductor", "aot_eager", "eager"], default=None)
@@ -178,11 +188,30 @@ def main() -> None:
     def trainer(plugins: tuple[str, ...]) -> Trainer:
         opts = {k: v for p in plugins for k, v in REWEIGHT_NOW.get(p, {}).items()}
         # selection="test": every contender trains on the same samples (no held-out split)
-        cfg = TrainConfig(data="digits", model=model_name, plugins=plugins, plugin_options=opts, epochs=1000, batch_size=args.batch_size,
-                          lr=0.01, milestones=(1000,), eps=eps, alpha=alpha, steps=args.steps, device=args.device,
-                          progress=False, out=f"/tmp/advplug-bench/{'+'.join(plugins) or 'at'}", n_eval=16, selection="test",
-                          precision=args.precision, channels_last=args.channels_last, compile=args.compile, ema=args.ema,
-                          data_path=args.data_path, workers=args.workers)
+        cfg = TrainConfig(
+            data="digits",
+            model=model_name,
+            plugins=plugins,
+            plugin_options=opts,
+            epochs=1000,
+            batch_size=args.batch_size,
+            lr=0.01,
+            milestones=(1000,),
+            eps=eps,
+            alpha=alpha,
+            steps=args.steps,
+            device=args.device,
+            progress=False,
+            out=f"/tmp/advplug-bench/{'+'.join(plugins) or 'at'}",
+            n_eval=16,
+            selection="test",
+            precision=args.precision,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            ema=args.ema,
+            data_path=args.data_path,
+            workers=args.workers,
+        )
         torch.manual_seed(0)
         return Trainer(cfg, data=data, log=lambda s: None, overwrite=True)  # one run directory per contender
 
@@ -195,13 +224,22 @@ def main() -> None:
         plain_model = plain_model.to(memory_format=torch.channels_last)
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     fwd = torch.compile(plain_model, backend=args.compile) if args.compile else plain_model
-    plain = Plain(fwd, plain_opt, torchattacks.PGD(fwd, eps=eps, alpha=alpha, steps=args.steps), args.precision,
-                  args.channels_last, args.ema)
+    plain = Plain(
+        fwd,
+        plain_opt,
+        torchattacks.PGD(fwd, eps=eps, alpha=alpha, steps=args.steps),
+        args.precision,
+        args.channels_last,
+        args.ema,
+    )
     loader = device_batches(data.train, data.augment, args.data_path, args.batch_size, dev, 0, 0, 1) or LoaderBatches(
-        data.train, args.batch_size, True, dev, 0, args.workers)
-    x, y = (loader.x.float() / 255 if loader.x.dtype == torch.uint8 else loader.x, loader.y) if isinstance(
-        loader, TensorBatches) else (torch.stack([data.train[i][0] for i in range(len(data.train))]),
-                                     torch.tensor(data.train.targets))
+        data.train, args.batch_size, True, dev, 0, args.workers
+    )
+    x, y = (
+        (loader.x.float() / 255 if loader.x.dtype == torch.uint8 else loader.x, loader.y)
+        if isinstance(loader, TensorBatches)
+        else (torch.stack([data.train[i][0] for i in range(len(data.train))]), torch.tensor(data.train.targets))
+    )
     x, y = x.cpu(), y.cpu()
 
     times: dict[str, list[float]] = {"plain loop": [], **{k: [] for k in contenders}}
@@ -212,8 +250,11 @@ def main() -> None:
         lrat_model = fresh_copy(base, dev)
         lrat_opt = torch.optim.SGD(lrat_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         kw = dict(eps=eps, alpha=alpha, steps=args.steps)
-        lrat_attacks = {"pgd": make_attack("pgd", lrat_model, **kw), "cw": make_attack("cw", lrat_model, **kw),
-                        "saa": make_attack("saa", lrat_model, **{**kw, "steps": 20}, n_target_classes=3)}
+        lrat_attacks = {
+            "pgd": make_attack("pgd", lrat_model, **kw),
+            "cw": make_attack("cw", lrat_model, **kw),
+            "saa": make_attack("saa", lrat_model, **{**kw, "steps": 20}, n_target_classes=3),
+        }
         times["hand LRAT loop"], models["hand LRAT loop"] = [], lrat_model
     counters = {name: ForwardCounter(models[name]) for name in times}
     for epoch in range(args.epochs + 1):
@@ -233,11 +274,15 @@ def main() -> None:
     work = {name: c.stop() for name, c in counters.items()}
     ref = statistics.median(times["plain loop"])
     at = statistics.median(times["advplug AT"])
-    print(f"{args.shape} ({len(y)} samples, {model_name}, PGD-{args.steps}, batch {args.batch_size}) on {dev}, "
-          f"median of {args.epochs} epochs; precision {args.precision}, channels_last {args.channels_last}, "
-          f"compile {args.compile}, ema {args.ema}, data path {type(loader).__name__}")
-    print("work: sample-forwards per epoch (attack iterations included) relative to advplug AT; "
-          "time/work: time ratio over work ratio (1.0: the contender costs exactly its extra passes)")
+    print(
+        f"{args.shape} ({len(y)} samples, {model_name}, PGD-{args.steps}, batch {args.batch_size}) on {dev}, "
+        f"median of {args.epochs} epochs; precision {args.precision}, channels_last {args.channels_last}, "
+        f"compile {args.compile}, ema {args.ema}, data path {type(loader).__name__}"
+    )
+    print(
+        "work: sample-forwards per epoch (attack iterations included) relative to advplug AT; "
+        "time/work: time ratio over work ratio (1.0: the contender costs exactly its extra passes)"
+    )
     print(f"{'contender':<22} {'s/epoch':>9} {'vs plain':>9} {'vs AT':>7} {'work':>7} {'time/work':>9}")
     for name, ts in times.items():
         m = statistics.median(ts)
@@ -255,12 +300,21 @@ def time_art(model, x, y, eps, alpha, steps, batch_size, dev) -> float:
     from art.estimators.classification import PyTorchClassifier
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), optimizer=opt, input_shape=tuple(x.shape[1:]),
-                            nb_classes=10, clip_values=(0.0, 1.0), device_type="gpu" if dev.type == "cuda" else "cpu")
+    clf = PyTorchClassifier(
+        model=model,
+        loss=torch.nn.CrossEntropyLoss(),
+        optimizer=opt,
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="gpu" if dev.type == "cuda" else "cpu",
+    )
     xn, yn = x.numpy(), np.eye(10, dtype=np.float32)[y.numpy()]
     ts = []
     for i in range(3):
-        trainer = AdversarialTrainerMadryPGD(clf, nb_epochs=1, batch_size=batch_size, eps=eps, eps_step=alpha, max_iter=steps)
+        trainer = AdversarialTrainerMadryPGD(
+            clf, nb_epochs=1, batch_size=batch_size, eps=eps, eps_step=alpha, max_iter=steps
+        )
         t0 = time.perf_counter()
         trainer.fit(xn, yn)
         if i > 0:

@@ -5,6 +5,7 @@ replaces the runs under --out.
     python examples/quick_compare.py                 # AT, TRADES and every plugin, one seed
     python examples/quick_compare.py --epochs 8 --seeds 3 --out runs/quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,15 @@ from advplug.tools.compare import compare
 # (label, plugins, objective); a method whose plugin is not installed is skipped, and every other
 # installed plugin (third-party ones included) is added as "<name>" with the at objective
 METHODS = [
-    ("at", (), "at"), ("trades", (), "trades"), ("mart", (), "mart"),
-    ("gairat", ("gairat",), "at"), ("mail", ("mail",), "at"), ("meow", ("meow",), "at"),
-    ("lrat", ("lrat",), "at"), ("bat", ("bat",), "at"), ("bilaw", ("bilaw",), "at"),
+    ("at", (), "at"),
+    ("trades", (), "trades"),
+    ("mart", (), "mart"),
+    ("gairat", ("gairat",), "at"),
+    ("mail", ("mail",), "at"),
+    ("meow", ("meow",), "at"),
+    ("lrat", ("lrat",), "at"),
+    ("bat", ("bat",), "at"),
+    ("bilaw", ("bilaw",), "at"),
     ("lrat+mail", ("lrat", "mail"), "at"),
 ]
 
@@ -41,9 +48,16 @@ def main() -> None:
             continue
         for seed in range(args.seeds):
             out = Path(args.out) / f"{label}-{objective}-seed{seed}"
-            cfg = TrainConfig(data="digits", plugins=plugins, objective=objective, epochs=args.epochs,
-                              seed=seed, out=str(out), progress=False,  # lr drops follow --epochs
-                              final_attacks=("natural", "pgd20", "cw20"))
+            cfg = TrainConfig(
+                data="digits",
+                plugins=plugins,
+                objective=objective,
+                epochs=args.epochs,
+                seed=seed,
+                out=str(out),
+                progress=False,  # lr drops follow --epochs
+                final_attacks=("natural", "pgd20", "cw20"),
+            )
             print(f"train {label} ({objective}), seed {seed} -> {out}", flush=True)
             Trainer(cfg, overwrite=True, log=lambda s: None).fit()  # its own directory: a re-run replaces it
             dirs.append(str(out))

@@ -1,4 +1,5 @@
 """The CW-Linf margin loss, the CW-Linf attack, and the kappa signal of the training PGD."""
+
 import pytest
 import torch
 from torch import nn

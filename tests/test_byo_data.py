@@ -1,5 +1,6 @@
 """Issue 15: your own data (folder:, npz:, module:), its one-line errors, the import rule for
 module: data, the schedule that follows --epochs, strict JSON from `advplug plugins --json`."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,21 @@ from advplug.data import load_dataset
 from advplug.errors import DataError
 from advplug.tools.cli import cli
 
-FAST = ["--steps", "1", "--eval-steps", "1", "--n-eval", "16", "--batch-size", "16", "--no-progress",
-        "--selection-size", "8", "--model", "digits-cnn"]
+FAST = [
+    "--steps",
+    "1",
+    "--eval-steps",
+    "1",
+    "--n-eval",
+    "16",
+    "--batch-size",
+    "16",
+    "--no-progress",
+    "--selection-size",
+    "8",
+    "--model",
+    "digits-cnn",
+]
 
 
 def _png(path: Path, value: int, size=(6, 6), mode="L") -> None:
@@ -38,8 +52,12 @@ def make_folder(root: Path, classes=("cat", "dog"), per_class=12, split=True, mo
 
 def make_npz(path: Path, n=40, k=3, **override) -> Path:
     rng = np.random.default_rng(0)
-    arrays = dict(x_train=rng.integers(0, 256, (n, 6, 6), dtype=np.uint8), y_train=np.arange(n) % k,
-                  x_test=rng.integers(0, 256, (12, 6, 6), dtype=np.uint8), y_test=np.arange(12) % k)
+    arrays = dict(
+        x_train=rng.integers(0, 256, (n, 6, 6), dtype=np.uint8),
+        y_train=np.arange(n) % k,
+        x_test=rng.integers(0, 256, (12, 6, 6), dtype=np.uint8),
+        y_test=np.arange(12) % k,
+    )
     arrays.update(override)
     np.savez(path, **arrays)
     return path
@@ -74,8 +92,22 @@ def test_milestones_are_fractions_of_the_run():
 def test_burn_in_follows_epochs(tmp_path, plugin):
     # `--plugin mail --epochs 3` stopped with "--mail-burn-in 12 is not before the last epoch"
     npz = make_npz(tmp_path / "d.npz")
-    run(["train", "--plugin", plugin, "--epochs", "2", "--data", f"npz:{npz}", "--out", str(tmp_path / "r"), *FAST,
-         "--steps", "2"])
+    run(
+        [
+            "train",
+            "--plugin",
+            plugin,
+            "--epochs",
+            "2",
+            "--data",
+            f"npz:{npz}",
+            "--out",
+            str(tmp_path / "r"),
+            *FAST,
+            "--steps",
+            "2",
+        ]
+    )
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["milestones"] == [1]
 
@@ -122,26 +154,32 @@ def test_folder_resize_only_when_asked(tmp_path):
 def test_npz(tmp_path):
     b = load_dataset(f"npz:{make_npz(tmp_path / 'd.npz')}")
     assert b.num_classes == 3 and b.input_shape == (1, 6, 6) and b.train[0].dtype == torch.float32
-    channels_last = make_npz(tmp_path / "c.npz", x_train=np.random.rand(40, 5, 5, 3).astype(np.float32),
-                             x_test=np.random.rand(12, 5, 5, 3).astype(np.float32))
+    channels_last = make_npz(
+        tmp_path / "c.npz",
+        x_train=np.random.rand(40, 5, 5, 3).astype(np.float32),
+        x_test=np.random.rand(12, 5, 5, 3).astype(np.float32),
+    )
     assert load_dataset(f"npz:{channels_last}").input_shape == (3, 5, 5)
 
 
-@pytest.mark.parametrize("override, message", [
-    (dict(y_train=np.zeros(40, dtype=int)), "one class only"),
-    (dict(y_test=np.full(12, 7)), "out of range"),
-    (dict(y_train=np.arange(40) % 3 - 1), "negative labels"),
-    (dict(x_train=np.full((40, 6, 6), 2.0)), r"in \[0, 1\]"),
-    (dict(x_train=np.full((40, 6, 6), np.nan)), "NaN"),
-    (dict(x_test=np.zeros((12, 7, 7), np.uint8)), "train images are"),
-    (dict(y_train=np.arange(39) % 3), "39 labels for 40 images"),
-    (dict(x_train=np.array([[1], "a"], dtype=object)), "cannot be read as plain arrays"),
-    (dict(x_train=np.array([[1], "a"], dtype=object)), "it holds pickled objects, which advplug never loads"),
-    (dict(x_train=np.full((40, 6, 6), "a")), "images must be uint8 .* got <U1"),
-    (dict(y_train=np.array(["a", "b", "c", "d"] * 10)), "labels must be integers 0..K-1, got <U1"),
-    (dict(y_train=np.where(np.arange(40) % 3 == 2, 2 ** 40, np.arange(40) % 3)), "K at most 100000"),
-    (dict(x_train=np.zeros((40, 1, 0, 6), np.float32)), "hold no pixels"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(y_train=np.zeros(40, dtype=int)), "one class only"),
+        (dict(y_test=np.full(12, 7)), "out of range"),
+        (dict(y_train=np.arange(40) % 3 - 1), "negative labels"),
+        (dict(x_train=np.full((40, 6, 6), 2.0)), r"in \[0, 1\]"),
+        (dict(x_train=np.full((40, 6, 6), np.nan)), "NaN"),
+        (dict(x_test=np.zeros((12, 7, 7), np.uint8)), "train images are"),
+        (dict(y_train=np.arange(39) % 3), "39 labels for 40 images"),
+        (dict(x_train=np.array([[1], "a"], dtype=object)), "cannot be read as plain arrays"),
+        (dict(x_train=np.array([[1], "a"], dtype=object)), "it holds pickled objects, which advplug never loads"),
+        (dict(x_train=np.full((40, 6, 6), "a")), "images must be uint8 .* got <U1"),
+        (dict(y_train=np.array(["a", "b", "c", "d"] * 10)), "labels must be integers 0..K-1, got <U1"),
+        (dict(y_train=np.where(np.arange(40) % 3 == 2, 2**40, np.arange(40) % 3)), "K at most 100000"),
+        (dict(x_train=np.zeros((40, 1, 0, 6), np.float32)), "hold no pixels"),
+    ],
+)
 def test_npz_errors(tmp_path, override, message):
     p = make_npz(tmp_path / "bad.npz", **override)
     with pytest.raises(DataError, match=message):
@@ -188,8 +226,11 @@ def test_train_eval_on_folder(tmp_path):
 
 
 def test_auto_model_follows_the_input_shape(tmp_path):
-    npz = make_npz(tmp_path / "d.npz", x_train=np.random.rand(40, 3, 20, 20).astype(np.float32),
-                   x_test=np.random.rand(12, 3, 20, 20).astype(np.float32))
+    npz = make_npz(
+        tmp_path / "d.npz",
+        x_train=np.random.rand(40, 3, 20, 20).astype(np.float32),
+        x_test=np.random.rand(12, 3, 20, 20).astype(np.float32),
+    )
     out = tmp_path / "run"
     args = [a for a in FAST if a not in ("--model", "digits-cnn")]
     run(["train", "--data", f"npz:{npz}", "--epochs", "1", "--out", str(out), *args])
@@ -197,7 +238,7 @@ def test_auto_model_follows_the_input_shape(tmp_path):
 
 
 # -- module: data is code, imported only when the user names it ---------------------------------
-MODULE = '''
+MODULE = """
 import pathlib
 import numpy as np
 pathlib.Path({marker!r}).write_text("imported")
@@ -205,7 +246,7 @@ def data():
     rng = np.random.default_rng(0)
     return ((rng.random((32, 1, 6, 6), dtype=np.float32), np.arange(32) % 2),
             (rng.random((8, 1, 6, 6), dtype=np.float32), np.arange(8) % 2))
-'''
+"""
 
 
 def test_module_data_and_the_import_rule(tmp_path, monkeypatch):
@@ -249,8 +290,17 @@ def test_python_api_in_memory(tmp_path):
     y = torch.arange(48) % 3
     data = ((x[:40], y[:40]), (x[40:], y[40:]))
     out = tmp_path / "run"
-    res = ap.train(data=data, out=out, epochs=2, steps=1, eval_steps=1, batch_size=16, selection_size=8,
-                   final_attacks=("natural",), log=None)
+    res = ap.train(
+        data=data,
+        out=out,
+        epochs=2,
+        steps=1,
+        eval_steps=1,
+        batch_size=16,
+        selection_size=8,
+        final_attacks=("natural",),
+        log=None,
+    )
     assert res.run_dir == out and res.config["data"] == "python" and res.config["model"] == "digits-cnn"
     assert res.config["milestones"] == [1] and len(res.metrics) == 2 and "val_pgd_acc" in res.metrics[0]
     assert any(k.startswith("last") for k in res.results)

@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, weights_only loading, CRC and schema checks, one-line errors for
 damaged, foreign or hostile files, and the best/last consistency rule."""
+
 import errno
 import os
 import zipfile
@@ -14,8 +15,15 @@ from advplug.run import checkpoint
 
 def small_ckpt(epoch=0, **extra):
     m = build_model("digits-cnn", 10, (1, 8, 8))
-    return {"model": m.state_dict(), "model_name": "digits-cnn", "epoch": epoch, "num_classes": 10,
-            "input_shape": [1, 8, 8], "config": "{}", **extra}
+    return {
+        "model": m.state_dict(),
+        "model_name": "digits-cnn",
+        "epoch": epoch,
+        "num_classes": 10,
+        "input_shape": [1, 8, 8],
+        "config": "{}",
+        **extra,
+    }
 
 
 def test_round_trip_and_no_temp_file_left(tmp_path):
@@ -66,21 +74,32 @@ def test_flipped_bit_in_a_weight_tensor_is_caught_by_the_crc(tmp_path):
         checkpoint.load(p)
 
 
-@pytest.mark.parametrize("change,pattern", [
-    (lambda ck: ck.pop("rng"), "has no 'rng' entry"),
-    (lambda ck: ck.update(epoch="3"), "'epoch' entry is a str, expected int"),
-    (lambda ck: ck.update(epoch=True), "'epoch' entry is a bool, expected int"),
-    (lambda ck: ck.update(plugins={"mail": [1, 2]}), "state of plugin 'mail' is a list, expected dict"),
-    (lambda ck: ck.update(metrics=None), "'metrics' entry is a NoneType"),
-    (lambda ck: ck.update(num_classes=-1), "its number of classes -1 is not in 2..100000"),
-    (lambda ck: ck.update(num_classes=10 ** 12), "its number of classes 1000000000000 is not in"),
-    (lambda ck: ck.update(input_shape=[1, 8, "x"]), "its input shape \\[1, 8, 'x'\\] is not a list of sizes"),
-    (lambda ck: ck.update(input_shape=[1, -8, 8]), "is not a list of sizes"),
-    (lambda ck: ck.update(input_shape=[]), "is not a list of sizes"),
-])
+@pytest.mark.parametrize(
+    "change,pattern",
+    [
+        (lambda ck: ck.pop("rng"), "has no 'rng' entry"),
+        (lambda ck: ck.update(epoch="3"), "'epoch' entry is a str, expected int"),
+        (lambda ck: ck.update(epoch=True), "'epoch' entry is a bool, expected int"),
+        (lambda ck: ck.update(plugins={"mail": [1, 2]}), "state of plugin 'mail' is a list, expected dict"),
+        (lambda ck: ck.update(metrics=None), "'metrics' entry is a NoneType"),
+        (lambda ck: ck.update(num_classes=-1), "its number of classes -1 is not in 2..100000"),
+        (lambda ck: ck.update(num_classes=10**12), "its number of classes 1000000000000 is not in"),
+        (lambda ck: ck.update(input_shape=[1, 8, "x"]), "its input shape \\[1, 8, 'x'\\] is not a list of sizes"),
+        (lambda ck: ck.update(input_shape=[1, -8, 8]), "is not a list of sizes"),
+        (lambda ck: ck.update(input_shape=[]), "is not a list of sizes"),
+    ],
+)
 def test_damaged_training_checkpoint_entries(tmp_path, change, pattern):
-    ck = small_ckpt(optimizer={}, scheduler={}, rng=[checkpoint.rng_state()], world_size=1, plugins={},
-                    best_acc=0.5, best_epoch=0, metrics="")
+    ck = small_ckpt(
+        optimizer={},
+        scheduler={},
+        rng=[checkpoint.rng_state()],
+        world_size=1,
+        plugins={},
+        best_acc=0.5,
+        best_epoch=0,
+        metrics="",
+    )
     checkpoint.save(tmp_path / "last.pt", ck)
     checkpoint.load(tmp_path, need="training")  # intact: fine
     change(ck)
@@ -119,7 +138,9 @@ def test_checkpoint_of_another_model(tmp_path):
     m = build_model("fc1", 10, (1, 8, 8))
     checkpoint.save(tmp_path / "c.pt", {"model": m.state_dict(), "model_name": "fc1"})
     with pytest.raises(CheckpointError, match="written for model 'fc1' and does not fit model 'digits-cnn'"):
-        checkpoint.load_model_state(build_model("digits-cnn", 10, (1, 8, 8)), checkpoint.load(tmp_path / "c.pt"), "digits-cnn")
+        checkpoint.load_model_state(
+            build_model("digits-cnn", 10, (1, 8, 8)), checkpoint.load(tmp_path / "c.pt"), "digits-cnn"
+        )
 
 
 def test_non_finite_weights_are_refused(tmp_path):

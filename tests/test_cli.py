@@ -1,4 +1,5 @@
 """The command line: listings, and bad input as one line on stderr with exit status 2."""
+
 import json
 
 import pytest
@@ -25,7 +26,9 @@ def test_plugins_json_lists_meow_with_options():
     data = json.loads(res.output)
     meow = next(p for p in data["plugins"] if p["name"] == "meow")
     assert meow["version"] == "0.1.0" and "compute_weights" in meow["hooks"]
-    assert {"name": "temperature", "flag": "--meow-temperature"}.items() <= next(o for o in meow["options"] if o["name"] == "temperature").items()
+    assert {"name": "temperature", "flag": "--meow-temperature"}.items() <= next(
+        o for o in meow["options"] if o["name"] == "temperature"
+    ).items()
 
 
 def test_hooks_shows_order_and_owner():
@@ -35,17 +38,23 @@ def test_hooks_shows_order_and_owner():
     assert "meow  [owns the loss]" in block and "at  [trylast, yields]" in block
 
 
-@pytest.mark.parametrize("args,pattern", [
-    (["train", "--plugin", "nosuch"], 'unknown plugin "nosuch" (installed:'),
-    (["train", "--eps", "-1"], "--eps must be > 0"),
-    (["train", "--steps", "0"], "--steps must be >= 1"),
-    (["train", "--objective", "xent"], "unknown objective 'xent'"),
-    (["train", "--meow-temperature", "3"], "which is not enabled (add --plugin meow)"),
-    (["train", "--plugin", "meow", "--meow-temperature", "-3"], "--meow-temperature: must be > 0.0"),
-    (["train", "--plugin", "meow", "--objective", "mart", "--epochs", "1"], "'meow' with 'mart': meow weighs the natural term"),
-    (["train", "--data", "cifar10", "--data-root", "/nonexistent/x"], "pass --download"),
-    (["eval", "/nonexistent/run"], "no checkpoint at"),
-])
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["train", "--plugin", "nosuch"], 'unknown plugin "nosuch" (installed:'),
+        (["train", "--eps", "-1"], "--eps must be > 0"),
+        (["train", "--steps", "0"], "--steps must be >= 1"),
+        (["train", "--objective", "xent"], "unknown objective 'xent'"),
+        (["train", "--meow-temperature", "3"], "which is not enabled (add --plugin meow)"),
+        (["train", "--plugin", "meow", "--meow-temperature", "-3"], "--meow-temperature: must be > 0.0"),
+        (
+            ["train", "--plugin", "meow", "--objective", "mart", "--epochs", "1"],
+            "'meow' with 'mart': meow weighs the natural term",
+        ),
+        (["train", "--data", "cifar10", "--data-root", "/nonexistent/x"], "pass --download"),
+        (["eval", "/nonexistent/run"], "no checkpoint at"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args, pattern, tmp_path):
     one_line_error(run(*args, *(["--out", str(tmp_path)] if args[0] == "train" else [])), pattern)
 
@@ -57,7 +66,9 @@ def test_eval_a_run_directory(tmp_path):
     assert "CW-Linf margin (PGD-5) on 64" in res.output and "Natural on 64" in res.output
     saved = json.loads((tmp_path / "eval.json").read_text())["entries"]
     assert {(e["checkpoint"], e["attack"], e["n_test"]) for e in saved.values()} == {
-        ("last", "natural", 64), ("last", "cw5", 64)}
+        ("last", "natural", 64),
+        ("last", "cw5", 64),
+    }
 
 
 def test_eval_refuses_a_damaged_eval_json_before_evaluating(tmp_path, monkeypatch):
@@ -88,26 +99,45 @@ def test_eval_adds_to_eval_json_and_is_reproducible(tmp_path):
     assert len(second) == 2 and set(first) < set(second)
     (key,) = first
     assert second[key]["accuracy"] == first[key]["accuracy"]  # same checkpoint, same seed: same result
-    assert run("eval", str(tmp_path), "--which", "last", "--attack", "pgd5", "--n-eval", "64", "--eps", "0.1").exit_code == 0
+    assert (
+        run("eval", str(tmp_path), "--which", "last", "--attack", "pgd5", "--n-eval", "64", "--eps", "0.1").exit_code
+        == 0
+    )
     assert len(json.loads((tmp_path / "eval.json").read_text())["entries"]) == 3  # other settings: a new entry
 
 
 def test_resume_refuses_new_settings(tmp_path):
-    one_line_error(run("train", "--resume", str(tmp_path), "--eps", "0.1"), "--resume continues the saved configuration")
+    one_line_error(
+        run("train", "--resume", str(tmp_path), "--eps", "0.1"), "--resume continues the saved configuration"
+    )
 
 
 def test_art_backend_cross_checks_pgd(tmp_path):
     Trainer(tiny_config(str(tmp_path)), data=digits_subset(), log=lambda s: None).fit()
-    res = run("eval", str(tmp_path), "--which", "last", "--backend", "art", "--attack", "natural", "--attack", "pgd5",
-              "--n-eval", "64")
+    res = run(
+        "eval",
+        str(tmp_path),
+        "--which",
+        "last",
+        "--backend",
+        "art",
+        "--attack",
+        "natural",
+        "--attack",
+        "pgd5",
+        "--n-eval",
+        "64",
+    )
     assert res.exit_code == 0, res.output
     assert "PGD-5 (ART)" in res.output and "Natural (ART)" in res.output
 
 
 def test_config_file_and_tensorboard(tmp_path):
     cfg = tmp_path / "run.toml"
-    cfg.write_text('epochs = 1\nsteps = 2\neval_steps = 2\nfinal_attacks = ["natural"]\nmilestones = [1]\n'
-                   f'out = "{tmp_path / "run"}"\n[meow]\ntemperature = 5.0\n')
+    cfg.write_text(
+        'epochs = 1\nsteps = 2\neval_steps = 2\nfinal_attacks = ["natural"]\nmilestones = [1]\n'
+        f'out = "{tmp_path / "run"}"\n[meow]\ntemperature = 5.0\n'
+    )
     res = run("train", "--config", str(cfg), "--plugin", "meow", "--tensorboard", "--no-progress")
     assert res.exit_code == 0, res.output
     import json

@@ -1,4 +1,5 @@
 """advplug compare (numbers by hand, flags), report (every PNG), eval suite settings."""
+
 import json
 
 import numpy as np
@@ -11,8 +12,20 @@ from advplug.tools.cli import cli
 from advplug.tools.compare import compare, load_run, table
 from advplug.tools.evaluation import evaluate_checkpoints
 
-BASE = dict(data="digits", model="digits-cnn", eps=0.2, alpha=0.05, steps=10, epochs=20, batch_size=64, lr=0.05,
-            milestones=[12, 17], attack_bn="eval", objective="at", plugin_options={})
+BASE = dict(
+    data="digits",
+    model="digits-cnn",
+    eps=0.2,
+    alpha=0.05,
+    steps=10,
+    epochs=20,
+    batch_size=64,
+    lr=0.05,
+    milestones=[12, 17],
+    attack_bn="eval",
+    objective="at",
+    plugin_options={},
+)
 
 
 def fake_run(root, name, seed, nat_last, pgd_last, nat_best=None, pgd_best=None, **cfg):
@@ -35,7 +48,7 @@ def test_table_means_and_stds_by_hand(tmp_path):
     assert mail[("PGD-20", "last")][:2] == pytest.approx((41.0, 1.0))
     assert mail[("Natural", "best")] == mail[("Natural", "last")]  # best was the last epoch
     at = rows["AT"]["cells"]
-    assert at[("PGD-20", "last")][:2] == pytest.approx((44.0, 2 ** 0.5))  # 45, 43
+    assert at[("PGD-20", "last")][:2] == pytest.approx((44.0, 2**0.5))  # 45, 43
     assert at[("PGD-20", "best")][:2] == pytest.approx((50.0, 0.0))
     assert rows["AT"]["seeds"] == [0, 1] and rows["mail"]["n"] == 3
     md, warnings = compare(runs)
@@ -69,11 +82,27 @@ def test_eval_json_is_preferred_and_its_settings_compared(tmp_path):
     a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
     b = fake_run(tmp_path, "b", 1, 0.8, 0.4)
     for path, n_aa in ((a, 1000), (b, 500)):
-        (tmp_path / path / "eval.json").write_text(json.dumps({
-            "settings": {"eps": 0.2, "alpha": 0.05, "backend": "torchattacks", "n_test": {"Natural": 360, "AutoAttack": n_aa}},
-            "results": {"best": {"Natural": 0.9, "AutoAttack": 0.3, "epoch": 15}, "last": {"Natural": 0.88, "AutoAttack": 0.2, "epoch": 20}}}))
+        (tmp_path / path / "eval.json").write_text(
+            json.dumps(
+                {
+                    "settings": {
+                        "eps": 0.2,
+                        "alpha": 0.05,
+                        "backend": "torchattacks",
+                        "n_test": {"Natural": 360, "AutoAttack": n_aa},
+                    },
+                    "results": {
+                        "best": {"Natural": 0.9, "AutoAttack": 0.3, "epoch": 15},
+                        "last": {"Natural": 0.88, "AutoAttack": 0.2, "epoch": 20},
+                    },
+                }
+            )
+        )
     md, warnings = compare([a, b])
-    assert "AutoAttack best" in md and "| AT ⚠ | 2 | test | 90.00 ± 0.00 | 88.00 ± 0.00 | 30.00 ± 0.00 | 20.00 ± 0.00 |" in md
+    assert (
+        "AutoAttack best" in md
+        and "| AT ⚠ | 2 | test | 90.00 ± 0.00 | 88.00 ± 0.00 | 30.00 ± 0.00 | 20.00 ± 0.00 |" in md
+    )
     assert len(warnings) == 1 and "AutoAttack 500" in warnings[0]
     with pytest.raises(Exception, match="not a run directory"):
         compare([str(tmp_path / "nowhere")])
@@ -94,28 +123,41 @@ def test_old_result_files_read_as_fields_and_compare_as_new_ones(tmp_path):
     attacks) read as entries with fields, and compare exactly as the same results written today."""
     from advplug.run import results
 
-    old = {"last (epoch 20)": {"Natural": 0.8, "PGD-20": 0.4, "PGD-20 (bf16 eval)": 0.41},
-           "best (epoch 15)": {"Natural": 0.81, "PGD-20": 0.45, "PGD-20 (bf16 eval)": 0.46}}
+    old = {
+        "last (epoch 20)": {"Natural": 0.8, "PGD-20": 0.4, "PGD-20 (bf16 eval)": 0.41},
+        "best (epoch 15)": {"Natural": 0.81, "PGD-20": 0.45, "PGD-20 (bf16 eval)": 0.46},
+    }
     a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
     (tmp_path / "a" / "results.json").write_text(json.dumps(old))
     entries = results.read_results(tmp_path / "a" / "results.json", {**BASE, "seed": 0})
     assert [(e["checkpoint"], e["epoch"], e["attack"], e["precision"], e["eps"]) for e in entries[:3]] == [
-        ("last", 20, "natural", "fp32", 0.2), ("last", 20, "pgd20", "fp32", 0.2), ("last", 20, "pgd20", "bf16", 0.2)]
+        ("last", 20, "natural", "fp32", 0.2),
+        ("last", 20, "pgd20", "fp32", 0.2),
+        ("last", 20, "pgd20", "bf16", 0.2),
+    ]
     assert results.by_row(entries) == old
     b = fake_run(tmp_path, "b", 1, 0.8, 0.4)
-    results.write_results(tmp_path / "b" / "results.json", [{**e, "n_test": 360, "n_total": 360, "seed": 1} for e in entries])
+    results.write_results(
+        tmp_path / "b" / "results.json", [{**e, "n_test": 360, "n_total": 360, "seed": 1} for e in entries]
+    )
     assert results.read_results(tmp_path / "b" / "results.json", {})[2]["attack"] == "pgd20"
     md, warnings = compare([a, b])
     assert warnings == [] and "| PGD-20 (bf16 eval) best | PGD-20 (bf16 eval) last |" in md
-    assert "| AT | 2 | test | 81.00 ± 0.00 | 80.00 ± 0.00 | 45.00 ± 0.00 | 40.00 ± 0.00 | 46.00 ± 0.00 | 41.00 ± 0.00 |" in md
+    assert (
+        "| AT | 2 | test | 81.00 ± 0.00 | 80.00 ± 0.00 | 45.00 ± 0.00 | 40.00 ± 0.00 | 46.00 ± 0.00 | 41.00 ± 0.00 |"
+        in md
+    )
 
     v2 = {**ENTRY, "attack": "CW-Linf margin (PGD-5)"}
     art = {**ENTRY, "attack": "PGD-5 (ART)", "backend": "art"}
-    (tmp_path / "a" / "eval.json").write_text(json.dumps({"format": "advplug-eval", "version": 2,
-                                                          "entries": {"x": v2, "y": art}}))
+    (tmp_path / "a" / "eval.json").write_text(
+        json.dumps({"format": "advplug-eval", "version": 2, "entries": {"x": v2, "y": art}})
+    )
     got = list(results.read_evals(tmp_path / "a" / "eval.json").values())
     assert [(e["attack"], e["backend"], results.label(e)) for e in got] == [
-        ("cw5", "torchattacks", "CW-Linf margin (PGD-5)"), ("pgd5", "art", "PGD-5 (ART)")]
+        ("cw5", "torchattacks", "CW-Linf margin (PGD-5)"),
+        ("pgd5", "art", "PGD-5 (ART)"),
+    ]
     merged = results.merge_evals(tmp_path / "a" / "eval.json", [{**got[0], "accuracy": 0.25}])  # same key: replaced
     assert len(merged) == 2 and json.loads((tmp_path / "a" / "eval.json").read_text())["version"] == 3
     assert [e["accuracy"] for e in results.read_evals(tmp_path / "a" / "eval.json").values()] == [0.5, 0.25]
@@ -124,8 +166,14 @@ def test_old_result_files_read_as_fields_and_compare_as_new_ones(tmp_path):
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(str(out), plugins=("mail",), epochs=3, milestones=(2,), dump_weights=True,
-                      plugin_options={"mail-burn-in": 0, "mail-dump": "true"})
+    cfg = tiny_config(
+        str(out),
+        plugins=("mail",),
+        epochs=3,
+        milestones=(2,),
+        dump_weights=True,
+        plugin_options={"mail-burn-in": 0, "mail-dump": "true"},
+    )
     Trainer(cfg, data=digits_subset(128, 32), log=lambda s: None).fit()
     return out
 
@@ -141,8 +189,9 @@ def test_report_writes_every_plot(small_run):
 
 
 def test_eval_suite_records_the_autoattack_subset(small_run):
-    entries = evaluate_checkpoints(str(small_run), ["best", "last"], ["natural", "pgd5", "aa"], n_eval=32, n_eval_aa=8,
-                                   log=lambda s: None)
+    entries = evaluate_checkpoints(
+        str(small_run), ["best", "last"], ["natural", "pgd5", "aa"], n_eval=32, n_eval_aa=8, log=lambda s: None
+    )
     last = {e["attack"]: e for e in entries if e["checkpoint"] == "last"}
     assert {a: e["n_test"] for a, e in last.items()} == {"natural": 32, "pgd5": 32, "aa": 8}
     assert all(e["alpha"] == pytest.approx(e["eps"] / 4) for e in entries)
@@ -197,14 +246,36 @@ DAMAGE = [  # (file, content, message): hand-edited or damaged run files, each o
     ("eval.json", '{"format": "advplug-eval", "version": 2, "entries": [1]}', "'entries' is a list, not an object"),
     ("eval.json", '{"format": "advplug-eval", "version": 2, "entries": {"k": 1}}', "an entry is a int, not an object"),
 ]
-ENTRY = {"checkpoint": "best", "epoch": 19, "attack": "Natural", "accuracy": 0.5, "data": "digits", "eps": 0.2,
-         "alpha": 0.05, "backend": "torchattacks", "n_test": 360, "seed": 0, "n_total": 360}
-for field, value, message in [("accuracy", "x", "accuracy 'x' is not a number"), ("accuracy", float("nan"), "accuracy nan is not in [0, 1]"),
-                              ("accuracy", 7, "accuracy 7 is not in [0, 1]"), ("eps", "x", "eps 'x' is not a number"),
-                              ("eps", float("inf"), "is not finite"), ("epoch", "x", "epoch 'x' is not a whole number"),
-                              ("checkpoint", [1], "checkpoint [1] is not a string"), ("n_test", "x", "n_test 'x' is not a whole number")]:
-    DAMAGE.append(("eval.json", json.dumps({"format": "advplug-eval", "version": 2, "entries": {"k": {**ENTRY, field: value}}}),
-                   message))
+ENTRY = {
+    "checkpoint": "best",
+    "epoch": 19,
+    "attack": "Natural",
+    "accuracy": 0.5,
+    "data": "digits",
+    "eps": 0.2,
+    "alpha": 0.05,
+    "backend": "torchattacks",
+    "n_test": 360,
+    "seed": 0,
+    "n_total": 360,
+}
+for field, value, message in [
+    ("accuracy", "x", "accuracy 'x' is not a number"),
+    ("accuracy", float("nan"), "accuracy nan is not in [0, 1]"),
+    ("accuracy", 7, "accuracy 7 is not in [0, 1]"),
+    ("eps", "x", "eps 'x' is not a number"),
+    ("eps", float("inf"), "is not finite"),
+    ("epoch", "x", "epoch 'x' is not a whole number"),
+    ("checkpoint", [1], "checkpoint [1] is not a string"),
+    ("n_test", "x", "n_test 'x' is not a whole number"),
+]:
+    DAMAGE.append(
+        (
+            "eval.json",
+            json.dumps({"format": "advplug-eval", "version": 2, "entries": {"k": {**ENTRY, field: value}}}),
+            message,
+        )
+    )
 
 
 @pytest.mark.parametrize("name,content,message", DAMAGE)
@@ -215,15 +286,18 @@ def test_damaged_run_files_are_one_line_errors_in_compare(tmp_path, name, conten
     assert res.exit_code == 2 and res.output.count("\n") == 1 and message in res.output, res.output
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"epoch": 1, "val_pgd_acc": 0.', "line 1 is not JSON"),
-    ("[1]", "line 1 is not a JSON object"),
-    ('{"epoch": 1, "val_pgd_acc": NaN}', "line 1: val_pgd_acc nan is not an accuracy in [0, 1]"),
-    ('{"epoch": 1, "val_pgd_acc": "x"}', "val_pgd_acc 'x' is not an accuracy"),
-    ('{"val_pgd_acc": 0.3}', "epoch None is not a whole number >= 0"),
-    ('{"epoch": "a"}', "epoch 'a' is not a whole number >= 0"),
-    ('{"epoch": 1}\n{"epoch": 2, "weights": 3}', "line 2: weights 3 has no numbers min, mean and max"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"epoch": 1, "val_pgd_acc": 0.', "line 1 is not JSON"),
+        ("[1]", "line 1 is not a JSON object"),
+        ('{"epoch": 1, "val_pgd_acc": NaN}', "line 1: val_pgd_acc nan is not an accuracy in [0, 1]"),
+        ('{"epoch": 1, "val_pgd_acc": "x"}', "val_pgd_acc 'x' is not an accuracy"),
+        ('{"val_pgd_acc": 0.3}', "epoch None is not a whole number >= 0"),
+        ('{"epoch": "a"}', "epoch 'a' is not a whole number >= 0"),
+        ('{"epoch": 1}\n{"epoch": 2, "weights": 3}', "line 2: weights 3 has no numbers min, mean and max"),
+    ],
+)
 def test_damaged_metrics_are_one_line_errors_in_report(tmp_path, content, message):
     a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
     (tmp_path / "a" / "metrics.jsonl").write_text(content + "\n")
@@ -238,18 +312,28 @@ def test_the_same_run_given_twice_is_refused(tmp_path):
     """Listed twice (or once through another spelling of its path), one run would be averaged as two seeds."""
     a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
     res = CliRunner().invoke(cli, ["compare", a, str(tmp_path / "." / "a") + "/"])
-    assert res.exit_code == 2 and res.output.count("\n") == 1 and "is the same run directory as" in res.output, res.output
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "is the same run directory as" in res.output, (
+        res.output
+    )
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda p: p.write_text("hi"), "is not a readable dump (pickled objects, which advplug never loads)"),
-    (lambda p: p.write_bytes(p.read_bytes()[:300]), "is not a readable dump"),
-    (lambda p: np.savez(p, index=np.array([1, "a"], dtype=object)), "is not a readable dump"),
-    (lambda p: np.savez(p, index=np.arange(3)), "lacks the 'margin' or weight column"),
-    (lambda p: np.savez(p, **{**dict(np.load(p)), "index": np.arange(5)}), "not a numeric column of the length of 'index'"),
-    (lambda p: np.savez(p, **{k: v * np.nan if k.startswith("weight") else v for k, v in np.load(p).items()}),
-     "holds NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda p: p.write_text("hi"), "is not a readable dump (pickled objects, which advplug never loads)"),
+        (lambda p: p.write_bytes(p.read_bytes()[:300]), "is not a readable dump"),
+        (lambda p: np.savez(p, index=np.array([1, "a"], dtype=object)), "is not a readable dump"),
+        (lambda p: np.savez(p, index=np.arange(3)), "lacks the 'margin' or weight column"),
+        (
+            lambda p: np.savez(p, **{**dict(np.load(p)), "index": np.arange(5)}),
+            "not a numeric column of the length of 'index'",
+        ),
+        (
+            lambda p: np.savez(p, **{k: v * np.nan if k.startswith("weight") else v for k, v in np.load(p).items()}),
+            "holds NaN or Inf",
+        ),
+    ],
+)
 def test_damaged_weight_dumps_are_one_line_errors_in_report(small_run, tmp_path, damage, message):
     import shutil
 

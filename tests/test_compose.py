@@ -4,6 +4,7 @@ Global weights (one per instance, ``Weights.adv`` / ``nat``) multiply; one plugi
 (one per variant inside the pair, ``Weights.local``) are kept exactly and distribute the pair's
 weight; the final weight is ``instance[b] * local[v, b]``.
 """
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -82,7 +83,11 @@ def test_natural_input_in_the_pair_gets_the_pair_weight():
 
 
 def test_natural_weights_multiply_separately():
-    out = combine_weights([Weights(nat=torch.tensor([2.0, 2.0])), Weights(adv=torch.tensor([1.0, 3.0]), nat=torch.tensor([1.0, 3.0]))], 1, 2)
+    out = combine_weights(
+        [Weights(nat=torch.tensor([2.0, 2.0])), Weights(adv=torch.tensor([1.0, 3.0]), nat=torch.tensor([1.0, 3.0]))],
+        1,
+        2,
+    )
     assert torch.allclose(out.nat, torch.tensor([2.0, 6.0]))  # (2, 6): product of means 2 * 2 = its mean 4
     assert torch.allclose(out.adv, torch.tensor([[1.0, 3.0]]))
 
@@ -114,7 +119,9 @@ def test_wrong_shape_is_an_error():
 def test_loss_helpers_on_plain_weights():
     """Weights a plugin hands straight to the loss (BiLAW's meta step): adv times local."""
     like = torch.zeros(1)
-    w = Weights(adv=torch.tensor([2.0, 1.0]), local=torch.tensor([[0.5, 1.0], [1.0, 0.0]]), local_nat=torch.tensor([1.0, 3.0]))
+    w = Weights(
+        adv=torch.tensor([2.0, 1.0]), local=torch.tensor([[0.5, 1.0], [1.0, 0.0]]), local_nat=torch.tensor([1.0, 3.0])
+    )
     assert torch.equal(adv_matrix(w, 2, 2, like), torch.tensor([[1.0, 1.0], [2.0, 0.0]]))
     assert torch.equal(natural_weights(w), torch.tensor([2.0, 3.0]))
     assert torch.equal(nat_vector(None, 2, like), torch.ones(2))
@@ -165,7 +172,9 @@ def same(a, b):
     return True
 
 
-cases = dict(seed=st.integers(0, 2**31 - 1), n_globals=st.integers(0, 3), with_local=st.booleans(), with_nat=st.booleans())
+cases = dict(
+    seed=st.integers(0, 2**31 - 1), n_globals=st.integers(0, 3), with_local=st.booleans(), with_nat=st.booleans()
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -207,49 +216,80 @@ def test_each_methods_invariants_hold_after_combining(seed, n_globals):
     totals = out.local.sum(0)
     assert (totals >= floor - 1e-6).all()  # LRAT's floor (Eq. 7), on its part
     assert totals.mean().item() == pytest.approx(1.0, rel=1e-6)  # Eq. 15, on its part
-    assert out.instance.mean().item() == pytest.approx(1.0, rel=1e-5)  # MAIL-style batch normalisation, on the global part
+    assert out.instance.mean().item() == pytest.approx(
+        1.0, rel=1e-5
+    )  # MAIL-style batch normalisation, on the global part
     assert torch.allclose(out.adv, out.instance[None] * local)
 
 
 # -- start-up checks (pure) --------------------------------------------------------------------
-LOCAL = Declaration(weights="local", variants={"cw": (), "pgd": ("kappa",), "saa": ()}, anchor="pgd",
-                    provides=frozenset({"natural-term"}))
+LOCAL = Declaration(
+    weights="local",
+    variants={"cw": (), "pgd": ("kappa",), "saa": ()},
+    anchor="pgd",
+    provides=frozenset({"natural-term"}),
+)
 
 
 def test_composition_reads_the_anchor_of_the_local_method():
-    c = check_composition({"at": Declaration(), "lrat": LOCAL, "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))},
-                          "at", "lrat")
+    c = check_composition(
+        {"at": Declaration(), "lrat": LOCAL, "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))},
+        "at",
+        "lrat",
+    )
     assert c.anchor == "pgd" and c.local == "lrat" and c.globals == ["g"] and c.reads == {"g": "pgd"}
     assert "g[b] x lrat[v, b]" in c.formula()
 
 
 def test_composition_names_both_plugins_and_the_missing_stat():
     local = Declaration(weights="local", variants=LOCAL.variants, anchor="saa")
-    with pytest.raises(PluginError, match=r"'g' with 'lrat': g needs 'kappa' on the view it reads, lrat's x\* 'saa'.*pgd"):
-        check_composition({"at": Declaration(), "lrat": local, "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))},
-                          "at", "lrat")
+    with pytest.raises(
+        PluginError, match=r"'g' with 'lrat': g needs 'kappa' on the view it reads, lrat's x\* 'saa'.*pgd"
+    ):
+        check_composition(
+            {"at": Declaration(), "lrat": local, "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))},
+            "at",
+            "lrat",
+        )
 
 
-@pytest.mark.parametrize("decls, match", [
-    ({"a": Declaration(variants={"pgd": ()}), "b": Declaration(variants={"pgd": ()})}, r"'a' with 'b': both generate a variant named 'pgd'"),
-    ({"a": Declaration(weights="local"), "b": Declaration(weights="local")}, r"'a' with 'b': both return local weights"),
-    ({"a": Declaration(weights="global", view="fgsm")}, r"reads the view 'fgsm'"),
-    ({"a": Declaration(weights="global", natural_weights=True)}, r"'a' with 'at': a weighs the natural term"),
-    ({"a": Declaration(weights="global", needs=frozenset({"loss"})), "b": Declaration(weights="local")},
-     r"'a' with 'b': a learns its weights through the run's loss"),
-    ({"a": Declaration(needs=frozenset({"validation"}))}, r"does not ask for it in requirements"),
-    ({"a": Declaration(needs=frozenset({"telepathy"}))}, r"unknown need 'telepathy'"),
-])
+@pytest.mark.parametrize(
+    "decls, match",
+    [
+        (
+            {"a": Declaration(variants={"pgd": ()}), "b": Declaration(variants={"pgd": ()})},
+            r"'a' with 'b': both generate a variant named 'pgd'",
+        ),
+        (
+            {"a": Declaration(weights="local"), "b": Declaration(weights="local")},
+            r"'a' with 'b': both return local weights",
+        ),
+        ({"a": Declaration(weights="global", view="fgsm")}, r"reads the view 'fgsm'"),
+        ({"a": Declaration(weights="global", natural_weights=True)}, r"'a' with 'at': a weighs the natural term"),
+        (
+            {"a": Declaration(weights="global", needs=frozenset({"loss"})), "b": Declaration(weights="local")},
+            r"'a' with 'b': a learns its weights through the run's loss",
+        ),
+        ({"a": Declaration(needs=frozenset({"validation"}))}, r"does not ask for it in requirements"),
+        ({"a": Declaration(needs=frozenset({"telepathy"}))}, r"unknown need 'telepathy'"),
+    ],
+)
 def test_composition_errors(decls, match):
     with pytest.raises(PluginError, match=match):
         check_composition({"at": Declaration(), **decls}, "at", "at")
 
 
 def test_core_pgd_records_kappa_and_undeclared_generators_are_not_checked():
-    c = check_composition({"at": Declaration(), "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))}, "at", "at")
+    c = check_composition(
+        {"at": Declaration(), "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))}, "at", "at"
+    )
     assert c.views == {"pgd": ("kappa", "p_true_lps")} and c.anchor == "pgd"
-    c = check_composition({"at": Declaration(), "x": Declaration(), "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))},
-                          "at", "at", undeclared_generators=["x"])
+    c = check_composition(
+        {"at": Declaration(), "x": Declaration(), "g": Declaration(weights="global", needs=frozenset({"stat:kappa"}))},
+        "at",
+        "at",
+        undeclared_generators=["x"],
+    )
     assert c.views is None
 
 
@@ -262,6 +302,7 @@ def combine_by_hand(parts, n_variants, batch):
     """The documented rule written out again: global adv / nat multiply per part; with several
     contributors the product is rescaled to the product of their batch means; the local part is
     kept; adv[v][b] = instance[b] local[v][b]; nat = nat_global x instance x local_nat."""
+
     def product(vectors):
         if not vectors:
             return None
@@ -303,8 +344,10 @@ def contributions_by_hand(draw):
     vec = st.lists(_w, min_size=b, max_size=b)
     parts = [dict(adv=draw(st.none() | vec), nat=draw(st.none() | vec)) for _ in range(draw(st.integers(0, 3)))]
     if draw(st.booleans()):
-        parts.insert(draw(st.integers(0, len(parts))),
-                     dict(local=draw(st.lists(vec, min_size=nv, max_size=nv)), local_nat=draw(st.none() | vec)))
+        parts.insert(
+            draw(st.integers(0, len(parts))),
+            dict(local=draw(st.lists(vec, min_size=nv, max_size=nv)), local_nat=draw(st.none() | vec)),
+        )
     return parts, nv, b
 
 
@@ -377,11 +420,19 @@ def test_natural_weights_of_plain_weights_by_hand():
 
 def test_adv_matrix_shapes_by_hand():
     like = torch.zeros(1, dtype=torch.float64)
-    assert adv_matrix(None, 2, 3, like).tolist() == [[1.0] * 3] * 2 and adv_matrix(None, 2, 3, like).dtype == torch.float64
+    assert (
+        adv_matrix(None, 2, 3, like).tolist() == [[1.0] * 3] * 2 and adv_matrix(None, 2, 3, like).dtype == torch.float64
+    )
     assert adv_matrix(Weights(adv=torch.tensor([1.0, 2.0, 3.0])), 2, 3, like).tolist() == [[1.0, 2.0, 3.0]] * 2
     assert adv_matrix(Weights(adv=torch.tensor([[1.0, 2.0, 3.0]])), 2, 3, like).tolist() == [[1.0, 2.0, 3.0]] * 2
-    assert adv_matrix(Weights(adv=torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])), 2, 3, like).tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
-    assert adv_matrix(Weights(local=torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])), 2, 3, like).tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    assert adv_matrix(Weights(adv=torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])), 2, 3, like).tolist() == [
+        [1.0, 2.0, 3.0],
+        [4.0, 5.0, 6.0],
+    ]
+    assert adv_matrix(Weights(local=torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])), 2, 3, like).tolist() == [
+        [1.0, 2.0, 3.0],
+        [4.0, 5.0, 6.0],
+    ]
     square = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # [V, B] with V = B: per variant, not an instance vector
     assert adv_matrix(Weights(adv=square), 2, 2, like).tolist() == [[1.0, 2.0], [3.0, 4.0]]
     for bad in (torch.ones(2), torch.ones(2, 2), torch.ones(3, 3), torch.ones(1, 2)):
@@ -398,7 +449,9 @@ def test_weight_shapes_are_checked_per_field():
         combine_weights([Weights(local_nat=torch.ones(3)), Weights(local=torch.ones(1, 3))], 1, 3)
     with pytest.raises(PluginError, match=r"adversarial weights must have shape \[B\]=3, got \[2, 2\]"):
         combine_weights([Weights(adv=torch.ones(2, 2))], 1, 3)
-    out = combine_weights([Weights(local_nat=torch.tensor([1.0, 2.0, 3.0]))], 2, 3)  # the natural input alone in the pair
+    out = combine_weights(
+        [Weights(local_nat=torch.tensor([1.0, 2.0, 3.0]))], 2, 3
+    )  # the natural input alone in the pair
     assert out.local is None and out.adv is None and out.nat.tolist() == [1.0, 2.0, 3.0]
 
 

@@ -1,5 +1,6 @@
 """Every pair of installed plugins, under each objective: a defined meaning (one step runs) or a
 one-line start-up error naming both; and the measurements of issue 14 on real plugins."""
+
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from advplug.testing import digits_subset, tiny_config
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 PLUGINS = sorted(installed())
-PAIRS = [(a, b) for i, a in enumerate(PLUGINS) for b in PLUGINS[i + 1:]]
+PAIRS = [(a, b) for i, a in enumerate(PLUGINS) for b in PLUGINS[i + 1 :]]
 FAST = {"lrat": {"lrat-attacks": "cw"}, "bilaw": {"bilaw-val-batch": "8"}}  # LRAT: views cw and pgd (x*)
 BURN_IN = ("burn_in", "begin_epoch", "warmup")  # set to 0 where a plugin has one: every step reweights
 
@@ -67,16 +68,22 @@ def test_every_pair_runs_one_step_or_fails_at_start_up(objective, tmp_path):
         comp = tr.enabled.composition
         decl = comp.declarations
         if w is not None and w.local is not None and decl[comp.local].own_scale:
-            assert (w.local.sum(0) + (w.local_nat if w.local_nat is not None else 0)).mean().item() == pytest.approx(1.0, rel=1e-5)
+            assert (w.local.sum(0) + (w.local_nat if w.local_nat is not None else 0)).mean().item() == pytest.approx(
+                1.0, rel=1e-5
+            )
         if w is not None and w.instance is not None and not any(decl[n].own_scale for n in comp.globals):
-            assert w.instance.mean().item() == pytest.approx(1.0, rel=1e-4), f"{a} + {b} ({objective})"  # mean-1 methods
+            assert w.instance.mean().item() == pytest.approx(1.0, rel=1e-4), (
+                f"{a} + {b} ({objective})"
+            )  # mean-1 methods
 
 
 def test_readme_has_the_pair_table_of_the_installed_plugins():
     table = pair_table()
     missing = [line for line in table.splitlines() if line not in README]
-    assert not missing, ("the README's pair table is stale; regenerate it with `advplug hooks --pairs` "
-                         f"({len(missing)} rows differ, e.g. {missing[0]!r})")
+    assert not missing, (
+        "the README's pair table is stale; regenerate it with `advplug hooks --pairs` "
+        f"({len(missing)} rows differ, e.g. {missing[0]!r})"
+    )
 
 
 def test_hooks_command_shows_how_the_weights_combine():

@@ -1,5 +1,6 @@
 """Multi-process runs (torchrun, 2 gloo CPU processes): exact resume with every rank's own RNG
 stream, and workers that stop when their torchrun agent is killed."""
+
 import os
 import signal
 import subprocess
@@ -15,11 +16,36 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def torchrun(out: Path, *extra: str, env: dict | None = None, epochs: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "advplug",
-           "train", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "advplug",
+        "train",
+        *extra,
+    ]
     if "--resume" not in extra:
-        cmd += ["--epochs", str(epochs), "--milestones", "1", "--steps", "2", "--eval-steps", "2", "--n-eval", "32",
-                "--no-progress", "--device", "cpu", "--out", str(out)]
+        cmd += [
+            "--epochs",
+            str(epochs),
+            "--milestones",
+            "1",
+            "--steps",
+            "2",
+            "--eval-steps",
+            "2",
+            "--n-eval",
+            "32",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env or ENV)
 
 
@@ -38,8 +64,13 @@ def test_resume_after_a_kill_is_exact_with_per_rank_rng(tmp_path):
     a, b = checkpoint.load(full), checkpoint.load(part)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # resuming the 2-process run in one process would not continue exactly: refused
-    res = subprocess.run([sys.executable, "-m", "advplug", "train", "--resume", str(part)], capture_output=True,
-                         text=True, timeout=120, env=ENV)
+    res = subprocess.run(
+        [sys.executable, "-m", "advplug", "train", "--resume", str(part)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert res.returncode == 2 and "written by 2 process(es), this run has 1" in res.stderr
 
 
@@ -58,8 +89,26 @@ def _workers(out: Path, agent: int) -> list[int]:
 
 def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "advplug",
-           "train", "--epochs", "50", "--steps", "2", "--no-progress", "--device", "cpu", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "advplug",
+        "train",
+        "--epochs",
+        "50",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     try:
         deadline = time.time() + 120

@@ -1,5 +1,6 @@
 """The on-device data path (#16): torchvision-style data sets as uint8 tensors on the device,
 crop-flip augmentation with torchvision's distribution, held-out splits without augmentation."""
+
 import numpy as np
 import pytest
 import torch
@@ -37,12 +38,18 @@ def test_raw_tensors_of_a_torchvision_layout_and_a_subset():
     ds = FakeCIFAR()
     x, y = raw_tensors(Subset(ds, [3, 1, 7]))
     assert x.dtype == torch.uint8 and x.shape == (3, 3, 32, 32)
-    assert torch.equal(x[0], torch.as_tensor(ds.data[3]).permute(2, 0, 1)) and y.tolist() == [ds.targets[i] for i in (3, 1, 7)]
+    assert torch.equal(x[0], torch.as_tensor(ds.data[3]).permute(2, 0, 1)) and y.tolist() == [
+        ds.targets[i] for i in (3, 1, 7)
+    ]
 
 
 def test_crop_flip_equals_torchvision_per_sample():
     x = torch.rand(6, 3, 32, 32)
-    dy, dx, flip = torch.tensor([0, 8, 3, 4, 1, 7]), torch.tensor([8, 0, 5, 4, 2, 6]), torch.tensor([True, False, True, False, True, False])
+    dy, dx, flip = (
+        torch.tensor([0, 8, 3, 4, 1, 7]),
+        torch.tensor([8, 0, 5, 4, 2, 6]),
+        torch.tensor([True, False, True, False, True, False]),
+    )
     out = crop_flip(x, dy, dx, flip, pad=4)
     for i in range(6):
         ref = TF.crop(TF.pad(x[i], [4]), int(dy[i]), int(dx[i]), 32, 32)  # RandomCrop(32, padding=4) at these offsets

@@ -1,5 +1,6 @@
 """The GPU-scale switches (#16) on the CPU: --precision, --channels-last, --compile, --ema, the
 on-device data path; weights in fp32 under autocast; exact resume with each."""
+
 import json
 
 import pytest
@@ -29,8 +30,9 @@ def small():
 def test_bf16_trains_with_fp32_weights_and_records_a_low_precision_evaluation(tmp_path):
     DtypeProbe.seen = []
     with installed_plugins(probe="advplug.testing:DtypeProbe"):
-        res = Trainer(tiny_config(str(tmp_path), epochs=1, precision="bf16", plugins=("probe",)), data=small(),
-                      log=quiet).fit()
+        res = Trainer(
+            tiny_config(str(tmp_path), epochs=1, precision="bf16", plugins=("probe",)), data=small(), log=quiet
+        ).fit()
     assert DtypeProbe.seen and all(d == (torch.float32,) * 3 for d in DtypeProbe.seen)
     last = res["last (epoch 1)"]
     assert set(last) == {"Natural", "PGD-5", "PGD-5 (bf16 eval)"}  # fp32 final evaluation, and the bf16 one beside
@@ -88,8 +90,11 @@ def test_ema_formula_by_hand():
 
 
 def test_ema_is_evaluated_selected_and_reported(tmp_path):
-    res = Trainer(tiny_config(str(tmp_path), epochs=3, milestones=(2,), ema=0.5, selection="validation"),
-                  data=digits_subset(200, 32), log=quiet).fit()
+    res = Trainer(
+        tiny_config(str(tmp_path), epochs=3, milestones=(2,), ema=0.5, selection="validation"),
+        data=digits_subset(200, 32),
+        log=quiet,
+    ).fit()
     assert any(k.startswith("last-ema") for k in res)
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("ema_val_pgd_acc" in r for r in recs)
@@ -113,8 +118,12 @@ def test_ema_is_evaluated_selected_and_reported(tmp_path):
 def test_bad_switch_values():
     from advplug.errors import OptionError
 
-    for kw, pattern in ((dict(ema=1.5), "--ema"), (dict(precision="fp8"), "--precision"), (dict(compile="tvm"), "--compile"),
-                        (dict(data_path="disk"), "--data-path")):
+    for kw, pattern in (
+        (dict(ema=1.5), "--ema"),
+        (dict(precision="fp8"), "--precision"),
+        (dict(compile="tvm"), "--compile"),
+        (dict(data_path="disk"), "--data-path"),
+    ):
         with pytest.raises(OptionError, match=pattern):
             tiny_config(None, **kw).resolved()
 
@@ -123,8 +132,11 @@ def test_compile_with_a_meta_gradient_plugin_falls_back_for_the_step(tmp_path):
     """BiLAW differentiates through the loss twice, which torch.compile cannot: the step runs
     uncompiled (said in the log), the attacks compiled, and training works."""
     logs = []
-    t = Trainer(tiny_config(str(tmp_path), plugins=("bilaw",), epochs=1, compile="eager"), data=digits_subset(96, 16),
-                log=logs.append)
+    t = Trainer(
+        tiny_config(str(tmp_path), plugins=("bilaw",), epochs=1, compile="eager"),
+        data=digits_subset(96, 16),
+        log=logs.append,
+    )
     assert t.net is t.model and t.attack_model is not t.model
     assert any("runs uncompiled because bilaw" in m for m in logs)
     t.fit()

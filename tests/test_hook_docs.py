@@ -1,4 +1,5 @@
 """Every hook spec is documented as a contract (in its docstring and in the README)."""
+
 import inspect
 from pathlib import Path
 

@@ -74,14 +74,16 @@ class VariantSpy:
 
 
 PLUGINS = {n: f"{HERE}:{n.title()}" for n in ("halves", "quarters", "reporter")}
-PLUGINS.update(doubler=f"{HERE}:Doubler", tagger=f"{HERE}:Tagger", spy=f"{HERE}:VariantSpy",
-               bad="advplug.testing:BadWeights")
+PLUGINS.update(
+    doubler=f"{HERE}:Doubler", tagger=f"{HERE}:Tagger", spy=f"{HERE}:VariantSpy", bad="advplug.testing:BadWeights"
+)
 
 
 def trainer(tmp_path, plugins, **kw):
     with installed_plugins(**PLUGINS):
-        return Trainer(tiny_config(str(tmp_path), plugins=plugins, epochs=1, **kw), data=digits_subset(64, 16),
-                       log=lambda s: None)
+        return Trainer(
+            tiny_config(str(tmp_path), plugins=plugins, epochs=1, **kw), data=digits_subset(64, 16), log=lambda s: None
+        )
 
 
 def one_step(t):

@@ -2,6 +2,7 @@
 LRAT's floor (Eq. 7) and Eq. 15 survive a global method beside it, the within-pair split stays
 LRAT's, MAIL's fixed scale beside Eq. 15 is refused, and LRAT + GAIRAT / MAIL-dif either run
 their reweighted steps or fail at start-up, never at the first reweighted step."""
+
 import pytest
 import torch
 
@@ -18,8 +19,15 @@ def trained(tmp_path, plugins, **opts):
     """LRAT with CW and PGD (x*) variants on fc1 after one epoch, every plugin reweighting."""
     options = {"lrat-attacks": "cw", "mail-burn-in": "0", "gairat-begin-epoch": "0", **opts}
     options = {k: v for k, v in options.items() if k.split("-")[0] in plugins}
-    cfg = tiny_config(str(tmp_path / "run"), plugins=tuple(plugins), plugin_options=options, steps=3, batch_size=48,
-                      model="fc1", lr=0.05)
+    cfg = tiny_config(
+        str(tmp_path / "run"),
+        plugins=tuple(plugins),
+        plugin_options=options,
+        steps=3,
+        batch_size=48,
+        model="fc1",
+        lr=0.05,
+    )
     torch.manual_seed(0)
     tr = Trainer(cfg, data=digits_subset(192, 16), log=lambda s: None)
     tr.train_epoch(0)
@@ -48,7 +56,9 @@ def test_lrat_floor_and_eq15_hold_after_combining_with_mail(tmp_path, c):
     alone = lrat_part(lrat.compute_weights(ctx, ctx.variants))
     part = lrat_part(w)
     totals = part.sum(0)
-    assert (totals >= float(c) / scale * (1 - 1e-5)).all(), f"{int((totals < float(c) / scale).sum())} of 48 below the floor"
+    assert (totals >= float(c) / scale * (1 - 1e-5)).all(), (
+        f"{int((totals < float(c) / scale).sum())} of 48 below the floor"
+    )
     assert totals.mean().item() == pytest.approx(1.0, rel=1e-5)  # Eq. 15
     assert torch.allclose(part, alone)
     # within each pair the split over variants is LRAT's: MAIL weighs the pair, not its variants
@@ -80,12 +90,15 @@ def test_lrat_with_gairat_or_mail_dif_runs_its_reweighted_steps(tmp_path, plugin
     assert not torch.allclose(g, torch.ones_like(g))  # the global method did weigh the pairs
 
 
-@pytest.mark.parametrize("plugin, opts, missing", [
-    ("gairat", {"lrat-floor": "saa", "lrat-attacks": "saa,cw"}, "kappa"),
-    ("gairat", {"lrat-floor": "nat"}, "kappa"),
-    ("gairat", {"lrat-floor": "none"}, "kappa"),
-    ("mail", {"mail-margin": "dif", "lrat-floor": "saa", "lrat-attacks": "saa,cw"}, "p_true_lps"),
-])
+@pytest.mark.parametrize(
+    "plugin, opts, missing",
+    [
+        ("gairat", {"lrat-floor": "saa", "lrat-attacks": "saa,cw"}, "kappa"),
+        ("gairat", {"lrat-floor": "nat"}, "kappa"),
+        ("gairat", {"lrat-floor": "none"}, "kappa"),
+        ("mail", {"mail-margin": "dif", "lrat-floor": "saa", "lrat-attacks": "saa,cw"}, "p_true_lps"),
+    ],
+)
 def test_a_missing_stat_on_x_star_fails_at_start_up_naming_both(plugin, opts, missing):
     with pytest.raises((PluginError, OptionError), match=rf"'{plugin}' with 'lrat'.*{missing}"):
         enable(["lrat", plugin], "at", opts)

@@ -1,6 +1,7 @@
 """`advplug new-plugin NAME`: the package installs, shows up in `advplug plugins`, passes its own
 generated test and imports only advplug's public surface. Installed with pip --target into a
 temporary directory put on PYTHONPATH, so the shared environment never sees the generated plugin."""
+
 from __future__ import annotations
 
 import ast
@@ -22,8 +23,12 @@ TEST_HELPERS = {"advplug.testing"}
 
 def test_names():
     n = names("my_method")
-    assert (n["prefix"], n["dist"], n["module"], n["cls"]) == ("my-method", "advplug-my-method", "advplug_my_method",
-                                                               "MyMethodWeights")
+    assert (n["prefix"], n["dist"], n["module"], n["cls"]) == (
+        "my-method",
+        "advplug-my-method",
+        "advplug_my_method",
+        "MyMethodWeights",
+    )
     for bad in ("My", "1x", "a b", "x-", "class"):
         with pytest.raises(OptionError):
             names(bad)
@@ -37,16 +42,39 @@ def test_generated_package_installs_lists_and_passes_its_test(tmp_path):
     again = CliRunner().invoke(cli, ["new-plugin", "my_method", "--dest", str(tmp_path)])
     assert again.exit_code == 2 and "exists" in again.output
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(pkg)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(pkg),
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "advplug", "plugins", "--json"], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "advplug", "plugins", "--json"], env=env, check=True, capture_output=True, text=True
+    ).stdout
     plugin = [p for p in json.loads(out)["plugins"] if p["name"] == "my_method"]
     assert plugin and {o["flag"] for o in plugin[0]["options"]} == {
-        "--my-method-gamma", "--my-method-burn-in", "--my-method-normalise"}
-    test = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
-                          env=env, cwd=pkg, capture_output=True, text=True)
+        "--my-method-gamma",
+        "--my-method-burn-in",
+        "--my-method-normalise",
+    }
+    test = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
+        env=env,
+        cwd=pkg,
+        capture_output=True,
+        text=True,
+    )
     assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-2000:]
 
 

@@ -1,4 +1,5 @@
 """Each built-in objective against an independent computation (the authors' formulation)."""
+
 import math
 
 import pytest
@@ -27,8 +28,18 @@ def make_ctx(nat, adv, y):
     table = torch.cat([nat, adv])
     model = Table(table)
     b = nat.shape[0]
-    ctx = StepContext(model=model, x=torch.arange(b)[:, None].float(), y=y, index=torch.arange(b), epoch=0, step=0,
-                      num_classes=nat.shape[1], config=None, lr=0.1, tap=FeatureTap(model))
+    ctx = StepContext(
+        model=model,
+        x=torch.arange(b)[:, None].float(),
+        y=y,
+        index=torch.arange(b),
+        epoch=0,
+        step=0,
+        num_classes=nat.shape[1],
+        config=None,
+        lr=0.1,
+        tap=FeatureTap(model),
+    )
     ctx.variants = [Variant("pgd", torch.arange(b, 2 * b)[:, None].float())]
     return ctx
 
@@ -77,7 +88,9 @@ def test_mart_matches_the_authors_formulation():
     nat_probs = F.softmax(NAT, dim=1)
     true_probs = torch.gather(nat_probs, 1, Y.unsqueeze(1).long()).squeeze()
     loss_robust = (1.0 / 4) * torch.sum(
-        torch.sum(nn.KLDivLoss(reduction="none")(torch.log(adv_probs + 1e-12), nat_probs), dim=1) * (1.0000001 - true_probs))
+        torch.sum(nn.KLDivLoss(reduction="none")(torch.log(adv_probs + 1e-12), nat_probs), dim=1)
+        * (1.0000001 - true_probs)
+    )
     assert loss.item() == pytest.approx((loss_adv + 6.0 * loss_robust).item(), rel=1e-5)
 
 
@@ -100,8 +113,9 @@ def mail_mart_reference(nat, adv, y, w, beta):
     adv_probs = F.softmax(adv, dim=1)
     tmp1 = torch.argsort(adv_probs, dim=1)[:, -2:]
     new_y = torch.where(tmp1[:, -1] == y, tmp1[:, -2], tmp1[:, -1])
-    loss_adv = F.cross_entropy(adv, y, reduction="none") + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y,
-                                                                       reduction="none")
+    loss_adv = F.cross_entropy(adv, y, reduction="none") + F.nll_loss(
+        torch.log(1.0001 - adv_probs + 1e-12), new_y, reduction="none"
+    )
     nat_probs = F.softmax(nat, dim=1)
     true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1).long()).squeeze()
     kl = torch.sum(nn.KLDivLoss(reduction="none")(torch.log(adv_probs + 1e-12), nat_probs), dim=1)
@@ -113,7 +127,9 @@ def test_weighted_mart_follows_mails_code_by_default_and_weights_both_terms_on_r
     bce_w, reg, kl_i = mail_mart_reference(NAT, ADV, Y, W, 6.0)
     loss = MART(MART.Options(beta=6.0)).combine_loss(ctx, ctx.variants, Weights(adv=W))
     assert loss.item() == pytest.approx((bce_w + 6.0 * reg).item(), rel=1e-5)
-    both = MART(MART.Options(beta=6.0, weighted="both")).combine_loss(make_ctx(NAT, ADV, Y), ctx.variants, Weights(adv=W))
+    both = MART(MART.Options(beta=6.0, weighted="both")).combine_loss(
+        make_ctx(NAT, ADV, Y), ctx.variants, Weights(adv=W)
+    )
     assert both.item() == pytest.approx((bce_w + 6.0 * (W * kl_i).mean()).item(), rel=1e-5)
     assert abs(both.item() - loss.item()) > 1e-3  # the two readings differ on this batch
 
@@ -162,10 +178,20 @@ def trades_by_hand(nat, adv, y, beta, w_adv=None, w_nat=None):
 # Rows chosen so that every branch of MART's "most probable wrong class" is taken: the true class
 # first, second and last on the adversarial view; a near-one-hot adversarial row (1 - p_{y'} close
 # to 0, where the 1.0001 matters) and a tiny probability (where the 1e-12 matters in float64).
-NAT64 = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [-3.0, 1.0, 0.5, 2.5], [1.0, 1.0, -2.0, 0.5],
-                      [0.0, 4.0, 1.0, -1.0]], dtype=torch.float64)
-ADV64 = torch.tensor([[1.5, 0.2, -0.5, 0.1], [0.9, 0.3, -0.2, 2.0], [1.2, 0.4, -0.3, 0.8], [-30.0, 9.0, -1.0, -4.0],
-                      [-1.0, 0.5, 1.0, 0.0]], dtype=torch.float64)
+NAT64 = torch.tensor(
+    [[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [-3.0, 1.0, 0.5, 2.5], [1.0, 1.0, -2.0, 0.5], [0.0, 4.0, 1.0, -1.0]],
+    dtype=torch.float64,
+)
+ADV64 = torch.tensor(
+    [
+        [1.5, 0.2, -0.5, 0.1],
+        [0.9, 0.3, -0.2, 2.0],
+        [1.2, 0.4, -0.3, 0.8],
+        [-30.0, 9.0, -1.0, -4.0],
+        [-1.0, 0.5, 1.0, 0.0],
+    ],
+    dtype=torch.float64,
+)
 Y64 = torch.tensor([0, 0, 3, 0, 1])
 W64 = torch.tensor([0.5, 1.5, 2.0, 0.25, 1.0], dtype=torch.float64)
 
@@ -207,9 +233,14 @@ def test_at_averages_over_variants_and_samples():
     table = torch.cat([NAT, ADV, -ADV])
     ctx = make_ctx(NAT, ADV, Y)
     ctx.model.table = nn.Parameter(table)
-    variants = [Variant("a", torch.arange(b, 2 * b)[:, None].float()), Variant("b", torch.arange(2 * b, 3 * b)[:, None].float())]
+    variants = [
+        Variant("a", torch.arange(b, 2 * b)[:, None].float()),
+        Variant("b", torch.arange(2 * b, 3 * b)[:, None].float()),
+    ]
     loss = AdversarialCE().combine_loss(ctx, variants, Weights(adv=W))
-    ref = sum(W[i].item() * (_ce(ADV[i].tolist(), Y[i].item()) + _ce((-ADV[i]).tolist(), Y[i].item())) for i in range(b)) / (2 * b)
+    ref = sum(
+        W[i].item() * (_ce(ADV[i].tolist(), Y[i].item()) + _ce((-ADV[i]).tolist(), Y[i].item())) for i in range(b)
+    ) / (2 * b)
     assert loss.item() == pytest.approx(ref, rel=1e-5)
 
 
@@ -272,9 +303,21 @@ def test_trades_attack_is_tpgd_and_its_variant_carries_its_output_and_stats():
         return FakeAttack()
 
     t = TRADES(TRADES.Options())
-    t.on_train_start(TrainContext(model=None, config=None, num_train=2, num_classes=3, input_shape=(1,),
-                                  device=torch.device("cpu"), epochs=1, milestones=(), objective="trades",
-                                  make_attack=make_attack, log=lambda s: None))
+    t.on_train_start(
+        TrainContext(
+            model=None,
+            config=None,
+            num_train=2,
+            num_classes=3,
+            input_shape=(1,),
+            device=torch.device("cpu"),
+            epochs=1,
+            milestones=(),
+            objective="trades",
+            make_attack=make_attack,
+            log=lambda s: None,
+        )
+    )
     assert made == ["tpgd"]
     ctx = make_ctx(NAT[:2], ADV[:2], Y[:2])
     [v] = t.generate_adversaries(ctx)
@@ -305,16 +348,29 @@ def test_properties_of_trades(batch, beta):
     nat, adv, y, w = batch
     b = len(y)
     ce = sum(_ce(nat[i].tolist(), y[i].item()) for i in range(b)) / b
-    loss = TRADES(TRADES.Options(beta=beta)).combine_loss(make_ctx(nat, adv, y), make_ctx(nat, adv, y).variants, None).item()
+    loss = (
+        TRADES(TRADES.Options(beta=beta))
+        .combine_loss(make_ctx(nat, adv, y), make_ctx(nat, adv, y).variants, None)
+        .item()
+    )
     assert loss >= ce - 1e-9  # KL >= 0
     assert loss == pytest.approx(trades_by_hand(nat.tolist(), adv.tolist(), y.tolist(), beta), rel=1e-9, abs=1e-9)
-    zero = TRADES(TRADES.Options(beta=0.0)).combine_loss(make_ctx(nat, adv, y), make_ctx(nat, adv, y).variants, None).item()
+    zero = (
+        TRADES(TRADES.Options(beta=0.0))
+        .combine_loss(make_ctx(nat, adv, y), make_ctx(nat, adv, y).variants, None)
+        .item()
+    )
     assert zero == pytest.approx(ce, rel=1e-9, abs=1e-12)  # beta = 0: natural CE only
-    same = TRADES(TRADES.Options(beta=beta)).combine_loss(make_ctx(nat, nat, y), make_ctx(nat, nat, y).variants, None).item()
+    same = (
+        TRADES(TRADES.Options(beta=beta))
+        .combine_loss(make_ctx(nat, nat, y), make_ctx(nat, nat, y).variants, None)
+        .item()
+    )
     assert same == pytest.approx(ce, rel=1e-9, abs=1e-12)  # x' = x: KL(p || p) = 0
     ones = make_ctx(nat, adv, y)
-    assert TRADES(TRADES.Options(beta=beta)).combine_loss(ones, ones.variants, Weights(adv=torch.ones(b, dtype=torch.float64),
-                                                                                       nat=torch.ones(b, dtype=torch.float64))).item() == pytest.approx(loss, rel=1e-12, abs=1e-12)
+    assert TRADES(TRADES.Options(beta=beta)).combine_loss(
+        ones, ones.variants, Weights(adv=torch.ones(b, dtype=torch.float64), nat=torch.ones(b, dtype=torch.float64))
+    ).item() == pytest.approx(loss, rel=1e-12, abs=1e-12)
 
 
 @settings(max_examples=60, deadline=None)
@@ -327,13 +383,16 @@ def test_properties_of_mart(batch, beta, weighted):
     # not >= 0: -log(1.0001 - p_{y'}) is about -log(1.0001) < 0 when p_{y'} -> 0 (mart.py's constant), so the
     # bound is -log(1.0001) times the mean weight (CE is >= 0; the KL term too, up to the 1e-12 inside its log)
     assert loss >= -math.log(1.0001 + 1e-12) * w.mean().item() - 1e-11 * (1.0 + beta * max(1.0, w.max().item()))
-    assert loss == pytest.approx(mart_by_hand(nat.tolist(), adv.tolist(), y.tolist(), beta, w.tolist(), weighted),
-                                 rel=1e-9, abs=1e-9)
+    assert loss == pytest.approx(
+        mart_by_hand(nat.tolist(), adv.tolist(), y.tolist(), beta, w.tolist(), weighted), rel=1e-9, abs=1e-9
+    )
     ctx0 = make_ctx(nat, adv, y)
     zero = MART(MART.Options(beta=0.0)).combine_loss(ctx0, ctx0.variants, None).item()
     q = [_softmax(r) for r in adv.tolist()]
-    bce = [_ce(adv[i].tolist(), y[i].item()) - math.log(1.0001 - max(p for k, p in enumerate(q[i]) if k != y[i]) + 1e-12)
-           for i in range(b)]
+    bce = [
+        _ce(adv[i].tolist(), y[i].item()) - math.log(1.0001 - max(p for k, p in enumerate(q[i]) if k != y[i]) + 1e-12)
+        for i in range(b)
+    ]
     assert zero == pytest.approx(sum(bce) / b, rel=1e-9, abs=1e-9)  # beta = 0: the boosted CE only
 
 
@@ -345,11 +404,15 @@ def test_properties_of_at(batch):
     ctx = make_ctx(nat, adv, y)
     loss = AdversarialCE().combine_loss(ctx, ctx.variants, Weights(adv=w)).item()
     assert loss >= 0.0
-    assert loss == pytest.approx(sum(w[i].item() * _ce(adv[i].tolist(), y[i].item()) for i in range(b)) / b, rel=1e-9, abs=1e-12)
+    assert loss == pytest.approx(
+        sum(w[i].item() * _ce(adv[i].tolist(), y[i].item()) for i in range(b)) / b, rel=1e-9, abs=1e-12
+    )
     ctx1 = make_ctx(nat, adv, y)
     plain = AdversarialCE().combine_loss(ctx1, ctx1.variants, None).item()
     ctx2 = make_ctx(nat, adv, y)
-    assert AdversarialCE().combine_loss(ctx2, ctx2.variants, Weights(adv=torch.ones(b, dtype=torch.float64))).item() == pytest.approx(plain, rel=1e-12)
+    assert AdversarialCE().combine_loss(
+        ctx2, ctx2.variants, Weights(adv=torch.ones(b, dtype=torch.float64))
+    ).item() == pytest.approx(plain, rel=1e-12)
 
 
 def test_mart_can_be_slightly_negative_as_in_the_authors_code():
@@ -370,8 +433,11 @@ def test_each_objective_answers_the_loss_hook_when_enabled(objective):
     ctx = make_ctx(NAT64, ADV64, Y64)
     loss = e.pm.hook.combine_loss(ctx=ctx, variants=ctx.variants, weights=None).item()
     n, a, y = NAT64.tolist(), ADV64.tolist(), Y64.tolist()
-    ref = {"at": sum(_ce(a[i], y[i]) for i in range(5)) / 5, "trades": trades_by_hand(n, a, y, 2.0),
-           "mart": mart_by_hand(n, a, y, 2.0)}[objective]
+    ref = {
+        "at": sum(_ce(a[i], y[i]) for i in range(5)) / 5,
+        "trades": trades_by_hand(n, a, y, 2.0),
+        "mart": mart_by_hand(n, a, y, 2.0),
+    }[objective]
     assert loss == pytest.approx(ref, rel=1e-12)
     if objective == "trades":  # TRADES brings its own KL attack
         assert "trades" in [i.plugin_name for i in e.pm.hook.on_train_start.get_hookimpls()]

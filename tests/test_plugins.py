@@ -1,4 +1,5 @@
 """Plugin discovery, loading, options and the errors around them."""
+
 import pytest
 
 from advplug import OptionError, PluginError

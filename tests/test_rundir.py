@@ -1,5 +1,6 @@
 """Run directories a researcher can trust: one run per directory, nothing lost under faults,
 no code imported because a run file names it, one-line errors for bad input."""
+
 import json
 import os
 import re
@@ -42,7 +43,10 @@ def test_an_existing_run_is_refused_and_overwrite_removes_all_its_files(tmp_path
     (out / "report" / "old.png").write_bytes(b"x")
     (out / "eval.json").write_text("{}")
     before = (out / "last.pt").read_bytes()
-    with pytest.raises(RunDirError, match=r"already holds a run: continue it with `advplug train --resume .*`, or replace it with --overwrite"):
+    with pytest.raises(
+        RunDirError,
+        match=r"already holds a run: continue it with `advplug train --resume .*`, or replace it with --overwrite",
+    ):
         train(out, epochs=1, seed=1)
     assert (out / "last.pt").read_bytes() == before  # untouched
     Trainer(tiny_config(str(out), epochs=1, seed=1), data=digits_subset(128, 32), overwrite=True, log=quiet).fit()
@@ -55,7 +59,11 @@ def test_default_directory_is_unique_per_run_and_printed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     logs = []
     for seed in (0, 0, 1):
-        t = Trainer(tiny_config(None, epochs=1, seed=seed, plugins=("mail",), plugin_options={"mail-burn-in": 0}), data=digits_subset(128, 32), log=logs.append)
+        t = Trainer(
+            tiny_config(None, epochs=1, seed=seed, plugins=("mail",), plugin_options={"mail-burn-in": 0}),
+            data=digits_subset(128, 32),
+            log=logs.append,
+        )
         t.fit()
     names = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert names == ["mail-at-seed0", "mail-at-seed0-2", "mail-at-seed1"]
@@ -70,10 +78,13 @@ def test_cli_refuses_a_run_directory_with_resume_and_overwrite_in_the_message(tm
     assert "--resume" in res.stderr and "--overwrite" in res.stderr
 
 
-@pytest.mark.parametrize("make,pattern", [
-    (lambda p: p.write_text("x"), "is a file, not a directory"),
-    (lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")), "is not empty and holds no advplug run"),
-])
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (lambda p: p.write_text("x"), "is a file, not a directory"),
+        (lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")), "is not empty and holds no advplug run"),
+    ],
+)
 def test_out_that_is_a_file_or_someone_elses_directory(tmp_path, make, pattern):
     out = tmp_path / "out"
     make(out)
@@ -145,7 +156,9 @@ def test_symlinks_in_a_run_directory_are_never_followed(tmp_path):
     (out / f".metrics.jsonl.tmp{pid}").symlink_to(victim / "new.txt")  # dangling: would be created
     rundir.write_text(out / "metrics.jsonl", (out / "metrics.jsonl").read_text())
     (out / f".last.pt.tmp{pid}").symlink_to(victim / "keep.txt")
-    checkpoint.save(out / "last.pt", {k: v for k, v in checkpoint.load(out).items() if k not in ("path", "format", "version")})
+    checkpoint.save(
+        out / "last.pt", {k: v for k, v in checkpoint.load(out).items() if k not in ("path", "format", "version")}
+    )
     (out / "report").mkdir()
     (out / "report" / "accuracy.png").symlink_to(victim / "keep.txt")
     report(out)  # the PNGs are written as files, replacing the link
@@ -174,7 +187,9 @@ def _records(out):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    Trainer(tiny_config(str(out), epochs=3, milestones=(2,), selection="validation"), data=digits_subset(160, 32), log=quiet).fit()
+    Trainer(
+        tiny_config(str(out), epochs=3, milestones=(2,), selection="validation"), data=digits_subset(160, 32), log=quiet
+    ).fit()
     return out
 
 
@@ -202,8 +217,11 @@ def test_hard_kill_in_a_subprocess_keeps_metrics_and_best_consistent(tmp_path):
     """os._exit at the worst point (checkpoint written, metrics not): the epoch is in the checkpoint
     and comes back on resume; best.pt agrees with the record."""
     out = tmp_path / "run"
-    code = ("from advplug.testing import tiny_config, digits_subset\nfrom advplug.engine.trainer import Trainer\n"
-            f"Trainer(tiny_config({str(out)!r}, epochs=3, milestones=(2,)), data=digits_subset(160, 32), log=lambda s: None).fit()\n")
+    code = (
+        "from advplug.testing import tiny_config, digits_subset\nfrom advplug.engine.trainer import Trainer\n"
+        f"Trainer(tiny_config({str(out)!r}, epochs=3, milestones=(2,)), data=digits_subset(160, 32), "
+        "log=lambda s: None).fit()\n"
+    )
     env = {**os.environ, "ADVPLUG_FAULT": "after-last@1", "ADVPLUG_FAULT_EXIT": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 137, res.stderr[-2000:]
@@ -226,20 +244,23 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(tmp_path, monke
         return real(epoch)
 
     monkeypatch.setattr(t, "train_epoch", interrupt)
-    with pytest.raises(Exception, match=rf"interrupted in epoch 2; the last checkpoint is {out}/last.pt \(epoch 1\); "
-                                        rf"continue with: advplug train --resume {out}"):
+    with pytest.raises(
+        Exception,
+        match=rf"interrupted in epoch 2; the last checkpoint is {out}/last.pt \(epoch 1\); "
+        rf"continue with: advplug train --resume {out}",
+    ):
         t.fit()
     rundir.RunLock(out).acquire().release()  # released
 
 
 # -- no code from run files -------------------------------------------------------------------
-HOSTILE = '''
+HOSTILE = """
 from pathlib import Path
 Path({marker!r}).write_text("code ran")
 def make(num_classes, input_shape):
     import torch
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))
-'''
+"""
 
 
 @pytest.fixture
@@ -287,70 +308,104 @@ def test_python_m_advplug_does_not_import_from_a_run_directory(tmp_path):
     ck["config"] = json.dumps({**json.loads(ck["config"]), "model": "evilmod:make"})
     checkpoint.save(out / "last.pt", {k: v for k, v in ck.items() if k not in ("path", "format", "version")})
     for args in (["train", "--resume", "."], ["eval", ".", "--which", "last", "--attack", "natural"]):
-        res = subprocess.run([sys.executable, "-m", "advplug", *args], cwd=out, capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "advplug", *args], cwd=out, capture_output=True, text=True, timeout=120
+        )
         assert res.returncode == 2 and "imports code only when you name it" in res.stderr, res.stderr[-1500:]
     assert not marker.exists()
 
 
 def test_the_user_may_name_their_own_model_and_repeat_it_to_resume(tmp_path, hostile_module):
     out = tmp_path / "run"
-    res = CliRunner().invoke(cli, ["train", "--model", "evilmod:make", "--epochs", "1", "--steps", "1", "--eval-steps", "1",
-                                   "--n-eval", "32", "--no-progress", "--out", str(out)])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--model",
+            "evilmod:make",
+            "--epochs",
+            "1",
+            "--steps",
+            "1",
+            "--eval-steps",
+            "1",
+            "--n-eval",
+            "32",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert hostile_module.exists()  # named on the command line: imported, as asked
-    one_line_error(CliRunner().invoke(cli, ["eval", str(out), "--which", "last", "--attack", "natural"]),
-                   "add --model evilmod:make")
-    res = CliRunner().invoke(cli, ["eval", str(out), "--which", "last", "--attack", "natural", "--model", "evilmod:make"])
+    one_line_error(
+        CliRunner().invoke(cli, ["eval", str(out), "--which", "last", "--attack", "natural"]),
+        "add --model evilmod:make",
+    )
+    res = CliRunner().invoke(
+        cli, ["eval", str(out), "--which", "last", "--attack", "natural", "--model", "evilmod:make"]
+    )
     assert res.exit_code == 0, res.output
 
 
 # -- bad input: one line, exit 2 ---------------------------------------------------------------
-@pytest.mark.parametrize("toml,pattern", [
-    ('epochs = "three"', "epochs must be a whole number, got 'three'"),
-    ('epochs = 1.5', "epochs must be a whole number, got 1.5"),
-    ('eps = "big"', "eps must be a number, got 'big'"),
-    ('milestones = 5', "milestones must be a list of whole epochs, got 5"),
-    ('plugins = "mail"', "plugins must be a list of names, got 'mail'"),
-    ('tensorboard = "yes"', "tensorboard must be true or false"),
-    ('lr = inf', "lr must be a finite number, got inf"),
-    ('selection_size = inf', "selection-size must be a finite number, got inf"),
-    ('weight_decay = 1e400', "weight-decay must be a finite number, got inf"),
-    ('seed = 99999999999999999999999', "--seed must be in 0..4294967295"),
-])
+@pytest.mark.parametrize(
+    "toml,pattern",
+    [
+        ('epochs = "three"', "epochs must be a whole number, got 'three'"),
+        ("epochs = 1.5", "epochs must be a whole number, got 1.5"),
+        ('eps = "big"', "eps must be a number, got 'big'"),
+        ("milestones = 5", "milestones must be a list of whole epochs, got 5"),
+        ('plugins = "mail"', "plugins must be a list of names, got 'mail'"),
+        ('tensorboard = "yes"', "tensorboard must be true or false"),
+        ("lr = inf", "lr must be a finite number, got inf"),
+        ("selection_size = inf", "selection-size must be a finite number, got inf"),
+        ("weight_decay = 1e400", "weight-decay must be a finite number, got inf"),
+        ("seed = 99999999999999999999999", "--seed must be in 0..4294967295"),
+    ],
+)
 def test_wrong_types_in_a_config_file(tmp_path, toml, pattern):
     f = tmp_path / "c.toml"
     f.write_text(toml + "\n")
     one_line_error(CliRunner().invoke(cli, ["train", "--config", str(f), "--out", str(tmp_path / "r")]), pattern)
 
 
-@pytest.mark.parametrize("name,content,pattern", [
-    ("c.json", b"[1]", "expected a table of settings, got list"),
-    ("c.json", b'"x"', "expected a table of settings, got str"),
-    ("c.json", b'{"plugin_options": [1]}', "plugin_options must be a table"),
-    ("c.toml", b"\xcc\xff\x00", "cannot be parsed: 'utf-8' codec can't decode"),
-])
+@pytest.mark.parametrize(
+    "name,content,pattern",
+    [
+        ("c.json", b"[1]", "expected a table of settings, got list"),
+        ("c.json", b'"x"', "expected a table of settings, got str"),
+        ("c.json", b'{"plugin_options": [1]}', "plugin_options must be a table"),
+        ("c.toml", b"\xcc\xff\x00", "cannot be parsed: 'utf-8' codec can't decode"),
+    ],
+)
 def test_a_config_file_that_is_not_a_table_of_settings(tmp_path, name, content, pattern):
     f = tmp_path / name
     f.write_bytes(content)
     one_line_error(CliRunner().invoke(cli, ["train", "--config", str(f), "--out", str(tmp_path / "r")]), pattern)
 
 
-@pytest.mark.parametrize("args,pattern", [
-    (["train", "--eps", "2"], "--eps must be < 1 (inputs are in [0, 1]"),
-    (["train", "--alpha", "3"], "--alpha (attack step size) must be <= 1"),
-    (["train", "--model", "builtins:dict"], "--model builtins:dict returned a dict, not a torch.nn.Module"),
-    (["train", "--device", "nonsense"], "--device 'nonsense' is not a device"),
-    (["train", "--selection-size", "inf"], "selection-size must be a finite number, got inf"),
-    (["train", "--seed", "-1"], "--seed must be in 0..4294967295"),
-])
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["train", "--eps", "2"], "--eps must be < 1 (inputs are in [0, 1]"),
+        (["train", "--alpha", "3"], "--alpha (attack step size) must be <= 1"),
+        (["train", "--model", "builtins:dict"], "--model builtins:dict returned a dict, not a torch.nn.Module"),
+        (["train", "--device", "nonsense"], "--device 'nonsense' is not a device"),
+        (["train", "--selection-size", "inf"], "selection-size must be a finite number, got inf"),
+        (["train", "--seed", "-1"], "--seed must be in 0..4294967295"),
+    ],
+)
 def test_bad_values(tmp_path, args, pattern):
     one_line_error(CliRunner().invoke(cli, [*args, "--epochs", "1", "--out", str(tmp_path / "r")]), pattern)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_device_cuda_without_a_gpu(tmp_path):
-    one_line_error(CliRunner().invoke(cli, ["train", "--device", "cuda", "--out", str(tmp_path / "r")]),
-                   "this machine has no usable CUDA GPU")
+    one_line_error(
+        CliRunner().invoke(cli, ["train", "--device", "cuda", "--out", str(tmp_path / "r")]),
+        "this machine has no usable CUDA GPU",
+    )
 
 
 def test_eval_bad_eps_and_mismatched_checkpoint(tmp_path):
@@ -360,8 +415,9 @@ def test_eval_bad_eps_and_mismatched_checkpoint(tmp_path):
     ck = checkpoint.load(out, need="training")
     ck["num_classes"] = 7
     checkpoint.save(tmp_path / "odd.pt", {k: v for k, v in ck.items() if k not in ("path", "format", "version")})
-    one_line_error(CliRunner().invoke(cli, ["eval", str(tmp_path / "odd.pt"), "--attack", "natural"]),
-                   "does not fit model")
+    one_line_error(
+        CliRunner().invoke(cli, ["eval", str(tmp_path / "odd.pt"), "--attack", "natural"]), "does not fit model"
+    )
 
 
 def test_zero_byte_and_damaged_checkpoints_on_resume(tmp_path):
@@ -370,7 +426,7 @@ def test_zero_byte_and_damaged_checkpoints_on_resume(tmp_path):
     good = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(b"")
     one_line_error(CliRunner().invoke(cli, ["train", "--resume", str(out)]), "is empty (0 bytes)")
-    ck = checkpoint._read  # noqa: the real loader, on a checkpoint with a missing key
+    ck = checkpoint._read  # the real loader, on a checkpoint with a missing key
     (out / "last.pt").write_bytes(good)
     raw = checkpoint.load(out, need="training")
     del raw["rng"]
@@ -394,29 +450,37 @@ def test_resume_refuses_a_config_json_edited_after_the_checkpoint(tmp_path):
     assert checkpoint.load(out)["epoch"] == 1
 
 
-@pytest.mark.parametrize("change,pattern", [
-    (dict(epoch=-3), "it is after epoch -2, this run has epochs 1..2"),  # would train epochs -2..0 unlabelled
-    (dict(epoch=10 ** 9), "it is after epoch 1000000001"),  # would end at once as if finished
-    (dict(best_acc=float("nan")), "accuracy nan do not fit"),  # no epoch would ever be "best"
-    (dict(best_epoch=-5), "best epoch -4"),
-    (dict(metrics="[1]\n"), "does not hold one object per epoch"),
-    (dict(metrics=""), "(0 entries for 1 epochs)"),
-])
+@pytest.mark.parametrize(
+    "change,pattern",
+    [
+        (dict(epoch=-3), "it is after epoch -2, this run has epochs 1..2"),  # would train epochs -2..0 unlabelled
+        (dict(epoch=10**9), "it is after epoch 1000000001"),  # would end at once as if finished
+        (dict(best_acc=float("nan")), "accuracy nan do not fit"),  # no epoch would ever be "best"
+        (dict(best_epoch=-5), "best epoch -4"),
+        (dict(metrics="[1]\n"), "does not hold one object per epoch"),
+        (dict(metrics=""), "(0 entries for 1 epochs)"),
+    ],
+)
 def test_resume_refuses_damaged_epoch_counters(tmp_path, change, pattern):
     out = tmp_path / "run"
     train(out, epochs=1).fit()
     saved = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**saved, "epochs": 2}))
     ck = checkpoint.load(out, need="training")
-    checkpoint.save(out / "last.pt", {**{k: v for k, v in ck.items() if k not in ("path", "format", "version")}, **change})
+    checkpoint.save(
+        out / "last.pt", {**{k: v for k, v in ck.items() if k not in ("path", "format", "version")}, **change}
+    )
     with pytest.raises(CheckpointError, match=re.escape(pattern)):
         Trainer(resume_config(out), data=digits_subset(128, 32), resume=True, log=quiet)
 
 
-@pytest.mark.parametrize("damage,pattern", [
-    (lambda b: torch.zeros(3), "momentum_buffer of parameter 0 is of shape (3,), expected"),
-    (lambda b: b * float("nan"), "momentum_buffer of parameter 0 is not finite"),
-])
+@pytest.mark.parametrize(
+    "damage,pattern",
+    [
+        (lambda b: torch.zeros(3), "momentum_buffer of parameter 0 is of shape (3,), expected"),
+        (lambda b: b * float("nan"), "momentum_buffer of parameter 0 is not finite"),
+    ],
+)
 def test_resume_refuses_a_damaged_optimizer_state(tmp_path, damage, pattern):
     out = tmp_path / "run"
     train(out, epochs=1).fit()
@@ -436,15 +500,20 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     raw = checkpoint.load(out, need="training")
     raw["world_size"], raw["rng"] = 2, raw["rng"] * 2
     checkpoint.save(out / "last.pt", {k: v for k, v in raw.items() if k not in ("path", "format", "version")})
-    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), this run has 1: resume with the same number"):
+    with pytest.raises(
+        CheckpointError, match=r"written by 2 process\(es\), this run has 1: resume with the same number"
+    ):
         Trainer(resume_config(out), data=digits_subset(128, 32), resume=True, log=quiet)
 
 
-@pytest.mark.parametrize("kind,pattern", [
-    ("nan", "plugin 'bad' returned negative or non-finite weights in epoch 1"),
-    ("negative", "plugin 'bad' returned negative or non-finite weights in epoch 1"),
-    ("zero", "the combined weights of a whole batch were zero in epoch 1"),
-])
+@pytest.mark.parametrize(
+    "kind,pattern",
+    [
+        ("nan", "plugin 'bad' returned negative or non-finite weights in epoch 1"),
+        ("negative", "plugin 'bad' returned negative or non-finite weights in epoch 1"),
+        ("zero", "the combined weights of a whole batch were zero in epoch 1"),
+    ],
+)
 def test_bad_weights_name_the_plugin_not_the_loss(tmp_path, monkeypatch, kind, pattern):
     from advplug.errors import PluginError
     from advplug.testing import BadWeights, installed_plugins
@@ -463,12 +532,15 @@ def test_a_plugin_with_a_wrong_hook_signature(tmp_path):
         res = CliRunner().invoke(cli, ["plugins"])
         assert res.exit_code == 0 and 'plugin "wrongsig" does not fit the hook contract' in res.stderr
         assert "  wrongsig " not in res.output  # not listed as fine
-        one_line_error(CliRunner().invoke(cli, ["train", "--plugin", "wrongsig", "--out", str(tmp_path / "r")]),
-                       "{'batch'} are declared in the hookimpl but can not be found in the hookspec")
+        one_line_error(
+            CliRunner().invoke(cli, ["train", "--plugin", "wrongsig", "--out", str(tmp_path / "r")]),
+            "{'batch'} are declared in the hookimpl but can not be found in the hookspec",
+        )
 
 
 def test_metrics_are_strict_json_even_with_an_infinite_plugin_value(tmp_path):
     """GAIRAT records lambda = inf before its schedule starts: metrics.jsonl stays strict JSON."""
+
     def strict(s):
         return json.loads(s, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
 

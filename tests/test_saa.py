@@ -1,4 +1,5 @@
 """LRAT's SAA (targeted APGD-DLR) against torchattacks' ``APGDT`` on the same inputs and seeds."""
+
 import pytest
 import torch
 import torchattacks
@@ -18,7 +19,7 @@ def model_and_data():
     with torch.random.fork_rng():
         for _ in range(3):
             for i in range(0, len(x), 128):
-                loss = torch.nn.functional.cross_entropy(m(x[i:i + 128]), y[i:i + 128])
+                loss = torch.nn.functional.cross_entropy(m(x[i : i + 128]), y[i : i + 128])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -120,6 +121,8 @@ def test_survivors_get_the_highest_loss_iterate_over_all_targets(model_and_data,
     idx2 = (correct & (atk.targets[:, 1] >= 0)).nonzero().squeeze(1)
     pos2 = {int(i): j for j, i in enumerate(idx2)}
     for s in survivors.tolist():
-        cands = [(loss1[pos1[s]], x_best1[pos1[s]])] + [(wave2[2][k * m2 + pos2[s]], wave2[0][k * m2 + pos2[s]]) for k in range(2)]
+        cands = [(loss1[pos1[s]], x_best1[pos1[s]])] + [
+            (wave2[2][k * m2 + pos2[s]], wave2[0][k * m2 + pos2[s]]) for k in range(2)
+        ]
         best_by_run.append(max(cands, key=lambda c: c[0].item())[1])
     assert torch.equal(adv[survivors], torch.stack(best_by_run))

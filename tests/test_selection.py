@@ -1,5 +1,6 @@
 """Model selection on held-out training data (#13): the "best" checkpoint is never chosen on the
 test set unless the user asks for it, explicitly and labelled."""
+
 import json
 
 import pytest
@@ -27,7 +28,9 @@ def rows(x):
 def test_selection_split_is_held_out_disjoint_and_recorded(tmp_path):
     data = digits_subset(400, 64)
     logs = []
-    t = Trainer(tiny_config(str(tmp_path), epochs=3, milestones=(2,), selection="validation"), data=data, log=logs.append)
+    t = Trainer(
+        tiny_config(str(tmp_path), epochs=3, milestones=(2,), selection="validation"), data=data, log=logs.append
+    )
     sx, sy = t.data.selection
     tx, _ = t.data.train
     assert len(sy) == 40 and t.data.num_train == 360  # min(1000, 10 %)
@@ -35,7 +38,12 @@ def test_selection_split_is_held_out_disjoint_and_recorded(tmp_path):
     assert not rows(sx) & rows(data.test[0])
     t.fit()
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert (cfg["selection"], cfg["num_selection"], cfg["split_seed"], cfg["num_train"]) == ("validation", 40, SPLIT_SEED, 360)
+    assert (cfg["selection"], cfg["num_selection"], cfg["split_seed"], cfg["num_train"]) == (
+        "validation",
+        40,
+        SPLIT_SEED,
+        360,
+    )
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("val_pgd_acc" in r and "test_pgd_acc" not in r and "pgd_acc" not in r for r in recs)
     best = max(range(3), key=lambda e: (recs[e]["val_pgd_acc"], -e))  # first epoch with the highest held-out PGD
@@ -94,8 +102,13 @@ def test_an_active_reweighting_is_not_reported(tmp_path, value, warned):
 
 def test_the_inert_warning_names_the_option_that_controls_the_plugin(tmp_path):
     """MAIL with gamma 0 weighs every sample sigmoid(0) = 1/2, i.e. uniformly after Eq. 8."""
-    cfg = tiny_config(str(tmp_path), plugins=("mail",), epochs=3, milestones=(2,),
-                      plugin_options={"mail-burn-in": 0, "mail-gamma": 0.0})
+    cfg = tiny_config(
+        str(tmp_path),
+        plugins=("mail",),
+        epochs=3,
+        milestones=(2,),
+        plugin_options={"mail-burn-in": 0, "mail-gamma": 0.0},
+    )
     Trainer(cfg, data=digits_subset(128, 32), log=quiet).fit()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "mail: --mail-gamma" in recs[2]["warnings"][0]

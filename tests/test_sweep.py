@@ -3,6 +3,7 @@ coordinator's retries and failure isolation (a fake launcher, in-process), and r
 digits: a 2x2 grid with the local launcher killed and re-run, a run that dies after its first
 checkpoint resumed by the re-run (through the SLURM launcher's submitit code, debug executor),
 and the same 2x2 grid on a local Ray instance."""
+
 import json
 import signal
 import subprocess
@@ -28,7 +29,9 @@ batch_size = 256
 final_attacks = ["natural"]
 selection = "test"
 """
-GRID_2X2 = TINY + """
+GRID_2X2 = (
+    TINY
+    + """
 [grid]
 seed = [0, 1]
 
@@ -38,6 +41,7 @@ seed = [0, 1]
 plugins = ["mail"]
 "mail-burn-in" = 0
 """
+)
 
 
 def write(tmp_path, text, epochs=1, name="s.toml", **top):
@@ -53,13 +57,17 @@ def test_grid_expands_seed_first_with_stable_names(tmp_path):
     assert [p.name for p in s.points] == ["at-seed0", "mail-at-df253e-seed0", "at-seed1", "mail-at-df253e-seed1"]
     assert s.points[1].settings["plugin_options"] == {"mail-burn-in": 0} and s.points[1].settings["plugins"] == ["mail"]
     # adding a method and a seed renames no existing point
-    more = GRID_2X2.replace("seed = [0, 1]", "seed = [0, 1, 2]") + '\n[[method]]\nname = "trades"\nobjective = "trades"\n'
+    more = (
+        GRID_2X2.replace("seed = [0, 1]", "seed = [0, 1, 2]") + '\n[[method]]\nname = "trades"\nobjective = "trades"\n'
+    )
     names = [p.name for p in sw.load_sweep(write(tmp_path, more, name="t.toml")).points]
     assert {p.name for p in s.points} < set(names) and "trades-seed2" in names and len(names) == 9
 
 
 def test_data_axis_and_plugin_tables_and_one_table_per_data_set(tmp_path):
-    text = TINY + """
+    text = (
+        TINY
+        + """
 [grid]
 data = ["digits", "cifar10"]
 "mail-gamma" = [5, 10]
@@ -69,6 +77,7 @@ plugins = ["mail"]
 [method.mail]
 burn-in = 0
 """
+    )
     s = sw.load_sweep(write(tmp_path, text))
     names = [p.name for p in s.points]
     assert len(set(names)) == 4 and sum("cifar10" in n for n in names) == 2
@@ -77,14 +86,17 @@ burn-in = 0
     assert {p.settings["plugin_options"]["mail-gamma"] for p in s.points} == {5, 10}
 
 
-@pytest.mark.parametrize("text, message", [
-    (TINY + "[grid]\nseed = 3\n", "must be a non-empty list"),
-    (TINY + "[[method]]\nfoo = 1\n", "unknown setting 'foo'"),
-    (TINY + "[[method]]\nout = 'x'\n", "the sweep sets it"),
-    (TINY + "[[method]]\nplugins = ['nosuchplugin']\n", "nosuchplugin"),
-    (TINY + "[[method]]\nname = 'a'\n[[method]]\nname = 'a'\n", "both named 'a-seed0'"),
-    (TINY + "[[method]]\nepochs = 'two'\n", "epochs must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (TINY + "[grid]\nseed = 3\n", "must be a non-empty list"),
+        (TINY + "[[method]]\nfoo = 1\n", "unknown setting 'foo'"),
+        (TINY + "[[method]]\nout = 'x'\n", "the sweep sets it"),
+        (TINY + "[[method]]\nplugins = ['nosuchplugin']\n", "nosuchplugin"),
+        (TINY + "[[method]]\nname = 'a'\n[[method]]\nname = 'a'\n", "both named 'a-seed0'"),
+        (TINY + "[[method]]\nepochs = 'two'\n", "epochs must be a whole number"),
+    ],
+)
 def test_bad_sweep_files_are_one_line_errors(tmp_path, text, message):
     res = CliRunner().invoke(cli, ["sweep", str(write(tmp_path, text)), "--dry-run"])
     assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
@@ -103,16 +115,18 @@ def test_dry_run_lists_points_and_their_state(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-@pytest.mark.parametrize("example", sorted((Path(__file__).parents[1] / "examples" / "sweeps").glob("*.toml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "example", sorted((Path(__file__).parents[1] / "examples" / "sweeps").glob("*.toml")), ids=lambda p: p.stem
+)
 def test_example_sweeps_expand(example):
     s = sw.load_sweep(example)
     seeds = {p.settings["seed"] for p in s.points}
     assert seeds == {0, 1, 2} and all(p.settings["data"] == "cifar10" for p in s.points) and len(s.points) >= 15
 
 
-@pytest.mark.parametrize("launcher, module, message", [("ray", "ray", sw.RAY_MISSING),
-                                                       ("slurm", "submitit", sw.SUBMITIT_MISSING)])
+@pytest.mark.parametrize(
+    "launcher, module, message", [("ray", "ray", sw.RAY_MISSING), ("slurm", "submitit", sw.SUBMITIT_MISSING)]
+)
 def test_a_launcher_without_its_engine_is_one_line(tmp_path, monkeypatch, launcher, module, message):
     monkeypatch.setitem(sys.modules, module, None)
     res = CliRunner().invoke(cli, ["sweep", str(write(tmp_path, GRID_2X2)), "--launcher", launcher, "--no-progress"])
@@ -150,8 +164,15 @@ def test_point_state_follows_the_run_directory(tmp_path):
     assert sw.state(s.points[1], other)[0] == "conflict"
 
 
-@pytest.mark.parametrize("status", ["[1]", '{"points": [1]}', '{"points": {"at-seed0": 5}}',
-                                    '{"points": {"at-seed0": {"attempts": "x", "status": [1]}}}'])
+@pytest.mark.parametrize(
+    "status",
+    [
+        "[1]",
+        '{"points": [1]}',
+        '{"points": {"at-seed0": 5}}',
+        '{"points": {"at-seed0": {"attempts": "x", "status": [1]}}}',
+    ],
+)
 def test_damaged_run_and_status_files_in_a_sweep(tmp_path, status):
     """A run directory with a damaged config.json is a conflict (never resumed or overwritten); a
     damaged sweep.json is ignored (the run directories are the truth): no traceback."""
@@ -170,8 +191,10 @@ def test_damaged_run_and_status_files_in_a_sweep(tmp_path, status):
 
 def test_last_error_line(tmp_path):
     log = tmp_path / "x.log"
-    log.write_text("=== attempt 1\nerror: old\n=== attempt 2 (resume)\nTraceback (most recent call last):\n  File x\n"
-                   "RuntimeError: CUDA out of memory\n")
+    log.write_text(
+        "=== attempt 1\nerror: old\n=== attempt 2 (resume)\nTraceback (most recent call last):\n  File x\n"
+        "RuntimeError: CUDA out of memory\n"
+    )
     assert sw.last_error(log, 1) == "RuntimeError: CUDA out of memory"
     log.write_text("=== attempt 1\nepoch 1/2\n")
     assert sw.last_error(log, -9) == "killed by signal 9 (SIGKILL)"
@@ -223,7 +246,9 @@ def test_retries_and_one_failure_never_stops_the_others(tmp_path):
     saved = json.loads((s.out / "sweep.json").read_text())
     assert saved["counts"] == {"done": 3, "failed": 1} and saved["points"]["at-seed1"]["status"] == "failed"
     lines = sw.summary(s)
-    assert lines[0].startswith("4 points: 3 done") and any("failed" in x and "at-seed1" in x and "boom" in x for x in lines)
+    assert lines[0].startswith("4 points: 3 done") and any(
+        "failed" in x and "at-seed1" in x and "boom" in x for x in lines
+    )
     # re-running launches only the failed point, which now gets its retries again
     fake2 = FakeLauncher(s, {})
     points = sw.run_sweep(s, fake2, progress=False, log=lambda m: None)
@@ -252,8 +277,11 @@ def test_local_2x2_killed_and_rerun_finishes_without_redoing_finished_points(tmp
     f = write(tmp_path, GRID_2X2, epochs=2)
     out = tmp_path / "out"
     with open(tmp_path / "first.log", "w") as log:
-        coord = subprocess.Popen([sys.executable, "-m", "advplug", "sweep", str(f), "--jobs", "2", "--no-progress"],
-                                 stdout=log, stderr=subprocess.STDOUT)
+        coord = subprocess.Popen(
+            [sys.executable, "-m", "advplug", "sweep", str(f), "--jobs", "2", "--no-progress"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 300
         while not _results(out) and coord.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -319,7 +347,6 @@ def test_the_same_2x2_sweep_on_a_local_ray_instance(tmp_path):
     assert {n: r["status"] for n, r in points.items()} == {p.name: "done" for p in s.points}
     text, _ = sw.report(s)
     assert "| AT | 2 |" in text and "| mail mail-burn-in=0 | 2 |" in text
-
 
 
 def test_a_finished_run_under_other_settings_is_left_out_of_the_table(tmp_path):

@@ -3,6 +3,7 @@ a GPU (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, ``bool()``/``int()`
 a tensor) are counted during steps; only the periodic check (every 20 steps and at the epoch's
 end, outside ``step``) may make them. LRAT's SAA sizes its two waves from the data (two
 ``nonzero`` calls per step, counted separately)."""
+
 import collections
 import traceback
 
@@ -34,16 +35,30 @@ def count_syncs(monkeypatch):
     return counts, on
 
 
-@pytest.mark.parametrize("plugins,objective,options", [
-    ((), "at", {}), ((), "trades", {}), ((), "mart", {}),
-    (("mail",), "at", {"mail-burn-in": 0}), (("gairat",), "at", {"gairat-begin-epoch": 0}), (("meow",), "at", {}),
-    (("bat",), "at", {}), (("awp",), "at", {}), (("fat",), "at", {}), (("wmmr",), "at", {}),
-    (("lrat",), "at", {"lrat-saa-steps": 3}), (("bilaw",), "at", {}),
-])
+@pytest.mark.parametrize(
+    "plugins,objective,options",
+    [
+        ((), "at", {}),
+        ((), "trades", {}),
+        ((), "mart", {}),
+        (("mail",), "at", {"mail-burn-in": 0}),
+        (("gairat",), "at", {"gairat-begin-epoch": 0}),
+        (("meow",), "at", {}),
+        (("bat",), "at", {}),
+        (("awp",), "at", {}),
+        (("fat",), "at", {}),
+        (("wmmr",), "at", {}),
+        (("lrat",), "at", {"lrat-saa-steps": 3}),
+        (("bilaw",), "at", {}),
+    ],
+)
 def test_no_host_sync_in_the_step(tmp_path, count_syncs, plugins, objective, options):
     counts, on = count_syncs
-    t = Trainer(tiny_config(str(tmp_path), plugins=plugins, objective=objective, plugin_options=options, epochs=3),
-                data=digits_subset(192, 16), log=lambda s: None)
+    t = Trainer(
+        tiny_config(str(tmp_path), plugins=plugins, objective=objective, plugin_options=options, epochs=3),
+        data=digits_subset(192, 16),
+        log=lambda s: None,
+    )
     batches = iter(t.loader)
     x, y, i = next(batches)
     t.step(x, y, i, 0, 0)  # first step: lazy set-up (plugins' buffers) may look at values once
@@ -66,9 +81,16 @@ def test_lrat_saa_sizes_its_waves_with_two_nonzero_calls(tmp_path, monkeypatch):
         calls[0] += 1
         return real(self, *a, **k)
 
-    t = Trainer(tiny_config(str(tmp_path), plugins=("lrat",), plugin_options={"lrat-attacks": "saa", "lrat-floor": "none",
-                                                                               "lrat-saa-steps": 3}, epochs=3),
-                data=digits_subset(192, 16), log=lambda s: None)
+    t = Trainer(
+        tiny_config(
+            str(tmp_path),
+            plugins=("lrat",),
+            plugin_options={"lrat-attacks": "saa", "lrat-floor": "none", "lrat-saa-steps": 3},
+            epochs=3,
+        ),
+        data=digits_subset(192, 16),
+        log=lambda s: None,
+    )
     x, y, i = next(iter(t.loader))
     t.step(x, y, i, 0, 0)
     monkeypatch.setattr(torch.Tensor, "nonzero", counted)
@@ -77,14 +99,24 @@ def test_lrat_saa_sizes_its_waves_with_two_nonzero_calls(tmp_path, monkeypatch):
     assert 1 <= calls[0] <= 2
 
 
-@pytest.mark.parametrize("plugins,options,tracked", [
-    ((), {}, False), (("meow",), {}, False), (("bat",), {}, False),
-    (("gairat",), {}, True), (("mail",), {"mail-margin": "dif"}, True), (("mail",), {}, False),
-    (("focal",), {}, True),  # no declare(): its needs are unknown, so the stats are kept
-])
+@pytest.mark.parametrize(
+    "plugins,options,tracked",
+    [
+        ((), {}, False),
+        (("meow",), {}, False),
+        (("bat",), {}, False),
+        (("gairat",), {}, True),
+        (("mail",), {"mail-margin": "dif"}, True),
+        (("mail",), {}, False),
+        (("focal",), {}, True),  # no declare(): its needs are unknown, so the stats are kept
+    ],
+)
 def test_core_pgd_keeps_kappa_only_when_a_plugin_may_read_it(tmp_path, plugins, options, tracked):
-    t = Trainer(tiny_config(str(tmp_path), plugins=plugins, plugin_options=options), data=digits_subset(64, 16),
-                log=lambda s: None)
+    t = Trainer(
+        tiny_config(str(tmp_path), plugins=plugins, plugin_options=options),
+        data=digits_subset(64, 16),
+        log=lambda s: None,
+    )
     x, y, i = next(iter(t.loader))
     _, ctx, _ = t.step(x, y, i, 0, 0)
     t.close()

@@ -1,4 +1,5 @@
 """End to end on a slice of digits: train, evaluate, resume exactly, and the run's files."""
+
 import json
 
 import pytest
@@ -69,9 +70,34 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     import sys
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "advplug", "train",
-           "--plugin", "mail", "--mail-burn-in", "0", "--epochs", "1", "--milestones", "1", "--steps", "3",
-           "--no-progress", "--device", "cpu", "--n-eval", "64", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "advplug",
+        "train",
+        "--plugin",
+        "mail",
+        "--mail-burn-in",
+        "0",
+        "--epochs",
+        "1",
+        "--milestones",
+        "1",
+        "--steps",
+        "3",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--n-eval",
+        "64",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -16,6 +16,7 @@ Modules, one job each:
 
 Re-exported here: what the rest of advplug imports.
 """
+
 from advplug.data.batches import LoaderBatches, TensorBatches, batches
 from advplug.data.bundle import DataBundle
 from advplug.data.checks import as_bundle, as_images, as_labels

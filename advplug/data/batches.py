@@ -1,8 +1,9 @@
 """Batches ``(x, y, index)`` on the device, seeded per epoch (a resumed run sees the same order):
 in-memory tensors sliced directly, other data sets through a torch ``DataLoader``."""
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -18,8 +19,17 @@ class TensorBatches:
     each rank takes its strided share of the permutation.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
@@ -34,7 +44,7 @@ class TensorBatches:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
         else:
             perm = torch.arange(n)
-        return perm[self.rank::self.world_size].to(self.x.device)
+        return perm[self.rank :: self.world_size].to(self.x.device)
 
     def __len__(self) -> int:
         n = len(range(self.rank, len(self.y), self.world_size))
@@ -43,23 +53,40 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         order = self._order()
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.x[idx], self.y[idx], idx
 
 
 class LoaderBatches:
     """A torch DataLoader over an indexed data set, moving batches to the device."""
 
-    def __init__(self, ds: Dataset, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0,
-                 workers: int = 4, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        ds: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        device: torch.device,
+        seed: int = 0,
+        workers: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         from torch.utils.data.distributed import DistributedSampler
 
-        self.sampler = (DistributedSampler(Indexed(ds), world_size, rank, shuffle=shuffle, seed=seed)
-                        if world_size > 1 else None)
+        self.sampler = (
+            DistributedSampler(Indexed(ds), world_size, rank, shuffle=shuffle, seed=seed) if world_size > 1 else None
+        )
         self.seed, self.shuffle = seed, shuffle
-        self.loader = DataLoader(Indexed(ds), batch_size=batch_size, shuffle=False if self.sampler else shuffle,
-                                 sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+        self.loader = DataLoader(
+            Indexed(ds),
+            batch_size=batch_size,
+            shuffle=False if self.sampler else shuffle,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed),
+        )
         self.device = device
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,12 +100,23 @@ class LoaderBatches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         for x, y, i in self.loader:
-            yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
-                   i.to(self.device, non_blocking=True))
+            yield (
+                x.to(self.device, non_blocking=True),
+                y.to(self.device, non_blocking=True),
+                i.to(self.device, non_blocking=True),
+            )
 
 
-def batches(data: Dataset | tuple[Tensor, Tensor], batch_size: int, shuffle: bool, device: torch.device,
-            seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 4) -> TensorBatches | LoaderBatches:
+def batches(
+    data: Dataset | tuple[Tensor, Tensor],
+    batch_size: int,
+    shuffle: bool,
+    device: torch.device,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 4,
+) -> TensorBatches | LoaderBatches:
     if isinstance(data, tuple):
         x, y = data
         return TensorBatches(x.to(device), y.to(device), batch_size, shuffle, seed, rank, world_size)

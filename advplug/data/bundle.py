@@ -1,5 +1,6 @@
 """A loaded data set: train / test (and held-out) data with its shape facts, and the indexed view
 that makes every item ``(x, y, index)``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

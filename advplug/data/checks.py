@@ -1,5 +1,6 @@
 """Validation of data the user hands over (arrays, tensors, torch ``Dataset``s): images
 ``[N, C, H, W]`` in [0, 1], integer labels 0..K-1, with one-line errors for anything else."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -84,8 +85,13 @@ def as_labels(y: Any, n: int, where: str) -> Tensor:
     return y.long()
 
 
-def check_tensors(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], name: str,
-                  num_classes: int | None = None, image_size: int | None = None) -> DataBundle:
+def check_tensors(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    name: str,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+) -> DataBundle:
     """Validate and bundle in-memory train / test data: images ``[N, C, H, W]`` in [0, 1] (uint8 is
     scaled), integer labels 0..K-1; K from the data (max label + 1) unless given. One-line errors
     for: no samples, one class only, labels out of range, mismatched shapes, values outside [0, 1], NaN."""
@@ -95,8 +101,10 @@ def check_tensors(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], nam
         xs.append((x, as_labels(y, len(x), f"{name}: y_{part}")))
     (xt, yt), (xe, ye) = xs
     if xt.shape[1:] != xe.shape[1:]:
-        raise DataError(f"{name}: train images are {tuple(xt.shape[1:])}, test images {tuple(xe.shape[1:])} "
-                        f"(use --image-size to resize both)")
+        raise DataError(
+            f"{name}: train images are {tuple(xt.shape[1:])}, test images {tuple(xe.shape[1:])} "
+            f"(use --image-size to resize both)"
+        )
     for part, y in (("y_train", yt), ("y_test", ye)):
         if int(y.min()) < 0:
             raise DataError(f"{name}: {part} has negative labels ({int(y.min())}); labels must be 0..K-1")
@@ -104,12 +112,15 @@ def check_tensors(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], nam
         raise DataError(f"{name}: the training data has one class only ({int(yt[0])}); a classifier needs two or more")
     k = num_classes if num_classes is not None else int(yt.max()) + 1
     if k > MAX_CLASSES:  # the model's output layer has one unit per class: a stray huge label is an error
-        raise DataError(f"{name}: y_train has label {int(yt.max())}; "
-                        f"labels must be 0..K-1 with K at most {MAX_CLASSES}")
+        raise DataError(
+            f"{name}: y_train has label {int(yt.max())}; labels must be 0..K-1 with K at most {MAX_CLASSES}"
+        )
     for part, y in (("y_train", yt), ("y_test", ye)):
         if int(y.max()) >= k:
-            raise DataError(f"{name}: {part} has label {int(y.max())}, out of range for {k} classes "
-                            + ("(the training labels go up to " + str(int(yt.max())) + ")" if part == "y_test" else ""))
+            raise DataError(
+                f"{name}: {part} has label {int(y.max())}, out of range for {k} classes "
+                + ("(the training labels go up to " + str(int(yt.max())) + ")" if part == "y_test" else "")
+            )
     return DataBundle((xt, yt), (xe, ye), k, tuple(xt.shape[1:]))
 
 
@@ -126,11 +137,14 @@ def as_bundle(out: Any, name: str = "data", image_size: int | None = None) -> Da
         return check_tensors(tuple(train), tuple(test), name, image_size=image_size)
     if isinstance(train, Dataset) and isinstance(test, Dataset):
         if image_size is not None:
-            raise DataError(f"{name}: --image-size resizes arrays; "
-                            "a Dataset resizes itself (torchvision transforms.Resize)")
+            raise DataError(
+                f"{name}: --image-size resizes arrays; a Dataset resizes itself (torchvision transforms.Resize)"
+            )
         return _check_datasets(train, test, name)
-    raise DataError(f"{name}: train and test must both be (x, y) pairs or both torch Datasets, got "
-                    f"{type(train).__name__} and {type(test).__name__}")
+    raise DataError(
+        f"{name}: train and test must both be (x, y) pairs or both torch Datasets, got "
+        f"{type(train).__name__} and {type(test).__name__}"
+    )
 
 
 def _dataset_labels(ds: Dataset) -> Tensor:
@@ -148,8 +162,10 @@ def _check_datasets(train: Dataset, test: Dataset, name: str) -> DataBundle:
     for part, ds in (("train", train), ("test", test)):
         item = ds[0]
         if not (isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor)):
-            raise DataError(f"{name}: {part} items must be (image tensor, label) (add transforms.ToTensor()), "
-                            f"got {type(item).__name__}")
+            raise DataError(
+                f"{name}: {part} items must be (image tensor, label) (add transforms.ToTensor()), "
+                f"got {type(item).__name__}"
+            )
         as_images(item[0].unsqueeze(0), f"{name}: {part}[0]")
         shapes.append(tuple(item[0].shape))
     if shapes[0] != shapes[1]:
@@ -159,8 +175,9 @@ def _check_datasets(train: Dataset, test: Dataset, name: str) -> DataBundle:
         raise DataError(f"{name}: negative labels; labels must be 0..K-1")
     k = int(yt.max()) + 1
     if k > MAX_CLASSES:
-        raise DataError(f"{name}: the training labels go up to {k - 1}; "
-                        f"labels must be 0..K-1 with K at most {MAX_CLASSES}")
+        raise DataError(
+            f"{name}: the training labels go up to {k - 1}; labels must be 0..K-1 with K at most {MAX_CLASSES}"
+        )
     if int(ye.max()) >= k:
         raise DataError(f"{name}: y_test has label {int(ye.max())}, out of range for {k} classes")
     if len(torch.unique(yt)) < 2:

@@ -7,9 +7,10 @@ Augmentation ``crop-flip`` draws the same distribution as torchvision's
 uniform in [0, 2 * pad] per axis, flip with probability 1/2), from a device generator seeded per
 epoch, so a resumed run sees the same batches.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -73,8 +74,18 @@ class DeviceBatches(TensorBatches):
     """``TensorBatches`` over images stored on the device (uint8 or float), converted to [0, 1]
     floats and augmented per batch on the device."""
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, augment: str = "none", pad: int = 4) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: str = "none",
+        pad: int = 4,
+    ) -> None:
         super().__init__(x, y, batch_size, shuffle, seed, rank, world_size)
         if augment not in ("none", "crop-flip"):
             raise ValueError(f"unknown augmentation {augment!r}")
@@ -90,16 +101,25 @@ class DeviceBatches(TensorBatches):
             yield xb, yb, idx
 
 
-def device_batches(train: Dataset | tuple[Tensor, Tensor], augment: str, path: str, batch_size: int,
-                   device: torch.device, seed: int, rank: int, world_size: int) -> DeviceBatches | None:
+def device_batches(
+    train: Dataset | tuple[Tensor, Tensor],
+    augment: str,
+    path: str,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DeviceBatches | None:
     """The device path for ``path`` (auto / device / loader), or ``None`` to use a DataLoader."""
     if path == "loader":
         return None
     raw = train if isinstance(train, tuple) else raw_tensors(train)
     if raw is None or (path == "auto" and raw[0].numel() * raw[0].element_size() > AUTO_MAX_BYTES):
         if path == "device":
-            raise DataError("--data-path device: this data set cannot be loaded into memory as tensors; "
-                            "use --data-path loader")
+            raise DataError(
+                "--data-path device: this data set cannot be loaded into memory as tensors; use --data-path loader"
+            )
         return None
     x, y = raw
     return DeviceBatches(x.to(device), y.to(device), batch_size, True, seed, rank, world_size, augment)

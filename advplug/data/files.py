@@ -1,5 +1,6 @@
 """The user's own data from files: ``npz:`` arrays (read as data, never code) and ``folder:`` images
 in torchvision's ``ImageFolder`` layout."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ def load_npz(path: str, image_size: int | None = None) -> DataBundle:
         raise DataError(f"{name}: cannot be read as plain arrays ({why})") from None  # not numpy's "load it unsafely"
     except (OSError, EOFError) as e:
         raise DataError(f"{name}: not a readable .npz file ({e})") from None
-    return check_tensors((arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"]), name,
-                         image_size=image_size)
+    return check_tensors(
+        (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"]), name, image_size=image_size
+    )
 
 
 def _folder_images(root: str, classes: list[str] | None, name: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -67,8 +69,10 @@ def _read_images(items: list[tuple[str, int]], name: str, image_size: int | None
             raise DataError(f"{name}: {p} is not a readable image ({e})") from None
     if len(sizes) > 1 and image_size is None:
         (s1, p1), (s2, p2) = list(sizes.items())[:2]
-        raise DataError(f"{name}: images of different sizes ({p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}); "
-                        f"pass --image-size N to resize them all to N x N")
+        raise DataError(
+            f"{name}: images of different sizes ({p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}); "
+            f"pass --image-size N to resize them all to N x N"
+        )
     mode = "L" if modes <= {"L", "1", "I;16", "I", "F"} else "RGB"
     xs = []
     for p, _ in items:
@@ -101,8 +105,10 @@ def load_folder(path: str, image_size: int | None = None, test_fraction: float =
         classes, tr = _folder_images(path, None, name)
         te = []
     if not tr:
-        raise DataError(f"{name}: no images found (expected {path}/<class>/*.png or {path}/train/<class>/... and "
-                        f"{path}/test/<class>/...)")
+        raise DataError(
+            f"{name}: no images found (expected {path}/<class>/*.png or {path}/train/<class>/... and "
+            f"{path}/test/<class>/...)"
+        )
     if len({k for _, k in tr}) < 2:
         raise DataError(f"{name}: one class only ({classes[tr[0][1]]!r}); a classifier needs two or more class folders")
     if split and not te:
@@ -118,7 +124,7 @@ def load_folder(path: str, image_size: int | None = None, test_fraction: float =
             idx = (y == k).nonzero().squeeze(1)
             idx = idx[torch.randperm(len(idx), generator=g)]
             m = int(round(test_fraction * len(idx)))
-            test_idx.append(idx[:min(max(m, 1 if len(idx) > 1 else 0), len(idx) - 1)])
+            test_idx.append(idx[: min(max(m, 1 if len(idx) > 1 else 0), len(idx) - 1)])
         te_idx = torch.cat(test_idx).sort().values
         mask = torch.ones(len(y), dtype=torch.bool)
         mask[te_idx] = False

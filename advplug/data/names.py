@@ -1,6 +1,7 @@
 """Data source names as a run's config records them: the built-in data sets, the user's own
 (``folder:``, ``npz:``, ``module:``) and in-memory data from Python; made absolute, and checked
 against what a saved run names."""
+
 from __future__ import annotations
 
 import os
@@ -22,12 +23,12 @@ def normalise_source(data: str) -> str:
     directory); ``module:`` checked for its ``pkg.mod:callable`` form; other names unchanged."""
     for kind in ("folder:", "npz:"):
         if data.startswith(kind):
-            path = data[len(kind):]
+            path = data[len(kind) :]
             if not path:
                 raise DataError(f"--data {data}: give a path, e.g. {kind}./my-images")
             return kind + os.path.abspath(os.path.expanduser(path))
     if data.startswith("module:"):
-        mod, sep, attr = data[len("module:"):].partition(":")
+        mod, sep, attr = data[len("module:") :].partition(":")
         if not (mod and sep and attr):
             raise DataError(f"--data {data}: expected module:pkg.mod:callable (a function returning (train, test))")
     return data
@@ -41,7 +42,9 @@ def check_data_import(saved: Any, given: str | None) -> None:
     """Refuse a saved ``module:`` data source unless the user named the same one (code is imported
     only when the user names it, as for ``--model module:callable``)."""
     if needs_import(saved) and given != saved:
-        raise DataError(f"this run's data {saved!r} is code to import; advplug imports code only when you name it: "
-                        f"add --data {saved}" + (f" (you gave {given!r})" if given else ""))
+        raise DataError(
+            f"this run's data {saved!r} is code to import; advplug imports code only when you name it: "
+            f"add --data {saved}" + (f" (you gave {given!r})" if given else "")
+        )
     if given is not None and given != saved and normalise_source(given) != saved:
         raise DataError(f"--data {given}: this run was trained on {saved!r}")

@@ -1,5 +1,6 @@
 """Data sets by name: the embedded default (scikit-learn's digits), torchvision's from a local root,
 and the user's own (``folder:``, ``npz:``, ``module:``)."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ from advplug.errors import DataError
 from advplug.usercode import import_callable
 
 
-def load_digits_tensors(test_fraction: float = 0.2,
-                        split_seed: int = 0) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def load_digits_tensors(
+    test_fraction: float = 0.2, split_seed: int = 0
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """scikit-learn's 1797 8x8 digits scaled to [0, 1], split stratified and fixed by ``split_seed``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -37,8 +39,13 @@ def _torchvision(name: str, root: str, download: bool) -> DataBundle:
     if not download and not os.path.isdir(root):
         raise DataError(f"data root {root!r} does not exist: put {name} there, or pass --download (needs a network)")
     small = name in ("mnist", "fashion-mnist")
-    aug = t_test if small else transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    aug = (
+        t_test
+        if small
+        else transforms.Compose(
+            [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+        )
+    )
     try:
         if name in ("mnist", "fashion-mnist"):
             cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
@@ -55,24 +62,34 @@ def _torchvision(name: str, root: str, download: bool) -> DataBundle:
         test = datasets.SVHN(root, split="test", transform=t_test, download=download)
         return DataBundle(train, test, 10, (3, 32, 32))
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        raise DataError(f"{name} not found under {root!r} ({e}); "
-                        "pass --download if this machine has a network") from None
+        raise DataError(
+            f"{name} not found under {root!r} ({e}); pass --download if this machine has a network"
+        ) from None
 
 
-def load_dataset(name: str, root: str = "./data", download: bool = False, *, image_size: int | None = None,
-                 test_fraction: float = 0.2, allow_import: bool = False) -> DataBundle:
+def load_dataset(
+    name: str,
+    root: str = "./data",
+    download: bool = False,
+    *,
+    image_size: int | None = None,
+    test_fraction: float = 0.2,
+    allow_import: bool = False,
+) -> DataBundle:
     """A built-in data set by name, or the user's own: ``folder:PATH``, ``npz:PATH`` (data, read
     without executing anything) or ``module:pkg.mod:callable`` (code: imported only with
     ``allow_import=True``, i.e. when the user named it, never because a run directory says so)."""
     if name.startswith("folder:"):
-        return load_folder(name[len("folder:"):], image_size=image_size, test_fraction=test_fraction)
+        return load_folder(name[len("folder:") :], image_size=image_size, test_fraction=test_fraction)
     if name.startswith("npz:"):
-        return load_npz(name[len("npz:"):], image_size=image_size)
+        return load_npz(name[len("npz:") :], image_size=image_size)
     if name.startswith("module:"):
-        return load_module(name[len("module:"):], image_size=image_size, allow_import=allow_import)
+        return load_module(name[len("module:") :], image_size=image_size, allow_import=allow_import)
     if name == PYTHON:
-        raise DataError("this run's data was passed from Python (in memory): pass it again, "
-                        "e.g. advplug.tools.api.evaluate(run_dir, test=(x, y))")
+        raise DataError(
+            "this run's data was passed from Python (in memory): pass it again, "
+            "e.g. advplug.tools.api.evaluate(run_dir, test=(x, y))"
+        )
     if image_size is not None:
         raise DataError(f"--image-size applies to folder:, npz: and module: data, not to the built-in {name!r}")
     if name == "digits":

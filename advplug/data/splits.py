@@ -1,4 +1,5 @@
 """Splits held out of the training set (model selection, plugins' validation), fixed by a seed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,9 @@ def hold_out(bundle: DataBundle, size: int | float | None, seed: int, role: str 
         if raw is not None:
             split = (raw[0][val_idx].float() / 255, raw[1][val_idx])
         else:
-            split = (torch.stack([bundle.train[int(i)][0] for i in val_idx]),
-                     torch.tensor([int(bundle.train[int(i)][1]) for i in val_idx]))
+            split = (
+                torch.stack([bundle.train[int(i)][0] for i in val_idx]),
+                torch.tensor([int(bundle.train[int(i)][1]) for i in val_idx]),
+            )
         train = Subset(bundle.train, tr_idx.tolist())
     return dataclasses.replace(bundle, train=train, **{role: split})

@@ -1,4 +1,5 @@
 """Multi-GPU through torchrun / DistributedDataParallel; a no-op in a single process."""
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@ Integer buffers (BatchNorm's ``num_batches_tracked``) are copied. The step count
 and the update is one fused ``_foreach_lerp_``: no host sync per step (``torch.optim.swa_utils
 .AveragedModel`` tests ``n_averaged == 0`` on the device every step, a sync on a GPU).
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -15,8 +15,9 @@ from advplug.run.dump import SampleDump
 from advplug.weights import summary
 
 
-def train_epoch(step: Step, loader: Any, epoch: int, epochs: int, *, bar: bool,
-                dump: SampleDump | None) -> tuple[dict[str, Any], Tensor | None]:
+def train_epoch(
+    step: Step, loader: Any, epoch: int, epochs: int, *, bar: bool, dump: SampleDump | None
+) -> tuple[dict[str, Any], Tensor | None]:
     """(the epoch's record, every step's combined weights of the first variant, or ``None``); ``bar``: show a
     progress bar (rank 0 with ``--progress``)."""
     device = step.runtime.device
@@ -46,14 +47,23 @@ def train_epoch(step: Step, loader: Any, epoch: int, epochs: int, *, bar: bool,
                 dump.add(**weight_columns(ctx, w))
         if progress is not None and (i + 1) % 20 == 0:  # one host sync every 20 steps
             step.check(losses[: i + 1], epoch)
-            progress.set_postfix(loss=f"{losses[max(0, i - 19): i + 1].mean().item():.3f}")
+            progress.set_postfix(loss=f"{losses[max(0, i - 19) : i + 1].mean().item():.3f}")
     step.check(losses, epoch)
-    stats = distributed.all_sum(torch.stack([losses.sum(), correct.float(), torch.tensor(float(seen), device=device),
-                                             torch.tensor(float(n_steps), device=device)]))
+    stats = distributed.all_sum(
+        torch.stack(
+            [
+                losses.sum(),
+                correct.float(),
+                torch.tensor(float(seen), device=device),
+                torch.tensor(float(n_steps), device=device),
+            ]
+        )
+    )
     rec: dict[str, Any] = {
         "epoch": epoch + 1,  # 1-based, as the console, dump file names and TensorBoard count
         "lr": step.opt.param_groups[0]["lr"],
-        "train_loss": (stats[0] / stats[3]).item(), "train_acc": (stats[1] / stats[2]).item(),
+        "train_loss": (stats[0] / stats[3]).item(),
+        "train_acc": (stats[1] / stats[2]).item(),
     }
     weights = torch.cat(weights_seen) if weights_seen else None
     if weights is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 from torch import Tensor, device, nn
 
@@ -13,8 +15,15 @@ from advplug.models import build_model
 from advplug.run import checkpoint, results
 
 
-def evaluate_model(model: nn.Module, which: str, epoch: int, test: tuple[Tensor, Tensor], cfg: TrainConfig,
-                   num_classes: int, low_precision: Callable[[], ContextManager[Any]] | None) -> list[dict[str, Any]]:
+def evaluate_model(
+    model: nn.Module,
+    which: str,
+    epoch: int,
+    test: tuple[Tensor, Tensor],
+    cfg: TrainConfig,
+    num_classes: int,
+    low_precision: Callable[[], AbstractContextManager[Any]] | None,
+) -> list[dict[str, Any]]:
     """The final attacks in fp32; after low-precision training (``low_precision``: the run's autocast), the robust
     ones also under it ("PGD-20 (bf16 eval)"), so that a gap (gradient masking) shows. One result entry each."""
     kw = dict(eps=cfg.eps, num_classes=num_classes, seed=cfg.seed, progress=cfg.progress)
@@ -24,15 +33,41 @@ def evaluate_model(model: nn.Module, which: str, epoch: int, test: tuple[Tensor,
         with low_precision():
             runs.append((cfg.precision, evaluate(model, *test, robust, **kw)))
     n = len(test[1])
-    return [results.entry(which, epoch, spec, acc, precision=precision, eps=cfg.eps, alpha=cfg.eps / 4, n_test=n,
-                          n_total=n, data=cfg.data, seed=cfg.seed)
-            for precision, res in runs for spec, acc in res.items()]
+    return [
+        results.entry(
+            which,
+            epoch,
+            spec,
+            acc,
+            precision=precision,
+            eps=cfg.eps,
+            alpha=cfg.eps / 4,
+            n_test=n,
+            n_total=n,
+            data=cfg.data,
+            seed=cfg.seed,
+        )
+        for precision, res in runs
+        for spec, acc in res.items()
+    ]
 
 
-def final_eval(cfg: TrainConfig, out: Path, test: tuple[Tensor, Tensor], *, model: nn.Module,
-               ema_model: nn.Module | None, best_epoch: int, best_ema_epoch: int, num_classes: int,
-               input_shape: tuple[int, ...], device: device, low_precision: Callable[[], ContextManager[Any]] | None,
-               selection_label: str, log: Callable[[str], None]) -> dict[str, dict[str, float]]:
+def final_eval(
+    cfg: TrainConfig,
+    out: Path,
+    test: tuple[Tensor, Tensor],
+    *,
+    model: nn.Module,
+    ema_model: nn.Module | None,
+    best_epoch: int,
+    best_ema_epoch: int,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    device: device,
+    low_precision: Callable[[], AbstractContextManager[Any]] | None,
+    selection_label: str,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, float]]:
     """Final accuracies on the whole test split: last and best checkpoints (best as chosen on the selection split),
     written to ``out/results.json`` and logged as a table; returned as that table
     (``{"last (epoch 20)": {"Natural": 0.9, ...}, ...}``)."""
@@ -46,7 +81,10 @@ def final_eval(cfg: TrainConfig, out: Path, test: tuple[Tensor, Tensor], *, mode
             checkpoint.load_model_state(saved, checkpoint.load_best(out, ema=ema), cfg.model)
             entries += evaluate_model(saved, f"best{suffix}", best + 1, test, cfg, num_classes, low_precision)
     results.write_results(out / "results.json", entries)
-    log(results.results_table(entries, f"test accuracy (%), {len(test[1])} samples, eps {cfg.eps:.4g}; "
-                                       f"best chosen on {selection_label}"))
+    log(
+        results.results_table(
+            entries, f"test accuracy (%), {len(test[1])} samples, eps {cfg.eps:.4g}; best chosen on {selection_label}"
+        )
+    )
     log(f"run directory: {out}")
     return results.by_row(entries)

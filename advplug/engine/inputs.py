@@ -28,8 +28,18 @@ def training_data(cfg: TrainConfig, data: DataBundle | None = None, validation: 
     if validation is None:
         validation = "validation" in enable(list(cfg.plugins), cfg.objective, cfg.plugin_options).requirements
     # cfg comes from the user (or from resume_config, which had a module: data source repeated)
-    data = data if data is not None else load_dataset(cfg.data, cfg.data_root, cfg.download, image_size=cfg.image_size,
-                                                      test_fraction=cfg.test_fraction, allow_import=True)
+    data = (
+        data
+        if data is not None
+        else load_dataset(
+            cfg.data,
+            cfg.data_root,
+            cfg.download,
+            image_size=cfg.image_size,
+            test_fraction=cfg.test_fraction,
+            allow_import=True,
+        )
+    )
     if cfg.selection == "validation" and data.selection is None:
         data = hold_out(data, cfg.selection_size, seed=SPLIT_SEED, role="selection")
     if validation and data.validation is None:
@@ -45,8 +55,9 @@ def final_config(cfg: TrainConfig, out: str, input_shape: tuple[int, ...], enabl
     return dataclasses.replace(cfg, out=out, model=model, attack_start=start), start_by
 
 
-def selection_split(cfg: TrainConfig, data: DataBundle, test: tuple[Tensor, Tensor],
-                    device: torch.device) -> tuple[tuple[Tensor, Tensor], str, str]:
+def selection_split(
+    cfg: TrainConfig, data: DataBundle, test: tuple[Tensor, Tensor], device: torch.device
+) -> tuple[tuple[Tensor, Tensor], str, str]:
     """(the model-selection samples, their metrics prefix, a description): per-epoch clean / PGD accuracy on the
     held-out selection split, or, only when asked with ``--selection test``, on the first ``--n-eval`` test samples."""
     if cfg.selection == "validation":
@@ -57,13 +68,16 @@ def selection_split(cfg: TrainConfig, data: DataBundle, test: tuple[Tensor, Tens
     return sub, "test", f"the first {len(sub[1])} TEST samples (--selection test: not a held-out choice)"
 
 
-def config_record(cfg: TrainConfig, enabled: Enabled, data: DataBundle, num_selection: int,
-                  world: int) -> dict[str, Any]:
+def config_record(
+    cfg: TrainConfig, enabled: Enabled, data: DataBundle, num_selection: int, world: int
+) -> dict[str, Any]:
     """``config.json``: the final config, with every enabled plugin's resolved options and the data's numbers."""
     rec = cfg.to_json()
     rec["resolved_plugin_options"] = {
-        name: dataclasses.asdict(p.options) for name, p in enabled.items()
-        if dataclasses.is_dataclass(getattr(p, "options", None))}
+        name: dataclasses.asdict(p.options)
+        for name, p in enabled.items()
+        if dataclasses.is_dataclass(getattr(p, "options", None))
+    }
     rec["num_train"] = data.num_train
     rec["num_selection"] = num_selection
     rec["num_validation"] = len(data.validation[1]) if data.validation is not None else 0
@@ -72,16 +86,22 @@ def config_record(cfg: TrainConfig, enabled: Enabled, data: DataBundle, num_sele
     return rec
 
 
-def run_header(cfg: TrainConfig, data: DataBundle, n_test: int, device: torch.device, start_by: str,
-               selection: str) -> str:
+def run_header(
+    cfg: TrainConfig, data: DataBundle, n_test: int, device: torch.device, start_by: str, selection: str
+) -> str:
     """The run's one-line description, logged before it trains."""
-    return (f"advplug: {cfg.data} ({data.num_train} train, {n_test} test), model {cfg.model}, "
-            f"objective {cfg.objective}, plugins {', '.join(cfg.plugins) or 'none'}, eps {cfg.eps:.4g}, "
-            f"PGD-{cfg.steps} step {cfg.alpha:.4g}, attack start {cfg.attack_start} ({start_by}), "
-            f"attack BN mode {cfg.attack_bn}, device {device}"
-            + f", best chosen by PGD-{cfg.eval_steps} on {selection}"
-            + (f", {len(data.validation[1])} validation samples held out for plugins"
-               if data.validation is not None else ""))
+    return (
+        f"advplug: {cfg.data} ({data.num_train} train, {n_test} test), model {cfg.model}, "
+        f"objective {cfg.objective}, plugins {', '.join(cfg.plugins) or 'none'}, eps {cfg.eps:.4g}, "
+        f"PGD-{cfg.steps} step {cfg.alpha:.4g}, attack start {cfg.attack_start} ({start_by}), "
+        f"attack BN mode {cfg.attack_bn}, device {device}"
+        + f", best chosen by PGD-{cfg.eval_steps} on {selection}"
+        + (
+            f", {len(data.validation[1])} validation samples held out for plugins"
+            if data.validation is not None
+            else ""
+        )
+    )
 
 
 def resume_config(run_dir: str | Path, model: str | None = None, data: str | None = None) -> TrainConfig:

@@ -58,17 +58,25 @@ class Checkpointing:
         """What ``last.pt`` / ``best.pt`` hold after ``epoch`` (0-based); ``rng``: every process's RNG state."""
         ema = self.runtime.ema
         return {
-            "model": self.model.state_dict(), "model_name": self.cfg.model,
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "epoch": epoch, "rng": rng, "world_size": self.world,
+            "model": self.model.state_dict(),
+            "model_name": self.cfg.model,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "epoch": epoch,
+            "rng": rng,
+            "world_size": self.world,
             "plugins": {n: p.state_dict() for n, p in self.stateful().items()},
-            "best_acc": progress.best_acc, "best_epoch": progress.best_epoch, "selection": self.cfg.selection,
+            "best_acc": progress.best_acc,
+            "best_epoch": progress.best_epoch,
+            "selection": self.cfg.selection,
             "config": json.dumps(self.cfg.to_json()),
-            "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
             "metrics": metrics.to_jsonl(progress.records),
             "scaler": self.runtime.scaler.state_dict(),
             "ema": ema.state_dict() if ema is not None else {},
-            "best_ema_acc": progress.best_ema_acc, "best_ema_epoch": progress.best_ema_epoch,
+            "best_ema_acc": progress.best_ema_acc,
+            "best_ema_epoch": progress.best_ema_epoch,
         }
 
     def restore(self) -> Progress:
@@ -81,13 +89,15 @@ class Checkpointing:
             raise CheckpointError(
                 f"{ck['path']!r} was written by {ck['world_size']} process(es), this run has {self.world}: resume "
                 f"with the same number of processes (torchrun --nproc_per_node {ck['world_size']}), or the run would "
-                "not continue exactly")
+                "not continue exactly"
+            )
         checkpoint.load_model_state(self.model, ck, self.cfg.model)
         saved = {n for n in ck.get("plugins", {})}
         mine = set(self.stateful())
         if saved != mine:
-            raise CheckpointError(f"checkpoint {ck['path']!r} holds state of plugins {sorted(saved)}, this run has "
-                                  f"{sorted(mine)}")
+            raise CheckpointError(
+                f"checkpoint {ck['path']!r} holds state of plugins {sorted(saved)}, this run has {sorted(mine)}"
+            )
         try:
             self.opt.load_state_dict(ck["optimizer"])
             self.sched.load_state_dict(ck["scheduler"])
@@ -97,12 +107,15 @@ class Checkpointing:
             raise CheckpointError(f"checkpoint {ck['path']!r} does not match this run: {e}") from None
         self._check_optimizer_state(ck["path"])
         checkpoint.set_rng_state(ck["rng"][self.rank])
-        progress = Progress(start_epoch=int(ck["epoch"]) + 1, best_acc=float(ck["best_acc"]),
-                            best_epoch=int(ck["best_epoch"]))
+        progress = Progress(
+            start_epoch=int(ck["epoch"]) + 1, best_acc=float(ck["best_acc"]), best_epoch=int(ck["best_epoch"])
+        )
         ema, scaler = self.runtime.ema, self.runtime.scaler
         if (ema is not None) != bool(ck.get("ema")):
-            raise CheckpointError(f"{ck['path']!r} was trained {'with' if ck.get('ema') else 'without'} --ema; this "
-                                  f"run is {'with' if ema is not None else 'without'}")
+            raise CheckpointError(
+                f"{ck['path']!r} was trained {'with' if ck.get('ema') else 'without'} --ema; this "
+                f"run is {'with' if ema is not None else 'without'}"
+            )
         try:
             if scaler.is_enabled():
                 scaler.load_state_dict(ck.get("scaler") or {})
@@ -117,8 +130,10 @@ class Checkpointing:
             raise CheckpointError(f"{ck['path']!r} is damaged: its metrics record is not JSON ({e})") from None
         records = progress.records
         if len(records) != progress.start_epoch or not all(isinstance(r, dict) for r in records):
-            raise CheckpointError(f"{ck['path']!r} is damaged: its metrics record does not hold one object per epoch "
-                                  f"({len(records)} entries for {progress.start_epoch} epochs)")
+            raise CheckpointError(
+                f"{ck['path']!r} is damaged: its metrics record does not hold one object per epoch "
+                f"({len(records)} entries for {progress.start_epoch} epochs)"
+            )
         if self.rank == 0 and progress.best_epoch == int(ck["epoch"]):
             checkpoint.repair_best(self.out)  # a kill between last.pt and best.pt
         if self.rank == 0 and ema is not None and progress.best_ema_epoch == int(ck["epoch"]):
@@ -140,9 +155,11 @@ class Checkpointing:
         diff = [k for k in sorted(mine) if k not in free and k in saved and saved[k] != mine[k]]
         if diff:
             what = "; ".join(f"{k} {mine[k]!r} (last.pt: {saved[k]!r})" for k in diff[:3])
-            raise CheckpointError(f"{str(self.out / 'config.json')!r} does not match the run's checkpoint "
-                                  f"{ck['path']!r}: {what}: the run directory was altered; restore config.json or "
-                                  "start a new run")
+            raise CheckpointError(
+                f"{str(self.out / 'config.json')!r} does not match the run's checkpoint "
+                f"{ck['path']!r}: {what}: the run directory was altered; restore config.json or "
+                "start a new run"
+            )
 
     def _check_progress(self, ck: dict[str, Any]) -> None:
         """The epoch counters of ``last.pt`` describe a run this config can continue: a negative
@@ -150,11 +167,14 @@ class Checkpointing:
         end or select silently."""
         epoch, best, acc = ck["epoch"], ck["best_epoch"], float(ck["best_acc"])
         if not 0 <= epoch < self.cfg.epochs:
-            raise CheckpointError(f"{ck['path']!r} is damaged or from another run: it is after epoch {epoch + 1}, "
-                                  f"this run has epochs 1..{self.cfg.epochs}")
+            raise CheckpointError(
+                f"{ck['path']!r} is damaged or from another run: it is after epoch {epoch + 1}, "
+                f"this run has epochs 1..{self.cfg.epochs}"
+            )
         if not (-1 <= best <= epoch and math.isfinite(acc)):
-            raise CheckpointError(f"{ck['path']!r} is damaged: its best epoch {best + 1} / accuracy {acc} do not fit "
-                                  f"epoch {epoch + 1}")
+            raise CheckpointError(
+                f"{ck['path']!r} is damaged: its best epoch {best + 1} / accuracy {acc} do not fit epoch {epoch + 1}"
+            )
 
     def _check_optimizer_state(self, path: str) -> None:
         """SGD's ``load_state_dict`` checks neither shapes nor values: a momentum buffer of another
@@ -162,7 +182,11 @@ class Checkpointing:
         for i, prm in enumerate(p for g in self.opt.param_groups for p in g["params"]):
             for k, v in self.opt.state.get(prm, {}).items():
                 if isinstance(v, Tensor) and v.dim() > 0 and (v.shape != prm.shape or not torch.isfinite(v).all()):
-                    what = "not finite" if v.shape == prm.shape else (f"of shape {tuple(v.shape)}, expected "
-                                                                       f"{tuple(prm.shape)}")
-                    raise CheckpointError(f"checkpoint {path!r} is damaged: the optimizer's {k} of parameter {i} is "
-                                          f"{what}")
+                    what = (
+                        "not finite"
+                        if v.shape == prm.shape
+                        else (f"of shape {tuple(v.shape)}, expected {tuple(prm.shape)}")
+                    )
+                    raise CheckpointError(
+                        f"checkpoint {path!r} is damaged: the optimizer's {k} of parameter {i} is {what}"
+                    )

@@ -1,6 +1,7 @@
 """The trainer's set-up for code outside its loop (plugin commands such as BAT's memorisation
 estimate, start-up work such as BAT's checkpoint ensemble): a run's data, device and models built
 as the trainer builds them. Public as ``advplug.prepare`` and ``advplug.load_checkpoint_model``."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,9 @@ class Prepared:
     def new_model(self, *, allow_import: bool = False) -> nn.Module:
         """A freshly initialised model (from torch's global RNG) on the device. ``allow_import``:
         the user named a ``module:callable`` model (importing it runs code)."""
-        return build_model(self.config.model, self.data.num_classes, self.data.input_shape,
-                           allow_import=allow_import).to(self.device)
+        return build_model(
+            self.config.model, self.data.num_classes, self.data.input_shape, allow_import=allow_import
+        ).to(self.device)
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -44,8 +46,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(cfg, data, pick_device(cfg.device))
 
 
-def load_checkpoint_model(path: str | Path, *, default_model: str, num_classes: int, input_shape: tuple[int, ...],
-                          device: torch.device) -> nn.Module:
+def load_checkpoint_model(
+    path: str | Path, *, default_model: str, num_classes: int, input_shape: tuple[int, ...], device: torch.device
+) -> nn.Module:
     """The network of an advplug checkpoint (a ``.pt`` file, or a run directory's ``best.pt``) in
     eval mode on ``device``; ``default_model`` for a checkpoint that names no model. A checkpoint
     naming a ``module:callable`` model is refused (code is imported only when the user names it)."""

@@ -28,8 +28,19 @@ class Step:
     call), so that each result is checked on the device and a bad plugin is named at the next periodic ``check``
     (no host sync in the step)."""
 
-    def __init__(self, cfg: TrainConfig, enabled: Enabled, runtime: Runtime, *, opt: torch.optim.Optimizer,
-                 tap: FeatureTap, attack: Any, num_classes: int, world: int, out: Path) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        enabled: Enabled,
+        runtime: Runtime,
+        *,
+        opt: torch.optim.Optimizer,
+        tap: FeatureTap,
+        attack: Any,
+        num_classes: int,
+        world: int,
+        out: Path,
+    ) -> None:
         self.cfg, self.enabled, self.pm, self.runtime = cfg, enabled, enabled.pm, runtime
         self.opt, self.tap, self.attack = opt, tap, attack
         self.num_classes, self.world, self.out = num_classes, world, out
@@ -43,15 +54,26 @@ class Step:
         """The plugins that weigh the samples, in pluggy's call order (empty before the first step)."""
         return [name for name, _ in self._weighers or []]
 
-    def __call__(self, x: Tensor, y: Tensor, index: Tensor, epoch: int,
-                 global_step: int) -> tuple[Tensor, StepContext, CombinedWeights | None]:
+    def __call__(
+        self, x: Tensor, y: Tensor, index: Tensor, epoch: int, global_step: int
+    ) -> tuple[Tensor, StepContext, CombinedWeights | None]:
         if self.cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         rt = self.runtime
-        ctx = StepContext(model=rt.net, x=x, y=y, index=index, epoch=epoch, step=global_step,
-                          num_classes=self.num_classes, config=self.cfg, lr=self.opt.param_groups[0]["lr"],
-                          tap=self.tap, reduce_mean=distributed.global_row_mean if self.world > 1 else None,
-                          autocast=rt.autocast)
+        ctx = StepContext(
+            model=rt.net,
+            x=x,
+            y=y,
+            index=index,
+            epoch=epoch,
+            step=global_step,
+            num_classes=self.num_classes,
+            config=self.cfg,
+            lr=self.opt.param_groups[0]["lr"],
+            tap=self.tap,
+            reduce_mean=distributed.global_row_mean if self.world > 1 else None,
+            autocast=rt.autocast,
+        )
         plugin_attacks, objective_attack = self._attack_callers()
         with rt.autocast():  # the training attacks in the run's precision
             variants = merge_variants(plugin_attacks(ctx=ctx))
@@ -65,8 +87,10 @@ class Step:
         with contextlib.ExitStack() as perturbed:  # perturb_weights: loss and backward at w + v, then w restored
             managers = self.pm.hook.perturb_weights(ctx=ctx, variants=variants)
             if managers and any(ctx.has_logits(v) for v in (NATURAL, *variants)):
-                raise PluginError("perturb_weights: a forward pass was cached before the weights were perturbed "
-                                  "(ctx.logits in generate_adversaries?); the loss would use the unperturbed weights")
+                raise PluginError(
+                    "perturb_weights: a forward pass was cached before the weights were perturbed "
+                    "(ctx.logits in generate_adversaries?); the loss would use the unperturbed weights"
+                )
             for manager in managers:
                 perturbed.enter_context(manager)
             weights = combine_weights(self._weights(ctx, variants), len(variants), ctx.batch_size, ctx.batch_mean)
@@ -94,8 +118,10 @@ class Step:
         """(the plugins' ``generate_adversaries``, the objective's own or ``None``), each inside every wrapper."""
         if self._attackers is None:
             objective = self.enabled.objective
-            self._attackers = (self.pm.subset_hook_caller("generate_adversaries", [self.pm.get_plugin(objective)]),
-                               dict(per_plugin(self.pm, "generate_adversaries")).get(objective))
+            self._attackers = (
+                self.pm.subset_hook_caller("generate_adversaries", [self.pm.get_plugin(objective)]),
+                dict(per_plugin(self.pm, "generate_adversaries")).get(objective),
+            )
         return self._attackers
 
     def _weights(self, ctx: StepContext, variants: list[Variant]) -> list[Weights | None]:
@@ -122,15 +148,20 @@ class Step:
         if bool(self.faults.any()):
             bad = [name for name, f in zip(self.weighers, self.faults.tolist()) if f]
             if bad:
-                raise PluginError(f"plugin {bad[0]!r} returned negative or non-finite weights in epoch {epoch + 1} "
-                                  f"(weights must be finite and >= 0): stopped{keep}")
-            raise PluginError(f"the combined weights of a whole batch were zero in epoch {epoch + 1}: the step trained "
-                              f"on nothing (plugins {', '.join(self.weighers)}): stopped{keep}")
+                raise PluginError(
+                    f"plugin {bad[0]!r} returned negative or non-finite weights in epoch {epoch + 1} "
+                    f"(weights must be finite and >= 0): stopped{keep}"
+                )
+            raise PluginError(
+                f"the combined weights of a whole batch were zero in epoch {epoch + 1}: the step trained "
+                f"on nothing (plugins {', '.join(self.weighers)}): stopped{keep}"
+            )
         bad = ~torch.isfinite(losses)
         if bad.any():
             i = int(bad.nonzero()[0])
-            raise NonFiniteLossError(f"training loss is {losses[i].item()} at epoch {epoch + 1}, step {i + 1}: "
-                                     f"stopped{keep}")
+            raise NonFiniteLossError(
+                f"training loss is {losses[i].item()} at epoch {epoch + 1}, step {i + 1}: stopped{keep}"
+            )
 
 
 def weight_columns(ctx: StepContext, w: CombinedWeights) -> dict[str, Tensor]:

@@ -44,14 +44,28 @@ class Trainer:
     run directory is locked while the trainer lives (``close()``, called at the end of ``fit``).
     """
 
-    def __init__(self, cfg: TrainConfig, *, data: DataBundle | None = None, resume: bool = False,
-                 overwrite: bool = False, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        data: DataBundle | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.rank, self.world, local = distributed.init()
         resolved = cfg.resolved()
         self.log = log if self.rank == 0 else (lambda s: None)
         self.device = pick_device(resolved.device, local)
-        out = resolved.out if resolved.out is not None else str(distributed.broadcast_object(
-            rundir.default_dir(resolved.plugins, resolved.objective, resolved.seed) if self.rank == 0 else None))
+        out = (
+            resolved.out
+            if resolved.out is not None
+            else str(
+                distributed.broadcast_object(
+                    rundir.default_dir(resolved.plugins, resolved.objective, resolved.seed) if self.rank == 0 else None
+                )
+            )
+        )
         self.out = Path(out)
         self.lock: rundir.RunLock | None = None
         self.metrics: MetricsWriter | None = None
@@ -78,34 +92,84 @@ class Trainer:
         cfg = self.cfg
         self.model = self._new_model()
         self.tap = FeatureTap(self.model)
-        self.runtime = Runtime(cfg, self.model, device=self.device, world=self.world, local=local,
-                               num_classes=self.data.num_classes, declarations=self.enabled.declarations,
-                               new_model=self._new_model, log=self.log)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+        self.runtime = Runtime(
+            cfg,
+            self.model,
+            device=self.device,
+            world=self.world,
+            local=local,
+            num_classes=self.data.num_classes,
+            declarations=self.enabled.declarations,
+            new_model=self._new_model,
+            log=self.log,
+        )
+        self.opt = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(cfg.milestones), gamma=cfg.lr_gamma)
         self.attack = self.runtime.make_attack("pgd")
         self.attack.track = self.enabled.reads_attack_stats
-        self.loader = device_batches(self.data.train, self.data.augment, cfg.data_path, cfg.batch_size, self.device,
-                                     cfg.seed, self.rank, self.world) or batches(
-            self.data.train, cfg.batch_size, True, self.device, cfg.seed, self.rank, self.world, cfg.workers)
+        self.loader = device_batches(
+            self.data.train,
+            self.data.augment,
+            cfg.data_path,
+            cfg.batch_size,
+            self.device,
+            cfg.seed,
+            self.rank,
+            self.world,
+        ) or batches(self.data.train, cfg.batch_size, True, self.device, cfg.seed, self.rank, self.world, cfg.workers)
         x_test, y_test = gather_tensors(self.data.test, None, self.device)
         self.test = (x_test, y_test)
-        self.select_data, self.select_prefix, self.selection_label = selection_split(cfg, self.data, self.test,
-                                                                                     self.device)
+        self.select_data, self.select_prefix, self.selection_label = selection_split(
+            cfg, self.data, self.test, self.device
+        )
         self.progress = Progress()
         self.inert_streak = 0
-        self.step = Step(cfg, self.enabled, self.runtime, opt=self.opt, tap=self.tap, attack=self.attack,
-                         num_classes=self.data.num_classes, world=self.world, out=self.out)
-        self.checkpoints = Checkpointing(cfg, self.out, self.model, self.opt, self.sched, self.runtime, self.enabled,
-                                         self.data.num_classes, self.data.input_shape, self.rank, self.world, self.log)
+        self.step = Step(
+            cfg,
+            self.enabled,
+            self.runtime,
+            opt=self.opt,
+            tap=self.tap,
+            attack=self.attack,
+            num_classes=self.data.num_classes,
+            world=self.world,
+            out=self.out,
+        )
+        self.checkpoints = Checkpointing(
+            cfg,
+            self.out,
+            self.model,
+            self.opt,
+            self.sched,
+            self.runtime,
+            self.enabled,
+            self.data.num_classes,
+            self.data.input_shape,
+            self.rank,
+            self.world,
+            self.log,
+        )
         val = self.data.validation
         ctx = TrainContext(
-            model=self.model, config=cfg, num_train=self.data.num_train, num_classes=self.data.num_classes,
-            input_shape=self.data.input_shape, device=self.device, epochs=cfg.epochs, milestones=cfg.milestones,
-            objective=cfg.objective, make_attack=self.runtime.make_attack, log=self.log,
+            model=self.model,
+            config=cfg,
+            num_train=self.data.num_train,
+            num_classes=self.data.num_classes,
+            input_shape=self.data.input_shape,
+            device=self.device,
+            epochs=cfg.epochs,
+            milestones=cfg.milestones,
+            objective=cfg.objective,
+            make_attack=self.runtime.make_attack,
+            log=self.log,
             validation=(val[0].to(self.device), val[1].to(self.device)) if val is not None else None,
-            train_data=self.data.train, rank=self.rank, world_size=self.world, loss_fn=self.step.loss)
+            train_data=self.data.train,
+            rank=self.rank,
+            world_size=self.world,
+            loss_fn=self.step.loss,
+        )
         self.log(run_header(cfg, self.data, len(self.test[1]), self.device, start_by, self.selection_label))
         self.pm.hook.on_train_start(ctx=ctx)
         if resume:
@@ -119,8 +183,9 @@ class Trainer:
 
     def _new_model(self) -> nn.Module:
         """A freshly initialised model of the run on its device (the trained one, EMA's shadow)."""
-        model = build_model(self.cfg.model, self.data.num_classes, self.data.input_shape,
-                            allow_import=True).to(self.device)
+        model = build_model(self.cfg.model, self.data.num_classes, self.data.input_shape, allow_import=True).to(
+            self.device
+        )
         return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
     @property
@@ -154,17 +219,27 @@ class Trainer:
             return results
         except KeyboardInterrupt:
             last = self.out / "last.pt"
-            done = (f"the last checkpoint is {last} (epoch {epoch})" if epoch > 0 and last.exists()
-                    else "no checkpoint was written yet")
-            raise Interrupted(f"interrupted in epoch {epoch + 1}; {done}; continue with: advplug train --resume "
-                              f"{self.out}") from None
+            done = (
+                f"the last checkpoint is {last} (epoch {epoch})"
+                if epoch > 0 and last.exists()
+                else "no checkpoint was written yet"
+            )
+            raise Interrupted(
+                f"interrupted in epoch {epoch + 1}; {done}; continue with: advplug train --resume {self.out}"
+            ) from None
         finally:
             self.close()
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training data (``engine.epoch``); returns the epoch's record."""
-        rec, self.epoch_weights = train_epoch(self.step, self.loader, epoch, self.cfg.epochs,
-                                              bar=self.cfg.progress and self.rank == 0, dump=self.weight_dump)
+        rec, self.epoch_weights = train_epoch(
+            self.step,
+            self.loader,
+            epoch,
+            self.cfg.epochs,
+            bar=self.cfg.progress and self.rank == 0,
+            dump=self.weight_dump,
+        )
         return rec
 
     def _epoch(self, epoch: int) -> None:
@@ -176,8 +251,14 @@ class Trainer:
         key = f"{prefix}_pgd_acc"
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             for model, tag in [(self.model, "")] + ([(ema.model, "ema_")] if ema is not None else []):
-                res = evaluate(model, *self.select_data, ["natural", f"pgd{cfg.eval_steps}"], eps=cfg.eps,
-                               num_classes=self.data.num_classes, seed=cfg.seed)
+                res = evaluate(
+                    model,
+                    *self.select_data,
+                    ["natural", f"pgd{cfg.eval_steps}"],
+                    eps=cfg.eps,
+                    num_classes=self.data.num_classes,
+                    seed=cfg.seed,
+                )
                 rec[f"{tag}{prefix}_clean_acc"], rec[f"{tag}{key}"] = res["natural"], res[f"pgd{cfg.eval_steps}"]
         self._check_inert(rec)
         self._epoch_end_hooks(epoch, rec)
@@ -204,8 +285,10 @@ class Trainer:
         rundir.fault_point("after-metrics", epoch)
         if self.weight_dump is not None:
             self.weight_dump.write(epoch)
-        msg = (f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train_acc {rec['train_acc']:.3f}  "
-               f"lr {rec['lr']:.4g}  {rec['seconds']:.1f}s")
+        msg = (
+            f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train_acc {rec['train_acc']:.3f}  "
+            f"lr {rec['lr']:.4g}  {rec['seconds']:.1f}s"
+        )
         if key in rec:
             msg += f"  {prefix} clean {rec[f'{prefix}_clean_acc']:.3f}  pgd {rec[key]:.3f}"
         if "weights" in rec:
@@ -223,9 +306,11 @@ class Trainer:
             plugins = [(n, self.enabled.plugin(n)) for n in who]
             default = "see its options in `advplug plugins`"
             hints = [f"{n}: {p.strength_hint if isinstance(p, HintsStrength) else default}" for n, p in plugins]
-            rec["warnings"] = [f"weights of {', '.join(who) or 'the plugins'} have been nearly uniform for "
-                               f"{INERT_EPOCHS} epochs (effective sample size {ess:.4f} > {INERT_ESS}): the "
-                               f"reweighting is effectively off ({'; '.join(hints)})"]
+            rec["warnings"] = [
+                f"weights of {', '.join(who) or 'the plugins'} have been nearly uniform for "
+                f"{INERT_EPOCHS} epochs (effective sample size {ess:.4f} > {INERT_ESS}): the "
+                f"reweighting is effectively off ({'; '.join(hints)})"
+            ]
 
     def _epoch_end_hooks(self, epoch: int, rec: dict[str, Any]) -> None:
         """``on_epoch_end``, one plugin at a time (``plugins.per_plugin``: wrappers wrap each call), each given a copy
@@ -240,9 +325,18 @@ class Trainer:
         if self.rank != 0:
             return {}
         ema = self.runtime.ema
-        return final_eval(self.cfg, self.out, self.test, model=self.model,
-                          ema_model=ema.model if ema is not None else None, best_epoch=self.progress.best_epoch,
-                          best_ema_epoch=self.progress.best_ema_epoch, num_classes=self.data.num_classes,
-                          input_shape=self.data.input_shape, device=self.device,
-                          low_precision=self.runtime.autocast if self.runtime.amp_dtype is not None else None,
-                          selection_label=self.selection_label, log=self.log)
+        return final_eval(
+            self.cfg,
+            self.out,
+            self.test,
+            model=self.model,
+            ema_model=ema.model if ema is not None else None,
+            best_epoch=self.progress.best_epoch,
+            best_ema_epoch=self.progress.best_ema_epoch,
+            num_classes=self.data.num_classes,
+            input_shape=self.data.input_shape,
+            device=self.device,
+            low_precision=self.runtime.autocast if self.runtime.amp_dtype is not None else None,
+            selection_label=self.selection_label,
+            log=self.log,
+        )

@@ -5,6 +5,7 @@ A run's checkpoints carry everything ``--resume`` needs: model, optimizer, sched
 state per process, plugin states, the best-so-far record and the epoch metrics so far (so that
 ``metrics.jsonl`` can be rebuilt exactly after a kill between the checkpoint and the log).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,24 @@ VERSION = 2
 
 # Keys a training checkpoint must have, with their types (a bare model file needs only the first few).
 MODEL_KEYS: dict[str, type | tuple[type, ...]] = {"model": dict, "model_name": str}
-EVAL_KEYS: dict[str, type | tuple[type, ...]] = {**MODEL_KEYS, "epoch": int, "num_classes": int, "input_shape": list,
-                                                 "config": str}
+EVAL_KEYS: dict[str, type | tuple[type, ...]] = {
+    **MODEL_KEYS,
+    "epoch": int,
+    "num_classes": int,
+    "input_shape": list,
+    "config": str,
+}
 TRAIN_KEYS: dict[str, type | tuple[type, ...]] = {
-    **EVAL_KEYS, "optimizer": dict, "scheduler": dict, "rng": list, "world_size": int, "plugins": dict,
-    "best_acc": float, "best_epoch": int, "metrics": str}
+    **EVAL_KEYS,
+    "optimizer": dict,
+    "scheduler": dict,
+    "rng": list,
+    "world_size": int,
+    "plugins": dict,
+    "best_acc": float,
+    "best_epoch": int,
+    "metrics": str,
+}
 
 
 MAX_CLASSES = 100_000  # a sanity bound (ImageNet-21k has 21,841): a larger count is a damaged file or label
@@ -54,8 +68,9 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {e.strerror or _first_line(e)}; "
-                              "the previous checkpoint is intact") from None
+        raise CheckpointError(
+            f"cannot write checkpoint {str(path)!r}: {e.strerror or _first_line(e)}; the previous checkpoint is intact"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -74,24 +89,29 @@ def resolve(path: str | Path, which: str = "last") -> Path:
 def _read(p: Path) -> dict[str, Any]:
     name = str(p)
     if p.stat().st_size == 0:
-        raise CheckpointError(f"{name!r} is empty (0 bytes): an interrupted write; "
-                              "use the run's other checkpoint or retrain")
+        raise CheckpointError(
+            f"{name!r} is empty (0 bytes): an interrupted write; use the run's other checkpoint or retrain"
+        )
     try:
         with zipfile.ZipFile(p) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"{name!r} is corrupt or truncated: not a readable checkpoint "
-                              f"({_first_line(e)})") from None
+        raise CheckpointError(
+            f"{name!r} is corrupt or truncated: not a readable checkpoint ({_first_line(e)})"
+        ) from None
     if bad is not None:
-        raise CheckpointError(f"{name!r} is corrupt: the checksum of its entry {bad!r} does not match "
-                              "(damaged on disk or in transfer)")
+        raise CheckpointError(
+            f"{name!r} is corrupt: the checksum of its entry {bad!r} does not match (damaged on disk or in transfer)"
+        )
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # anything but tensors and plain data is refused, never unpickled
         if isinstance(e, __import__("pickle").UnpicklingError) or "weights_only" in str(e):
-            raise CheckpointError(f"{name!r} is not an advplug checkpoint: it holds pickled objects other than "
-                                  "tensors and plain data, which advplug refuses to load "
-                                  "(loading them could run code)") from None
+            raise CheckpointError(
+                f"{name!r} is not an advplug checkpoint: it holds pickled objects other than "
+                "tensors and plain data, which advplug refuses to load "
+                "(loading them could run code)"
+            ) from None
         raise CheckpointError(f"{name!r} is corrupt or not an advplug checkpoint ({type(e).__name__})") from None
 
 
@@ -116,8 +136,9 @@ def check_schema(ck: dict[str, Any], keys: dict[str, type | tuple[type, ...]], n
     if "plugins" in keys:
         for n, st in ck["plugins"].items():
             if not isinstance(st, dict):
-                raise CheckpointError(f"{name!r} is damaged: the state of plugin {n!r} is a {type(st).__name__}, "
-                                      "expected dict")
+                raise CheckpointError(
+                    f"{name!r} is damaged: the state of plugin {n!r} is a {type(st).__name__}, expected dict"
+                )
 
 
 def load(path: str | Path, which: str = "last", *, need: str = "model") -> dict[str, Any]:
@@ -169,13 +190,16 @@ def load_best(run_dir: str | Path, ema: bool = False) -> dict[str, Any]:
             # run holds a prefix of last.pt's; one copied from another run of the same length does not
             mine, theirs = last.get("metrics"), best.get("metrics")
             if isinstance(mine, str) and isinstance(theirs, str) and not mine.startswith(theirs):
-                raise CheckpointError(f"{str(best_path)!r} is not from the run of {last['path']!r} (its metrics record "
-                                      "differs): the run directory was altered")
+                raise CheckpointError(
+                    f"{str(best_path)!r} is not from the run of {last['path']!r} (its metrics record "
+                    "differs): the run directory was altered"
+                )
             return best
     if recorded == int(last["epoch"]):
         return last_as(last, ema)
-    raise CheckpointError(f"{str(best_path)!r} does not hold the recorded best epoch {recorded + 1}: "
-                          "the run directory was altered")
+    raise CheckpointError(
+        f"{str(best_path)!r} does not hold the recorded best epoch {recorded + 1}: the run directory was altered"
+    )
 
 
 def repair_best(run_dir: str | Path, ema: bool = False) -> bool:
@@ -201,7 +225,8 @@ def load_model_state(model: nn.Module, ckpt: dict[str, Any], model_name: str) ->
     except (RuntimeError, KeyError) as e:
         raise CheckpointError(
             f"checkpoint {ckpt.get('path')!r} was written for model {saved!r} and does not fit model "
-            f"{model_name!r}: {_first_line(e)[:300]}") from None
+            f"{model_name!r}: {_first_line(e)[:300]}"
+        ) from None
     # training stops on a NaN/Inf loss, so no run saves such weights: they would give chance-level
     # accuracies that look like results
     bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)

@@ -12,6 +12,7 @@ Rules (the README's "Errors" section lists them for users):
 * text files (``config.json``, ``metrics.jsonl``, ``results.json``, ``eval.json``) are replaced
   atomically (temp file + rename); temp files of interrupted writes are removed at start.
 """
+
 from __future__ import annotations
 
 import errno
@@ -54,12 +55,16 @@ def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> None
         raise RunDirError(f"--out {str(out)!r} is a file, not a directory")
     if resume:
         if not (out / "last.pt").is_file():
-            raise RunDirError(f"{str(out)!r} holds no checkpoint to resume (no last.pt): the run stopped before "
-                              "its first epoch ended; start it again with --overwrite")
+            raise RunDirError(
+                f"{str(out)!r} holds no checkpoint to resume (no last.pt): the run stopped before "
+                "its first epoch ended; start it again with --overwrite"
+            )
     elif holds_run(out):
         if not overwrite:
-            raise RunDirError(f"{str(out)!r} already holds a run: continue it with `advplug train --resume {out}`, "
-                              "or replace it with --overwrite (deletes all its files)")
+            raise RunDirError(
+                f"{str(out)!r} already holds a run: continue it with `advplug train --resume {out}`, "
+                "or replace it with --overwrite (deletes all its files)"
+            )
         with RunLock(out):  # never delete a directory another process is writing
             pass
         clear(out)
@@ -126,8 +131,9 @@ def subdir(run: Path, name: str) -> Path:
     so that files advplug writes for a run stay inside its directory."""
     d = Path(run) / name
     if d.is_symlink():
-        raise RunDirError(f"{str(d)!r} is a symbolic link; advplug writes a run's files only inside its directory: "
-                          "remove it")
+        raise RunDirError(
+            f"{str(d)!r} is a symbolic link; advplug writes a run's files only inside its directory: remove it"
+        )
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -162,7 +168,7 @@ class RunLock:
         self.fd: int | None = None
         self.holder: str | None = None  # after acquire() was refused: the pid the holding process wrote
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,8 +184,10 @@ class RunLock:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 self.holder = holder
-                raise RunDirError(f"{str(self.path.parent)!r} is in use by another advplug process (pid {holder}); "
-                                  "wait for it to finish or stop it") from None
+                raise RunDirError(
+                    f"{str(self.path.parent)!r} is in use by another advplug process (pid {holder}); "
+                    "wait for it to finish or stop it"
+                ) from None
             raise RunDirError(f"cannot lock {str(self.path.parent)!r}: {e.strerror or e}") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -191,7 +199,7 @@ class RunLock:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

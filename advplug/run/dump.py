@@ -1,6 +1,7 @@
 """Per-sample dumps for weight analyses: plugins collect (index, signal, weight) on the device
 during an epoch and write ``RUN_DIR/dumps/<plugin>-epoch<NNN>.npz`` at its end; read back as
 checked plain arrays (``advplug report``)."""
+
 from __future__ import annotations
 
 import re
@@ -61,8 +62,13 @@ def read_dumps(run_dir: str | Path, name: str) -> dict[int, dict[str, np.ndarray
                 cols = {k: d[k] for k in d.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             # numpy's own wording ("load it unsafely") is not for advplug's users
-            why = ("pickled objects, which advplug never loads" if "pickle" in str(e).lower()
-                   else str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            why = (
+                "pickled objects, which advplug never loads"
+                if "pickle" in str(e).lower()
+                else str(e).splitlines()[0][:200]
+                if str(e)
+                else type(e).__name__
+            )
             raise DataError(f"{str(p)!r} is not a readable dump ({why})") from None
         bad = _bad_dump(cols, name)
         if bad:

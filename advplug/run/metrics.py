@@ -1,5 +1,6 @@
 """Metrics of a run: one JSON object per epoch (``metrics.jsonl``, also carried by each checkpoint),
 the same flattened as CSV, and optional TensorBoard scalars and weight histograms."""
+
 from __future__ import annotations
 
 import csv

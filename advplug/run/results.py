@@ -20,6 +20,7 @@ still read: ``results.json`` version 1 (``{"last (epoch 20)": {"Natural": 0.9, "
 ...}}``), ``eval.json`` version 1 (``{"settings", "results"}``) and 2 (entries whose ``attack`` is a
 display name, ``format`` ``advplug-eval``).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,25 +40,62 @@ SETTING_KEYS = ("precision", "data", "eps", "alpha", "backend", "n_test", "seed"
 # The type of each field of an entry (``None`` allowed where listed): checked on reading, so that a
 # damaged or hand-edited file is one clear error, never a crash or a silently wrong ``compare``.
 _V2_FIELDS: dict[str, tuple[type, ...]] = {
-    "checkpoint": (str,), "epoch": (int,), "attack": (str,), "accuracy": (int, float), "data": (str, type(None)),
-    "eps": (int, float), "alpha": (int, float), "backend": (str,), "n_test": (int,), "seed": (int,),
-    "n_total": (int, type(None))}
+    "checkpoint": (str,),
+    "epoch": (int,),
+    "attack": (str,),
+    "accuracy": (int, float),
+    "data": (str, type(None)),
+    "eps": (int, float),
+    "alpha": (int, float),
+    "backend": (str,),
+    "n_test": (int,),
+    "seed": (int,),
+    "n_total": (int, type(None)),
+}
 FIELDS = {**_V2_FIELDS, "precision": (str,), "n_test": (int, type(None))}  # n_test None: not recorded (version 1)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def entry(checkpoint: str, epoch: int, attack: str, accuracy: float, *, precision: str = "fp32",
-          backend: str = "torchattacks", eps: float, alpha: float, n_test: int | None, n_total: int | None,
-          data: str | None, seed: int) -> dict[str, Any]:
-    return {"checkpoint": checkpoint, "epoch": epoch, "attack": attack, "precision": precision, "backend": backend,
-            "accuracy": accuracy, "eps": eps, "alpha": alpha, "n_test": n_test, "n_total": n_total, "data": data,
-            "seed": seed}
+def entry(
+    checkpoint: str,
+    epoch: int,
+    attack: str,
+    accuracy: float,
+    *,
+    precision: str = "fp32",
+    backend: str = "torchattacks",
+    eps: float,
+    alpha: float,
+    n_test: int | None,
+    n_total: int | None,
+    data: str | None,
+    seed: int,
+) -> dict[str, Any]:
+    return {
+        "checkpoint": checkpoint,
+        "epoch": epoch,
+        "attack": attack,
+        "precision": precision,
+        "backend": backend,
+        "accuracy": accuracy,
+        "eps": eps,
+        "alpha": alpha,
+        "n_test": n_test,
+        "n_total": n_total,
+        "data": data,
+        "seed": seed,
+    }
 
 
 def key(e: dict[str, Any]) -> str:
     """What makes an entry: the same key is the same evaluation (its later result replaces it)."""
-    return "|".join([f"{e['checkpoint']}@{e['epoch']}", e["attack"],
-                     *(f"{k}={e[k]:.6g}" if isinstance(e[k], float) else f"{k}={e[k]}" for k in SETTING_KEYS)])
+    return "|".join(
+        [
+            f"{e['checkpoint']}@{e['epoch']}",
+            e["attack"],
+            *(f"{k}={e[k]:.6g}" if isinstance(e[k], float) else f"{k}={e[k]}" for k in SETTING_KEYS),
+        ]
+    )
 
 
 # -- display: made only when printing ----------------------------------------------------------------
@@ -128,9 +166,17 @@ def _spec(attack: str) -> str | None:
 
 
 # Display names of versions 1 and 2, as ``display_name`` made them, back to specs.
-_NAMED = [(re.compile(p), s) for p, s in ((r"Natural", "natural"), (r"FGSM", "fgsm"), (r"PGD-(\d+)", "pgd"),
-                                          (r"CW-Linf margin \(PGD-(\d+)\)", "cw"), (r"APGD-CE-(\d+)", "apgd-ce"),
-                                          (r"AutoAttack", "aa"))]
+_NAMED = [
+    (re.compile(p), s)
+    for p, s in (
+        (r"Natural", "natural"),
+        (r"FGSM", "fgsm"),
+        (r"PGD-(\d+)", "pgd"),
+        (r"CW-Linf margin \(PGD-(\d+)\)", "cw"),
+        (r"APGD-CE-(\d+)", "apgd-ce"),
+        (r"AutoAttack", "aa"),
+    )
+]
 _SUFFIX = re.compile(r"^(.*?)(?: \((fp32|bf16|fp16) eval\))?(?: \(ART\))?$")
 
 
@@ -150,9 +196,20 @@ def _from_display(name: str) -> tuple[str, str]:
 def _upgrade(e: dict[str, Any]) -> dict[str, Any]:
     """A version-2 entry (a display name for an attack) as a version-3 one."""
     attack, precision = _from_display(e["attack"])
-    return entry(e["checkpoint"], e["epoch"], attack, e["accuracy"], precision=precision, backend=e["backend"],
-                 eps=e["eps"], alpha=e["alpha"], n_test=e["n_test"], n_total=e.get("n_total"), data=e["data"],
-                 seed=e["seed"])
+    return entry(
+        e["checkpoint"],
+        e["epoch"],
+        attack,
+        e["accuracy"],
+        precision=precision,
+        backend=e["backend"],
+        eps=e["eps"],
+        alpha=e["alpha"],
+        n_test=e["n_test"],
+        n_total=e.get("n_total"),
+        data=e["data"],
+        seed=e["seed"],
+    )
 
 
 def _from_eval_v1(rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -164,10 +221,21 @@ def _from_eval_v1(rec: dict[str, Any]) -> list[dict[str, Any]]:
         for attack, acc in res.items():
             if attack == "epoch":
                 continue
-            out.append({"checkpoint": which, "epoch": int(res["epoch"]), "attack": attack, "accuracy": float(acc),
-                        "data": s.get("data"), "eps": float(s["eps"]), "alpha": float(s["alpha"]),
-                        "backend": s.get("backend", "torchattacks"),
-                        "n_test": int((s.get("n_test") or {}).get(attack, -1)), "seed": int(s.get("seed", 0)), "n_total": s.get("n_total")})
+            out.append(
+                {
+                    "checkpoint": which,
+                    "epoch": int(res["epoch"]),
+                    "attack": attack,
+                    "accuracy": float(acc),
+                    "data": s.get("data"),
+                    "eps": float(s["eps"]),
+                    "alpha": float(s["alpha"]),
+                    "backend": s.get("backend", "torchattacks"),
+                    "n_test": int((s.get("n_test") or {}).get(attack, -1)),
+                    "seed": int(s.get("seed", 0)),
+                    "n_total": s.get("n_total"),
+                }
+            )
     return out
 
 
@@ -248,9 +316,21 @@ def read_results(path: str | Path, config: dict[str, Any]) -> list[dict[str, Any
                 spec, precision = _from_display(attack)
             except ValueError as e:
                 raise DataError(f"{str(p)!r} is damaged: {name}: {e}") from None
-            out.append(entry(m.group(1), int(m.group(2)), spec, acc, precision=precision, eps=config.get("eps"),
-                             alpha=config.get("eps") / 4, n_test=None, n_total=None, data=config.get("data"),
-                             seed=int(config.get("seed", 0))))
+            out.append(
+                entry(
+                    m.group(1),
+                    int(m.group(2)),
+                    spec,
+                    acc,
+                    precision=precision,
+                    eps=config.get("eps"),
+                    alpha=config.get("eps") / 4,
+                    n_test=None,
+                    n_total=None,
+                    data=config.get("data"),
+                    seed=int(config.get("seed", 0)),
+                )
+            )
     return out
 
 
@@ -281,8 +361,9 @@ def _samples(picked: list[dict[str, Any]]) -> str:
     return ", ".join(sorted({f"{label(e)} {'all' if f else e['n_test']}" for e, f in zip(picked, full)}))
 
 
-def select(entries: list[dict[str, Any]],
-           eps: float | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+def select(
+    entries: list[dict[str, Any]], eps: float | None = None
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """For ``compare``: per checkpoint (best / last, its latest epoch) and attack column, one accuracy.
 
     Preference among entries of the same checkpoint and column: the run's own ``eps``, then
@@ -309,6 +390,10 @@ def select(entries: list[dict[str, Any]],
         vals = sorted({e[k] for e in picked}, key=str)
         return vals[0] if len(vals) == 1 else ", ".join(map(str, vals))
 
-    settings = {"eval eps": joined("eps"), "eval step": joined("alpha"), "backend": joined("backend"),
-                "test samples": _samples(picked)}
+    settings = {
+        "eval eps": joined("eps"),
+        "eval step": joined("alpha"),
+        "backend": joined("backend"),
+        "test samples": _samples(picked),
+    }
     return results, settings

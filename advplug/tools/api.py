@@ -12,11 +12,13 @@ runs, a run directory holds one run (refused unless ``overwrite=True``), ``best`
 held-out split of the training data (``selection="test"`` to choose on the test set), and every
 epoch is checkpointed so that ``train(resume=run_dir)`` continues exactly.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -51,9 +53,16 @@ def _bundle(data: Any, image_size: int | None) -> tuple[str | None, DataBundle |
     return PYTHON, as_bundle(data, "data", image_size)
 
 
-def train(config: TrainConfig | dict | str | Path | None = None, *, data: Any = None, out: str | Path | None = None,
-          overwrite: bool = False, resume: str | Path | None = None, log: Callable[[str], None] | None = print,
-          **settings: Any) -> Result:
+def train(
+    config: TrainConfig | dict | str | Path | None = None,
+    *,
+    data: Any = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    resume: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+    **settings: Any,
+) -> Result:
     """Train and evaluate one run; returns its :class:`Result`.
 
     ``config``: a :class:`~advplug.config.TrainConfig`, a dict of its fields, or a JSON/TOML config
@@ -74,8 +83,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, data: Any = 
     say = log if log is not None else (lambda s: None)
     if resume is not None:
         if config is not None or settings or out is not None or overwrite:
-            raise OptionError("resume continues the saved configuration; pass only data= (if it was in memory "
-                              "or module:) and log=")
+            raise OptionError(
+                "resume continues the saved configuration; pass only data= (if it was in memory or module:) and log="
+            )
         name, bundle = _bundle(data, None)
         cfg = resume_config(resume, settings.get("model"), name if name != PYTHON else None)
         if cfg.data == PYTHON and bundle is None:
@@ -93,10 +103,19 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, data: Any = 
     return Result(run, results, read_metrics(run), json.loads((run / "config.json").read_text()))
 
 
-def evaluate(run_dir: str | Path, attacks: tuple[str, ...] | list[str] = ("natural", "pgd20", "cw20"), *,
-             which: str = "best", test: Any = None, data: str | None = None, model: str | None = None,
-             n_eval: int | None = None, eps: float | None = None, device: str | None = None,
-             log: Callable[[str], None] | None = None) -> dict[str, float]:
+def evaluate(
+    run_dir: str | Path,
+    attacks: tuple[str, ...] | list[str] = ("natural", "pgd20", "cw20"),
+    *,
+    which: str = "best",
+    test: Any = None,
+    data: str | None = None,
+    model: str | None = None,
+    n_eval: int | None = None,
+    eps: float | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, float]:
     """Accuracies of a run's ``best`` / ``last`` checkpoint under ``attacks`` (as ``advplug eval``),
     on its test set, or on ``test=(x, y)`` (required when the run's data was in memory), by the names
     tables show (``{"Natural": 0.9, "PGD-20": 0.5}``). ``data`` / ``model``: repeat a run's ``module:``
@@ -109,13 +128,24 @@ def evaluate(run_dir: str | Path, attacks: tuple[str, ...] | list[str] = ("natur
     if test is not None:
         x = as_images(test[0], "test x")
         pair = (x, as_labels(test[1], len(x), "test y"))
-    entries = evaluate_checkpoints(str(run_dir), [which], list(attacks), eps=eps, n_eval=n_eval, device=device,
-                                   model=model, data=data, test_data=pair, log=log or (lambda s: None))
+    entries = evaluate_checkpoints(
+        str(run_dir),
+        [which],
+        list(attacks),
+        eps=eps,
+        n_eval=n_eval,
+        device=device,
+        model=model,
+        data=data,
+        test_data=pair,
+        log=log or (lambda s: None),
+    )
     return {label(e): e["accuracy"] for e in entries}
 
 
-def load_model(run_dir: str | Path, which: str = "best", *, model: str | None = None,
-               device: str | None = None) -> nn.Module:
+def load_model(
+    run_dir: str | Path, which: str = "best", *, model: str | None = None, device: str | None = None
+) -> nn.Module:
     """The network of a run's ``best`` / ``last`` checkpoint (eval mode). A ``module:callable``
     model is imported only if ``model`` repeats it."""
     from advplug.devices import pick_device

@@ -1,4 +1,5 @@
 """The ``advplug`` command line (click)."""
+
 from __future__ import annotations
 
 import json
@@ -79,11 +80,31 @@ TRAIN_GROUPS: dict[str, tuple[str, ...]] = {
     "Data": ("data", "data_root", "download", "image_size", "test_fraction", "workers", "data_path"),
     "Model": ("model",),
     "Attack (training)": ("eps", "alpha", "steps", "attack_bn", "attack_start"),
-    "Optimisation": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "milestones", "lr_gamma", "seed",
-                     "precision", "channels_last", "compile", "ema"),
+    "Optimisation": (
+        "epochs",
+        "batch_size",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "milestones",
+        "lr_gamma",
+        "seed",
+        "precision",
+        "channels_last",
+        "compile",
+        "ema",
+    ),
     "Evaluation and model selection": ("eval_every", "eval_steps", "n_eval", "selection", "selection_size", "val_size"),
-    "Output and run": ("out", "overwrite", "resume", "config_file", "device", "tensorboard", "dump_weights",
-                       "no_progress"),
+    "Output and run": (
+        "out",
+        "overwrite",
+        "resume",
+        "config_file",
+        "device",
+        "tensorboard",
+        "dump_weights",
+        "no_progress",
+    ),
 }
 
 
@@ -100,8 +121,11 @@ def _default_text(name: str) -> str | None:
     if name in DATA_DEFAULTS["digits"]:
         per = {k: DATA_DEFAULTS[k][name] for k in ("digits", "mnist", "cifar10")}
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-        return ("per data set: " + ", ".join(f"{k} {fmt(v)}" for k, v in per.items())
-                + f", own data {fmt(CUSTOM_DEFAULTS[name])}")
+        return (
+            "per data set: "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in per.items())
+            + f", own data {fmt(CUSTOM_DEFAULTS[name])}"
+        )
     fields = {f.name: f for f in dc.fields(TrainConfig)}
     v = fields[name].default if name in fields else None
     if v is not dc.MISSING and v is not None and v is not False and v != ():
@@ -164,9 +188,12 @@ class _TrainCommand(click.Command):
             for o in p["options"]:
                 extra = f" Choices: {', '.join(map(str, o['choices']))}." if o.get("choices") else ""
                 bounds = "".join(f" {k} {o[k]}" for k in ("min", "max", "gt") if k in o)
-                rows.append((f"{o['flag']} {o['type'].upper()}",
-                             f"{o['help']}{extra}{' (' + bounds.strip() + ')' if bounds else ''}"
-                             f"  [default: {o['default']}]"))
+                rows.append(
+                    (
+                        f"{o['flag']} {o['type'].upper()}",
+                        f"{o['help']}{extra}{' (' + bounds.strip() + ')' if bounds else ''}  [default: {o['default']}]",
+                    )
+                )
             title = f"Options of plugin {n!r}" + (f" ({p['summary']})" if p["summary"] else "")
             with formatter.section(title):
                 formatter.write_dl(rows or [("(none)", "")])
@@ -175,13 +202,21 @@ class _TrainCommand(click.Command):
 @cli.command(cls=_TrainCommand, context_settings=dict(ignore_unknown_options=True, allow_extra_args=True))
 @click.option("--plugin", "plugins", multiple=True, help="Enable a plugin (repeatable). See `advplug plugins`.")
 @click.option("--objective", default=None, help="Loss owner: at (default), trades or mart.")
-@click.option("--data", default=None, help="digits (embedded, default), mnist, fashion-mnist, cifar10, cifar100, svhn; "
-              "or your own: folder:PATH (ImageFolder layout, PATH/train and PATH/test or one folder split by "
-              "--test-fraction), npz:PATH (x_train, y_train, x_test, y_test), module:pkg.mod:callable "
-              "(returns (train, test)).")
+@click.option(
+    "--data",
+    default=None,
+    help="digits (embedded, default), mnist, fashion-mnist, cifar10, cifar100, svhn; "
+    "or your own: folder:PATH (ImageFolder layout, PATH/train and PATH/test or one folder split by "
+    "--test-fraction), npz:PATH (x_train, y_train, x_test, y_test), module:pkg.mod:callable "
+    "(returns (train, test)).",
+)
 @click.option("--image-size", type=int, default=None, help="Resize your own images to SIZE x SIZE (only when given).")
-@click.option("--test-fraction", type=float, default=None,
-              help="folder: without train/ and test/: the test share, stratified, fixed seed (default 0.2).")
+@click.option(
+    "--test-fraction",
+    type=float,
+    default=None,
+    help="folder: without train/ and test/: the test share, stratified, fixed seed (default 0.2).",
+)
 @click.option("--data-root", default=None, help="Where torchvision data sets live.")
 @click.option("--download", is_flag=True, default=None, help="Download the data set (needs a network).")
 @click.option("--model", default=None, help="Model name or module:callable (default per data set).")
@@ -190,56 +225,112 @@ class _TrainCommand(click.Command):
 @click.option("--lr", type=float, default=None, help="Initial learning rate (SGD).")
 @click.option("--momentum", type=float, default=None)
 @click.option("--weight-decay", type=float, default=None)
-@click.option("--milestones", default=None, help="Epochs at which the learning rate is multiplied by --lr-gamma, "
-              "e.g. 60,90 (0-based epoch indices: 60 = after 60 epochs).")
+@click.option(
+    "--milestones",
+    default=None,
+    help="Epochs at which the learning rate is multiplied by --lr-gamma, "
+    "e.g. 60,90 (0-based epoch indices: 60 = after 60 epochs).",
+)
 @click.option("--lr-gamma", type=float, default=None)
 @click.option("--eps", type=float, default=None, help="Linf budget (inputs in [0, 1]).")
 @click.option("--alpha", type=float, default=None, help="PGD step size.")
 @click.option("--steps", type=int, default=None, help="PGD steps of the training attack.")
-@click.option("--attack-bn", type=click.Choice(ATTACK_BN_MODES), default=None,
-              help="BatchNorm mode while generating training attacks (default eval).")
-@click.option("--attack-start", type=click.Choice(ATTACK_STARTS), default=None,
-              help="Start of the training attack: uniform in the eps-ball, normal = x + 0.001 N(0,1) unclamped "
-                   "(TRADES/MART/MAIL code), normal-clamped (torchattacks TPGD), none (default: the objective's).")
+@click.option(
+    "--attack-bn",
+    type=click.Choice(ATTACK_BN_MODES),
+    default=None,
+    help="BatchNorm mode while generating training attacks (default eval).",
+)
+@click.option(
+    "--attack-start",
+    type=click.Choice(ATTACK_STARTS),
+    default=None,
+    help="Start of the training attack: uniform in the eps-ball, normal = x + 0.001 N(0,1) unclamped "
+    "(TRADES/MART/MAIL code), normal-clamped (torchattacks TPGD), none (default: the objective's).",
+)
 @click.option("--seed", type=int, default=None)
 @click.option("--eval-every", type=int, default=None, help="Evaluate clean and PGD accuracy every N epochs.")
 @click.option("--eval-steps", type=int, default=None, help="PGD steps of the per-epoch evaluation.")
 @click.option("--n-eval", type=int, default=None, help="Test samples for the per-epoch evaluation.")
-@click.option("--val-size", type=float, default=None,
-              help="Plugins' own validation split (fraction or count; default min(1000, 10%)), disjoint from the "
-                   "selection split.")
-@click.option("--selection", type=click.Choice(SELECTIONS), default=None,
-              help="Where the 'best' checkpoint is chosen: a held-out split of the training set (default) or, "
-                   "explicitly, the test set (as some papers' tables were made; labelled in results and compare).")
-@click.option("--selection-size", type=float, default=None,
-              help="Size of the held-out selection split (fraction or count; default min(1000, 10%)).")
-@click.option("--out", default=None, help="Run directory (default runs/<plugins>-<objective>-seed<S>, unique). "
-                                          "One run per directory: an existing run is never overwritten silently.")
+@click.option(
+    "--val-size",
+    type=float,
+    default=None,
+    help="Plugins' own validation split (fraction or count; default min(1000, 10%)), disjoint from the "
+    "selection split.",
+)
+@click.option(
+    "--selection",
+    type=click.Choice(SELECTIONS),
+    default=None,
+    help="Where the 'best' checkpoint is chosen: a held-out split of the training set (default) or, "
+    "explicitly, the test set (as some papers' tables were made; labelled in results and compare).",
+)
+@click.option(
+    "--selection-size",
+    type=float,
+    default=None,
+    help="Size of the held-out selection split (fraction or count; default min(1000, 10%)).",
+)
+@click.option(
+    "--out",
+    default=None,
+    help="Run directory (default runs/<plugins>-<objective>-seed<S>, unique). "
+    "One run per directory: an existing run is never overwritten silently.",
+)
 @click.option("--overwrite", is_flag=True, default=False, help="Delete the run already in --out first (all its files).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--tensorboard", is_flag=True, default=None, help="Also log to TensorBoard (RUN_DIR/tensorboard).")
-@click.option("--dump-weights", is_flag=True, default=None,
-              help="Write per-sample weights and margins each epoch (RUN_DIR/dumps/weights-epochNNN.npz) for "
-                   "`advplug report`.")
+@click.option(
+    "--dump-weights",
+    is_flag=True,
+    default=None,
+    help="Write per-sample weights and margins each epoch (RUN_DIR/dumps/weights-epochNNN.npz) for `advplug report`.",
+)
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bars.")
 @click.option("--workers", type=int, default=None, help="DataLoader workers (torchvision data sets).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Autocast precision of the training attack and step (fp16 with a gradient scaler); weights, "
-                   "margins and the final evaluation stay fp32 (a low-precision robust accuracy is recorded beside).")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Autocast precision of the training attack and step (fp16 with a gradient scaler); weights, "
+    "margins and the final evaluation stay fp32 (a low-precision robust accuracy is recorded beside).",
+)
 @click.option("--channels-last", is_flag=True, default=None, help="Model and batches in channels_last memory format.")
-@click.option("--compile", "compile", type=click.Choice(COMPILE_BACKENDS), default=None,
-              help="torch.compile the model used by the step and the attack, with this backend.")
-@click.option("--ema", type=float, default=None,
-              help="Keep an EMA of the weights with this decay (e.g. 0.999, warm-up min(decay, (1+t)/(10+t))); "
-                   "checkpointed, evaluated beside the raw model.")
-@click.option("--data-path", type=click.Choice(DATA_PATHS), default=None,
-              help="device: the whole training set on the device, augmentation per batch there; loader: a "
-                   "DataLoader; auto: device when the set fits (in-memory tensors, or CIFAR/SVHN/MNIST-sized).")
+@click.option(
+    "--compile",
+    "compile",
+    type=click.Choice(COMPILE_BACKENDS),
+    default=None,
+    help="torch.compile the model used by the step and the attack, with this backend.",
+)
+@click.option(
+    "--ema",
+    type=float,
+    default=None,
+    help="Keep an EMA of the weights with this decay (e.g. 0.999, warm-up min(decay, (1+t)/(10+t))); "
+    "checkpointed, evaluated beside the raw model.",
+)
+@click.option(
+    "--data-path",
+    type=click.Choice(DATA_PATHS),
+    default=None,
+    help="device: the whole training set on the device, augmentation per batch there; loader: a "
+    "DataLoader; auto: device when the set fits (in-memory tensors, or CIFAR/SVHN/MNIST-sized).",
+)
 @click.option("--config", "config_file", default=None, help="JSON or TOML file with the same settings.")
 @click.option("--resume", default=None, help="Continue the run in this directory from its last checkpoint.")
 @click.pass_context
-def train(ctx: click.Context, plugins: tuple[str, ...], config_file: str | None, resume: str | None,
-          no_progress: bool, milestones: str | None, overwrite: bool, **kw: Any) -> None:
+def train(
+    ctx: click.Context,
+    plugins: tuple[str, ...],
+    config_file: str | None,
+    resume: str | None,
+    no_progress: bool,
+    milestones: str | None,
+    overwrite: bool,
+    **kw: Any,
+) -> None:
     """Adversarial training; plugin options as --<plugin>-<option> VALUE.
 
     \b
@@ -302,7 +393,9 @@ def plugins(as_json: bool) -> None:
 @cli.command()
 @click.option("--plugin", "plugins", multiple=True, help="Enabled plugins, as for train.")
 @click.option("--objective", default="at")
-@click.option("--pairs", is_flag=True, help="Print the README's table: every pair of installed plugins under each objective.")
+@click.option(
+    "--pairs", is_flag=True, help="Print the README's table: every pair of installed plugins under each objective."
+)
 def hooks(plugins: tuple[str, ...], objective: str, pairs: bool) -> None:
     """Show, per hook, which implementations run for these plugins and in what order, and how
     their weights combine."""
@@ -319,7 +412,9 @@ def hooks(plugins: tuple[str, ...], objective: str, pairs: bool) -> None:
             default = {"generate_adversaries": "  (core: PGD-K, torchattacks)"}.get(spec, "  -")
             click.echo(default)
         for i in impls:
-            tags = [t for t, on in (("wrapper", i["wrapper"]), ("tryfirst", i["tryfirst"]), ("trylast", i["trylast"])) if on]
+            tags = [
+                t for t, on in (("wrapper", i["wrapper"]), ("tryfirst", i["tryfirst"]), ("trylast", i["trylast"])) if on
+            ]
             if spec == "combine_loss" and not i["wrapper"]:
                 tags.append("owns the loss" if i["plugin"] in owners else "yields")
             click.echo(f"  {i['plugin']}" + (f"  [{', '.join(tags)}]" if tags else ""))
@@ -331,25 +426,57 @@ def hooks(plugins: tuple[str, ...], objective: str, pairs: bool) -> None:
 @cli.command(name="eval")
 @click.argument("target")
 @click.option("--attack", "attacks", multiple=True, help="natural, fgsm, pgdK, cw / cwK, apgd-ce, aa (repeatable).")
-@click.option("--suite", type=click.Choice(["paper"]), default=None,
-              help="paper: natural, PGD-20, PGD-100, CW-Linf margin, APGD-CE, AutoAttack (on --n-eval-aa samples).")
-@click.option("--which", type=click.Choice(["best", "last", "both", "best-ema", "last-ema", "all"]), default=None,
-              help="Checkpoint(s) of a run directory (default: both with --suite, else best); -ema: the EMA weights "
-                   "of a run trained with --ema; all: best, last and, if present, both EMA ones.")
+@click.option(
+    "--suite",
+    type=click.Choice(["paper"]),
+    default=None,
+    help="paper: natural, PGD-20, PGD-100, CW-Linf margin, APGD-CE, AutoAttack (on --n-eval-aa samples).",
+)
+@click.option(
+    "--which",
+    type=click.Choice(["best", "last", "both", "best-ema", "last-ema", "all"]),
+    default=None,
+    help="Checkpoint(s) of a run directory (default: both with --suite, else best); -ema: the EMA weights "
+    "of a run trained with --ema; all: best, last and, if present, both EMA ones.",
+)
 @click.option("--backend", type=click.Choice(["torchattacks", "art"]), default="torchattacks")
 @click.option("--eps", type=float, default=None, help="Default: the run's eps.")
 @click.option("--alpha", type=float, default=None, help="PGD/CW step (default eps/4).")
-@click.option("--n-eval", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test samples (default all).")
-@click.option("--n-eval-aa", type=click.IntRange(min=1), default=1000, help="AutoAttack on the first N test samples (the papers' practice).")
+@click.option(
+    "--n-eval", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test samples (default all)."
+)
+@click.option(
+    "--n-eval-aa",
+    type=click.IntRange(min=1),
+    default=1000,
+    help="AutoAttack on the first N test samples (the papers' practice).",
+)
 @click.option("--batch-size", type=int, default=256)
 @click.option("--device", default=None)
 @click.option("--data-root", default=None)
-@click.option("--model", default=None, help="Repeat a run's module:callable model to allow importing it "
-                                            "(advplug never imports code because a run file names it).")
+@click.option(
+    "--model",
+    default=None,
+    help="Repeat a run's module:callable model to allow importing it "
+    "(advplug never imports code because a run file names it).",
+)
 @click.option("--data", default=None, help="Repeat a run's module:pkg.mod:callable data to allow importing it.")
-def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: str | None, backend: str,
-             eps: float | None, alpha: float | None, n_eval: int | None, n_eval_aa: int, batch_size: int,
-             device: str | None, data_root: str | None, model: str | None, data: str | None) -> None:
+def eval_cmd(
+    target: str,
+    attacks: tuple[str, ...],
+    suite: str | None,
+    which: str | None,
+    backend: str,
+    eps: float | None,
+    alpha: float | None,
+    n_eval: int | None,
+    n_eval_aa: int,
+    batch_size: int,
+    device: str | None,
+    data_root: str | None,
+    model: str | None,
+    data: str | None,
+) -> None:
     """Evaluate a checkpoint (or a run directory's best / last) under attacks.
 
     For a run directory the results are added to RUN_DIR/eval.json (read by `advplug compare`),
@@ -374,9 +501,23 @@ def eval_cmd(target: str, attacks: tuple[str, ...], suite: str | None, which: st
     try:
         if is_run:  # a damaged eval.json too: found now, not when the results are to be merged into it
             results.read_evals(Path(target) / "eval.json")
-        entries = evaluate_checkpoints(target, whiches, specs, backend=backend, eps=eps, alpha=alpha, n_eval=n_eval,
-                                       n_eval_aa=n_eval_aa, batch_size=batch_size, device=device, data_root=data_root,
-                                       model=model, progress=True, log=click.echo, data=data)
+        entries = evaluate_checkpoints(
+            target,
+            whiches,
+            specs,
+            backend=backend,
+            eps=eps,
+            alpha=alpha,
+            n_eval=n_eval,
+            n_eval_aa=n_eval_aa,
+            batch_size=batch_size,
+            device=device,
+            data_root=data_root,
+            model=model,
+            progress=True,
+            log=click.echo,
+            data=data,
+        )
         if is_run:
             out = Path(target) / "eval.json"
             click.echo(f"saved {out} ({len(results.merge_evals(out, entries))} entries)")
@@ -406,8 +547,11 @@ def compare(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
 
 @cli.command()
 @click.argument("run_dir")
-@click.option("--data", default=None, help="Repeat a run's module:pkg.mod:callable data to allow importing it "
-                                           "(extremes.png shows training images).")
+@click.option(
+    "--data",
+    default=None,
+    help="Repeat a run's module:pkg.mod:callable data to allow importing it (extremes.png shows training images).",
+)
 def report(run_dir: str, data: str | None) -> None:
     """Write PNG plots of a run: accuracy per epoch, weights per epoch, weight against signal,
     the training images with the highest and lowest weights (train with --dump-weights)."""
@@ -420,30 +564,59 @@ def report(run_dir: str, data: str | None) -> None:
 @cli.command()
 @click.argument("sweep_file")
 @click.option("--dry-run", is_flag=True, help="Print the points (name, state, settings); run nothing.")
-@click.option("--report", "report_only", is_flag=True,
-              help="Print the progress and the compare table of the finished points; run nothing.")
-@click.option("--launcher", type=click.Choice(LAUNCHERS), default="local",
-              help="local: --jobs runs at once on this machine; ray: each run a Ray task (pip install 'advplug[ray]'); "
-                   "slurm: each run a SLURM job through submitit, the file's [slurm] table its parameters "
-                   "(pip install 'advplug[slurm]').")
-@click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="local: runs at once (default: the file's jobs, else 1).")
-@click.option("--gpu-ids", default=None,
-              help="local: GPUs to spread the runs over, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES per run).")
-@click.option("--address", default=None,
-              help="ray: the cluster's address (default: RAY_ADDRESS, else a local instance).")
-@click.option("--cpus", type=float, default=None,
-              help="ray/slurm: CPUs per run (default: the file's resources, else 1).")
-@click.option("--gpus", type=float, default=None,
-              help="ray/slurm: GPUs per run (default: the file's resources, else 0).")
-@click.option("--retries", type=click.IntRange(min=0), default=None,
-              help="Extra attempts per failed point (default: the file's, else 2).")
+@click.option(
+    "--report",
+    "report_only",
+    is_flag=True,
+    help="Print the progress and the compare table of the finished points; run nothing.",
+)
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default="local",
+    help="local: --jobs runs at once on this machine; ray: each run a Ray task (pip install 'advplug[ray]'); "
+    "slurm: each run a SLURM job through submitit, the file's [slurm] table its parameters "
+    "(pip install 'advplug[slurm]').",
+)
+@click.option(
+    "--jobs", type=click.IntRange(min=1), default=None, help="local: runs at once (default: the file's jobs, else 1)."
+)
+@click.option(
+    "--gpu-ids", default=None, help="local: GPUs to spread the runs over, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES per run)."
+)
+@click.option(
+    "--address", default=None, help="ray: the cluster's address (default: RAY_ADDRESS, else a local instance)."
+)
+@click.option(
+    "--cpus", type=float, default=None, help="ray/slurm: CPUs per run (default: the file's resources, else 1)."
+)
+@click.option(
+    "--gpus", type=float, default=None, help="ray/slurm: GPUs per run (default: the file's resources, else 0)."
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Extra attempts per failed point (default: the file's, else 2).",
+)
 @click.option("--out", default=None, help="The sweep directory (default: the file's out, else sweeps/<file stem>).")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json"]), default="markdown")
 @click.option("--no-progress", is_flag=True, default=False)
-def sweep(sweep_file: str, dry_run: bool, report_only: bool, launcher: str, jobs: int | None, gpu_ids: str | None,
-          address: str | None, cpus: float | None, gpus: float | None, retries: int | None, out: str | None,
-          fmt: str, no_progress: bool) -> None:
+def sweep(
+    sweep_file: str,
+    dry_run: bool,
+    report_only: bool,
+    launcher: str,
+    jobs: int | None,
+    gpu_ids: str | None,
+    address: str | None,
+    cpus: float | None,
+    gpus: float | None,
+    retries: int | None,
+    out: str | None,
+    fmt: str,
+    no_progress: bool,
+) -> None:
     """Run a grid of training runs (methods x seeds x settings) from SWEEP_FILE, one run
     directory per point; re-running skips finished points and resumes interrupted ones."""
     from advplug.tools import sweep as sw
@@ -482,8 +655,10 @@ def new_plugin(name: str, dest: str) -> None:
 
     root = write(name, dest)
     n = names(name)
-    click.echo(f"wrote {root}/ (distribution {n['dist']}, import {n['module']}, entry point {n['name']} = "
-               f"{n['module']}:{n['cls']}, options --{n['prefix']}-*)")
+    click.echo(
+        f"wrote {root}/ (distribution {n['dist']}, import {n['module']}, entry point {n['name']} = "
+        f"{n['module']}:{n['cls']}, options --{n['prefix']}-*)"
+    )
     click.echo(f"next: pip install -e {root} && advplug plugins && python -m pytest {root}/tests")
 
 

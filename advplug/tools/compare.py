@@ -9,6 +9,7 @@ A run whose settings differ from the others' (data set, model, training budget, 
 evaluation's eps, step, backend or test-sample counts) is flagged with its differences, in the
 table and on stderr: it is never averaged silently with the others.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,8 +26,19 @@ from advplug.errors import DataError
 from advplug.run import results
 from advplug.run.results import CHECKPOINTS
 
-TRAIN_KEYS = ("data", "model", "eps", "alpha", "steps", "epochs", "batch_size", "lr", "milestones", "attack_bn",
-              "selection")
+TRAIN_KEYS = (
+    "data",
+    "model",
+    "eps",
+    "alpha",
+    "steps",
+    "epochs",
+    "batch_size",
+    "lr",
+    "milestones",
+    "attack_bn",
+    "selection",
+)
 
 
 @dataclass
@@ -118,9 +130,16 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
                 if vals:
                     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
                     cells[(a, which)] = (statistics.fmean(vals), std, len(vals))
-        rows.append({"method": method, "n": len(rs), "seeds": sorted(r.seed for r in rs),
-                     "selection": "/".join(sorted({str(r.settings.get("selection")) for r in rs})),
-                     "flagged": {r.path: r.flags for r in rs if r.flags}, "cells": cells})
+        rows.append(
+            {
+                "method": method,
+                "n": len(rs),
+                "seeds": sorted(r.seed for r in rs),
+                "selection": "/".join(sorted({str(r.settings.get("selection")) for r in rs})),
+                "flagged": {r.path: r.flags for r in rs if r.flags},
+                "cells": cells,
+            }
+        )
     return rows
 
 
@@ -139,19 +158,44 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
     whiches = [w for w in CHECKPOINTS if any(w == c[1] for row in rows for c in row["cells"])]
     cols = [(a, w) for a in attacks for w in whiches]
     if fmt == "json":
-        return json.dumps([{"method": r["method"], "n": r["n"], "seeds": r["seeds"], "flagged": r["flagged"],
-                            "best_chosen_on": r["selection"],
-                            "results": {f"{a} ({w})": ({"mean": c[0], "std": c[1], "n": c[2]} if c[2] > 1
-                                                       else {"mean": c[0], "n": c[2]})  # one run: no std
-                                        for (a, w), c in r["cells"].items()}} for r in rows], indent=2)
+        return json.dumps(
+            [
+                {
+                    "method": r["method"],
+                    "n": r["n"],
+                    "seeds": r["seeds"],
+                    "flagged": r["flagged"],
+                    "best_chosen_on": r["selection"],
+                    "results": {
+                        f"{a} ({w})": (
+                            {"mean": c[0], "std": c[1], "n": c[2]} if c[2] > 1 else {"mean": c[0], "n": c[2]}
+                        )  # one run: no std
+                        for (a, w), c in r["cells"].items()
+                    },
+                }
+                for r in rows
+            ],
+            indent=2,
+        )
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["method", "runs", "best chosen on", "attack", "checkpoint", "mean", "std", "n", "flagged"])
         for r in rows:
             for (a, which), c in r["cells"].items():
-                w.writerow([r["method"], r["n"], r["selection"], a, which, f"{c[0]:.4f}",
-                            f"{c[1]:.4f}" if c[2] > 1 else "", c[2], "yes" if r["flagged"] else ""])
+                w.writerow(
+                    [
+                        r["method"],
+                        r["n"],
+                        r["selection"],
+                        a,
+                        which,
+                        f"{c[0]:.4f}",
+                        f"{c[1]:.4f}" if c[2] > 1 else "",
+                        c[2],
+                        "yes" if r["flagged"] else "",
+                    ]
+                )
         return buf.getvalue()
     head = ["method", "runs", "best chosen on", *[f"{a} {w}" for a, w in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
@@ -162,9 +206,11 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
         lines.append("| " + " | ".join(cells) + " |")
         for path, flags in r["flagged"].items():
             notes.append(f"⚠ {path}: " + "; ".join(flags))
-    text = "\n".join(lines) + ("\n\nTest accuracy (%), mean ± std over runs (seeds). \"best\" is the checkpoint "
-                                "chosen by PGD accuracy on the split named under \"best chosen on\" (validation: held "
-                                "out from training; test: chosen on the test set itself, optimistic).")
+    text = "\n".join(lines) + (
+        '\n\nTest accuracy (%), mean ± std over runs (seeds). "best" is the checkpoint '
+        'chosen by PGD accuracy on the split named under "best chosen on" (validation: held '
+        "out from training; test: chosen on the test set itself, optimistic)."
+    )
     if notes:
         text += "\nSettings differ, not comparable as they stand:\n" + "\n".join(notes)
     return text

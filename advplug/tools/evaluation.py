@@ -1,9 +1,11 @@
 """Evaluation of a run's saved checkpoints (``advplug eval``, ``advplug.tools.api.evaluate``): each
 checkpoint's model rebuilt from its saved configuration and attacked on the run's test set, as
 result entries (``advplug.run.results``)."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from advplug.attacks import parse_eval_attack
 from advplug.config import TrainConfig
@@ -17,12 +19,25 @@ from advplug.run import checkpoint, results
 SUITES = {"paper": ("natural", "pgd20", "pgd100", "cw20", "apgd-ce", "aa")}
 
 
-def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable[str], *, backend: str = "torchattacks",
-                         eps: float | None = None, alpha: float | None = None, n_eval: int | None = None,
-                         n_eval_aa: int | None = 1000, batch_size: int = 256, device: str | None = None,
-                         data_root: str | None = None, model: str | None = None, progress: bool = False,
-                         log: Callable[[str], None] = print, data: str | None = None,
-                         test_data: tuple | None = None) -> list[dict[str, Any]]:
+def evaluate_checkpoints(
+    target: str,
+    whiches: list[str | None],
+    specs: Iterable[str],
+    *,
+    backend: str = "torchattacks",
+    eps: float | None = None,
+    alpha: float | None = None,
+    n_eval: int | None = None,
+    n_eval_aa: int | None = 1000,
+    batch_size: int = 256,
+    device: str | None = None,
+    data_root: str | None = None,
+    model: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+    data: str | None = None,
+    test_data: tuple | None = None,
+) -> list[dict[str, Any]]:
     """Evaluate the named checkpoints of a run (``which`` best / last / best-ema / last-ema, or
     ``None`` for a checkpoint file); returns one result entry per checkpoint and attack.
 
@@ -64,25 +79,41 @@ def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable
         try:
             net = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"]), allow_import=True).to(dev)
         except RuntimeError as e:  # e.g. a damaged input shape that asks for terabytes
-            raise CheckpointError(f"{ck['path']!r}: model {cfg.model!r} cannot be built for "
-                                  f"{ck['num_classes']} classes of shape {tuple(ck['input_shape'])} ({checkpoint._first_line(e)})") from None
+            raise CheckpointError(
+                f"{ck['path']!r}: model {cfg.model!r} cannot be built for "
+                f"{ck['num_classes']} classes of shape {tuple(ck['input_shape'])} ({checkpoint._first_line(e)})"
+            ) from None
         checkpoint.load_model_state(net, ck, cfg.model)
         if test_data is not None and cfg.data not in data_cache:
             data_cache[cfg.data] = tuple(t.to(dev) for t in test_data)
         if cfg.data not in data_cache:
-            bundle = load_dataset(cfg.data, cfg.data_root, False, image_size=cfg.image_size,  # module: repeated
-                                  test_fraction=cfg.test_fraction, allow_import=True)  # (checked above)
+            bundle = load_dataset(
+                cfg.data,
+                cfg.data_root,
+                False,
+                image_size=cfg.image_size,  # module: repeated
+                test_fraction=cfg.test_fraction,
+                allow_import=True,
+            )  # (checked above)
             if (bundle.num_classes, tuple(bundle.input_shape)) != (int(ck["num_classes"]), tuple(ck["input_shape"])):
                 raise CheckpointError(
                     f"{ck['path']!r} was trained for {ck['num_classes']} classes of shape {tuple(ck['input_shape'])}, "
                     f"but its data set {cfg.data!r} has {bundle.num_classes} classes of shape "
-                    f"{tuple(bundle.input_shape)}")
+                    f"{tuple(bundle.input_shape)}"
+                )
             data_cache[cfg.data] = gather_tensors(bundle.test, None, dev)
         x, y = data_cache[cfg.data]
         e = eps if eps is not None else cfg.eps
         a = alpha if alpha is not None else e / 4
-        kw = dict(eps=e, alpha=a, num_classes=int(ck["num_classes"]), batch_size=batch_size, backend=backend,
-                  progress=progress, seed=cfg.seed)
+        kw = dict(
+            eps=e,
+            alpha=a,
+            num_classes=int(ck["num_classes"]),
+            batch_size=batch_size,
+            backend=backend,
+            progress=progress,
+            seed=cfg.seed,
+        )
         n_main = len(y) if n_eval is None else min(n_eval, len(y))
         n_aa = n_main if n_eval_aa is None else min(n_eval_aa, n_main)
         name = which or "checkpoint"
@@ -101,10 +132,28 @@ def evaluate_checkpoints(target: str, whiches: list[str | None], specs: Iterable
             res.update(evaluate(net, x[:n_main], y[:n_main], main, **kw))
         if len(main) < len(specs):
             res.update(evaluate(net, x[:n_aa], y[:n_aa], ["aa"], **kw))
-        new = [results.entry(name, epoch, spec, float(acc), backend=backend, eps=float(e), alpha=float(a),
-                             n_test=n_aa if spec == "aa" else n_main, n_total=len(y), data=cfg.data, seed=int(cfg.seed))
-               for spec, acc in res.items()]
-        log(results.results_table(new, f"{ck['path']}: eps {e:.4g}, step {a:.4g}, backend {backend}, "
-                                       + ", ".join(f"{results.label(r)} on {r['n_test']}" for r in new)))
+        new = [
+            results.entry(
+                name,
+                epoch,
+                spec,
+                float(acc),
+                backend=backend,
+                eps=float(e),
+                alpha=float(a),
+                n_test=n_aa if spec == "aa" else n_main,
+                n_total=len(y),
+                data=cfg.data,
+                seed=int(cfg.seed),
+            )
+            for spec, acc in res.items()
+        ]
+        log(
+            results.results_table(
+                new,
+                f"{ck['path']}: eps {e:.4g}, step {a:.4g}, backend {backend}, "
+                + ", ".join(f"{results.label(r)} on {r['n_test']}" for r in new),
+            )
+        )
         entries += new
     return entries

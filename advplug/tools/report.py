@@ -14,6 +14,7 @@ Files go to ``RUN_DIR/report/``:
   ground-truth benchmark ``benchmarks/groundtruth``): ROC curves of "low weight means injected"
   and of the run's true-class confidence per injected group.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,8 +74,11 @@ def plot_accuracy(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, A
     pre = selection_prefix(records)
     where = {"val": "held-out", "test": "test"}.get(pre, "test")
     key = lambda k: f"{pre}_{k}" if pre else k  # noqa: E731
-    for k, label in (("train_acc", "train (adversarial)"), (key("clean_acc"), f"{where} natural"),
-                     (key("pgd_acc"), f"{where} PGD")):
+    for k, label in (
+        ("train_acc", "train (adversarial)"),
+        (key("clean_acc"), f"{where} natural"),
+        (key("pgd_acc"), f"{where} PGD"),
+    ):
         pts = [(e, 100 * r[k]) for e, r in zip(ep, records) if k in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=label)
@@ -85,8 +89,9 @@ def plot_accuracy(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, A
     b = best_epoch(records)
     if b is not None:
         r = records[ep.index(b)]
-        ax.plot([b], [100 * r[key("pgd_acc")]], marker="*", ms=14, color="crimson", ls="none",
-                label=f"best (epoch {b})")
+        ax.plot(
+            [b], [100 * r[key("pgd_acc")]], marker="*", ms=14, color="crimson", ls="none", label=f"best (epoch {b})"
+        )
     ax.set_xlim(0.5, last + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{method_label(cfg)} on {_data_label(cfg)}")
@@ -106,8 +111,13 @@ def plot_weights(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, An
     fig, ax = plt.subplots(figsize=(6.4, 4))
     if ds:
         epochs = sorted(ds)
-        ax.boxplot([weight_column(ds[e]) for e in epochs], positions=epochs, widths=0.6, showfliers=True,
-                   flierprops=dict(ms=2, alpha=0.3))
+        ax.boxplot(
+            [weight_column(ds[e]) for e in epochs],
+            positions=epochs,
+            widths=0.6,
+            showfliers=True,
+            flierprops=dict(ms=2, alpha=0.3),
+        )
         ax.set_xticks(epochs[:: max(1, len(epochs) // 10)])
     else:
         pts = [(r["epoch"] + epoch_offset(records), r["weights"]) for r in records if "weights" in r]
@@ -139,7 +149,7 @@ def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
         cols = pd[max(pd)]
         epochs.append(max(pd))
         sig = sorted(k for k in cols if k.startswith(key))
-        wkey = (f"weight_{sig[0][len(key):]}" if key.endswith("_") else "weight") if sig else ""
+        wkey = (f"weight_{sig[0][len(key) :]}" if key.endswith("_") else "weight") if sig else ""
         if sig and wkey in cols:  # LRAT dumps t_<variant> with weight_<variant>, the others one signal with weight
             panels.append((f"{plugin}: {sig[0]}", cols[sig[0]], cols[wkey]))
     if not panels:
@@ -182,9 +192,11 @@ def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8, data: str | No
                 ax.set_title(f"y={y[k]}{pred}\nw={w[sel[col]]:.2f}", fontsize=7)
                 k += 1
         axes[row, 0].text(-0.3, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
-    fig.suptitle(f"training images with the lowest and highest weights (epoch {max(ds)}), {method_label(cfg)}"
-                 + ("; pred: the class the model predicted on the training attack" if "pred" in cols else ""),
-                 fontsize=9)
+    fig.suptitle(
+        f"training images with the lowest and highest weights (epoch {max(ds)}), {method_label(cfg)}"
+        + ("; pred: the class the model predicted on the training attack" if "pred" in cols else ""),
+        fontsize=9,
+    )
     return _save(fig, run_dir / "report" / "extremes.png")
 
 
@@ -198,8 +210,10 @@ def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray,
     train = data.train
     n = len(train[1]) if isinstance(train, tuple) else len(train)
     if len(index) and int(index.max()) >= n:
-        raise DataError(f"the dumps name training sample {int(index.max())}, the run's training set has {n}: "
-                        "they are from another run or damaged")
+        raise DataError(
+            f"the dumps name training sample {int(index.max())}, the run's training set has {n}: "
+            "they are from another run or damaged"
+        )
     if isinstance(train, tuple):
         x, y = train[0][index].numpy(), train[1][index].numpy()
     else:
@@ -295,11 +309,15 @@ def plot_roc(run_dir: str | Path) -> Path | None:
             if not flags[g][keep].any() or flags[g][keep].all():
                 continue
             fpr, tpr, _ = roc_curve(flags[g][keep], -v[keep])
-            ax.plot(fpr, tpr, ls=ls, color=COLOURS[g],
-                    label=f"{g}, low {label}: AUROC {auroc_low(flags[g], clean, v):.2f}")
+            ax.plot(
+                fpr, tpr, ls=ls, color=COLOURS[g], label=f"{g}, low {label}: AUROC {auroc_low(flags[g], clean, v):.2f}"
+            )
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
-    ax.set(xlabel="false positive rate (clean samples)", ylabel="true positive rate (injected samples)",
-           title="finding the injected samples")
+    ax.set(
+        xlabel="false positive rate (clean samples)",
+        ylabel="true positive rate (injected samples)",
+        title="finding the injected samples",
+    )
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     return _save(fig, run / "report" / "roc.png")
@@ -321,6 +339,8 @@ def report(run_dir: str | Path, data: str | None = None, log=None) -> list[Path]
         say(f"note: {e}")
     made.append(plot_roc(run))  # roc.png: only for runs with injection flags
     if not read_dumps(run, "weights"):
-        say("note: no per-sample dumps in this run: weights.png shows the logged min/mean/max only, and "
-            "weight_vs_signal.png and extremes.png need them; train with --dump-weights")
+        say(
+            "note: no per-sample dumps in this run: weights.png shows the logged min/mean/max only, and "
+            "weight_vs_signal.png and extremes.png need them; train with --dump-weights"
+        )
     return [p for p in made if p is not None]

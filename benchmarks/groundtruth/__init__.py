@@ -42,6 +42,7 @@ Modules: ``injection`` (the injected data files and the flags in a run's numberi
 The ROC plot that ``advplug report`` draws for these runs, and the definitions it shares with the
 scores (groups, per-epoch weight, AUROC direction), are in ``advplug.tools.report``.
 """
+
 from advplug.tools.report import GROUPS, auroc_low, read_injection
 from benchmarks.groundtruth.injection import TRANSFORMS, atypical_transform, flags_for_config, inject, write_data
 from benchmarks.groundtruth.runner import Settings, default_methods, method_config, run

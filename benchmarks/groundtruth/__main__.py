@@ -14,6 +14,7 @@ Writes ``OUT/groundtruth.{md,csv,json}``, ``OUT/plots/<method>.png`` and one run
 (method, seed) under ``OUT/runs/`` (each with ``injection.npz``: ``advplug report RUN_DIR`` draws
 ``roc.png``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,14 @@ from benchmarks.groundtruth.table import write_outputs
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.groundtruth", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=Settings.out,
-                   help="output folder (runs/, data/, plots/, groundtruth.{md,csv,json})")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.groundtruth",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--out", default=Settings.out, help="output folder (runs/, data/, plots/, groundtruth.{md,csv,json})"
+    )
     p.add_argument("--methods", default="", help="comma-separated: at,trades,mart and plugin names (default: all)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     p.add_argument("--flip", type=float, default=Settings.flip)
@@ -39,17 +44,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duplicate", type=float, default=Settings.duplicate)
     p.add_argument("--transform", choices=TRANSFORMS, default=Settings.transform)
     p.add_argument("--epochs", type=int, default=Settings.epochs)
-    p.add_argument("--steps", type=int, default=Settings.steps,
-                   help="PGD steps of the training attack (step 0.1, eps 0.2)")
-    p.add_argument("--score-epochs", default="",
-                   help="comma-separated 1-based epochs (default: first reweighted and last)")
+    p.add_argument(
+        "--steps", type=int, default=Settings.steps, help="PGD steps of the training attack (step 0.1, eps 0.2)"
+    )
+    p.add_argument(
+        "--score-epochs", default="", help="comma-separated 1-based epochs (default: first reweighted and last)"
+    )
     p.add_argument("--score-only", action="store_true", help="re-score existing runs under --out; train nothing")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    s = Settings(out=a.out, methods=tuple(m for m in a.methods.split(",") if m), seeds=tuple(range(a.seeds)),
-                 flip=a.flip, atypical=a.atypical, duplicate=a.duplicate, transform=a.transform, epochs=a.epochs,
-                 steps=a.steps, score_epochs=tuple(int(e) for e in a.score_epochs.split(",") if e))
+    s = Settings(
+        out=a.out,
+        methods=tuple(m for m in a.methods.split(",") if m),
+        seeds=tuple(range(a.seeds)),
+        flip=a.flip,
+        atypical=a.atypical,
+        duplicate=a.duplicate,
+        transform=a.transform,
+        epochs=a.epochs,
+        steps=a.steps,
+        score_epochs=tuple(int(e) for e in a.score_epochs.split(",") if e),
+    )
     if a.score_only:
         runs = {m: [Path(s.out) / "runs" / f"{m}-seed{k}" for k in s.seeds] for m in (s.methods or default_methods())}
         runs = {m: [d for d in ds if (d / "results.json").is_file()] for m, ds in runs.items()}

@@ -1,5 +1,6 @@
 """The injected training sets: known samples flipped, transformed or duplicated in the embedded
 digits, written as ``npz:`` data files with their flags, and the flags in a run's own numbering."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def atypical_transform(x: torch.Tensor, kind: str, gen: torch.Generator) -> torc
         mag = math.pi / 3 + torch.rand(n, generator=gen) * math.pi / 3  # 60..120 degrees
         ang = mag * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
         cos, sin = torch.cos(ang), torch.sin(ang)
-        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1),
-                             torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1
+        )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1)
     if kind == "shift":
@@ -53,8 +55,17 @@ def atypical_transform(x: torch.Tensor, kind: str, gen: torch.Generator) -> torc
     raise ValueError(f"unknown atypical transform {kind!r} (choose from {', '.join(TRANSFORMS)})")
 
 
-def inject(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, flip: float, atypical: float, duplicate: float,
-           seed: int, transform: str = "rotate") -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
+def inject(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    flip: float,
+    atypical: float,
+    duplicate: float,
+    seed: int,
+    transform: str = "rotate",
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
     """The injected training set and its flags (in its own numbering: the originals, then the copies)."""
     n = len(y)
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -63,7 +74,7 @@ def inject(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, flip: float, a
         raise ValueError(f"fractions {flip}, {atypical}, {duplicate} must be >= 0 and leave samples untouched")
     perm = torch.randperm(n, generator=gen)
     a, b = counts[0], counts[0] + counts[1]
-    i_flip, i_aty, i_dup = perm[:a], perm[a:b], perm[b:sum(counts)]
+    i_flip, i_aty, i_dup = perm[:a], perm[a:b], perm[b : sum(counts)]
     y_orig = y.clone()
     x, y = x.clone(), y.clone()
     y[i_flip] = (y[i_flip] + torch.randint(1, num_classes, (len(i_flip),), generator=gen)) % num_classes
@@ -79,17 +90,25 @@ def inject(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, flip: float, a
     return x, y_new, {**flags, "source": source, "true_label": y_orig.numpy()[source]}
 
 
-def write_data(path: Path, *, flip: float, atypical: float, duplicate: float, seed: int, transform: str,
-               n_train: int | None = None) -> Path:
+def write_data(
+    path: Path, *, flip: float, atypical: float, duplicate: float, seed: int, transform: str, n_train: int | None = None
+) -> Path:
     """The injected digits set as an ``npz:`` data file (plus flag arrays), written atomically;
     ``n_train``: only the first samples of the digits training split (tests)."""
     (xt, yt), (xe, ye) = load_digits_tensors()
     xt, yt = xt[:n_train], yt[:n_train]
     x, y, flags = inject(xt, yt, 10, flip=flip, atypical=atypical, duplicate=duplicate, seed=seed, transform=transform)
-    save_npz(path, x_train=x.numpy(), y_train=y.numpy(), x_test=xe.numpy(), y_test=ye.numpy(),
-             **{f"flag_{k}": v for k, v in flags.items()},
-             injection=np.array(json.dumps(dict(flip=flip, atypical=atypical, duplicate=duplicate, seed=seed,
-                                                transform=transform))))
+    save_npz(
+        path,
+        x_train=x.numpy(),
+        y_train=y.numpy(),
+        x_test=xe.numpy(),
+        y_test=ye.numpy(),
+        **{f"flag_{k}": v for k, v in flags.items()},
+        injection=np.array(
+            json.dumps(dict(flip=flip, atypical=atypical, duplicate=duplicate, seed=seed, transform=transform))
+        ),
+    )
     return path
 
 
@@ -112,9 +131,9 @@ def flags_for_config(cfg: Any) -> dict[str, np.ndarray]:
     """The flags of a run trained on an injected ``npz:`` file, in the run's numbering: the
     positions ``advplug.engine.inputs.training_data`` keeps after holding out the selection (and any
     validation) split, applied to the file's flags. ``cfg``: a resolved ``TrainConfig``."""
-    path = cfg.data[len("npz:"):]
+    path = cfg.data[len("npz:") :]
     with np.load(path, allow_pickle=False) as f:
-        flags = {k[len("flag_"):]: f[k] for k in f.files if k.startswith("flag_")}
+        flags = {k[len("flag_") :]: f[k] for k in f.files if k.startswith("flag_")}
         n = len(f["y_train"])
     if not flags:
         raise ValueError(f"{path}: not an injected data file (no flag_ arrays)")

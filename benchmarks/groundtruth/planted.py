@@ -1,4 +1,5 @@
 """A test double for the benchmark, with a known answer."""
+
 from __future__ import annotations
 
 from typing import Any

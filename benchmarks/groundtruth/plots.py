@@ -1,4 +1,5 @@
 """The benchmark's plot: each injected group's weights over epochs, seeds pooled."""
+
 from __future__ import annotations
 
 from pathlib import Path

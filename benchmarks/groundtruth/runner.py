@@ -1,10 +1,12 @@
 """The benchmark's settings, one training config per method, and the training of every
 (method, seed) in-process."""
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,11 +63,30 @@ def method_config(method: str, seed: int, s: Settings, data_file: Path, out: Pat
     if method == "gairat":
         opts["gairat-begin-epoch"] = burn_in(s.epochs)
     opts.update(s.plugin_options.get(method, {}))
-    return TrainConfig(data=f"npz:{data_file}", model="digits-cnn", objective=objective, plugins=plugins_,
-                       plugin_options=opts, epochs=s.epochs, batch_size=64, lr=0.05, weight_decay=5e-4,
-                       milestones=milestones_for(s.epochs, (0.6, 0.85)), eps=0.2, alpha=s.alpha, steps=s.steps,
-                       eval_steps=s.eval_steps, seed=seed, selection=s.selection, final_attacks=s.final_attacks,
-                       out=str(out), progress=False, dump_weights=True, workers=0, device="cpu")
+    return TrainConfig(
+        data=f"npz:{data_file}",
+        model="digits-cnn",
+        objective=objective,
+        plugins=plugins_,
+        plugin_options=opts,
+        epochs=s.epochs,
+        batch_size=64,
+        lr=0.05,
+        weight_decay=5e-4,
+        milestones=milestones_for(s.epochs, (0.6, 0.85)),
+        eps=0.2,
+        alpha=s.alpha,
+        steps=s.steps,
+        eval_steps=s.eval_steps,
+        seed=seed,
+        selection=s.selection,
+        final_attacks=s.final_attacks,
+        out=str(out),
+        progress=False,
+        dump_weights=True,
+        workers=0,
+        device="cpu",
+    )
 
 
 def train_one(cfg: Any, log: Callable[[str], None] = lambda s: None) -> Path:
@@ -91,8 +112,15 @@ def run(s: Settings, log: Callable[[str], None] = print, keep_going: bool = Fals
     methods = list(s.methods) or default_methods()
     runs: dict[str, list[Path]] = {m: [] for m in methods}
     for seed in s.seeds:
-        data_file = write_data(out / "data" / f"seed{seed}.npz", flip=s.flip, atypical=s.atypical,
-                               duplicate=s.duplicate, seed=seed, transform=s.transform, n_train=s.n_train).resolve()
+        data_file = write_data(
+            out / "data" / f"seed{seed}.npz",
+            flip=s.flip,
+            atypical=s.atypical,
+            duplicate=s.duplicate,
+            seed=seed,
+            transform=s.transform,
+            n_train=s.n_train,
+        ).resolve()
         for m in methods:
             t0 = time.perf_counter()
             cfg = method_config(m, seed, s, data_file, out / "runs" / f"{m}-seed{seed}")

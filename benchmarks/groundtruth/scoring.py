@@ -1,5 +1,6 @@
 """Scores of one ground-truth run: per dumped epoch, how well a low weight singles out each injected
 group (AUROC) and each group's mean weight relative to the epoch's mean."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,10 @@ def score_values(flags: dict[str, np.ndarray], value: np.ndarray) -> dict[str, A
     clean = ~np.any([flags[g] for g in GROUPS], axis=0)
     mean = np.nanmean(value)
     out: dict[str, Any] = {"auroc": {g: auroc_low(flags[g], clean, value) for g in GROUPS}}
-    out["rel_mean"] = {g: float(np.nanmean(value[m]) / mean) if m.any() else float("nan")
-                       for g, m in (("clean", clean), *((g, flags[g]) for g in GROUPS))}
+    out["rel_mean"] = {
+        g: float(np.nanmean(value[m]) / mean) if m.any() else float("nan")
+        for g, m in (("clean", clean), *((g, flags[g]) for g in GROUPS))
+    }
     return out
 
 

@@ -1,4 +1,5 @@
 """Ground-truth benchmark: injection, flags in the trainer's numbering, the table, a planted signal."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,18 @@ def test_flags_follow_the_trainers_numbering(tmp_path):
 def test_benchmark_table_and_a_planted_signal(tmp_path):
     """A tiny benchmark: AT, MAIL and a test double that weighs exactly the flipped samples down
     (AUROC 1 for flipped, about 0.5 for the others); the table, CSV, JSON, plots and ROC come out."""
-    s = gt.Settings(out=str(tmp_path / "gt"), methods=("at", "mail", "planted"), seeds=(0,), epochs=2, steps=2,
-                    n_train=200, final_attacks=("natural",), flip=0.1, atypical=0.1, duplicate=0.05)
+    s = gt.Settings(
+        out=str(tmp_path / "gt"),
+        methods=("at", "mail", "planted"),
+        seeds=(0,),
+        epochs=2,
+        steps=2,
+        n_train=200,
+        final_attacks=("natural",),
+        flip=0.1,
+        atypical=0.1,
+        duplicate=0.05,
+    )
     with installed_plugins(planted="benchmarks.groundtruth.planted:PlantedFlipped"):
         runs = gt.run(s, log=lambda m: None)
     files = gt.write_outputs(runs, s)
@@ -71,7 +82,9 @@ def test_benchmark_table_and_a_planted_signal(tmp_path):
         made = report(runs["planted"][0])
     assert runs["planted"][0] / "report" / "roc.png" in made
     inj = gt.read_injection(runs["planted"][0])
-    assert set(gt.GROUPS) <= set(inj) and len(inj["index"]) == len(np.load(runs["planted"][0] / "confidence.npz")["index"])
+    assert set(gt.GROUPS) <= set(inj) and len(inj["index"]) == len(
+        np.load(runs["planted"][0] / "confidence.npz")["index"]
+    )
 
 
 def test_auroc_direction():

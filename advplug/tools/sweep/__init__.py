@@ -6,6 +6,7 @@ submitit), resumable, and summarised as the ``compare`` table.
 directory, and the status file ``SWEEP_DIR/sweep.json``; ``launchers``: how attempts run;
 ``runner``: the run loop, dry run, tally and report.
 """
+
 from advplug.tools.sweep.launchers import (
     LAUNCHERS,
     RAY_MISSING,

@@ -4,6 +4,7 @@ here (``--jobs`` at once, ``--gpu-ids`` spread over the runs), ``ray`` as a Ray 
 a SLURM job through submitit. A launcher has ``name``, ``capacity`` (runs at once), ``submit``,
 ``wait`` (finished attempts as ``(point name, exit status, launcher error)``), ``stop`` and ``close``.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,9 +40,15 @@ def _spawn(args: list[str], env: dict[str, str], log: Path, header: str, cwd: st
     with open(log, "a") as f:
         f.write(f"\n=== attempt {header} ({now()}): python -m advplug {' '.join(args)}\n")
         f.flush()
-        return subprocess.Popen([sys.executable, "-m", "advplug", *args], stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**os.environ, **env}, cwd=cwd,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        return subprocess.Popen(
+            [sys.executable, "-m", "advplug", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env},
+            cwd=cwd,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
 
 
 def run_point_command(args: list[str], env: dict[str, str], log: str, header: str, cwd: str | None) -> int:
@@ -134,7 +141,8 @@ class RayLauncher:
         gpus = self.gpus if self.gpus is not None else p.gpus
         self._check_fits(cpus, gpus)
         ref = self.remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=0).remote(
-            args, dict(p.env), str(log), header, os.getcwd())
+            args, dict(p.env), str(log), header, os.getcwd()
+        )
         self.refs[ref] = key
 
     def _check_fits(self, cpus: float, gpus: float) -> None:
@@ -147,9 +155,11 @@ class RayLauncher:
         except Exception:
             return
         if nodes and not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
-            print(f"warning: no node of this Ray cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s) for one run "
-                  "(--cpus/--gpus or the sweep file's resources); the runs wait until such a node joins",
-                  file=sys.stderr)
+            print(
+                f"warning: no node of this Ray cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s) for one run "
+                "(--cpus/--gpus or the sweep file's resources); the runs wait until such a node joins",
+                file=sys.stderr,
+            )
 
     def wait(self, timeout: float) -> list[tuple[str, int, str | None]]:
         if not self.refs:
@@ -189,8 +199,9 @@ class SlurmLauncher:
 
     name = "slurm"
 
-    def __init__(self, folder: Path, params: dict[str, Any], cpus: float | None = None,
-                 gpus: float | None = None) -> None:
+    def __init__(
+        self, folder: Path, params: dict[str, Any], cpus: float | None = None, gpus: float | None = None
+    ) -> None:
         try:
             import submitit
         except ImportError:
@@ -209,8 +220,9 @@ class SlurmLauncher:
     def submit(self, key: str, p: Point, args: list[str], log: Path, header: str) -> None:
         cpus = self.cpus if self.cpus is not None else p.cpus
         gpus = self.gpus if self.gpus is not None else p.gpus
-        self.executor.update_parameters(name=key, cpus_per_task=max(1, int(round(cpus))),
-                                        gpus_per_node=int(round(gpus)))
+        self.executor.update_parameters(
+            name=key, cpus_per_task=max(1, int(round(cpus))), gpus_per_node=int(round(gpus))
+        )
         self.jobs[key] = self.executor.submit(run_point_command, args, dict(p.env), str(log), header, os.getcwd())
 
     def wait(self, timeout: float) -> list[tuple[str, int, str | None]]:
@@ -241,8 +253,15 @@ class SlurmLauncher:
         pass
 
 
-def make_launcher(name: str, jobs: int, address: str | None = None, cpus: float | None = None,
-                  gpus: float | None = None, gpu_ids: list[str] | None = None, sweep: Sweep | None = None) -> Any:
+def make_launcher(
+    name: str,
+    jobs: int,
+    address: str | None = None,
+    cpus: float | None = None,
+    gpus: float | None = None,
+    gpu_ids: list[str] | None = None,
+    sweep: Sweep | None = None,
+) -> Any:
     if name == "local":
         return LocalLauncher(jobs, gpu_ids)
     if name == "ray":

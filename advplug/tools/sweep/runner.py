@@ -6,6 +6,7 @@ failed point is tried again (resumed from its checkpoint when it has one) up to 
 times; one failing point never stops the others. Points already finished, or running elsewhere,
 are skipped (``state``).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ from advplug.tools.sweep.state import Status, last_error, now, state
 
 NOTHING_FINISHED = "(no finished points yet)"
 # What each state is called in the dry run.
-DRY_RUN_WORDS = {"done": "finished", "new": "new run", "resume": "resume from last.pt",
-                 "overwrite": "start again (--overwrite)", "busy": "running elsewhere", "conflict": "conflict"}
+DRY_RUN_WORDS = {
+    "done": "finished",
+    "new": "new run",
+    "resume": "resume from last.pt",
+    "overwrite": "start again (--overwrite)",
+    "busy": "running elsewhere",
+    "conflict": "conflict",
+}
 ACTIONS = {"new": "new run", "resume": "resume", "overwrite": "start again"}
 TALLY_STATES = ("done", "running", "failed", "interrupted", "conflict", "pending")
 
@@ -55,8 +62,14 @@ def dry_run(sweep: Sweep) -> list[str]:
     return lines
 
 
-def run_sweep(sweep: Sweep, launcher: Any, *, retries: int | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_sweep(
+    sweep: Sweep,
+    launcher: Any,
+    *,
+    retries: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run every point that is not finished; returns the status file's points."""
     sweep.out.mkdir(parents=True, exist_ok=True)
     retries = sweep.retries if retries is None else retries
@@ -64,8 +77,10 @@ def run_sweep(sweep: Sweep, launcher: Any, *, retries: int | None = None, progre
     try:
         lock.acquire()
     except RunDirError:
-        raise RunDirError(f"sweep {str(sweep.out)!r} is being run by another advplug process; "
-                          "watch it with `advplug sweep SWEEP.toml --report`") from None
+        raise RunDirError(
+            f"sweep {str(sweep.out)!r} is being run by another advplug process; "
+            "watch it with `advplug sweep SWEEP.toml --report`"
+        ) from None
     status = Status(sweep)
     (sweep.out / ".points").mkdir(exist_ok=True)
     queue: deque[Point] = deque()
@@ -81,8 +96,10 @@ def run_sweep(sweep: Sweep, launcher: Any, *, retries: int | None = None, progre
             queue.append(p)
     status.save()
     n_done = sum(r["status"] == "done" for r in status.points.values())
-    log(f"sweep {sweep.out}: {len(sweep.points)} points, {n_done} finished, {len(queue)} to run "
-        f"({launcher.name} launcher)")
+    log(
+        f"sweep {sweep.out}: {len(sweep.points)} points, {n_done} finished, {len(queue)} to run "
+        f"({launcher.name} launcher)"
+    )
     tries: dict[str, int] = {}
     running: dict[str, tuple[Point, float]] = {}
     bar = _bar(len(sweep.points), n_done, progress)
@@ -110,8 +127,13 @@ def run_sweep(sweep: Sweep, launcher: Any, *, retries: int | None = None, progre
                 attempts = status.points[p.name]["attempts"] + 1
                 action = ACTIONS[st.kind]
                 status.set(p.name, status="running", attempts=attempts, action=action, started=now(), ended=None)
-                launcher.submit(p.name, p, train_args(sweep, p, st.kind), sweep.out / "logs" / f"{p.name}.log",
-                                f"{attempts} ({action})")
+                launcher.submit(
+                    p.name,
+                    p,
+                    train_args(sweep, p, st.kind),
+                    sweep.out / "logs" / f"{p.name}.log",
+                    f"{attempts} ({action})",
+                )
                 running[p.name] = (p, time.monotonic())
                 say(f"start {p.name} ({action}, attempt {tries[p.name]})")
                 refresh()
@@ -124,8 +146,13 @@ def run_sweep(sweep: Sweep, launcher: Any, *, retries: int | None = None, progre
                 else:
                     line = err or last_error(sweep.out / "logs" / f"{name}.log", rc)
                     again = tries[name] <= retries
-                    status.set(name, status="pending" if again else "failed", last_error=line, ended=now(),
-                               seconds=round(secs, 1))
+                    status.set(
+                        name,
+                        status="pending" if again else "failed",
+                        last_error=line,
+                        ended=now(),
+                        seconds=round(secs, 1),
+                    )
                     say(f"{'retry' if again else 'FAIL '} {name}: {line}")
                     if again:
                         queue.append(p)
@@ -135,8 +162,10 @@ def run_sweep(sweep: Sweep, launcher: Any, *, retries: int | None = None, progre
         for name in running:
             status.points[name].update(status="interrupted", ended=now())
         status.save()
-        raise Interrupted(f"sweep interrupted; {len(running)} run(s) stopped at their last checkpoint; "
-                          f"run the same command again to continue") from None
+        raise Interrupted(
+            f"sweep interrupted; {len(running)} run(s) stopped at their last checkpoint; "
+            f"run the same command again to continue"
+        ) from None
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
@@ -188,8 +217,11 @@ class Tally:
             if s != "done":
                 err = self.records.get(name, {}).get("last_error")
                 att = self.records.get(name, {}).get("attempts", 0)
-                lines.append(f"  {s:<11} {name}" + (f" ({att} attempt{'s' * (att != 1)})" if att else "")
-                             + (f": {err}" if err else ""))
+                lines.append(
+                    f"  {s:<11} {name}"
+                    + (f" ({att} attempt{'s' * (att != 1)})" if att else "")
+                    + (f": {err}" if err else "")
+                )
         return lines
 
 

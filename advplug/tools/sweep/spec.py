@@ -36,6 +36,7 @@ a 6-hex-digit hash of those settings and their values, then ``seed<S>``: ``mail-
 ``mail-trades-cifar100-seed1``, ``mail-at-3f9a0c-seed0``. ``--dry-run`` prints each name with its
 settings; two points with one name are an error.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -117,21 +118,27 @@ def _layer(table: dict[str, Any], where: str, allow_name: bool = False) -> _Laye
     own = (*RESERVED, "resume", "env", "resources", *(("name",) if allow_name else ()))
     for kind, key, v in table_entries(table, own, flat_options=True):
         if kind == "own" and key in (*RESERVED, "resume"):
-            raise OptionError(f"sweep file: {where} sets {key!r}; the sweep sets it (one run directory per point "
-                              "under the sweep's out)")
+            raise OptionError(
+                f"sweep file: {where} sets {key!r}; the sweep sets it (one run directory per point "
+                "under the sweep's out)"
+            )
         if kind == "own" and key == "env":
             if not isinstance(v, dict):
-                raise OptionError(f"sweep file: {where}.env must be a table of NAME = \"value\"")
+                raise OptionError(f'sweep file: {where}.env must be a table of NAME = "value"')
             layer.env.update({str(a): str(b) for a, b in v.items()})
         elif kind == "own" and key == "resources":
-            if (not isinstance(v, dict) or set(v) - {"cpus", "gpus"}
-                    or not all(isinstance(x, (int, float)) for x in v.values())):
+            if (
+                not isinstance(v, dict)
+                or set(v) - {"cpus", "gpus"}
+                or not all(isinstance(x, (int, float)) for x in v.values())
+            ):
                 raise OptionError(f"sweep file: {where}.resources must be {{ cpus = N, gpus = N }}, got {v!r}")
             layer.resources.update({a: float(b) for a, b in v.items()})
         elif kind == "own":  # name
             if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", v):
-                raise OptionError(f"sweep file: {where}.name must be a plain name (letters, digits, . _ + -), "
-                                  f"got {v!r}")
+                raise OptionError(
+                    f"sweep file: {where}.name must be a plain name (letters, digits, . _ + -), got {v!r}"
+                )
             layer.name = v
         elif kind == "setting":
             layer.settings[key] = v
@@ -142,8 +149,10 @@ def _layer(table: dict[str, Any], where: str, allow_name: bool = False) -> _Laye
         elif kind == "option":
             layer.options[key] = v
         else:
-            raise OptionError(f"sweep file: unknown setting {key!r} in {where} (the names of `advplug train --config`, "
-                              "plugin options as \"plugin-option\")")
+            raise OptionError(
+                f"sweep file: unknown setting {key!r} in {where} (the names of `advplug train --config`, "
+                'plugin options as "plugin-option")'
+            )
     return layer
 
 
@@ -178,8 +187,14 @@ def expand(raw: dict[str, Any], where: str = "sweep file") -> list[Point]:
     unknown = set(raw) - set(TOP_KEYS)
     if unknown:
         raise OptionError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (expected {', '.join(TOP_KEYS)})")
-    base = _layer({**raw.get("base", {}), **({"env": raw["env"]} if "env" in raw else {}),
-                   **({"resources": raw["resources"]} if "resources" in raw else {})}, "[base]")
+    base = _layer(
+        {
+            **raw.get("base", {}),
+            **({"env": raw["env"]} if "env" in raw else {}),
+            **({"resources": raw["resources"]} if "resources" in raw else {}),
+        },
+        "[base]",
+    )
     methods = raw.get("method", [{}])
     if isinstance(methods, dict):
         methods = [methods]
@@ -199,22 +214,37 @@ def expand(raw: dict[str, Any], where: str = "sweep file") -> list[Point]:
     axes.sort(key=lambda a: a[0] != "seed")  # seed outermost: every method's seed 0 runs first
     points: list[Point] = []
     for combo in itertools.product(*[a[2] for a in axes]) if axes else [()]:
-        g = _Layer({k: v for (k, is_p, _), v in zip(axes, combo) if not is_p},
-                   {k: v for (k, is_p, _), v in zip(axes, combo) if is_p})
+        g = _Layer(
+            {k: v for (k, is_p, _), v in zip(axes, combo) if not is_p},
+            {k: v for (k, is_p, _), v in zip(axes, combo) if is_p},
+        )
         for i, spec in enumerate(methods):
             m = _layer(spec, f"[[method]] #{i + 1}", allow_name=True)
             settings = merge_settings(base.as_settings(), m.as_settings(), g.as_settings())
             varied = {**({} if m.name else _flat(m)), **_flat(g)}
             res = {"cpus": 1.0, "gpus": 0.0, **base.resources, **m.resources}
-            table_axes = {k: v for k, v in _flat(g).items()
-                          if k not in ("seed", "plugins", "objective") and not k.startswith("plugin:")}
-            points.append(Point(point_name(settings, varied, m.name), settings, table_axes, {**base.env, **m.env},
-                                res["cpus"], res["gpus"]))
+            table_axes = {
+                k: v
+                for k, v in _flat(g).items()
+                if k not in ("seed", "plugins", "objective") and not k.startswith("plugin:")
+            }
+            points.append(
+                Point(
+                    point_name(settings, varied, m.name),
+                    settings,
+                    table_axes,
+                    {**base.env, **m.env},
+                    res["cpus"],
+                    res["gpus"],
+                )
+            )
     seen: dict[str, Point] = {}
     for p in points:
         if p.name in seen:
-            raise OptionError(f"{where}: two points are both named {p.name!r} ({_describe(seen[p.name])} and "
-                              f"{_describe(p)}): give the methods different settings or names")
+            raise OptionError(
+                f"{where}: two points are both named {p.name!r} ({_describe(seen[p.name])} and "
+                f"{_describe(p)}): give the methods different settings or names"
+            )
         seen[p.name] = p
     _validate(points)
     return points

@@ -9,6 +9,7 @@ first checkpoint (``--overwrite``); no run yet (a new run). A run directory whos
 differs from the point's settings (the sweep file was edited) is a conflict: reported, never
 overwritten.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,11 @@ def state(p: Point, run: Path) -> PointState:
     if (run / "results.json").is_file():  # finished: counted only if it is this point's run
         diff = settings_differ(p, run)
         if diff:
-            return PointState("conflict", f"{run} holds a finished run with other settings: {'; '.join(diff[:3])}; "
-                                          "move it away or give the sweep another out")
+            return PointState(
+                "conflict",
+                f"{run} holds a finished run with other settings: {'; '.join(diff[:3])}; "
+                "move it away or give the sweep another out",
+            )
         return PointState("done")
     busy = _busy(run)
     if busy:
@@ -96,8 +100,11 @@ def state(p: Point, run: Path) -> PointState:
     if rundir.holds_run(run):
         diff = settings_differ(p, run)
         if diff:
-            return PointState("conflict", f"{run} holds a run with other settings: {'; '.join(diff[:3])}; move it "
-                                          "away or give the sweep another out")
+            return PointState(
+                "conflict",
+                f"{run} holds a run with other settings: {'; '.join(diff[:3])}; move it "
+                "away or give the sweep another out",
+            )
         if (run / "last.pt").is_file():
             return PointState("resume")
         return PointState("overwrite", "stopped before its first checkpoint")
@@ -117,7 +124,7 @@ def last_error(log: Path, rc: int | None) -> str:
     # only this attempt's lines (the log is appended per attempt)
     for i in range(len(lines) - 1, -1, -1):
         if lines[i].startswith("=== attempt"):
-            lines = lines[i + 1:]
+            lines = lines[i + 1 :]
             break
     for pat in (r"^error: ", r"^[\w.]*(Error|Exception|Interrupt|Fault)\b"):
         hits = [x for x in lines if re.match(pat, x)]
@@ -172,5 +179,7 @@ class Status:
         counts: dict[str, int] = {}
         for r in self.points.values():
             counts[r["status"]] = counts.get(r["status"], 0) + 1
-        rundir.write_json(self.sweep.out / STATUS_FILE, {
-            "sweep_file": str(self.sweep.path.absolute()), "updated": now(), "counts": counts, "points": self.points})
+        rundir.write_json(
+            self.sweep.out / STATUS_FILE,
+            {"sweep_file": str(self.sweep.path.absolute()), "updated": now(), "counts": counts, "points": self.points},
+        )

@@ -1,5 +1,6 @@
 """AWP: perturbation size and direction against an independent computation, exact restore,
 gradient at the perturbed weights, BatchNorm statistics untouched, warm-up, combinations."""
+
 import math
 
 import pytest
@@ -97,7 +98,9 @@ def test_step_perturbs_by_gamma_along_the_loss_gradient_and_restores_exactly(tmp
 
 
 def test_proxy_leaves_batchnorm_statistics_alone():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)
+    )
     model.train()
     awp = AWP(AWP.Options(gamma=0.01, warmup=0))
 
@@ -105,12 +108,35 @@ def test_proxy_leaves_batchnorm_statistics_alone():
         assert weights is None  # the proxy loss is unweighted
         return F.cross_entropy(ctx.logits(variants[0]), ctx.y)
 
-    awp.on_train_start(TrainContext(model=model, config=None, num_train=8, num_classes=3, input_shape=(1, 4, 4),
-                                    device=torch.device("cpu"), epochs=2, milestones=(1,), objective="at",
-                                    make_attack=None, log=lambda s: None, loss_fn=loss_fn))
+    awp.on_train_start(
+        TrainContext(
+            model=model,
+            config=None,
+            num_train=8,
+            num_classes=3,
+            input_shape=(1, 4, 4),
+            device=torch.device("cpu"),
+            epochs=2,
+            milestones=(1,),
+            objective="at",
+            make_attack=None,
+            log=lambda s: None,
+            loss_fn=loss_fn,
+        )
+    )
     x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
-    ctx = StepContext(model=model, x=x, y=y, index=torch.arange(8), epoch=0, step=0, num_classes=3, config=None,
-                      lr=0.1, tap=FeatureTap(model))
+    ctx = StepContext(
+        model=model,
+        x=x,
+        y=y,
+        index=torch.arange(8),
+        epoch=0,
+        step=0,
+        num_classes=3,
+        config=None,
+        lr=0.1,
+        tap=FeatureTap(model),
+    )
     ctx.variants = [Variant("pgd", x + 0.01)]
     stats = {n: b.clone() for n, b in model.named_buffers()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -132,16 +158,27 @@ def test_trades_warm_up_and_defaults(tmp_path):
     awp = t.enabled.plugin("awp")
     assert (awp.options.gamma, awp.options.warmup) == (0.005, 9)  # TRADES-AWP: from the 10th epoch of 100
     x, y = t.data.train
-    ctx = StepContext(model=t.net, x=x[:8], y=y[:8], index=torch.arange(8), epoch=8, step=0, num_classes=10,
-                      config=t.cfg, lr=0.1, tap=t.tap)
+    ctx = StepContext(
+        model=t.net,
+        x=x[:8],
+        y=y[:8],
+        index=torch.arange(8),
+        epoch=8,
+        step=0,
+        num_classes=10,
+        config=t.cfg,
+        lr=0.1,
+        tap=t.tap,
+    )
     assert awp.perturb_weights(ctx, [Variant("tpgd", x[:8])]) is None  # epoch 9 (1-based): still warming up
     assert not awp.active(8) and awp.active(9)
 
 
 @pytest.mark.parametrize("objective", ["trades", "mart"])
 def test_combines_with_mail_and_every_objective(tmp_path, objective):
-    t = trainer(tmp_path, objective=objective, plugins=("awp", "mail"),
-                plugin_options={"awp-warmup": 0, "mail-burn-in": 0})
+    t = trainer(
+        tmp_path, objective=objective, plugins=("awp", "mail"), plugin_options={"awp-warmup": 0, "mail-burn-in": 0}
+    )
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
     probe = Probe()
     loss, ctx, w = one_step(t, probe)
@@ -177,10 +214,42 @@ def test_ddp_two_processes(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "advplug",
-           "train", "--plugin", "awp", "--plugin", "mail", "--objective", "trades", "--awp-warmup", "0",
-           "--mail-burn-in", "0", "--epochs", "1", "--milestones", "1", "--steps", "2", "--eval-steps", "2",
-           "--n-eval", "16", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "advplug",
+        "train",
+        "--plugin",
+        "awp",
+        "--plugin",
+        "mail",
+        "--objective",
+        "trades",
+        "--awp-warmup",
+        "0",
+        "--mail-burn-in",
+        "0",
+        "--epochs",
+        "1",
+        "--milestones",
+        "1",
+        "--steps",
+        "2",
+        "--eval-steps",
+        "2",
+        "--n-eval",
+        "16",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "awp: gamma 0.005" in res.stdout
@@ -190,9 +259,22 @@ def start(objective, epochs=100, **options):
     """AWP after on_train_start on a tiny model (no Trainer)."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     awp = AWP(AWP.Options(**options))
-    awp.on_train_start(TrainContext(model=model, config=None, num_train=8, num_classes=3, input_shape=(1, 2, 2),
-                                    device=torch.device("cpu"), epochs=epochs, milestones=(1,), objective=objective,
-                                    make_attack=None, log=lambda s: None, loss_fn=lambda c, v, w: None))
+    awp.on_train_start(
+        TrainContext(
+            model=model,
+            config=None,
+            num_train=8,
+            num_classes=3,
+            input_shape=(1, 2, 2),
+            device=torch.device("cpu"),
+            epochs=epochs,
+            milestones=(1,),
+            objective=objective,
+            make_attack=None,
+            log=lambda s: None,
+            loss_fn=lambda c, v, w: None,
+        )
+    )
     return awp
 
 
@@ -259,9 +341,22 @@ def test_warm_up_covering_the_whole_run_is_an_error_only_with_awp_on():
     assert start("at", epochs=5, gamma=0.01, warmup=4).options.warmup == 4  # the last epoch perturbs
     assert start("at", epochs=5, gamma=0.0, warmup=5).options.warmup == 5  # gamma 0: AWP off, nothing to check
     with pytest.raises(OptionError, match="loss function"):
-        AWP(AWP.Options()).on_train_start(TrainContext(
-            model=nn.Linear(2, 2), config=None, num_train=8, num_classes=2, input_shape=(2,), device=torch.device("cpu"),
-            epochs=3, milestones=(1,), objective="at", make_attack=None, log=lambda s: None, loss_fn=None))
+        AWP(AWP.Options()).on_train_start(
+            TrainContext(
+                model=nn.Linear(2, 2),
+                config=None,
+                num_train=8,
+                num_classes=2,
+                input_shape=(2,),
+                device=torch.device("cpu"),
+                epochs=3,
+                milestones=(1,),
+                objective="at",
+                make_attack=None,
+                log=lambda s: None,
+                loss_fn=None,
+            )
+        )
 
 
 def test_proxy_loss_sees_the_views_by_name_and_the_anchor_under_no_sync():
@@ -296,12 +391,35 @@ def test_proxy_loss_sees_the_views_by_name_and_the_anchor_under_no_sync():
         return F.cross_entropy(ctx.logits("b"), ctx.y)
 
     awp = AWP(AWP.Options(gamma=0.1, warmup=0))
-    awp.on_train_start(TrainContext(model=model, config=None, num_train=6, num_classes=3, input_shape=(1, 2, 2),
-                                    device=torch.device("cpu"), epochs=2, milestones=(1,), objective="at",
-                                    make_attack=None, log=lambda s: None, loss_fn=loss_fn))
+    awp.on_train_start(
+        TrainContext(
+            model=model,
+            config=None,
+            num_train=6,
+            num_classes=3,
+            input_shape=(1, 2, 2),
+            device=torch.device("cpu"),
+            epochs=2,
+            milestones=(1,),
+            objective="at",
+            make_attack=None,
+            log=lambda s: None,
+            loss_fn=loss_fn,
+        )
+    )
     x, y = torch.rand(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
-    ctx = StepContext(model=model, x=x, y=y, index=torch.arange(6), epoch=0, step=0, num_classes=3, config=None,
-                      lr=0.1, tap=FeatureTap(inner))
+    ctx = StepContext(
+        model=model,
+        x=x,
+        y=y,
+        index=torch.arange(6),
+        epoch=0,
+        step=0,
+        num_classes=3,
+        config=None,
+        lr=0.1,
+        tap=FeatureTap(inner),
+    )
     xb = torch.rand(6, 1, 2, 2)
     ctx.variants = [Variant("a", x + 0.01), Variant("b", xb)]
     ctx.anchor_name = "b"
@@ -332,13 +450,36 @@ def proxy_setup(world_size, gamma=0.1):
     torch.manual_seed(0)
     model = HasSpare()
     awp = AWP(AWP.Options(gamma=gamma, warmup=0))
-    awp.on_train_start(TrainContext(model=model, config=None, num_train=6, num_classes=3, input_shape=(1, 2, 2),
-                                    device=torch.device("cpu"), epochs=2, milestones=(1,), objective="at",
-                                    make_attack=None, log=lambda s: None, world_size=world_size,
-                                    loss_fn=lambda c, v, w: F.cross_entropy(c.logits(v[0]), c.y)))
+    awp.on_train_start(
+        TrainContext(
+            model=model,
+            config=None,
+            num_train=6,
+            num_classes=3,
+            input_shape=(1, 2, 2),
+            device=torch.device("cpu"),
+            epochs=2,
+            milestones=(1,),
+            objective="at",
+            make_attack=None,
+            log=lambda s: None,
+            world_size=world_size,
+            loss_fn=lambda c, v, w: F.cross_entropy(c.logits(v[0]), c.y),
+        )
+    )
     x, y = torch.rand(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
-    ctx = StepContext(model=model, x=x, y=y, index=torch.arange(6), epoch=0, step=0, num_classes=3, config=None,
-                      lr=0.1, tap=FeatureTap(model))
+    ctx = StepContext(
+        model=model,
+        x=x,
+        y=y,
+        index=torch.arange(6),
+        epoch=0,
+        step=0,
+        num_classes=3,
+        config=None,
+        lr=0.1,
+        tap=FeatureTap(model),
+    )
     ctx.variants = [Variant("pgd", x + 0.05)]
     ref = nn.Linear(4, 3)
     ref.load_state_dict(model.lin.state_dict())

@@ -1,4 +1,5 @@
 """BAT: Eq. 6-10 against hand computations, memorisation estimates, poisoning samples, composition, resume."""
+
 import math
 
 import numpy as np
@@ -49,7 +50,9 @@ def test_discrimination_loss_by_hand():
     # cosine: the same on normalised features, with tau
     hn = h / h.norm(dim=1, keepdim=True)
     assert discrimination_loss(h, y, torch.ones(4, dtype=torch.bool), tau=0.5, cosine=True).item() == pytest.approx(
-        discrimination_loss(hn / math.sqrt(0.5), y, torch.ones(4, dtype=torch.bool), tau=1.0, cosine=False).item(), rel=1e-5)
+        discrimination_loss(hn / math.sqrt(0.5), y, torch.ones(4, dtype=torch.bool), tau=1.0, cosine=False).item(),
+        rel=1e-5,
+    )
 
 
 def test_discrimination_loss_falls_when_same_class_features_move_together():
@@ -62,16 +65,29 @@ def test_discrimination_loss_falls_when_same_class_features_move_together():
     after = discrimination_loss(0.5 * h + 0.5 * centres[y], y, typical, tau=1.0)
     assert after < before
     assert discrimination_loss(0.5 * h + 0.5 * centres[y], y, typical, tau=1.0, cosine=True) < discrimination_loss(
-        h, y, typical, tau=1.0, cosine=True)
+        h, y, typical, tau=1.0, cosine=True
+    )
     assert discrimination_loss(h, y, torch.zeros(16, dtype=torch.bool), tau=1.0).item() == 0.0  # no typical pair
 
 
 def started(num_train=10, train_data=None, model="fc1", **opts):
     b = BAT(BAT.Options(**opts))
-    b.on_train_start(TrainContext(model=None, config=TrainConfig(model=model, out="/tmp/unused-bat"), num_train=num_train,
-                                  num_classes=10, input_shape=(1, 8, 8), device=torch.device("cpu"), epochs=5,
-                                  milestones=(3,), objective="at", make_attack=None, log=lambda s: None,
-                                  train_data=train_data))
+    b.on_train_start(
+        TrainContext(
+            model=None,
+            config=TrainConfig(model=model, out="/tmp/unused-bat"),
+            num_train=num_train,
+            num_classes=10,
+            input_shape=(1, 8, 8),
+            device=torch.device("cpu"),
+            epochs=5,
+            milestones=(3,),
+            objective="at",
+            make_attack=None,
+            log=lambda s: None,
+            train_data=train_data,
+        )
+    )
     return b
 
 
@@ -102,8 +118,9 @@ def test_ensemble_disagreement_against_scipy(tmp_path):
         m = build_model("fc1", 10, (1, 8, 8))
         checkpoint.save(tmp_path / f"m{seed}.pt", {"model": m.state_dict(), "model_name": "fc1"})
         paths.append(str(tmp_path / f"m{seed}.pt"))
-    b = started(num_train=12, train_data=(x, torch.zeros(12, dtype=torch.long)), mem="ensemble",
-                mem_checkpoints=",".join(paths))
+    b = started(
+        num_train=12, train_data=(x, torch.zeros(12, dtype=torch.long)), mem="ensemble", mem_checkpoints=",".join(paths)
+    )
     probs = []
     for p in paths:
         m = build_model("fc1", 10, (1, 8, 8))
@@ -129,15 +146,25 @@ def blobs_with_poison(n_per_class=100, n_poison=12, seed=0) -> tuple[DataBundle,
     x, y = torch.cat([x, xp]).clamp(0, 1), torch.cat([y, torch.zeros(n_poison, dtype=torch.long)])
     perm = torch.randperm(len(y), generator=g)
     poison = torch.zeros(len(y), dtype=torch.bool)
-    poison[3 * n_per_class:] = True
+    poison[3 * n_per_class :] = True
     x, y, poison = x[perm].view(-1, 1, 4, 4), y[perm], poison[perm]
     return DataBundle((x, y), (x[:64], y[:64]), 3, (1, 4, 4)), poison
 
 
 def test_poisoning_samples_get_the_smallest_weights(tmp_path):
     data, poison = blobs_with_poison()
-    cfg = tiny_config(str(tmp_path), model="fc1", plugins=("bat",), epochs=5, milestones=(4,), eps=0.05, alpha=0.02,
-                      steps=3, lr=0.1, plugin_options={"bat-dump": "true"})
+    cfg = tiny_config(
+        str(tmp_path),
+        model="fc1",
+        plugins=("bat",),
+        epochs=5,
+        milestones=(4,),
+        eps=0.05,
+        alpha=0.02,
+        steps=3,
+        lr=0.1,
+        plugin_options={"bat-dump": "true"},
+    )
     Trainer(cfg, data=data, log=lambda s: None).fit()
     d = np.load(tmp_path / "dumps" / "bat-epoch005.npz")
     w = np.empty(len(poison))
@@ -198,14 +225,28 @@ def bat_ctx(x_nat, x_adv, y, epoch=3):
     from advplug import FeatureTap, StepContext, Variant
 
     model = Feat()
-    ctx = StepContext(model=model, x=x_nat, y=y, index=torch.arange(len(y)), epoch=epoch, step=0, num_classes=3,
-                      config=None, lr=0.1, tap=FeatureTap(model))
+    ctx = StepContext(
+        model=model,
+        x=x_nat,
+        y=y,
+        index=torch.arange(len(y)),
+        epoch=epoch,
+        step=0,
+        num_classes=3,
+        config=None,
+        lr=0.1,
+        tap=FeatureTap(model),
+    )
     ctx.variants = [Variant("pgd", x_adv)]
     return ctx
 
 
-X_NAT = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.2, 0.0], [0.0, 1.0, 0.1], [0.9, 0.0, 0.1]])
-X_ADV = torch.tensor([[0.2, 1.0, 0.0], [0.0, 1.0, 0.3], [0.5, 0.0, 0.6], [0.1, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.1, 0.0]])
+X_NAT = torch.tensor(
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.2, 0.0], [0.0, 1.0, 0.1], [0.9, 0.0, 0.1]]
+)
+X_ADV = torch.tensor(
+    [[0.2, 1.0, 0.0], [0.0, 1.0, 0.3], [0.5, 0.0, 0.6], [0.1, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.1, 0.0]]
+)
 Y6 = torch.tensor([0, 1, 2, 0, 1, 0])
 
 
@@ -276,7 +317,8 @@ def test_memorisation_estimator_by_hand():
     member = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1], [0, 1, 0, 1]], dtype=torch.bool)
     correct = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
     mem, n_in, n_out = memorisation_scores(correct, member)
-    # sample 0: in models 0, 1 (both right), out in 2 (wrong): 1 - 0; sample 1: in 0, 2 (right, wrong), out 1 (wrong): 0.5 - 0
+    # sample 0: in models 0, 1 (both right), out in 2 (wrong): 1 - 0;
+    # sample 1: in 0, 2 (right, wrong), out 1 (wrong): 0.5 - 0
     # sample 2: never in -> 0; sample 3: in all, never out -> 0
     assert mem.tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
     assert n_in.tolist() == [2, 2, 0, 3] and n_out.tolist() == [1, 1, 3, 0]

@@ -1,5 +1,6 @@
 """BiLAW: Def. 3 by hand, the meta-gradient (Eq. 5-6) against finite differences, the
 non-parametric weights against explicit per-sample gradients, the validation split, resume."""
+
 import pytest
 import torch
 from advplug_bilaw import BiLAW, WeightNet, mean_one, multiclass_margin
@@ -26,8 +27,9 @@ def tiny_problem(seed=0, lr=0.5):
     tap = FeatureTap(model)
 
     def ctx():
-        c = StepContext(model=model, x=x, y=y, index=torch.arange(8), epoch=0, step=0, num_classes=3, config=None,
-                        lr=lr, tap=tap)
+        c = StepContext(
+            model=model, x=x, y=y, index=torch.arange(8), epoch=0, step=0, num_classes=3, config=None, lr=lr, tap=tap
+        )
         c.variants = [Variant("pgd", (x + 0.05).clamp(0, 1))]
         return c
 
@@ -81,7 +83,7 @@ def test_nonparametric_weights_are_gradient_alignments():
     g_val = torch.cat([g.flatten() for g in g_val])
     align = []
     for j in range(8):
-        gj = torch.autograd.grad(ce(model(xa[j:j + 1]), y[j:j + 1]), params)
+        gj = torch.autograd.grad(ce(model(xa[j : j + 1]), y[j : j + 1]), params)
         align.append(torch.dot(g_val, torch.cat([g.flatten() for g in gj])).clamp_min(0))
     ref = torch.stack(align)
     assert (ref > 0).any() and (ref == 0).any()
@@ -99,8 +101,11 @@ def test_validation_split_is_held_out_and_never_trained_on(tmp_path):
 def test_options_and_trades_variant(tmp_path):
     with pytest.raises(OptionError, match="--bilaw-hidden 'wide'"):
         enable(["bilaw"], "at", {"bilaw-hidden": "wide"})
-    tr = Trainer(tiny_config(str(tmp_path), plugins=("bilaw",), objective="trades",
-                             plugin_options={"bilaw-input": "loss"}), data=digits_subset(128, 16), log=lambda s: None)
+    tr = Trainer(
+        tiny_config(str(tmp_path), plugins=("bilaw",), objective="trades", plugin_options={"bilaw-input": "loss"}),
+        data=digits_subset(128, 16),
+        log=lambda s: None,
+    )
     before = [p.detach().clone() for p in tr.enabled.plugin("bilaw").net.parameters()]
     x, y = tr.data.train[0][:32], tr.data.train[1][:32]
     _, ctx, w = tr.step(x, y, torch.arange(32), epoch=0, global_step=0)
@@ -121,10 +126,21 @@ def test_start_up_leaves_the_global_rng_alone():
     from advplug import TrainContext
 
     b = BiLAW(BiLAW.Options())
-    ctx = TrainContext(model=nn.Linear(2, 3), config=tiny_config("/tmp/unused-bilaw"), num_train=10, num_classes=3,
-                       input_shape=(2,), device=torch.device("cpu"), epochs=2, milestones=(1,), objective="at",
-                       make_attack=lambda name: None, log=lambda s: None,
-                       validation=(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)), loss_fn=lambda *a: None)
+    ctx = TrainContext(
+        model=nn.Linear(2, 3),
+        config=tiny_config("/tmp/unused-bilaw"),
+        num_train=10,
+        num_classes=3,
+        input_shape=(2,),
+        device=torch.device("cpu"),
+        epochs=2,
+        milestones=(1,),
+        objective="at",
+        make_attack=lambda name: None,
+        log=lambda s: None,
+        validation=(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)),
+        loss_fn=lambda *a: None,
+    )
     torch.manual_seed(3)
     state = torch.random.get_rng_state()
     b.on_train_start(ctx)
@@ -164,12 +180,16 @@ def test_meta_step_against_an_independent_computation_of_eq_5_6():
     for p, v in zip(net0.parameters(), mu0):
         p.data.copy_(v)
     w = mean_one(net0(delta[None]))  # [1, B], a function of mu
-    per_sample = [torch.autograd.grad(nn.functional.cross_entropy(model(xa[j:j + 1]), y[j:j + 1]), params)
-                  for j in range(8)]
+    per_sample = [
+        torch.autograd.grad(nn.functional.cross_entropy(model(xa[j : j + 1]), y[j : j + 1]), params) for j in range(8)
+    ]
     wv = w.detach()[0]
-    tilde = {n: p - 0.5 * sum(wv[j] * per_sample[j][k] for j in range(8)) / 8 for k, (n, p) in enumerate(zip(names, params))}
-    g_val = torch.autograd.grad(nn.functional.cross_entropy(functional_call(model, tilde, (xv_adv,)), yv_b),
-                                list(tilde.values()))
+    tilde = {
+        n: p - 0.5 * sum(wv[j] * per_sample[j][k] for j in range(8)) / 8 for k, (n, p) in enumerate(zip(names, params))
+    }
+    g_val = torch.autograd.grad(
+        nn.functional.cross_entropy(functional_call(model, tilde, (xv_adv,)), yv_b), list(tilde.values())
+    )
     dl_dw = torch.stack([-0.5 / 8 * sum((gv * gj).sum() for gv, gj in zip(g_val, per_sample[j])) for j in range(8)])
     grad_mu = torch.autograd.grad((dl_dw.detach() * w[0]).sum(), list(net0.parameters()))
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """FAT: the early stop on a hand-built model, against a transcription of the authors' loop, the tau
 schedule, FAT-TRADES replacing TRADES' attack, stats for other plugins."""
+
 import json
 
 import pytest
@@ -36,7 +37,9 @@ def attack(tau, **kw):
     return EarlyStoppedPGD(Threshold().eval(), eps=0.5, alpha=ALPHA, steps=10, tau=tau, start="none", **kw)
 
 
-@pytest.mark.parametrize("tau, stops", [(0, [4, 2, 0, 10]), (1, [5, 3, 1, 10]), (2, [6, 4, 2, 10]), (10, [10, 10, 10, 10])])
+@pytest.mark.parametrize(
+    "tau, stops", [(0, [4, 2, 0, 10]), (1, [5, 3, 1, 10]), (2, [6, 4, 2, 10]), (10, [10, 10, 10, 10])]
+)
 def test_stops_tau_steps_after_the_first_misclassification(tau, stops):
     atk = attack(tau)
     x = torch.tensor(X0)[:, None]
@@ -44,7 +47,9 @@ def test_stops_tau_steps_after_the_first_misclassification(tau, stops):
     adv = atk(x, y)
     st = atk.stats()
     assert st["stop_step"].tolist() == stops
-    assert adv[:, 0].tolist() == pytest.approx([min(1.0, x0 + s * ALPHA) for x0, s in zip(X0, stops)])  # clamped to [0, 1]
+    assert adv[:, 0].tolist() == pytest.approx(
+        [min(1.0, x0 + s * ALPHA) for x0, s in zip(X0, stops)]
+    )  # clamped to [0, 1]
     assert st["first_wrong"].tolist() == [4, 2, 0, 10]
     assert st["kappa"].tolist() == [4, 2, 0, 10]  # correct at every iteration before the first wrong one
     # MAIL's p_true at the first misclassified iteration: sigmoid(-s (x - c)) there
@@ -124,22 +129,45 @@ def test_tau_schedule_is_the_authors_adjust_tau():
 
 
 def test_defaults_per_objective():
-    for objective, (loss, start, omega, sched) in {"at": ("ce", "uniform", 0.001, "50,90"),
-                                                   "trades": ("kl", "normal", 0.0, "30,50,70"),
-                                                   "mart": ("ce", "normal", 0.0, "20,40,60,80")}.items():
+    for objective, (loss, start, omega, sched) in {
+        "at": ("ce", "uniform", 0.001, "50,90"),
+        "trades": ("kl", "normal", 0.0, "30,50,70"),
+        "mart": ("ce", "normal", 0.0, "20,40,60,80"),
+    }.items():
         fat = enable(["fat"], objective).plugin("fat")
         from advplug import TrainContext
 
-        fat.on_train_start(TrainContext(model=Threshold(), config=tiny_config("/tmp/unused"), num_train=8, num_classes=2,
-                                        input_shape=(1,), device=torch.device("cpu"), epochs=120, milestones=(60,),
-                                        objective=objective, make_attack=None, log=lambda s: None))
+        fat.on_train_start(
+            TrainContext(
+                model=Threshold(),
+                config=tiny_config("/tmp/unused"),
+                num_train=8,
+                num_classes=2,
+                input_shape=(1,),
+                device=torch.device("cpu"),
+                epochs=120,
+                milestones=(60,),
+                objective=objective,
+                make_attack=None,
+                log=lambda s: None,
+            )
+        )
         o = fat.options
         assert (o.loss, o.start, o.omega, o.tau_epochs) == (loss, start, omega, sched)
 
 
 def test_fat_trades_replaces_the_trades_attack(tmp_path):
-    t = Trainer(tiny_config(str(tmp_path / "r"), plugins=("fat", "mail"), objective="trades", epochs=2,
-                            plugin_options={"mail-burn-in": 0}), data=digits_subset(128, 64), log=lambda s: None)
+    t = Trainer(
+        tiny_config(
+            str(tmp_path / "r"),
+            plugins=("fat", "mail"),
+            objective="trades",
+            epochs=2,
+            plugin_options={"mail-burn-in": 0},
+        ),
+        data=digits_subset(128, 64),
+        log=lambda s: None,
+    )
     x, y = t.data.train
     loss, ctx, w = t.step(x[:32], y[:32], torch.arange(32), 0, 0)
     assert [v.name for v in ctx.variants] == ["fat"]  # TRADES' own tpgd did not run
@@ -151,8 +179,11 @@ def test_fat_trades_replaces_the_trades_attack(tmp_path):
 
 def test_end_to_end(tmp_path):
     out = tmp_path / "run"
-    Trainer(tiny_config(str(out), plugins=("fat",), epochs=2, milestones=(1,),
-                        plugin_options={"fat-tau-epochs": "1"}), data=digits_subset(), log=lambda s: None).fit()
+    Trainer(
+        tiny_config(str(out), plugins=("fat",), epochs=2, milestones=(1,), plugin_options={"fat-tau-epochs": "1"}),
+        data=digits_subset(),
+        log=lambda s: None,
+    ).fit()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["fat"]["tau"] for r in rows] == [0, 1]
     assert all(0 <= r["fat"]["mean_stop_step"] <= 3 for r in rows)
@@ -161,7 +192,9 @@ def test_end_to_end(tmp_path):
 def test_records_stay_at_the_first_misclassified_iterate_when_fooled_again():
     """tau 10 (no stop): a scripted model predicts correct, fooled (p_y 0.3), correct, fooled (p_y 0.2);
     MAIL's p_true stays 0.3 and first_wrong 1, being correct again must not reopen them."""
-    atk = EarlyStoppedPGD(ScriptedTwoClass([0.2, 0.7, 0.1, 0.8]).eval(), eps=0.1, alpha=0.01, steps=4, tau=10, start="none")
+    atk = EarlyStoppedPGD(
+        ScriptedTwoClass([0.2, 0.7, 0.1, 0.8]).eval(), eps=0.1, alpha=0.01, steps=4, tau=10, start="none"
+    )
     atk(torch.rand(2, 3), torch.zeros(2, dtype=torch.long))
     st = atk.stats()
     assert st["p_true_lps"].tolist() == pytest.approx([0.3, 0.3], rel=1e-5)
@@ -251,9 +284,21 @@ def test_defaults_for_an_objective_without_a_script():
     from advplug import TrainContext
 
     fat = enable(["fat"], "at").plugin("fat")
-    fat.on_train_start(TrainContext(model=Threshold(), config=tiny_config("/tmp/unused"), num_train=8, num_classes=2,
-                                    input_shape=(1,), device=torch.device("cpu"), epochs=120, milestones=(60,),
-                                    objective="other", make_attack=None, log=lambda s: None))
+    fat.on_train_start(
+        TrainContext(
+            model=Threshold(),
+            config=tiny_config("/tmp/unused"),
+            num_train=8,
+            num_classes=2,
+            input_shape=(1,),
+            device=torch.device("cpu"),
+            epochs=120,
+            milestones=(60,),
+            objective="other",
+            make_attack=None,
+            log=lambda s: None,
+        )
+    )
     o = fat.options
     assert (o.loss, o.start, o.omega, o.tau_epochs) == ("ce", "uniform", 0.0, "50,90")
     assert fat.epochs == (50, 90) and (fat.attack.loss, fat.attack.start) == ("ce", "uniform")
@@ -272,7 +317,7 @@ def test_mean_stop_step_per_epoch():
     x, y = torch.tensor(X0)[:, None], torch.zeros(4, dtype=torch.long)
     for epoch, batches in ((0, [x, x[:2]]), (1, [x[2:]])):
         for xb in batches:
-            fat.generate_adversaries(SimpleNamespace(epoch=epoch, x=xb, y=y[:len(xb)], batch_size=len(xb)))
+            fat.generate_adversaries(SimpleNamespace(epoch=epoch, x=xb, y=y[: len(xb)], batch_size=len(xb)))
         out = fat.on_epoch_end(epoch)
         assert out["tau"] == 0
         assert out["mean_stop_step"] == pytest.approx([(4 + 2 + 0 + 10 + 4 + 2) / 6, (0 + 10) / 2][epoch])

@@ -1,4 +1,5 @@
 """GAIRAT: weight functions against hand computations, kappa from the attack, burn-in, schedule."""
+
 import math
 
 import pytest
@@ -22,7 +23,8 @@ def test_tanh_weight_by_hand_and_lrat_eq10_form():
 def test_sigmoid_and_discrete_by_hand():
     kappa = torch.tensor([0, 4, 10])
     assert gair_weights(kappa, 10, 0.5, "sigmoid").tolist() == pytest.approx(
-        [1 / (1 + math.exp(-(0.5 + 5 * (5 - k) / 5))) for k in (0, 4, 10)], rel=1e-5)
+        [1 / (1 + math.exp(-(0.5 + 5 * (5 - k) / 5))) for k in (0, 4, 10)], rel=1e-5
+    )
     assert gair_weights(kappa, 10, 0.0, "discrete").tolist() == pytest.approx([11 / 11, 7 / 11, 1 / 11])
 
 
@@ -35,17 +37,39 @@ def test_lambda_schedules():
 
 def started(epochs=10, milestones=(4,), **opts):
     g = GAIRAT(GAIRAT.Options(**opts))
-    g.on_train_start(TrainContext(model=None, config=tiny_config("/tmp/unused", steps=10), num_train=100, num_classes=3,
-                                  input_shape=(1,), device=torch.device("cpu"), epochs=epochs, milestones=milestones,
-                                  objective="at", make_attack=None, log=lambda s: None))
+    g.on_train_start(
+        TrainContext(
+            model=None,
+            config=tiny_config("/tmp/unused", steps=10),
+            num_train=100,
+            num_classes=3,
+            input_shape=(1,),
+            device=torch.device("cpu"),
+            epochs=epochs,
+            milestones=milestones,
+            objective="at",
+            make_attack=None,
+            log=lambda s: None,
+        )
+    )
     return g
 
 
 def ctx_with(kappa, epoch):
     model = torch.nn.Linear(1, 1)
     b = len(kappa)
-    ctx = StepContext(model=model, x=torch.zeros(b, 1), y=torch.zeros(b, dtype=torch.long), index=torch.arange(b),
-                      epoch=epoch, step=0, num_classes=2, config=None, lr=0.1, tap=FeatureTap(model))
+    ctx = StepContext(
+        model=model,
+        x=torch.zeros(b, 1),
+        y=torch.zeros(b, dtype=torch.long),
+        index=torch.arange(b),
+        epoch=epoch,
+        step=0,
+        num_classes=2,
+        config=None,
+        lr=0.1,
+        tap=FeatureTap(model),
+    )
     ctx.variants = [Variant("pgd", torch.zeros(b, 1), {"kappa": torch.tensor(kappa)})]
     return ctx
 
@@ -69,8 +93,11 @@ def test_bad_input():
 
 
 def test_end_to_end_kappa_from_the_training_attack(tmp_path):
-    Trainer(tiny_config(str(tmp_path), plugins=("gairat",), epochs=2, milestones=(1,), plugin_options={"gairat-dump": "1"}),
-            data=digits_subset(), log=lambda s: None).fit()
+    Trainer(
+        tiny_config(str(tmp_path), plugins=("gairat",), epochs=2, milestones=(1,), plugin_options={"gairat-dump": "1"}),
+        data=digits_subset(),
+        log=lambda s: None,
+    ).fit()
     import numpy as np
 
     d = np.load(tmp_path / "dumps" / "gairat-epoch002.npz")
@@ -99,7 +126,11 @@ def test_weights_match_the_authors_gair_for_odd_and_even_k(steps, func):
     assert (w * len(w) / w.sum()).tolist() == pytest.approx(authors_gair(steps, kappa, -0.5, func).tolist(), rel=1e-5)
     if steps % 2 and func != "discrete":  # K / 2 instead of int(K / 2) is told apart
         h = steps / 2
-        wrong = ((-0.5 + (h - kappa.float()) * 5 / h).tanh() + 1) / 2 if func == "tanh" else (-0.5 + (h - kappa.float()) * 5 / h).sigmoid()
+        wrong = (
+            ((-0.5 + (h - kappa.float()) * 5 / h).tanh() + 1) / 2
+            if func == "tanh"
+            else (-0.5 + (h - kappa.float()) * 5 / h).sigmoid()
+        )
         assert not torch.allclose(w, wrong, rtol=1e-3)
 
 

@@ -1,4 +1,5 @@
 """LRAT: Eq. 7, 11, 12, 15 against hand computations, SAA targets, composition with MAIL, conflicts."""
+
 import math
 
 import pytest
@@ -29,7 +30,9 @@ def test_variable_factor_and_weight_by_hand():
     t = variable_factor(probs, y)
     assert t.tolist() == pytest.approx([0.3, -0.3, 0.85])  # Eq. 11
     w = local_weight(t, alpha=2.0, beta=0.5)
-    assert w.tolist() == pytest.approx([2 * math.sqrt(0.7), 2 * math.sqrt(1.3), 2 * math.sqrt(0.15)], rel=1e-6)  # Eq. 12
+    assert w.tolist() == pytest.approx(
+        [2 * math.sqrt(0.7), 2 * math.sqrt(1.3), 2 * math.sqrt(0.15)], rel=1e-6
+    )  # Eq. 12
     assert w[1] > w[0] > w[2]  # higher t, lower weight
 
 
@@ -45,8 +48,18 @@ def ctx_for(prob_rows, names, y):
     table = torch.log(torch.tensor(prob_rows, dtype=torch.float).reshape(-1, len(prob_rows[0][0])))
     model = TableModel(table)
     nat = len(prob_rows) - 1
-    ctx = StepContext(model=model, x=torch.arange(nat * b, (nat + 1) * b)[:, None].float(), y=y, index=torch.arange(b),
-                      epoch=0, step=0, num_classes=table.shape[1], config=None, lr=0.1, tap=FeatureTap(model))
+    ctx = StepContext(
+        model=model,
+        x=torch.arange(nat * b, (nat + 1) * b)[:, None].float(),
+        y=y,
+        index=torch.arange(b),
+        epoch=0,
+        step=0,
+        num_classes=table.shape[1],
+        config=None,
+        lr=0.1,
+        tap=FeatureTap(model),
+    )
     ctx.variants = [Variant(n, torch.arange(i * b, (i + 1) * b)[:, None].float()) for i, n in enumerate(names)]
     return ctx
 
@@ -58,10 +71,10 @@ def plugin(**opts):
 
 # two instances, classes 3; views cw, pgd, saa (sorted), then natural
 P = [
-    [[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]],   # cw
-    [[0.5, 0.4, 0.1], [0.1, 0.2, 0.7]],   # pgd
+    [[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]],  # cw
+    [[0.5, 0.4, 0.1], [0.1, 0.2, 0.7]],  # pgd
     [[0.3, 0.6, 0.1], [0.02, 0.01, 0.97]],  # saa
-    [[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]],   # natural
+    [[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]],  # natural
 ]
 Y = torch.tensor([0, 2])
 
@@ -69,7 +82,9 @@ Y = torch.tensor([0, 2])
 def by_hand_pair(view_rows, alpha=2.0, beta=0.5):
     out = []
     for rows in view_rows:
-        out.append([alpha * (1 - (r[y] - max(p for j, p in enumerate(r) if j != y))) ** beta for r, y in zip(rows, (0, 2))])
+        out.append(
+            [alpha * (1 - (r[y] - max(p for j, p in enumerate(r) if j != y))) ** beta for r, y in zip(rows, (0, 2))]
+        )
     return out
 
 
@@ -128,10 +143,15 @@ def test_options_are_checked():
 @pytest.mark.parametrize("objective", ["trades", "mart"])
 def test_two_loss_owners_name_both(objective):
     with pytest.raises(PluginError, match=rf"lrat.*{objective}|{objective}.*lrat"):
-        Trainer(tiny_config("/tmp/unused-lrat", plugins=("lrat",), objective=objective), data=digits_subset(64, 16),
-                log=lambda s: None)
+        Trainer(
+            tiny_config("/tmp/unused-lrat", plugins=("lrat",), objective=objective),
+            data=digits_subset(64, 16),
+            log=lambda s: None,
+        )
     with pytest.raises(PluginError, match="lrat.*meow|meow.*lrat"):
-        Trainer(tiny_config("/tmp/unused-lrat", plugins=("lrat", "meow")), data=digits_subset(64, 16), log=lambda s: None)
+        Trainer(
+            tiny_config("/tmp/unused-lrat", plugins=("lrat", "meow")), data=digits_subset(64, 16), log=lambda s: None
+        )
 
 
 def trained_trainer(tmp_path, **kw):
@@ -155,8 +175,20 @@ def test_saa_targets_the_three_highest_non_true_classes_and_variants_stay_in_the
     y = torch.where(torch.arange(64) < 48, z.argmax(1), (z.argmax(1) + 1) % 10)  # 48 correct, 16 wrong
     correct = z.argmax(1) == y
     top3 = z.scatter(1, y[:, None], float("-inf")).topk(3, dim=1).indices
-    variants = lrat.generate_adversaries(StepContext(model=tr.model, x=x, y=y, index=torch.arange(64), epoch=1, step=0,
-                                                     num_classes=10, config=tr.cfg, lr=0.1, tap=tr.tap))
+    variants = lrat.generate_adversaries(
+        StepContext(
+            model=tr.model,
+            x=x,
+            y=y,
+            index=torch.arange(64),
+            epoch=1,
+            step=0,
+            num_classes=10,
+            config=tr.cfg,
+            lr=0.1,
+            tap=tr.tap,
+        )
+    )
     assert [v.name for v in variants] == ["pgd", "cw", "saa"]
     targets = saa.targets
     assert torch.equal(targets[~correct], torch.full_like(targets[~correct], -1))  # misclassified: not attacked
@@ -222,7 +254,10 @@ def test_eq15_total_includes_the_natural_floor():
     assert min(floor) > 0
     scale = sum(cw[i] + saa[i] + floor[i] for i in range(2)) / 2  # Eq. 15: (1/n) sum_i (floor_i + sum_j w_ij) = 1
     assert w.local_nat.tolist() == pytest.approx([f / scale for f in floor], rel=1e-5)
-    assert w.local.tolist() == [pytest.approx([v / scale for v in cw], rel=1e-5), pytest.approx([v / scale for v in saa], rel=1e-5)]
+    assert w.local.tolist() == [
+        pytest.approx([v / scale for v in cw], rel=1e-5),
+        pytest.approx([v / scale for v in saa], rel=1e-5),
+    ]
     assert (w.local.sum(0) + w.local_nat).mean().item() == pytest.approx(1.0)
 
 
@@ -238,15 +273,28 @@ def test_alpha_and_beta_of_eq12_are_used():
 
 
 def test_saa_steps_and_targets_reach_the_attack():
-    from advplug.attacks import make_attack
     from advplug import TrainContext
+    from advplug.attacks import make_attack
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 10))
     p = plugin(attacks="saa", floor="none", saa_steps=7, saa_targets=2)
-    p.on_train_start(TrainContext(model=model, config=tiny_config("/tmp/unused-lrat"), num_train=8, num_classes=10,
-                                  input_shape=(1, 2, 2), device=torch.device("cpu"), epochs=2, milestones=(1,),
-                                  objective="at", log=lambda s: None,
-                                  make_attack=lambda name, **kw: make_attack(name, model, **{**dict(eps=0.1, alpha=0.02, steps=3, num_classes=10), **kw})))
+    p.on_train_start(
+        TrainContext(
+            model=model,
+            config=tiny_config("/tmp/unused-lrat"),
+            num_train=8,
+            num_classes=10,
+            input_shape=(1, 2, 2),
+            device=torch.device("cpu"),
+            epochs=2,
+            milestones=(1,),
+            objective="at",
+            log=lambda s: None,
+            make_attack=lambda name, **kw: make_attack(
+                name, model, **{**dict(eps=0.1, alpha=0.02, steps=3, num_classes=10), **kw}
+            ),
+        )
+    )
     atk = p.runners["saa"]
     assert atk.steps == 7 and atk.n_target_classes == 2
     atk(torch.rand(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
@@ -291,24 +339,37 @@ def lrat_by_hand(prob_rows, names, y, attacks, floor="pgd", alpha=2.0, beta=0.5,
 
 # three classes, three instances with the true class first, second and last on each view
 P3 = [
-    [[0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.3, 0.2]],     # cw
-    [[0.5, 0.4, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]],     # pgd
+    [[0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.3, 0.2]],  # cw
+    [[0.5, 0.4, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]],  # pgd
     [[0.3, 0.6, 0.1], [0.02, 0.01, 0.97], [0.1, 0.8, 0.1]],  # saa
-    [[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]],     # natural
+    [[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]],  # natural
 ]
 Y3 = [0, 2, 1]
 VIEWS = {"cw": 0, "pgd": 1, "saa": 2}
 
 
-@pytest.mark.parametrize("attacks,floor", [("saa,cw", "pgd"), ("saa,cw", "cw"), ("saa,cw", "saa"), ("saa,cw", "nat"),
-                                           ("saa,cw", "none"), ("pgd", "pgd"), ("cw", "saa"), ("pgd,cw,saa", "cw")])
+@pytest.mark.parametrize(
+    "attacks,floor",
+    [
+        ("saa,cw", "pgd"),
+        ("saa,cw", "cw"),
+        ("saa,cw", "saa"),
+        ("saa,cw", "nat"),
+        ("saa,cw", "none"),
+        ("pgd", "pgd"),
+        ("cw", "saa"),
+        ("pgd,cw,saa", "cw"),
+    ],
+)
 @pytest.mark.parametrize("alpha,beta,c", [(2.0, 0.5, 0.1), (2.0, 0.5, 2.5), (0.7, 3.0, 1.2)])
 @pytest.mark.parametrize("normalise", ["eq15", "none"])
 def test_weights_against_a_transcription_of_the_paper(attacks, floor, alpha, beta, c, normalise):
     names = sorted(set(parse_attacks(attacks)) | ({floor} if floor in VIEWS else set()))
     rows = [P3[VIEWS[n]] for n in names] + [P3[3]]
     ctx = ctx_for(rows, names, torch.tensor(Y3))
-    w = plugin(attacks=attacks, floor=floor, alpha=alpha, beta=beta, c=c, normalise=normalise).compute_weights(ctx, ctx.variants)
+    w = plugin(attacks=attacks, floor=floor, alpha=alpha, beta=beta, c=c, normalise=normalise).compute_weights(
+        ctx, ctx.variants
+    )
     ref, ref_nat = lrat_by_hand(rows, names, Y3, parse_attacks(attacks), floor, alpha, beta, c, normalise)
     assert w.adv is None and w.nat is None  # LRAT's weights are local
     assert w.local.tolist() == [pytest.approx(r, rel=1e-5, abs=1e-7) for r in ref]
@@ -338,14 +399,29 @@ def test_eq7_loss_with_lrats_own_local_weights_by_hand():
     weights = p.compute_weights(ctx, ctx.variants)
     loss = p.combine_loss(ctx, ctx.variants, weights).item()
     ref_w, ref_nat = lrat_by_hand(rows, names, Y3, ("saa", "cw"), "nat", c=2.5)
-    ref = sum(sum(ref_w[v][i] * -math.log(rows[v][i][Y3[i]]) for v in range(2)) + ref_nat[i] * -math.log(rows[2][i][Y3[i]])
-              for i in range(3)) / 3
+    ref = (
+        sum(
+            sum(ref_w[v][i] * -math.log(rows[v][i][Y3[i]]) for v in range(2))
+            + ref_nat[i] * -math.log(rows[2][i][Y3[i]])
+            for i in range(3)
+        )
+        / 3
+    )
     assert loss == pytest.approx(ref, rel=1e-5)
     # and a global weight g_i on top: W_ij = g_i local_ij, the natural term g_i local_nat_i
     g = torch.tensor([0.5, 2.0, 1.0])
     loss_g = p.combine_loss(ctx, ctx.variants, Weights(adv=g, local=weights.local, local_nat=weights.local_nat)).item()
-    ref_g = sum(g[i].item() * (sum(ref_w[v][i] * -math.log(rows[v][i][Y3[i]]) for v in range(2))
-                               + ref_nat[i] * -math.log(rows[2][i][Y3[i]])) for i in range(3)) / 3
+    ref_g = (
+        sum(
+            g[i].item()
+            * (
+                sum(ref_w[v][i] * -math.log(rows[v][i][Y3[i]]) for v in range(2))
+                + ref_nat[i] * -math.log(rows[2][i][Y3[i]])
+            )
+            for i in range(3)
+        )
+        / 3
+    )
     assert loss_g == pytest.approx(ref_g, rel=1e-5)
 
 
@@ -361,9 +437,21 @@ def test_lsat_refuses_a_floor_it_would_never_use_and_accepts_the_others():
 
     def start(**opts):
         p = plugin(**opts)
-        p.on_train_start(TrainContext(model=None, config=None, num_train=8, num_classes=3, input_shape=(1,),
-                                      device=torch.device("cpu"), epochs=1, milestones=(), objective="at",
-                                      make_attack=lambda name, **kw: name, log=lambda s: None))
+        p.on_train_start(
+            TrainContext(
+                model=None,
+                config=None,
+                num_train=8,
+                num_classes=3,
+                input_shape=(1,),
+                device=torch.device("cpu"),
+                epochs=1,
+                milestones=(),
+                objective="at",
+                make_attack=lambda name, **kw: name,
+                log=lambda s: None,
+            )
+        )
         return p
 
     with pytest.raises(Exception, match="--lrat-lsat has no floor term"):
@@ -375,7 +463,9 @@ def test_lsat_refuses_a_floor_it_would_never_use_and_accepts_the_others():
     assert list(start(attacks="saa,cw", floor="pgd").runners) == ["saa", "cw", "pgd"]  # x* runs once more
 
 
-@pytest.mark.parametrize("floor,anchor", [("pgd", "pgd"), ("cw", "cw"), ("saa", "saa"), ("nat", "natural"), ("none", None)])
+@pytest.mark.parametrize(
+    "floor,anchor", [("pgd", "pgd"), ("cw", "cw"), ("saa", "saa"), ("nat", "natural"), ("none", None)]
+)
 def test_declaration(floor, anchor):
     d = plugin(attacks="saa,cw", floor=floor).declare()
     assert d.weights == "local" and d.anchor == anchor and d.natural_weights is False
@@ -393,7 +483,15 @@ def test_declaration(floor, anchor):
 def test_defaults_are_the_papers():
     """Eq. 12 alpha 2, beta 0.5; Eq. 7 C = 0.1; LRAT-SAA+CW with PGD as x* (Sec. 5.2); SAA-20 on 3 targets."""
     o = LRAT.Options()
-    assert (o.alpha, o.beta, o.c, o.attacks, o.floor, o.normalise, o.lsat) == (2.0, 0.5, 0.1, "saa,cw", "pgd", "eq15", False)
+    assert (o.alpha, o.beta, o.c, o.attacks, o.floor, o.normalise, o.lsat) == (
+        2.0,
+        0.5,
+        0.1,
+        "saa,cw",
+        "pgd",
+        "eq15",
+        False,
+    )
     assert (o.saa_steps, o.saa_targets) == (20, 3)
 
 
@@ -404,26 +502,43 @@ from hypothesis import strategies as st  # noqa: E402
 
 @st.composite
 def prob_tables(draw):
-    b, k = draw(st.integers(1, 4), ), draw(st.integers(2, 4))
+    b, k = (
+        draw(
+            st.integers(1, 4),
+        ),
+        draw(st.integers(2, 4)),
+    )
+
     def row():
         z = draw(st.lists(st.floats(-6, 6), min_size=k, max_size=k))
         e = [math.exp(v) for v in z]
         return [v / sum(e) for v in e]
+
     views = [[row() for _ in range(b)] for _ in range(4)]  # cw, pgd, saa, natural
     y = draw(st.lists(st.integers(0, k - 1), min_size=b, max_size=b))
     return views, y
 
 
 @settings(max_examples=50, deadline=None)
-@given(prob_tables(), st.sampled_from(["pgd", "cw", "nat", "none"]), st.floats(0.1, 5.0), st.floats(0.1, 4.0),
-       st.floats(0.05, 4.0))
+@given(
+    prob_tables(),
+    st.sampled_from(["pgd", "cw", "nat", "none"]),
+    st.floats(0.1, 5.0),
+    st.floats(0.1, 4.0),
+    st.floats(0.05, 4.0),
+)
 def test_properties_of_the_weights(tables, floor, alpha, beta, c):
     views, y = tables
     # The plugin computes t = p_y - max_{j != y} p_j in float32: near t = 1, 1 - t loses digits
     # (t = 0.9998 leaves 1 - t with a relative error ~3e-4), beyond this test's 1e-4 against the
     # float64 transcription. Margins that close to 1 are left to the hand-computed tests above.
-    assume(all(1 - (r[yi] - max(q for k, q in enumerate(r) if k != yi)) >= 0.01
-               for view in views[:3] for r, yi in zip(view, y)))
+    assume(
+        all(
+            1 - (r[yi] - max(q for k, q in enumerate(r) if k != yi)) >= 0.01
+            for view in views[:3]
+            for r, yi in zip(view, y)
+        )
+    )
     names = ["cw", "pgd", "saa"]
     ctx = ctx_for(views, names, torch.tensor(y))
     p = plugin(attacks="saa,cw", floor=floor, alpha=alpha, beta=beta, c=c)
@@ -431,11 +546,15 @@ def test_properties_of_the_weights(tables, floor, alpha, beta, c):
     total = w.local.double().sum(0) + (w.local_nat.double() if w.local_nat is not None else 0.0)
     assert (w.local >= 0).all()
     assert total.mean().item() == pytest.approx(1.0, rel=1e-5)  # Eq. 15
-    raw = plugin(attacks="saa,cw", floor=floor, alpha=alpha, beta=beta, c=c, normalise="none").compute_weights(ctx, ctx.variants)
+    raw = plugin(attacks="saa,cw", floor=floor, alpha=alpha, beta=beta, c=c, normalise="none").compute_weights(
+        ctx, ctx.variants
+    )
     raw_total = raw.local.double().sum(0) + (raw.local_nat.double() if raw.local_nat is not None else 0.0)
     if floor != "none":
         assert (raw_total >= c * (1 - 1e-5)).all()  # Eq. 7: no instance below C
-    assert torch.allclose(w.local.double() * raw_total.mean(), raw.local.double(), rtol=1e-4, atol=1e-7)  # one scale for all
+    assert torch.allclose(
+        w.local.double() * raw_total.mean(), raw.local.double(), rtol=1e-4, atol=1e-7
+    )  # one scale for all
     ref, ref_nat = lrat_by_hand(views, names, y, ("saa", "cw"), floor, alpha, beta, c)
     assert w.local.tolist() == [pytest.approx(r, rel=1e-4, abs=1e-6) for r in ref]
 

@@ -1,4 +1,5 @@
 """MAIL: Eq. 5-8 against hand computations, normalisation, burn-in, presets, composition."""
+
 import json
 import math
 
@@ -30,8 +31,18 @@ def test_weight_by_hand_and_monotone():
 def ctx_for(nat_logits, adv_logits, y, epoch=5, stats=None):
     b = len(y)
     model = TableModel(torch.cat([nat_logits, adv_logits]))
-    ctx = StepContext(model=model, x=torch.arange(b)[:, None].float(), y=y, index=torch.arange(b), epoch=epoch,
-                      step=0, num_classes=nat_logits.shape[1], config=None, lr=0.1, tap=FeatureTap(model))
+    ctx = StepContext(
+        model=model,
+        x=torch.arange(b)[:, None].float(),
+        y=y,
+        index=torch.arange(b),
+        epoch=epoch,
+        step=0,
+        num_classes=nat_logits.shape[1],
+        config=None,
+        lr=0.1,
+        tap=FeatureTap(model),
+    )
     ctx.variants = [Variant("pgd", torch.arange(b, 2 * b)[:, None].float(), stats or {})]
     return ctx
 
@@ -39,9 +50,21 @@ def ctx_for(nat_logits, adv_logits, y, epoch=5, stats=None):
 def started(objective="at", epochs=10, milestones=(4,), **opts):
     m = MAIL(MAIL.Options(**opts))
     cfg = tiny_config("/tmp/unused")
-    m.on_train_start(TrainContext(model=None, config=cfg, num_train=100, num_classes=3, input_shape=(1,),
-                                  device=torch.device("cpu"), epochs=epochs, milestones=milestones,
-                                  objective=objective, make_attack=None, log=lambda s: None))
+    m.on_train_start(
+        TrainContext(
+            model=None,
+            config=cfg,
+            num_train=100,
+            num_classes=3,
+            input_shape=(1,),
+            device=torch.device("cpu"),
+            epochs=epochs,
+            milestones=milestones,
+            objective=objective,
+            make_attack=None,
+            log=lambda s: None,
+        )
+    )
     return m
 
 
@@ -50,11 +73,14 @@ LOGITS_ADV = torch.log(torch.tensor([[0.4, 0.5, 0.1], [0.2, 0.2, 0.6], [0.3, 0.6
 Y = torch.tensor([0, 2, 1])
 
 
-@pytest.mark.parametrize("margin,pm", [
-    ("adv", [0.4 - 0.5, 0.6 - 0.2, 0.6 - 0.3]),
-    ("nat", [0.7 - 0.2, 0.4 - 0.3, 0.8 - 0.1]),
-    ("dif", [0.7 - 0.45, 0.4 - 0.3, 0.8 - 0.5]),
-])
+@pytest.mark.parametrize(
+    "margin,pm",
+    [
+        ("adv", [0.4 - 0.5, 0.6 - 0.2, 0.6 - 0.3]),
+        ("nat", [0.7 - 0.2, 0.4 - 0.3, 0.8 - 0.1]),
+        ("dif", [0.7 - 0.45, 0.4 - 0.3, 0.8 - 0.5]),
+    ],
+)
 def test_batch_normalised_weights_by_hand(margin, pm):
     m = started(margin=margin)
     ctx = ctx_for(LOGITS_NAT, LOGITS_ADV, Y, stats={"p_true_lps": torch.tensor([0.45, 0.3, 0.5])})
@@ -76,7 +102,10 @@ def test_burn_in_abstains_until_the_first_lr_drop():
     m = started(milestones=(4, 7))
     assert m.options.burn_in == 4
     assert m.compute_weights(ctx_for(LOGITS_NAT, LOGITS_ADV, Y, epoch=3), []) is None
-    assert m.compute_weights(ctx_for(LOGITS_NAT, LOGITS_ADV, Y, epoch=4), ctx_for(LOGITS_NAT, LOGITS_ADV, Y).variants) is not None
+    assert (
+        m.compute_weights(ctx_for(LOGITS_NAT, LOGITS_ADV, Y, epoch=4), ctx_for(LOGITS_NAT, LOGITS_ADV, Y).variants)
+        is not None
+    )
 
 
 def test_presets_per_objective_and_overrides():
@@ -109,8 +138,9 @@ def test_end_to_end_with_trades_and_resume(tmp_path):
     from advplug.testing import run_and_resume, same_tensors
 
     opts = {"mail-burn-in": 1, "mail-dump": "true"}
-    full, part = run_and_resume(tmp_path, digits_subset(), plugins=("mail",), objective="trades", milestones=(2,),
-                                plugin_options=opts)
+    full, part = run_and_resume(
+        tmp_path, digits_subset(), plugins=("mail",), objective="trades", milestones=(2,), plugin_options=opts
+    )
     assert same_tensors(full["model"], part["model"])
     cfgj = json.loads((tmp_path / "part" / "config.json").read_text())
     assert cfgj["resolved_plugin_options"]["mail"]["gamma"] == 2.0  # TRADES preset recorded
@@ -192,12 +222,14 @@ def test_mail_mart_default_is_the_authors_code():
     code_w = torch.sigmoid((p_2nd - p_gt) * 2.0) * 3
     tmp1 = torch.argsort(probs, dim=1)[:, -2:]
     new_y = torch.where(tmp1[:, -1] == Y, tmp1[:, -2], tmp1[:, -1])
-    loss_adv = F.cross_entropy(LOGITS_ADV, Y, reduction="none") + F.nll_loss(torch.log(1.0001 - probs + 1e-12), new_y,
-                                                                             reduction="none")
+    loss_adv = F.cross_entropy(LOGITS_ADV, Y, reduction="none") + F.nll_loss(
+        torch.log(1.0001 - probs + 1e-12), new_y, reduction="none"
+    )
     nat_probs = F.softmax(LOGITS_NAT, 1)
     true_probs = nat_probs.gather(1, Y[:, None]).squeeze(1)
-    robust = (1.0 / 3) * torch.sum(nn.KLDivLoss(reduction="none")(torch.log(probs + 1e-12), nat_probs).sum(1)
-                                   * (1.0000001 - true_probs))
+    robust = (1.0 / 3) * torch.sum(
+        nn.KLDivLoss(reduction="none")(torch.log(probs + 1e-12), nat_probs).sum(1) * (1.0000001 - true_probs)
+    )
     ref = (loss_adv * code_w).mean() + 6.0 * robust
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 

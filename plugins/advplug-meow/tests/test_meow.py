@@ -1,4 +1,5 @@
 """MeoW: Eq. 3-5 against hand computations, codebook upkeep, typicality, end to end."""
+
 import math
 
 import pytest
@@ -41,17 +42,39 @@ class Embed(nn.Module):
 
 
 def step_ctx(model, x_nat, x_adv, y):
-    ctx = StepContext(model=model, x=x_nat, y=y, index=torch.arange(len(y)), epoch=0, step=0, num_classes=2,
-                      config=None, lr=0.1, tap=FeatureTap(model))
+    ctx = StepContext(
+        model=model,
+        x=x_nat,
+        y=y,
+        index=torch.arange(len(y)),
+        epoch=0,
+        step=0,
+        num_classes=2,
+        config=None,
+        lr=0.1,
+        tap=FeatureTap(model),
+    )
     ctx.variants = [Variant("pgd", x_adv)]
     return ctx
 
 
 def started(**opts):
     m = MeoW(MeoW.Options(**opts))
-    m.on_train_start(TrainContext(model=None, config=None, num_train=10 ** 6, num_classes=2, input_shape=(2,),
-                                  device=torch.device("cpu"), epochs=1, milestones=(), objective="at",
-                                  make_attack=None, log=lambda s: None))
+    m.on_train_start(
+        TrainContext(
+            model=None,
+            config=None,
+            num_train=10**6,
+            num_classes=2,
+            input_shape=(2,),
+            device=torch.device("cpu"),
+            epochs=1,
+            milestones=(),
+            objective="at",
+            make_attack=None,
+            log=lambda s: None,
+        )
+    )
     return m
 
 
@@ -139,7 +162,7 @@ def gaussian_mixture(n_per_class=120, n_atypical=24, seed=0):
     x = torch.cat(xs).clamp(0, 1).view(-1, 1, 1, 2)
     y = torch.cat(ys)
     atypical = torch.zeros(len(y), dtype=torch.bool)
-    atypical[2 * n_per_class:] = True
+    atypical[2 * n_per_class :] = True
     return x, y, atypical
 
 
@@ -156,9 +179,19 @@ class MLP(nn.Module):
 def train_on_mixture(tmp_path, monkeypatch, select):
     x, y, atypical = gaussian_mixture(n_atypical=24)
     data = DataBundle((x, y), (x, y), 2, (1, 1, 2))
-    cfg = tiny_config(str(tmp_path), plugins=("meow",), model=f"{__name__}:MLP", epochs=15, batch_size=32,
-                      lr=0.1, milestones=(100,), eps=0.05, alpha=0.02, steps=3,
-                      plugin_options={"meow-codebook-size": 4, "meow-scale-codebook": "false", "meow-select": select})
+    cfg = tiny_config(
+        str(tmp_path),
+        plugins=("meow",),
+        model=f"{__name__}:MLP",
+        epochs=15,
+        batch_size=32,
+        lr=0.1,
+        milestones=(100,),
+        eps=0.05,
+        alpha=0.02,
+        steps=3,
+        plugin_options={"meow-codebook-size": 4, "meow-scale-codebook": "false", "meow-select": select},
+    )
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     t = Trainer(cfg, data=data, log=lambda s: None)
     for e in range(cfg.epochs):
@@ -199,7 +232,9 @@ def test_end_to_end_resume_keeps_the_codebook(tmp_path):
 def test_overflow_guard_keeps_weights_finite():
     d = torch.tensor([0.5, 10.0, 1000.0])
     w_minus, w_plus = memorization_weights(d, 1.0, max_log_weight=3.0)
-    assert torch.isfinite(w_plus).all() and w_plus.tolist() == pytest.approx([math.exp(0.5), math.exp(3.0), math.exp(3.0)])
+    assert torch.isfinite(w_plus).all() and w_plus.tolist() == pytest.approx(
+        [math.exp(0.5), math.exp(3.0), math.exp(3.0)]
+    )
     assert w_minus.tolist() == pytest.approx([math.exp(-0.5), math.exp(-3.0), math.exp(-3.0)])
     assert torch.isinf(memorization_weights(d, 1.0)[1]).any()  # unguarded exp(d / T) overflows
 
@@ -208,9 +243,21 @@ def with_config(data, model, **opts):
     from advplug import TrainConfig
 
     m = MeoW(MeoW.Options(**opts))
-    m.on_train_start(TrainContext(model=None, config=TrainConfig(data=data, model=model), num_train=10 ** 6, num_classes=2,
-                                  input_shape=(2,), device=torch.device("cpu"), epochs=1, milestones=(),
-                                  objective="at", make_attack=None, log=lambda s: None))
+    m.on_train_start(
+        TrainContext(
+            model=None,
+            config=TrainConfig(data=data, model=model),
+            num_train=10**6,
+            num_classes=2,
+            input_shape=(2,),
+            device=torch.device("cpu"),
+            epochs=1,
+            milestones=(),
+            objective="at",
+            make_attack=None,
+            log=lambda s: None,
+        )
+    )
     return m
 
 
@@ -231,8 +278,11 @@ def test_scale_rule_by_hand():
     w = m.compute_weights(ctx, ctx.variants)
     assert w.nat.tolist() == [1.0, 1.0] and torch.equal(w.adv.flatten(), torch.ones(2))
     m._set_codebook(torch.tensor([[0.0, 0.0]]))
-    steps = [torch.tensor([[3.0, 4.0], [0.0, 1.0]]), torch.tensor([[6.0, 8.0], [0.0, 2.0]]),
-             torch.tensor([[12.0, 16.0], [0.0, 4.0]])]  # distances (5, 1), (10, 2), (20, 4)
+    steps = [
+        torch.tensor([[3.0, 4.0], [0.0, 1.0]]),
+        torch.tensor([[6.0, 8.0], [0.0, 2.0]]),
+        torch.tensor([[12.0, 16.0], [0.0, 4.0]]),
+    ]  # distances (5, 1), (10, 2), (20, 4)
     means, ema = [3.0, 6.0, 12.0], None
     for xs, mean in zip(steps, means):
         ctx = step_ctx(model, xs, xs.clone(), torch.tensor([0, 1]))

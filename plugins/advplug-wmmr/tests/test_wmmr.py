@@ -1,5 +1,6 @@
 """WMMR: weights against hand computations, the weighted attack against an independent one-step
 computation, the TRADES loss with WMMR's weights on the KL term."""
+
 import math
 
 import pytest
@@ -18,15 +19,29 @@ def test_weights_by_hand():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
     y = torch.tensor([0, 0, 2])
     # margins: 0.7 - 0.2 = 0.5; 0.2 - 0.5 = -0.3 (misclassified: weight > 1); 0.8 - 0.1 = 0.7
-    assert wmmr_weights(probs, y, 2.0).tolist() == pytest.approx([math.exp(-1.0), math.exp(0.6), math.exp(-1.4)], rel=1e-6)
+    assert wmmr_weights(probs, y, 2.0).tolist() == pytest.approx(
+        [math.exp(-1.0), math.exp(0.6), math.exp(-1.4)], rel=1e-6
+    )
     assert wmmr_weights(probs, y, 0.0).tolist() == [1.0, 1.0, 1.0]
 
 
 def started(objective="at", **opts):
     w = WMMR(WMMR.Options(attack="plain", **opts))
-    w.on_train_start(TrainContext(model=None, config=tiny_config("/tmp/unused"), num_train=8, num_classes=3,
-                                  input_shape=(1,), device=torch.device("cpu"), epochs=2, milestones=(1,),
-                                  objective=objective, make_attack=None, log=lambda s: None))
+    w.on_train_start(
+        TrainContext(
+            model=None,
+            config=tiny_config("/tmp/unused"),
+            num_train=8,
+            num_classes=3,
+            input_shape=(1,),
+            device=torch.device("cpu"),
+            epochs=2,
+            milestones=(1,),
+            objective=objective,
+            make_attack=None,
+            log=lambda s: None,
+        )
+    )
     return w
 
 
@@ -34,8 +49,18 @@ def table_ctx():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]]))
     model = TableModel(logits)
     x = torch.arange(3.0)[:, None]
-    ctx = StepContext(model=model, x=x + 100, y=torch.tensor([0, 0, 2]), index=torch.arange(3), epoch=0, step=0,
-                      num_classes=3, config=None, lr=0.1, tap=FeatureTap(model))
+    ctx = StepContext(
+        model=model,
+        x=x + 100,
+        y=torch.tensor([0, 0, 2]),
+        index=torch.arange(3),
+        epoch=0,
+        step=0,
+        num_classes=3,
+        config=None,
+        lr=0.1,
+        tap=FeatureTap(model),
+    )
     ctx.variants = [Variant("pgd", x)]  # the adversarial view looks up rows 0, 1, 2
     return ctx
 
@@ -70,14 +95,21 @@ def test_weighted_attack_one_step_against_an_independent_computation():
 
 
 def test_trades_loss_weighs_the_kl_term(tmp_path):
-    t = Trainer(tiny_config(str(tmp_path / "r"), plugins=("wmmr",), objective="trades", epochs=2),
-                data=digits_subset(128, 64), log=lambda s: None)
+    t = Trainer(
+        tiny_config(str(tmp_path / "r"), plugins=("wmmr",), objective="trades", epochs=2),
+        data=digits_subset(128, 64),
+        log=lambda s: None,
+    )
     x, y = t.data.train
     loss, ctx, w = t.step(x[:32], y[:32], torch.arange(32), 0, 0)
     assert [v.name for v in ctx.variants] == ["wmmr"]  # the weighted attack replaced TRADES' own
     nat, adv = ctx.logits("natural").detach(), ctx.logits(ctx.variants[0]).detach()
-    weight = torch.exp(-2.0 * (lambda p: p.gather(1, y[:32, None]).squeeze(1)
-                               - p.scatter(1, y[:32, None], -1.0).max(1).values)(adv.softmax(1)))
+    weight = torch.exp(
+        -2.0
+        * (lambda p: p.gather(1, y[:32, None]).squeeze(1) - p.scatter(1, y[:32, None], -1.0).max(1).values)(
+            adv.softmax(1)
+        )
+    )
     kl = (nat.softmax(1) * (nat.log_softmax(1) - adv.log_softmax(1))).sum(1)
     by_hand = F.cross_entropy(nat, y[:32]) + 6.0 * (weight * kl).mean()  # TRADES_base/trades.py, margin mode
     assert float(loss) == pytest.approx(float(by_hand), rel=1e-4)
@@ -85,8 +117,11 @@ def test_trades_loss_weighs_the_kl_term(tmp_path):
 
 def test_plain_attack_keeps_the_runs_attack_and_trains(tmp_path):
     assert enable(["wmmr"], "at", {"wmmr-attack": "plain"}).plugin("wmmr").options.attack == "plain"
-    t = Trainer(tiny_config(str(tmp_path / "r"), plugins=("wmmr",), epochs=2, plugin_options={"wmmr-attack": "plain"}),
-                data=digits_subset(), log=lambda s: None)
+    t = Trainer(
+        tiny_config(str(tmp_path / "r"), plugins=("wmmr",), epochs=2, plugin_options={"wmmr-attack": "plain"}),
+        data=digits_subset(),
+        log=lambda s: None,
+    )
     res = t.fit()
     assert all(math.isfinite(v) for r in res.values() for v in r.values())
 
@@ -175,6 +210,7 @@ def test_weighted_attack_records_mails_p_true_at_the_least_step():
 def test_p_true_at_the_first_misclassified_iterate_when_the_attack_overshoots_back():
     """A bump: class 1 only within 0.01 of 0.61, so sign steps of 1/32 fool a sample and then leave
     the bump again. w CE grows with the class-1 logit z1, so the step is sign(dz1/dx) (written out)."""
+
     class Bump(nn.Module):
         def __init__(self):
             super().__init__()

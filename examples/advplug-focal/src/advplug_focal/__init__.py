@@ -1,4 +1,5 @@
 """A third-party reweighting plugin in a few lines: up-weight examples the model finds hard."""
+
 from dataclasses import dataclass
 
 from advplug import StepContext, Variant, Weights, hookimpl, opt
@@ -19,4 +20,3 @@ class FocalWeights:
         p = ctx.probs(ctx.anchor).gather(1, ctx.y[:, None]).squeeze(1)  # the pair's view, logits the step has
         w = (1 - p) ** self.options.gamma  # one global weight per instance [B]
         return Weights(adv=w / ctx.batch_mean(w).clamp_min(1e-12))
-

@@ -57,12 +57,14 @@ TRADES-AWP from the tenth (``--awp-warmup 10`` with epochs counted from 1: ``epo
 epochs without AWP in advplug's 0-based count; MART: 0 (our choice). Cost: one extra forward and
 backward pass per step (the proxy), the same as the authors' code.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,8 +86,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def perturbed_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The authors' selection (``diff_in_weights``): weights with more than one dimension whose
     name contains ``weight`` (convolution and linear weights)."""
-    return [(n, p) for n, p in unwrap(model).named_parameters()
-            if p.requires_grad and p.dim() > 1 and "weight" in n]
+    return [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad and p.dim() > 1 and "weight" in n]
 
 
 def layer_perturbation(weights: list[Tensor], grads: list[Tensor | None], gamma: float) -> list[Tensor]:
@@ -119,8 +120,15 @@ class AWP:
 
     @dataclass(frozen=True)
     class Options:
-        gamma: float | None = opt(None, "relative size ||v_l|| / ||w_l|| (default: 0.01 at, 0.005 trades and mart)", min=0.0)
-        warmup: int | None = opt(None, "epochs trained without AWP first (default: 0 at and mart; trades 9, or 9 % of a run shorter than 100 epochs)", min=0)
+        gamma: float | None = opt(
+            None, "relative size ||v_l|| / ||w_l|| (default: 0.01 at, 0.005 trades and mart)", min=0.0
+        )
+        warmup: int | None = opt(
+            None,
+            "epochs trained without AWP first (default: 0 at and mart; trades 9, "
+            "or 9 % of a run shorter than 100 epochs)",
+            min=0,
+        )
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -134,8 +142,11 @@ class AWP:
         o = self.options
         gamma = o.gamma if o.gamma is not None else GAMMA.get(ctx.objective, 0.01)
         # the authors' 9 of 100 TRADES epochs; a shorter run keeps the same share of warm-up
-        warmup = o.warmup if o.warmup is not None else min(WARMUP.get(ctx.objective, 0),
-                                                           int(WARMUP.get(ctx.objective, 0) * ctx.epochs / 100))
+        warmup = (
+            o.warmup
+            if o.warmup is not None
+            else min(WARMUP.get(ctx.objective, 0), int(WARMUP.get(ctx.objective, 0) * ctx.epochs / 100))
+        )
         if ctx.loss_fn is None:
             raise OptionError("awp needs the run's loss function (TrainContext.loss_fn)")
         if gamma > 0 and warmup >= ctx.epochs:
@@ -145,16 +156,28 @@ class AWP:
         self.world_size = ctx.world_size
         self.tap = FeatureTap(unwrap(ctx.model))  # features for the scratch context's forwards
         n = len(perturbed_parameters(ctx.model))
-        ctx.log(f"awp: gamma {gamma} on {n} weight tensors, from epoch {warmup + 1}, proxy loss: the run's loss unweighted")
+        ctx.log(
+            f"awp: gamma {gamma} on {n} weight tensors, from epoch {warmup + 1}, proxy loss: the run's loss unweighted"
+        )
 
     def active(self, epoch: int) -> bool:
         return self.options.gamma > 0 and epoch >= self.options.warmup
 
     def scratch(self, ctx: StepContext, variants: list[Variant]) -> StepContext:
         """A StepContext for the same batch and views whose forward passes stay out of ``ctx``."""
-        s = StepContext(model=ctx.model, x=ctx.x, y=ctx.y, index=ctx.index, epoch=ctx.epoch, step=ctx.step,
-                        num_classes=ctx.num_classes, config=ctx.config, lr=ctx.lr, tap=self.tap,
-                        reduce_mean=ctx.batch_mean)
+        s = StepContext(
+            model=ctx.model,
+            x=ctx.x,
+            y=ctx.y,
+            index=ctx.index,
+            epoch=ctx.epoch,
+            step=ctx.step,
+            num_classes=ctx.num_classes,
+            config=ctx.config,
+            lr=ctx.lr,
+            tap=self.tap,
+            reduce_mean=ctx.batch_mean,
+        )
         s.variants = list(variants)
         for attr in ("anchor_name",):  # declared by the core in newer versions
             if hasattr(ctx, attr):
@@ -191,8 +214,11 @@ class AWP:
         params = [p for _, p in perturbed_parameters(ctx.model)]
         grads = self.proxy_gradient(ctx, variants, params)
         v = layer_perturbation(params, grads, self.options.gamma)
-        if self._backup is None or len(self._backup) != len(params) or any(
-                b.shape != p.shape or b.device != p.device for b, p in zip(self._backup, params)):
+        if (
+            self._backup is None
+            or len(self._backup) != len(params)
+            or any(b.shape != p.shape or b.device != p.device for b, p in zip(self._backup, params))
+        ):
             self._backup = [torch.empty_like(p) for p in params]  # allocated once, reused every step
         return applied(params, v, self._backup)
 

@@ -53,6 +53,7 @@ paper reports 11% of CIFAR-10 and 40% of CIFAR-100 above 0.15). The log says whi
 used and how many samples count as atypical (each epoch for ``confidence``). Per-sample
 confidence histories are plugin state and survive ``--resume``.
 """
+
 from __future__ import annotations
 
 import math
@@ -132,16 +133,24 @@ class BAT:
         alpha: float = opt(1.0, "alpha of Eq. 7 (0: no reweighting)", min=0.0)
         beta: float = opt(0.2, "weight of the discrimination loss, Eq. 10 (0: none)", min=0.0)
         tau: float = opt(10.0, "temperature of Eq. 9", gt=0.0)
-        similarity: str = opt("dot", "Eq. 9 similarity: dot (raw features, the paper) or cosine (normalised)",
-                              choices=("dot", "cosine"))
-        mem: str = opt("confidence", "memorisation estimate: confidence, file or ensemble (App. A.1)",
-                       choices=("confidence", "file", "ensemble"))
+        similarity: str = opt(
+            "dot", "Eq. 9 similarity: dot (raw features, the paper) or cosine (normalised)", choices=("dot", "cosine")
+        )
+        mem: str = opt(
+            "confidence",
+            "memorisation estimate: confidence, file or ensemble (App. A.1)",
+            choices=("confidence", "file", "ensemble"),
+        )
         mem_file: str = opt("", "npz with arrays indices and values (--bat-mem file)")
         mem_checkpoints: str = opt("", "comma-separated advplug checkpoints (--bat-mem ensemble)")
         sigma: float = opt(0.15, "atypical if mem(x) > sigma (Eq. 7), for --bat-mem file")
         atypical_fraction: float | None = opt(
-            None, "count this fraction of samples with the highest mem as atypical (default 0.2 for confidence "
-                  "and ensemble, whose scale is not the memorisation value's; file uses sigma)", gt=0.0, max=1.0)
+            None,
+            "count this fraction of samples with the highest mem as atypical (default 0.2 for confidence "
+            "and ensemble, whose scale is not the memorisation value's; file uses sigma)",
+            gt=0.0,
+            max=1.0,
+        )
         burn_in: int = opt(0, "epochs with weights 1 (confidence: also until the first epoch's estimate)", min=0)
         dump: bool = opt(False, "write per-sample atypical flag, poisoning score and weight with indices each epoch")
 
@@ -156,9 +165,12 @@ class BAT:
     # -- set-up -------------------------------------------------------------------------
     @hookimpl
     def declare(self) -> Declaration:
-        return Declaration(weights="global", needs=frozenset({"features"}),
-                           meaning=f"exp(-{self.options.alpha} q) on atypical misclassified samples (Eq. 7), mean 1 (Eq. 8); "
-                                   f"+ {self.options.beta} L_DL (Eq. 10)")
+        return Declaration(
+            weights="global",
+            needs=frozenset({"features"}),
+            meaning=f"exp(-{self.options.alpha} q) on atypical misclassified samples (Eq. 7), mean 1 (Eq. 8); "
+            f"+ {self.options.beta} L_DL (Eq. 10)",
+        )
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -172,10 +184,14 @@ class BAT:
             z = torch.zeros(ctx.num_train, device=ctx.device)
             self.conf_sum, self.conf_count, self.conf_epoch = z.clone(), z.clone(), z.clone()
             self.seen = torch.zeros(ctx.num_train, dtype=torch.bool, device=ctx.device)
-            self.log("bat: mem = 1 - true-class confidence averaged over epochs (training dynamics); "
-                     f"reweighting from epoch {max(o.burn_in, 1) + 1}")
+            self.log(
+                "bat: mem = 1 - true-class confidence averaged over epochs (training dynamics); "
+                f"reweighting from epoch {max(o.burn_in, 1) + 1}"
+            )
         else:
-            self.mem = (self.load_file(o.mem_file, ctx.num_train) if o.mem == "file" else self.ensemble(ctx)).to(ctx.device)
+            self.mem = (self.load_file(o.mem_file, ctx.num_train) if o.mem == "file" else self.ensemble(ctx)).to(
+                ctx.device
+            )
             self.set_atypical()
 
     def set_atypical(self) -> None:
@@ -205,12 +221,16 @@ class BAT:
         except (KeyError, ValueError, OSError) as e:
             raise DataError(f"--bat-mem-file {path!r}: not an npz with arrays 'indices' and 'values' ({e})") from None
         if saved_n is not None and saved_n != n:
-            raise DataError(f"--bat-mem-file {path!r} was written for {saved_n} training samples, this run has {n} "
-                            "(another data set, or other held-out splits): re-run advplug-bat-memorisation with this run's settings")
+            raise DataError(
+                f"--bat-mem-file {path!r} was written for {saved_n} training samples, this run has {n} "
+                "(another data set, or other held-out splits): re-run advplug-bat-memorisation with this run's settings"
+            )
         if idx.shape != val.shape or idx.dim() != 1:
             raise DataError(f"--bat-mem-file {path!r}: indices {list(idx.shape)} and values {list(val.shape)} differ")
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
-            raise DataError(f"--bat-mem-file {path!r}: indices must lie in [0, {n}), got [{int(idx.min())}, {int(idx.max())}]")
+            raise DataError(
+                f"--bat-mem-file {path!r}: indices must lie in [0, {n}), got [{int(idx.min())}, {int(idx.max())}]"
+            )
         mem = torch.full((n,), float("nan"))
         mem[idx] = val
         missing = int(mem.isnan().sum())
@@ -225,8 +245,13 @@ class BAT:
         x, _ = gather_tensors(ctx.train_data, None, torch.device("cpu"))
         probs = []
         for p in paths:
-            model = load_checkpoint_model(p, default_model=ctx.config.model, num_classes=ctx.num_classes,
-                                          input_shape=ctx.input_shape, device=ctx.device)
+            model = load_checkpoint_model(
+                p,
+                default_model=ctx.config.model,
+                num_classes=ctx.num_classes,
+                input_shape=ctx.input_shape,
+                device=ctx.device,
+            )
             with torch.no_grad():
                 probs.append(torch.cat([model(xb.to(ctx.device)).softmax(1) for xb in x.split(512)]))
         return ensemble_disagreement(torch.stack(probs)) / math.log(2)  # in [0, 1]
@@ -262,8 +287,9 @@ class BAT:
             return loss
         typical = ~self.atyp[ctx.index] if self.reweighting(ctx.epoch) else torch.ones_like(ctx.y, dtype=torch.bool)
         cosine = self.options.similarity == "cosine"
-        dl = torch.stack([discrimination_loss(ctx.features(v), ctx.y, typical, self.options.tau, cosine)
-                          for v in variants]).mean()
+        dl = torch.stack(
+            [discrimination_loss(ctx.features(v), ctx.y, typical, self.options.tau, cosine) for v in variants]
+        ).mean()
         return loss + self.options.beta * dl  # Eq. 10
 
     @hookimpl

@@ -23,12 +23,14 @@ none saw) has no estimate on that side: with m models and fraction p, a fraction
 ``p^m + (1 - p)^m`` of the samples; its value is written as 0 (no evidence of memorisation) and
 the count is printed. Use more models to shrink it.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,8 +60,18 @@ def _subset(train: Any, idx: Tensor) -> Any:
     return Subset(train, idx.tolist())
 
 
-def train_one(model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: float, momentum: float,
-              weight_decay: float, device: torch.device, seed: int) -> nn.Module:
+def train_one(
+    model: nn.Module,
+    data: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    device: torch.device,
+    seed: int,
+) -> nn.Module:
     """Standard (clean) training, SGD, lr / 10 at 50% and 75% of the epochs."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     milestones = sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
@@ -85,8 +97,16 @@ def correct_on(model: nn.Module, train: Any, n: int, device: torch.device) -> Te
     return out
 
 
-def estimate(cfg: TrainConfig, *, models: int, subset: float, epochs: int, seed: int = 0,
-             log: Callable[[str], None] = print, allow_import: bool = False) -> dict[str, Any]:
+def estimate(
+    cfg: TrainConfig,
+    *,
+    models: int,
+    subset: float,
+    epochs: int,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    allow_import: bool = False,
+) -> dict[str, Any]:
     """Train ``models`` models on random ``subset`` fractions of the run's training set (as the
     trainer numbers it) and return the arrays of the output file."""
     if models < 2:
@@ -102,42 +122,84 @@ def estimate(cfg: TrainConfig, *, models: int, subset: float, epochs: int, seed:
     gen = torch.Generator().manual_seed(seed)
     member = torch.zeros(models, n, dtype=torch.bool)
     correct = torch.zeros(models, n, dtype=torch.bool)
-    log(f"advplug-bat-memorisation: {cfg.data}, {n} training samples, model {cfg.model}, "
-        f"{models} models on random {subset:.0%} subsets ({k} samples), {epochs} epochs each, device {device}")
+    log(
+        f"advplug-bat-memorisation: {cfg.data}, {n} training samples, model {cfg.model}, "
+        f"{models} models on random {subset:.0%} subsets ({k} samples), {epochs} epochs each, device {device}"
+    )
     for t in range(models):
         idx = torch.randperm(n, generator=gen)[:k]
         member[t, idx] = True
         torch.manual_seed(seed * 100003 + t)
         model = run.new_model(allow_import=allow_import)
-        train_one(model, _subset(data.train, idx), epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                  momentum=cfg.momentum, weight_decay=cfg.weight_decay, device=device, seed=seed + t)
+        train_one(
+            model,
+            _subset(data.train, idx),
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            device=device,
+            seed=seed + t,
+        )
         correct[t] = correct_on(model, data.train, n, device)
-        log(f"  model {t + 1}/{models}: accuracy {correct[t][member[t]].float().mean():.3f} on its subset, "
-            f"{correct[t][~member[t]].float().mean():.3f} on the held-out rest")
+        log(
+            f"  model {t + 1}/{models}: accuracy {correct[t][member[t]].float().mean():.3f} on its subset, "
+            f"{correct[t][~member[t]].float().mean():.3f} on the held-out rest"
+        )
     mem, n_in, n_out = memorisation_scores(correct, member)
     missing = int(((n_in == 0) | (n_out == 0)).sum())
     if missing:
-        log(f"  {missing} of {n} samples lack models on one side (value 0); expected fraction "
-            f"{subset ** models + (1 - subset) ** models:.3g}: use more --models")
+        log(
+            f"  {missing} of {n} samples lack models on one side (value 0); expected fraction "
+            f"{subset**models + (1 - subset) ** models:.3g}: use more --models"
+        )
     log(f"  mem > 0.15 (BAT's sigma): {int((mem > 0.15).sum())} of {n} samples")
-    return {"indices": np.arange(n), "values": mem.numpy(), "n_in": n_in.numpy(), "n_out": n_out.numpy(),
-            "num_train": np.array(n), "settings": np.array(json.dumps(
-                {"data": cfg.data, "model": cfg.model, "plugins": list(cfg.plugins), "models": models,
-                 "subset": subset, "epochs": epochs, "seed": seed}))}
+    return {
+        "indices": np.arange(n),
+        "values": mem.numpy(),
+        "n_in": n_in.numpy(),
+        "n_out": n_out.numpy(),
+        "num_train": np.array(n),
+        "settings": np.array(
+            json.dumps(
+                {
+                    "data": cfg.data,
+                    "model": cfg.model,
+                    "plugins": list(cfg.plugins),
+                    "models": models,
+                    "subset": subset,
+                    "epochs": epochs,
+                    "seed": seed,
+                }
+            )
+        ),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="advplug-bat-memorisation", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="npz to write (read by --bat-mem file --bat-mem-file OUT)")
-    ap.add_argument("--models", type=int, default=10, help="models trained on random subsets (default 10; F&Z: thousands)")
-    ap.add_argument("--subset", type=float, default=0.7, help="fraction of the training set per model (default 0.7, F&Z)")
+    ap.add_argument(
+        "--models", type=int, default=10, help="models trained on random subsets (default 10; F&Z: thousands)"
+    )
+    ap.add_argument(
+        "--subset", type=float, default=0.7, help="fraction of the training set per model (default 0.7, F&Z)"
+    )
     ap.add_argument("--epochs", type=int, default=None, help="epochs per model (default: the data set's default)")
-    ap.add_argument("--config", default=None, help="the run's JSON/TOML config (as advplug train --config): same numbering")
+    ap.add_argument(
+        "--config", default=None, help="the run's JSON/TOML config (as advplug train --config): same numbering"
+    )
     ap.add_argument("--data", default=None)
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--model", default=None, help="model name or module:callable (default per data set)")
-    ap.add_argument("--plugin", dest="plugins", action="append", default=None,
-                    help="the run's plugins (repeatable; they decide held-out splits; default: bat)")
+    ap.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=None,
+        help="the run's plugins (repeatable; they decide held-out splits; default: bat)",
+    )
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -155,8 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.pop("plugin_options", None)  # options do not change the numbering; keep unknown ones out
         cfg = TrainConfig(**settings)
         epochs = a.epochs if a.epochs is not None else cfg.resolved().epochs
-        arrays = estimate(cfg, models=a.models, subset=a.subset, epochs=epochs, seed=a.seed,
-                          allow_import=a.model is not None)
+        arrays = estimate(
+            cfg, models=a.models, subset=a.subset, epochs=epochs, seed=a.seed, allow_import=a.model is not None
+        )
     except (AdvplugError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

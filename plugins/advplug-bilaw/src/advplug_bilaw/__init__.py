@@ -39,6 +39,7 @@ loss) or ``loss-diff`` (robust minus natural loss; needs the natural forward).
 The auxiliary network, its optimiser and the validation sampler are plugin state and survive
 ``--resume``. Not supported under DDP (the pseudo-gradient bypasses DDP's reducer).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -107,16 +108,23 @@ class BiLAW:
 
     @dataclass(frozen=True)
     class Options:
-        method: str = opt("parametric", "parametric (BiLAW) or nonparametric (Sec. 4, item 1)",
-                          choices=("parametric", "nonparametric"))
-        input: str = opt("multiclass", "input of omega: multiclass (Def. 3), margin, loss or loss-diff (Table 8)",
-                         choices=INPUTS)
+        method: str = opt(
+            "parametric",
+            "parametric (BiLAW) or nonparametric (Sec. 4, item 1)",
+            choices=("parametric", "nonparametric"),
+        )
+        input: str = opt(
+            "multiclass", "input of omega: multiclass (Def. 3), margin, loss or loss-diff (Table 8)", choices=INPUTS
+        )
         hidden: str = opt("128", "hidden widths of omega joined by '-' (Table 6: 128, 64, 64-64, 256)")
         meta_lr: float = opt(1e-3, "learning rate of omega's Adam optimiser", gt=0.0)
         meta_weight_decay: float = opt(1e-4, "weight decay of omega's optimiser", min=0.0)
         val_batch: int = opt(128, "validation batch size per meta step (paper: 128)", min=1)
-        margin_on: str = opt("clean", "margin input on the clean sample (Def. 3, one natural forward) or the "
-                             "adversarial variant (adv)", choices=("clean", "adv"))
+        margin_on: str = opt(
+            "clean",
+            "margin input on the clean sample (Def. 3, one natural forward) or the adversarial variant (adv)",
+            choices=("clean", "adv"),
+        )
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -130,9 +138,12 @@ class BiLAW:
 
     @hookimpl
     def declare(self) -> Declaration:
-        return Declaration(weights="global", needs=frozenset({"validation", "loss"}),
-                           meaning=f"omega_mu({self.options.input}) learned by a meta-gradient on validation data "
-                                   "(its pseudo-update sees its own weights only), mean 1")
+        return Declaration(
+            weights="global",
+            needs=frozenset({"validation", "loss"}),
+            meaning=f"omega_mu({self.options.input}) learned by a meta-gradient on validation data "
+            "(its pseudo-update sees its own weights only), mean 1",
+        )
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -150,8 +161,12 @@ class BiLAW:
             torch.manual_seed(int(ctx.config.seed))
             self.net = WeightNet(d_in, self.hidden).to(ctx.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=o.meta_lr, weight_decay=o.meta_weight_decay)
-        ctx.log(f"bilaw: {o.method}, input {o.input} on {'the clean sample' if o.margin_on == 'clean' else 'the adversarial variant'}, omega {d_in}-{'-'.join(map(str, self.hidden))}-1, "
-                f"meta Adam lr {o.meta_lr}, validation {len(self.val_y)} samples, batches of {o.val_batch}")
+        ctx.log(
+            f"bilaw: {o.method}, input {o.input} on "
+            f"{'the clean sample' if o.margin_on == 'clean' else 'the adversarial variant'}, "
+            f"omega {d_in}-{'-'.join(map(str, self.hidden))}-1, "
+            f"meta Adam lr {o.meta_lr}, validation {len(self.val_y)} samples, batches of {o.val_batch}"
+        )
 
     # -- pieces ---------------------------------------------------------------------------
     def net_input(self, ctx: StepContext, variants: list[Variant]) -> Tensor:
@@ -169,8 +184,9 @@ class BiLAW:
 
     def validation_batch(self) -> tuple[Tensor, Tensor]:
         """A random validation batch with PGD examples made at the current parameters."""
-        idx = torch.randint(len(self.val_y), (min(self.options.val_batch, len(self.val_y)),), generator=self.gen,
-                            device=self.device)
+        idx = torch.randint(
+            len(self.val_y), (min(self.options.val_batch, len(self.val_y)),), generator=self.gen, device=self.device
+        )
         x, y = self.val_x[idx], self.val_y[idx]
         return self.val_attack(x, y), y
 

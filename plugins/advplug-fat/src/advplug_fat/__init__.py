@@ -47,6 +47,7 @@ omega 0; ``mart``: cross-entropy, start normal, omega 0. eps and step size are t
 (``--eps``, ``--alpha``; the scripts use 0.031 and 0.007) and ``K`` is ``--steps`` (10).
 ``tau >= K`` recovers the conventional attack (the authors' README).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,8 +98,17 @@ class EarlyStoppedPGD(torchattacks.PGD):
     >>> atk = EarlyStoppedPGD(model, eps=8/255, alpha=2/255, steps=10, tau=1); x_adv = atk(x, y)
     """
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
-                 tau: int = 0, loss: str = "ce", start: str = "uniform", omega: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8 / 255,
+        alpha: float = 2 / 255,
+        steps: int = 10,
+        tau: int = 0,
+        loss: str = "ce",
+        start: str = "uniform",
+        omega: float = 0.0,
+    ) -> None:
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=start != "none")
         self.tau, self.loss, self.start, self.omega = tau, loss, start, omega
         if loss not in ("ce", "kl"):
@@ -177,12 +187,21 @@ class FAT:
     class Options:
         tau: int = opt(0, "tau before the schedule's increases (tau0; the scripts' --tau 0)", min=0)
         dynamic: bool = opt(True, "increase tau by one after each of --fat-tau-epochs (the authors' dynamic tau)")
-        tau_epochs: str | None = opt(None, "epochs (1-based) after which tau grows by one (default: at 50,90; "
-                                           "trades 30,50,70; mart 20,40,60,80)")
-        loss: str | None = opt(None, "attack loss: ce or kl (default: kl for trades, ce otherwise)", choices=("ce", "kl"))
-        start: str | None = opt(None, "first iterate: uniform, normal (x + 0.001 N(0,1), clamped) or none "
-                                      "(default: uniform for at, normal otherwise)", choices=("uniform", "normal", "none"))
-        omega: float | None = opt(None, "std of the Gaussian noise added at every update (default: 0.001 at, 0 otherwise)", min=0.0)
+        tau_epochs: str | None = opt(
+            None, "epochs (1-based) after which tau grows by one (default: at 50,90; trades 30,50,70; mart 20,40,60,80)"
+        )
+        loss: str | None = opt(
+            None, "attack loss: ce or kl (default: kl for trades, ce otherwise)", choices=("ce", "kl")
+        )
+        start: str | None = opt(
+            None,
+            "first iterate: uniform, normal (x + 0.001 N(0,1), clamped) or none "
+            "(default: uniform for at, normal otherwise)",
+            choices=("uniform", "normal", "none"),
+        )
+        omega: float | None = opt(
+            None, "std of the Gaussian noise added at every update (default: 0.001 at, 0 otherwise)", min=0.0
+        )
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -193,22 +212,35 @@ class FAT:
 
     @hookimpl
     def declare(self, objective: str) -> Any:
-        return Declaration(variants={"fat": STATS},
-                           meaning="early-stopped PGD: tau steps after the first misclassification (stats: stop_step)")
+        return Declaration(
+            variants={"fat": STATS},
+            meaning="early-stopped PGD: tau steps after the first misclassification (stats: stop_step)",
+        )
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
         o = self.options
         obj = ctx.objective
         o = dataclasses.replace(
-            o, tau_epochs=o.tau_epochs if o.tau_epochs is not None else TAU_EPOCHS.get(obj, TAU_EPOCHS["at"]),
-            loss=o.loss or LOSS.get(obj, "ce"), start=o.start or START.get(obj, "uniform"),
-            omega=o.omega if o.omega is not None else OMEGA.get(obj, 0.0))
+            o,
+            tau_epochs=o.tau_epochs if o.tau_epochs is not None else TAU_EPOCHS.get(obj, TAU_EPOCHS["at"]),
+            loss=o.loss or LOSS.get(obj, "ce"),
+            start=o.start or START.get(obj, "uniform"),
+            omega=o.omega if o.omega is not None else OMEGA.get(obj, 0.0),
+        )
         self.options = o
         self.epochs = parse_epochs(o.tau_epochs)
         cfg = ctx.config
-        self.attack = EarlyStoppedPGD(ctx.model, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, tau=o.tau,
-                                      loss=o.loss, start=o.start, omega=o.omega)
+        self.attack = EarlyStoppedPGD(
+            ctx.model,
+            eps=cfg.eps,
+            alpha=cfg.alpha,
+            steps=cfg.steps,
+            tau=o.tau,
+            loss=o.loss,
+            start=o.start,
+            omega=o.omega,
+        )
         set_bn_mode(self.attack, cfg.attack_bn)
         sched = f"tau {o.tau} + 1 after each of epochs {o.tau_epochs}" if o.dynamic else f"tau {o.tau}"
         ctx.log(f"fat: early-stopped PGD-{cfg.steps}, {sched}, loss {o.loss}, start {o.start}, omega {o.omega}")

@@ -38,6 +38,7 @@ the paper is open (defaults named):
   it cannot (their lr / 2 at epoch 110, their test-set "best" checkpoint).
 * ``piecewise`` lambda: the evident intent, not the code's unreachable branches (above).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,18 +95,24 @@ def lambda_at(epoch: int, epochs: int, begin: int, lam: float, lam_max: float, s
 class GAIRAT:
     """GAIRAT: larger weights for samples that PGD misclassifies in fewer steps (small kappa)."""
 
-    strength_hint = "--gairat-lam and --gairat-schedule (lower lambda: stronger reweighting)"  # named by the core's inert-reweighting warning
+    # named by the core's inert-reweighting warning
+    strength_hint = "--gairat-lam and --gairat-schedule (lower lambda: stronger reweighting)"
 
     @dataclass(frozen=True)
     class Options:
         lam: float = opt(-1.0, "lambda of the weight function (authors' default -1)")
         lambda_max: float = opt(math.inf, "lambda before the burn-in ends / start of the linear schedule")
-        schedule: str = opt("fixed", "lambda schedule: fixed, linear or piecewise", choices=("fixed", "linear", "piecewise"))
+        schedule: str = opt(
+            "fixed", "lambda schedule: fixed, linear or piecewise", choices=("fixed", "linear", "piecewise")
+        )
         func: str = opt("tanh", "weight function: tanh, sigmoid or discrete", choices=("tanh", "sigmoid", "discrete"))
         begin_epoch: int | None = opt(None, "first reweighted epoch (default: the first lr drop)", min=0)
         dump: bool = opt(False, "write per-sample kappa and weights with indices each epoch (RUN_DIR/dumps)")
-        view: str = opt("anchor", "variant whose kappa weighs the pair when there are several: anchor "
-                                  "(LRAT's x*, else the only variant) or a variant name")
+        view: str = opt(
+            "anchor",
+            "variant whose kappa weighs the pair when there are several: anchor "
+            "(LRAT's x*, else the only variant) or a variant name",
+        )
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -116,8 +123,12 @@ class GAIRAT:
     @hookimpl
     def declare(self) -> Declaration:
         o = self.options
-        return Declaration(weights="global", view=o.view, needs=frozenset({"stat:kappa"}),
-                           meaning=f"GAIR {o.func} of kappa (lambda {o.lam}, {o.schedule}), mean 1")
+        return Declaration(
+            weights="global",
+            view=o.view,
+            needs=frozenset({"stat:kappa"}),
+            meaning=f"GAIR {o.func} of kappa (lambda {o.lam}, {o.schedule}), mean 1",
+        )
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -156,5 +167,7 @@ class GAIRAT:
         if self.dumper is not None:
             self.dumper.write(epoch)
         o = self.options
-        return {"lambda": lambda_at(epoch, self.epochs, o.begin_epoch, o.lam, o.lambda_max, o.schedule),
-                "reweighting": epoch >= o.begin_epoch}
+        return {
+            "lambda": lambda_at(epoch, self.epochs, o.begin_epoch, o.lam, o.lambda_max, o.schedule),
+            "reweighting": epoch >= o.begin_epoch,
+        }

@@ -40,6 +40,7 @@ is split. Variants another plugin produces join the pair and are reweighted by E
 and MART have their own loss; combining them with LRAT is not defined by the paper and is refused
 at start-up, and so is BiLAW (its meta-gradient needs the loss as a function of its own weights).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -124,12 +125,22 @@ class LRAT:
         needed = list(self.attacks) + ([o.floor] if o.floor in ATTACKS and o.floor not in self.attacks else [])
         stats = {"pgd": ("kappa", "p_true_lps")}  # what the core's attacks record (TrackedPGD); cw and saa: nothing
         anchor = None if o.lsat or o.floor == "none" else (NATURAL if o.floor == "nat" else o.floor)
-        what = ("LSAT, w = 1" if o.lsat else f"Eq. 12 w = {o.alpha} (1 - t)^{o.beta}"
-                + ("" if o.floor == "none" else f", floor [C - sum w]_+ on x* = {o.floor} (Eq. 7)"))
-        return Declaration(weights="local", variants={n: stats.get(n, ()) for n in needed}, anchor=anchor,
-                           natural_weights=False, needs=frozenset({"natural"} if o.floor == "nat" else ()),
-                           provides=frozenset({"natural-term"}), own_scale=o.normalise == "eq15",
-                           meaning=what + (", Eq. 15 mean pair total 1" if o.normalise == "eq15" else ""))
+        what = (
+            "LSAT, w = 1"
+            if o.lsat
+            else f"Eq. 12 w = {o.alpha} (1 - t)^{o.beta}"
+            + ("" if o.floor == "none" else f", floor [C - sum w]_+ on x* = {o.floor} (Eq. 7)")
+        )
+        return Declaration(
+            weights="local",
+            variants={n: stats.get(n, ()) for n in needed},
+            anchor=anchor,
+            natural_weights=False,
+            needs=frozenset({"natural"} if o.floor == "nat" else ()),
+            provides=frozenset({"natural-term"}),
+            own_scale=o.normalise == "eq15",
+            meaning=what + (", Eq. 15 mean pair total 1" if o.normalise == "eq15" else ""),
+        )
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -143,8 +154,10 @@ class LRAT:
         if o.dump:
             self.dumper = SampleDump(ctx.config.out, "lrat")
         kind = "LSAT" if o.lsat else f"LRAT (alpha {o.alpha}, beta {o.beta}, C {o.c})"
-        ctx.log(f"lrat: {kind}, variants {', '.join(self.attacks)}, x* = {o.floor}, "
-                f"normalisation {o.normalise}, attacks run: {', '.join(needed)}")
+        ctx.log(
+            f"lrat: {kind}, variants {', '.join(self.attacks)}, x* = {o.floor}, "
+            f"normalisation {o.normalise}, attacks run: {', '.join(needed)}"
+        )
 
     @hookimpl
     def generate_adversaries(self, ctx: StepContext) -> list[Variant]:
@@ -159,9 +172,14 @@ class LRAT:
         o = self.options
         own_floor = o.floor in ATTACKS and o.floor not in self.attacks
         t = torch.stack([variable_factor(ctx.probs(v), ctx.y) for v in variants])
-        rows = [torch.zeros_like(t[i]) if own_floor and v.name == o.floor  # x* only, not in the pair
-                else torch.ones_like(t[i]) if o.lsat else local_weight(t[i], o.alpha, o.beta)
-                for i, v in enumerate(variants)]
+        rows = [
+            torch.zeros_like(t[i])
+            if own_floor and v.name == o.floor  # x* only, not in the pair
+            else torch.ones_like(t[i])
+            if o.lsat
+            else local_weight(t[i], o.alpha, o.beta)
+            for i, v in enumerate(variants)
+        ]
         w_nat = None
         if not o.lsat and o.floor != "none":
             floor = floor_weight(torch.stack(rows), o.c)

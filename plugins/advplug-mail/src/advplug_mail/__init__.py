@@ -44,6 +44,7 @@ is open, and what advplug does by default:
 * Burn-in: the paper starts reweighting at the first lr drop (its 75 of 100 epochs); that is the
   default here (``--mail-burn-in``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,14 +89,21 @@ class MAIL:
 
     @dataclass(frozen=True)
     class Options:
-        margin: str = opt("adv", "probabilistic margin: adv (Eq. 5), nat (Eq. 6) or dif (Eq. 7)", choices=("adv", "nat", "dif"))
+        margin: str = opt(
+            "adv", "probabilistic margin: adv (Eq. 5), nat (Eq. 6) or dif (Eq. 7)", choices=("adv", "nat", "dif")
+        )
         gamma: float | None = opt(None, "slope of Eq. 8 (default by objective: at 10, trades/mart 2)", min=0.0)
         beta: float | None = opt(None, "bias of Eq. 8 (default by objective: at -0.5, trades/mart 0)")
-        normalise: str = opt("batch", "batch: M w / sum w (paper); fixed: 3 w (authors' code)", choices=("batch", "fixed"))
+        normalise: str = opt(
+            "batch", "batch: M w / sum w (paper); fixed: 3 w (authors' code)", choices=("batch", "fixed")
+        )
         burn_in: int | None = opt(None, "epochs with weights 1 (default: until the first lr drop)", min=0)
         dump: bool = opt(False, "write per-sample PM and weights with indices each epoch (RUN_DIR/dumps)")
-        view: str = opt("anchor", "view whose margin weighs the pair when there are several variants: anchor "
-                                  "(LRAT's x*, else the only variant), natural, or a variant name")
+        view: str = opt(
+            "anchor",
+            "view whose margin weighs the pair when there are several variants: anchor "
+            "(LRAT's x*, else the only variant), natural, or a variant name",
+        )
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -108,9 +116,13 @@ class MAIL:
         if o.margin == "dif":
             needs.add("stat:p_true_lps")
         scale = "M w / sum w, mean 1" if o.normalise == "batch" else "3 w, the authors' fixed scale (mean not 1)"
-        return Declaration(weights="global", view=NATURAL if o.margin == "nat" else o.view, needs=frozenset(needs),
-                           own_scale=o.normalise == "fixed",
-                           meaning=f"sigmoid(-gamma (PM-{o.margin} - beta)) (Eq. 8), {scale}")
+        return Declaration(
+            weights="global",
+            view=NATURAL if o.margin == "nat" else o.view,
+            needs=frozenset(needs),
+            own_scale=o.normalise == "fixed",
+            meaning=f"sigmoid(-gamma (PM-{o.margin} - beta)) (Eq. 8), {scale}",
+        )
 
     def attack_start(self, objective: str) -> str:
         """The authors' code starts the training attack from ``x + 0.001 N(0, 1)`` for AT, TRADES and MART."""
@@ -122,13 +134,21 @@ class MAIL:
         o = self.options
         burn = o.burn_in if o.burn_in is not None else burn_in_default(ctx.milestones, ctx.epochs)
         if burn >= ctx.epochs:
-            raise OptionError(f"--mail-burn-in {burn} is not before the last epoch ({ctx.epochs} epochs): MAIL would never reweight")
-        self.options = dataclasses.replace(o, gamma=o.gamma if o.gamma is not None else gamma,
-                                           beta=o.beta if o.beta is not None else beta, burn_in=burn)
+            raise OptionError(
+                f"--mail-burn-in {burn} is not before the last epoch ({ctx.epochs} epochs): MAIL would never reweight"
+            )
+        self.options = dataclasses.replace(
+            o,
+            gamma=o.gamma if o.gamma is not None else gamma,
+            beta=o.beta if o.beta is not None else beta,
+            burn_in=burn,
+        )
         if o.dump:
             self.dumper = SampleDump(ctx.config.out, "mail")
-        ctx.log(f"mail: PM-{self.options.margin}, gamma {self.options.gamma}, beta {self.options.beta}, "
-                f"{self.options.normalise} normalisation, reweighting from epoch {burn + 1}")
+        ctx.log(
+            f"mail: PM-{self.options.margin}, gamma {self.options.gamma}, beta {self.options.beta}, "
+            f"{self.options.normalise} normalisation, reweighting from epoch {burn + 1}"
+        )
 
     def margins(self, ctx: StepContext, variants: list[Variant]) -> Tensor:
         """PM ``[B]`` of the chosen kind, on the view ``--mail-view`` names (one per instance)."""
@@ -140,7 +160,9 @@ class MAIL:
             return probabilistic_margin(ctx.probs(view), ctx.y)
         if view == NATURAL or "p_true_lps" not in view.stats:
             name = view if view == NATURAL else view.name
-            raise OptionError(f"--mail-margin dif needs the attack's record of p_y at the least PGD step; view {name!r} has none")
+            raise OptionError(
+                f"--mail-margin dif needs the attack's record of p_y at the least PGD step; view {name!r} has none"
+            )
         return true_prob(ctx.probs(NATURAL), ctx.y) - view.stats["p_true_lps"]
 
     @hookimpl

@@ -67,6 +67,7 @@ Choices where the paper is open (written here so results can be compared):
 * Features and logits come from the step's own forward passes; the distance of a batch to the
   codebook is computed once (``cdist``) and reused for the codebook update.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -107,7 +108,9 @@ PAPER_TEMPERATURE = 10.0
 T_DECAY = 0.9  # EMA decay per step of the scale rule's mean distance (follows the growing feature scale)
 
 
-def memorization_weights(dist: Tensor, temperature: float, max_log_weight: float | None = None) -> tuple[Tensor, Tensor]:
+def memorization_weights(
+    dist: Tensor, temperature: float, max_log_weight: float | None = None
+) -> tuple[Tensor, Tensor]:
     """Eq. 4: ``(w-, w+) = (exp(-d / T), exp(d / T))``, with ``d / T`` clamped at
     ``max_log_weight`` (the overflow guard) when given."""
     z = dist / temperature
@@ -119,20 +122,29 @@ def memorization_weights(dist: Tensor, temperature: float, max_log_weight: float
 class MeoW:
     """MeoW: down-weight atypical adversarial embeddings, far from a learned codebook (AAAI 2023)."""
 
-    strength_hint = "--meow-temperature or --meow-temperature-scale (lower: stronger reweighting)"  # named by the core's inert-reweighting warning
+    # named by the core's inert-reweighting warning
+    strength_hint = "--meow-temperature or --meow-temperature-scale (lower: stronger reweighting)"
 
     @dataclass(frozen=True)
     class Options:
         codebook_size: int = opt(2048, "number of codes N (scaled down for small training sets)", min=1)
-        temperature: float | None = opt(None, "T of Eq. 4 (default: 10, the paper's, on its configurations; "
-                                        "else the scale rule, T = scale x running mean nearest-code distance)", gt=0.0)
+        temperature: float | None = opt(
+            None,
+            "T of Eq. 4 (default: 10, the paper's, on its configurations; "
+            "else the scale rule, T = scale x running mean nearest-code distance)",
+            gt=0.0,
+        )
         temperature_scale: float = opt(1.0, "scale rule: T = this x the running mean nearest-code distance", gt=0.0)
         max_log_weight: float = opt(3.0, "overflow guard: |d / T| clamped here, w+ <= e^this", gt=0.0)
         alpha: float = opt(0.2, "natural-term share alpha of Eq. 5 (objective at)", min=0.0, max=1.0)
-        update: str = opt("ema", "codebook update minimising Eq. 3: ema (VQ-VAE moving averages) or adam", choices=("ema", "adam"))
+        update: str = opt(
+            "ema", "codebook update minimising Eq. 3: ema (VQ-VAE moving averages) or adam", choices=("ema", "adam")
+        )
         decay: float = opt(0.99, "EMA decay per step (update ema)", gt=0.0, max=1.0)
         codebook_lr: float = opt(1e-3, "learning rate of the codebook's Adam optimizer (update adam)", gt=0.0)
-        select: str = opt("wrong", "embeddings that update the codebook: wrong (Sec. 3.4) or all", choices=("wrong", "all"))
+        select: str = opt(
+            "wrong", "embeddings that update the codebook: wrong (Sec. 3.4) or all", choices=("wrong", "all")
+        )
         reset_dead: bool = opt(True, "re-seed codes unused for a whole epoch from recent embeddings")
         scale_codebook: bool = opt(True, "scale N to the training-set size (about 24 samples per code)")
 
@@ -158,10 +170,15 @@ class MeoW:
 
     @hookimpl
     def declare(self, objective: str) -> Declaration:
-        return Declaration(weights="global", natural_weights=True, needs=frozenset({"natural", "features"}), own_scale=True,
-                           provides=frozenset({"natural-term"}) if objective == "at" else frozenset(),
-                           meaning="w- = exp(-d(F(x'), B) / T) on the adversarial term, w+ = exp(d(F(x), B) / T) on the "
-                                   "natural term (Eq. 4), raw scale")
+        return Declaration(
+            weights="global",
+            natural_weights=True,
+            needs=frozenset({"natural", "features"}),
+            own_scale=True,
+            provides=frozenset({"natural-term"}) if objective == "at" else frozenset(),
+            meaning="w- = exp(-d(F(x'), B) / T) on the adversarial term, w+ = exp(d(F(x), B) / T) on the "
+            "natural term (Eq. 4), raw scale",
+        )
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -171,16 +188,26 @@ class MeoW:
         n = self.options.codebook_size
         if self.options.scale_codebook and ctx.num_train * PAPER_CODES < n * PAPER_TRAIN_SIZE:
             n = max(ctx.num_classes, round(ctx.num_train * PAPER_CODES / PAPER_TRAIN_SIZE))
-            ctx.log(f"meow: {ctx.num_train} training samples, codebook scaled from {self.options.codebook_size} "
-                    f"to {n} codes (the paper's ~{PAPER_TRAIN_SIZE // PAPER_CODES} samples per code)")
+            ctx.log(
+                f"meow: {ctx.num_train} training samples, codebook scaled from {self.options.codebook_size} "
+                f"to {n} codes (the paper's ~{PAPER_TRAIN_SIZE // PAPER_CODES} samples per code)"
+            )
         self.n_codes = n
         cfg = ctx.config
-        paper = cfg is not None and getattr(cfg, "data", None) in PAPER_DATA and getattr(cfg, "model", None) in PAPER_MODELS
-        self.fixed_t = self.options.temperature if self.options.temperature is not None else (PAPER_TEMPERATURE if paper else None)
-        how = (f"T = {self.fixed_t:g}" + (" (the paper's, on its configuration)" if self.options.temperature is None else "")
-               if self.fixed_t is not None else
-               f"T = {self.options.temperature_scale:g} x running mean nearest-code distance (scale rule; not the paper's "
-               f"configuration, where T = {PAPER_TEMPERATURE:g})")
+        paper = (
+            cfg is not None and getattr(cfg, "data", None) in PAPER_DATA and getattr(cfg, "model", None) in PAPER_MODELS
+        )
+        self.fixed_t = (
+            self.options.temperature if self.options.temperature is not None else (PAPER_TEMPERATURE if paper else None)
+        )
+        how = (
+            f"T = {self.fixed_t:g}"
+            + (" (the paper's, on its configuration)" if self.options.temperature is None else "")
+            if self.fixed_t is not None
+            else f"T = {self.options.temperature_scale:g} x running mean nearest-code distance "
+            f"(scale rule; not the paper's "
+            f"configuration, where T = {PAPER_TEMPERATURE:g})"
+        )
         ctx.log(f"meow: {how}, |d / T| clamped at {self.options.max_log_weight:g}")
 
     def temperature(self, ctx: StepContext, d_nat: Tensor, fresh: bool) -> Tensor | float:
@@ -231,9 +258,14 @@ class MeoW:
         s = self._epoch_stats
         s["clamped"] = s.get("clamped", 0) + (d_nat / t > self.options.max_log_weight).sum()
         s["t"] = t
-        self._step = {"f": [f_nat, *f_adv], "k": [k_nat, *(k for _, k in nearest)],
-                      "wrong": [ctx.logits(NATURAL).detach().argmax(1) != ctx.y,
-                                *(ctx.logits(v).detach().argmax(1) != ctx.y for v in variants)]}
+        self._step = {
+            "f": [f_nat, *f_adv],
+            "k": [k_nat, *(k for _, k in nearest)],
+            "wrong": [
+                ctx.logits(NATURAL).detach().argmax(1) != ctx.y,
+                *(ctx.logits(v).detach().argmax(1) != ctx.y for v in variants),
+            ],
+        }
         self._accumulate(d_nat, d_adv)
         names = [v.name for v in variants]
         anchor = getattr(ctx.anchor, "name", None)
@@ -300,10 +332,10 @@ class MeoW:
         n = min(feats.shape[0], r)
         end = self.ring_pos + n
         if end <= r:
-            self.ring[self.ring_pos:end] = feats[:n]
+            self.ring[self.ring_pos : end] = feats[:n]
         else:
-            self.ring[self.ring_pos:] = feats[: r - self.ring_pos]
-            self.ring[: end - r] = feats[r - self.ring_pos:n]
+            self.ring[self.ring_pos :] = feats[: r - self.ring_pos]
+            self.ring[: end - r] = feats[r - self.ring_pos : n]
             self.ring_full = True
         self.ring_pos = end % r
         self.ring_full = self.ring_full or end == r
@@ -344,11 +376,18 @@ class MeoW:
     def state_dict(self) -> dict[str, Any]:
         if self.codebook is None:
             return {"initialized": False}
-        return {"initialized": True, "codebook": self.codebook.detach().clone(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
-                "ema_count": self.ema_count.clone(), "ema_sum": self.ema_sum.clone(),
-                "usage": self.usage.clone(), "ring": self.ring.clone(), "ring_pos": self.ring_pos, "ring_full": self.ring_full,
-                "t_ema": None if self.t_ema is None else self.t_ema.clone()}
+        return {
+            "initialized": True,
+            "codebook": self.codebook.detach().clone(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            "ema_count": self.ema_count.clone(),
+            "ema_sum": self.ema_sum.clone(),
+            "usage": self.usage.clone(),
+            "ring": self.ring.clone(),
+            "ring_pos": self.ring_pos,
+            "ring_full": self.ring_full,
+            "t_ema": None if self.t_ema is None else self.t_ema.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state.get("initialized"):

@@ -40,6 +40,7 @@ Choices (code vs what advplug does):
 * **view**: WMMR's weight is global (one per instance); with several variants the margin is read
   from one view (``--wmmr-view``, default the pair's anchor), as MAIL's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,15 @@ class WeightedPGD(torchattacks.PGD):
     >>> atk = WeightedPGD(model, eps=8/255, alpha=2/255, steps=10, weight_alpha=0.5); x_adv = atk(x, y)
     """
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
-                 weight_alpha: float = 0.5, loss: str = "ce") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float = 8 / 255,
+        alpha: float = 2 / 255,
+        steps: int = 10,
+        weight_alpha: float = 0.5,
+        loss: str = "ce",
+    ) -> None:
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
         self.weight_alpha, self.loss = weight_alpha, loss
 
@@ -125,11 +133,20 @@ class WMMR:
 
     @dataclass(frozen=True)
     class Options:
-        alpha: float | None = opt(None, "kernel width: w = exp(-alpha m) (default: 0.5 at and mart, 2.0 trades)", min=0.0)
-        normalise: str = opt("none", "none: w as defined (authors' scripts); batch: w / mean(w)", choices=("none", "batch"))
-        attack: str = opt("weighted", "weighted: the authors' attack on the weighted loss (variant wmmr); plain: the run's attack",
-                          choices=("weighted", "plain"))
-        view: str = opt("anchor", "view whose margin weighs the pair when there are several variants: anchor, natural, or a name")
+        alpha: float | None = opt(
+            None, "kernel width: w = exp(-alpha m) (default: 0.5 at and mart, 2.0 trades)", min=0.0
+        )
+        normalise: str = opt(
+            "none", "none: w as defined (authors' scripts); batch: w / mean(w)", choices=("none", "batch")
+        )
+        attack: str = opt(
+            "weighted",
+            "weighted: the authors' attack on the weighted loss (variant wmmr); plain: the run's attack",
+            choices=("weighted", "plain"),
+        )
+        view: str = opt(
+            "anchor", "view whose margin weighs the pair when there are several variants: anchor, natural, or a name"
+        )
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -140,8 +157,13 @@ class WMMR:
         o = self.options
         scale = "mean 1 per batch" if o.normalise == "batch" else "in [exp(-alpha), exp(alpha)], not rescaled"
         variants = {"wmmr": ("kappa", "p_true_lps")} if o.attack == "weighted" else {}
-        return Declaration(weights="global", view=o.view, variants=variants, own_scale=o.normalise != "batch",
-                           meaning=f"exp(-alpha (p_y - max_t p_t)) on the adversarial example, {scale}")
+        return Declaration(
+            weights="global",
+            view=o.view,
+            variants=variants,
+            own_scale=o.normalise != "batch",
+            meaning=f"exp(-alpha (p_y - max_t p_t)) on the adversarial example, {scale}",
+        )
 
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
@@ -150,8 +172,14 @@ class WMMR:
         self.options = dataclasses.replace(o, alpha=alpha)
         cfg = ctx.config
         if o.attack == "weighted":
-            self.attack = WeightedPGD(ctx.model, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, weight_alpha=alpha,
-                                      loss="kl" if ctx.objective == "trades" else "ce")
+            self.attack = WeightedPGD(
+                ctx.model,
+                eps=cfg.eps,
+                alpha=cfg.alpha,
+                steps=cfg.steps,
+                weight_alpha=alpha,
+                loss="kl" if ctx.objective == "trades" else "ce",
+            )
             set_bn_mode(self.attack, cfg.attack_bn)
         ctx.log(f"wmmr: w = exp(-{alpha} margin), normalise {o.normalise}, attack {o.attack}")
 
