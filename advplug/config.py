@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from advplug.errors import OptionError
+from advplug.source_names import SOURCES, is_custom, normalise_source
 
 # Defaults per data set where the papers differ. CIFAR/SVHN: GAIRAT/MAIL settings (eps 8/255,
 # step 2/255, PGD-10, 120 epochs, lr 0.1 dropped at 50 % and 75 % of the run, i.e. 60 and 90);
@@ -113,14 +114,10 @@ CUSTOM_DEFAULTS: dict[str, Any] = dict(
 
 def data_defaults(data: str) -> dict[str, Any]:
     """The defaults of a built-in data set or of a ``folder:``/``npz:``/``module:`` source."""
-    from advplug.data import is_custom
-
     if data in DATA_DEFAULTS:
         return DATA_DEFAULTS[data]
     if is_custom(data):
         return CUSTOM_DEFAULTS
-    from advplug.data import SOURCES
-
     raise OptionError(f"unknown data set {data!r} (choose from {', '.join(DATA_DEFAULTS)}, or {', '.join(SOURCES)})")
 
 
@@ -194,8 +191,6 @@ class TrainConfig:
         """Fill the ``None`` fields from the data set's defaults and validate everything."""
         cfg = dataclasses.replace(self)
         check_types(cfg)
-        from advplug.data import normalise_source
-
         cfg.data = normalise_source(cfg.data)
         d = dict(data_defaults(cfg.data))
         fractions = d.pop("milestone_fractions")

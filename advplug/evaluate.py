@@ -7,7 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from advplug.attacks import canonical_spec, display_name, make_eval_attack, parse_eval_attack
+from advplug.attack_names import canonical_spec, display_name, parse_eval_attack
+from advplug.attacks import make_eval_attack
 from advplug.errors import OptionError
 
 

@@ -3,9 +3,9 @@
 Every batch is ``(x, y, index)`` with ``x`` in [0, 1] and ``index`` the sample's position in the
 training set (per-sample plugin state is keyed by it).
 
-Modules, one job each:
+Modules, one job each (the source *names*, ``digits``, ``npz:PATH``, ``python`` ..., are in
+``advplug.source_names``, which the config reads too):
 
-* ``names``: data source names as a run's config records them (``digits``, ``npz:PATH``, ``python`` ...);
 * ``bundle``: ``DataBundle`` (train / test / held-out splits, shape facts) and ``Indexed`` items;
 * ``sources``: data sets by name (the embedded digits, torchvision's, ``module:`` code);
 * ``files``: the user's ``npz:`` arrays and ``folder:`` images;
@@ -21,9 +21,9 @@ from advplug.data.batches import LoaderBatches, TensorBatches, batches
 from advplug.data.bundle import DataBundle
 from advplug.data.checks import as_bundle, as_images, as_labels
 from advplug.data.device import device_batches
-from advplug.data.names import PYTHON, SOURCES, check_data_import, is_custom, normalise_source
 from advplug.data.sources import load_dataset, load_digits_tensors
 from advplug.data.splits import hold_out
+from advplug.source_names import PYTHON, SOURCES, check_data_import, is_custom, normalise_source
 
 __all__ = [
     "PYTHON",

@@ -11,8 +11,8 @@ from torch import Tensor
 from advplug.data.bundle import DataBundle
 from advplug.data.checks import as_bundle
 from advplug.data.files import load_folder, load_npz
-from advplug.data.names import DATASETS, PYTHON, SOURCES
 from advplug.errors import DataError
+from advplug.source_names import DATASETS, PYTHON, SOURCES
 from advplug.usercode import import_callable
 
 

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from advplug.attacks import canonical_spec, display_name
+from advplug.attack_names import canonical_spec, display_name
 from advplug.errors import DataError, OptionError
 from advplug.run.directory import write_json
 

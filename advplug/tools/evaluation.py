@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from advplug.attacks import parse_eval_attack
+from advplug.attack_names import parse_eval_attack
 from advplug.config import TrainConfig
 from advplug.data import check_data_import, load_dataset
 from advplug.devices import pick_device
