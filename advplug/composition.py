@@ -110,7 +110,7 @@ def check_composition(
     replaced = any(d.variants for n, d in declarations.items() if n != objective)
     for n, d in declarations.items():
         if replaced and n == objective:
-            continue  # plugins' variants replace the objective's own attack (trainer.step, issue 17)
+            continue  # plugins' variants replace the objective's own attack (trainer.step)
         for v, stats in d.variants.items():
             if v in views:
                 raise _fail(makers[v], n, f"both generate a variant named {v!r}", "same variant name")

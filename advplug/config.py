@@ -179,7 +179,7 @@ class TrainConfig:
     tensorboard: bool = False
     dump_weights: bool = False
     workers: int = 4
-    # GPU scale (#16): autocast precision of the training attack and step, memory format,
+    # GPU scale: autocast precision of the training attack and step, memory format,
     # torch.compile backend, EMA decay of the weights, and where batches are made.
     precision: str = "fp32"
     channels_last: bool = False

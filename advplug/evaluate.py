@@ -98,11 +98,7 @@ def evaluate_art(
 ) -> dict[str, float]:
     """The same evaluation through ART's ``PyTorchClassifier`` (PGD, FGSM, AutoAttack), keyed by canonical spec."""
     import numpy as np
-    from art.attacks.evasion import (
-        AutoAttack,
-        FastGradientMethod,
-        ProjectedGradientDescent,
-    )
+    from art.attacks.evasion import AutoAttack, FastGradientMethod, ProjectedGradientDescent
     from art.estimators.classification import PyTorchClassifier
 
     was_training = model.training

@@ -64,10 +64,7 @@ def _product(parts: list[Tensor], batch_mean: Callable[[Tensor], Tensor]) -> Ten
 
 
 def combine_weights(
-    results: Iterable[Weights | None],
-    n_variants: int,
-    batch: int,
-    batch_mean: Callable[[Tensor], Tensor] = _rowmean,
+    results: Iterable[Weights | None], n_variants: int, batch: int, batch_mean: Callable[[Tensor], Tensor] = _rowmean
 ) -> CombinedWeights | None:
     """Combine the plugins' weights: globals multiply, the local part distributes inside the pair.
 

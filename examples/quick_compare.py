@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from advplug.config import TrainConfig
-from advplug.engine.trainer import Trainer
 from advplug.plugins import installed
+from advplug.tools import api
 from advplug.tools.compare import compare
 
 # (label, plugins, objective); a method whose plugin is not installed is skipped, and every other
@@ -48,18 +47,18 @@ def main() -> None:
             continue
         for seed in range(args.seeds):
             out = Path(args.out) / f"{label}-{objective}-seed{seed}"
-            cfg = TrainConfig(
+            print(f"train {label} ({objective}), seed {seed} -> {out}", flush=True)
+            api.train(  # its own directory: a re-run replaces it; lr drops follow --epochs
                 data="digits",
                 plugins=plugins,
                 objective=objective,
                 epochs=args.epochs,
                 seed=seed,
-                out=str(out),
-                progress=False,  # lr drops follow --epochs
+                out=out,
+                overwrite=True,
+                log=None,
                 final_attacks=("natural", "pgd20", "cw20"),
             )
-            print(f"train {label} ({objective}), seed {seed} -> {out}", flush=True)
-            Trainer(cfg, overwrite=True, log=lambda s: None).fit()  # its own directory: a re-run replaces it
             dirs.append(str(out))
     table, warnings = compare(dirs)
     print()

@@ -10,6 +10,9 @@ from typing import Any
 from torch import Tensor, device, nn
 
 from advplug.config import TrainConfig
+from advplug.data import DataBundle
+from advplug.engine.ema import EMA
+from advplug.engine.resume import Progress
 from advplug.evaluate import evaluate
 from advplug.models import build_model
 from advplug.run import checkpoint, results
@@ -58,11 +61,9 @@ def final_eval(
     test: tuple[Tensor, Tensor],
     *,
     model: nn.Module,
-    ema_model: nn.Module | None,
-    best_epoch: int,
-    best_ema_epoch: int,
-    num_classes: int,
-    input_shape: tuple[int, ...],
+    ema: EMA | None,
+    progress: Progress,
+    data: DataBundle,
     device: device,
     low_precision: Callable[[], AbstractContextManager[Any]] | None,
     selection_label: str,
@@ -71,6 +72,9 @@ def final_eval(
     """Final accuracies on the whole test split: last and best checkpoints (best as chosen on the selection split),
     written to ``out/results.json`` and logged as a table; returned as that table
     (``{"last (epoch 20)": {"Natural": 0.9, ...}, ...}``)."""
+    ema_model = ema.model if ema is not None else None
+    best_epoch, best_ema_epoch = progress.best_epoch, progress.best_ema_epoch
+    num_classes, input_shape = data.num_classes, data.input_shape
     entries = evaluate_model(model, "last", cfg.epochs, test, cfg, num_classes, low_precision)
     tracks = [("", best_epoch, False)] + ([("-ema", best_ema_epoch, True)] if ema_model is not None else [])
     for suffix, best, ema in tracks:

@@ -1,6 +1,7 @@
 """What a run is made of before it trains, from its config: the data with its held-out splits, the final config
 (output directory, model, attack start resolved once), the selection split, a resumed run's config, and the record
-of all this (``config.json``, the run header)."""
+of all this (``config.json``, the run header); the run directory, the training batches, and the per-epoch
+evaluation on the selection split."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from advplug.attacks import resolve_attack_start
 from advplug.config import RECORD_ONLY, TrainConfig, read_run_config
-from advplug.data import DataBundle, check_data_import, hold_out, load_dataset
+from advplug.context import TrainContext
+from advplug.data import DataBundle, batches, check_data_import, hold_out, load_dataset
+from advplug.data.device import device_batches
+from advplug.engine import distributed
 from advplug.errors import CheckpointError
+from advplug.evaluate import evaluate
 from advplug.models import auto_model, check_model_import
 from advplug.plugins import Enabled, enable
+from advplug.run.directory import default_dir
 
 SPLIT_SEED = 1234  # fixes the held-out selection split (and SPLIT_SEED + 1 the plugins' validation split)
 
@@ -117,3 +123,56 @@ def resume_config(run_dir: str | Path, model: str | None = None, data: str | Non
     check_model_import(cfg.model, model)
     check_data_import(cfg.data, data)
     return dataclasses.replace(cfg, out=str(run_dir))
+
+
+def run_dir(cfg: TrainConfig, rank: int) -> str:
+    """The run directory: ``--out``, else a new ``runs/<plugins>-<objective>-seed<S>`` chosen by rank 0 for all."""
+    if cfg.out is not None:
+        return cfg.out
+    return str(distributed.broadcast_object(default_dir(cfg.plugins, cfg.objective, cfg.seed) if rank == 0 else None))
+
+
+def train_batches(cfg: TrainConfig, data: DataBundle, device: torch.device, rank: int, world: int) -> Any:
+    """The training batches: on the device when the set fits there (``--data-path``), else a loader."""
+    return device_batches(
+        data.train, data.augment, cfg.data_path, cfg.batch_size, device, cfg.seed, rank, world
+    ) or batches(data.train, cfg.batch_size, True, device, cfg.seed, rank, world, cfg.workers)
+
+
+def selection_metrics(
+    models: list[tuple[nn.Module, str]], data: tuple[Tensor, Tensor], prefix: str, cfg: TrainConfig, num_classes: int
+) -> dict[str, float]:
+    """Clean and PGD accuracy of each ``(model, tag)`` on the selection split: ``{tag}{prefix}_clean_acc`` and
+    ``{tag}{prefix}_pgd_acc``, "best" being chosen by the latter."""
+    rec = {}
+    for model, tag in models:
+        res = evaluate(
+            model, *data, ["natural", f"pgd{cfg.eval_steps}"], eps=cfg.eps, num_classes=num_classes, seed=cfg.seed
+        )
+        rec[f"{tag}{prefix}_clean_acc"], rec[f"{tag}{prefix}_pgd_acc"] = res["natural"], res[f"pgd{cfg.eval_steps}"]
+    return rec
+
+
+def train_context(
+    cfg: TrainConfig, data: DataBundle, model: nn.Module, runtime: Any, loss_fn: Any, rank: int, world: int, log: Any
+) -> TrainContext:
+    """What ``on_train_start`` receives (the validation split moved to the run's device)."""
+    val, device = data.validation, runtime.device
+    return TrainContext(
+        model=model,
+        config=cfg,
+        num_train=data.num_train,
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        device=device,
+        epochs=cfg.epochs,
+        milestones=cfg.milestones,
+        objective=cfg.objective,
+        make_attack=runtime.make_attack,
+        log=log,
+        validation=(val[0].to(device), val[1].to(device)) if val is not None else None,
+        train_data=data.train,
+        rank=rank,
+        world_size=world,
+        loss_fn=loss_fn,
+    )

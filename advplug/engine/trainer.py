@@ -11,28 +11,35 @@ import torch
 from torch import nn
 
 from advplug.config import TrainConfig
-from advplug.context import FeatureTap, TrainContext
-from advplug.data import DataBundle, batches
-from advplug.data.device import device_batches
+from advplug.context import FeatureTap
+from advplug.data import DataBundle
 from advplug.devices import pick_device
 from advplug.engine import distributed
 from advplug.engine.epoch import train_epoch
 from advplug.engine.final_eval import final_eval
-from advplug.engine.inputs import config_record, final_config, run_header, selection_split, training_data
+from advplug.engine.inputs import (
+    config_record,
+    final_config,
+    run_dir,
+    run_header,
+    selection_metrics,
+    selection_split,
+    train_batches,
+    train_context,
+    training_data,
+)
+from advplug.engine.records import InertWatch, epoch_lines, write_epoch
 from advplug.engine.resume import Checkpointing, Progress
 from advplug.engine.runtime import Runtime
 from advplug.engine.step import Step
 from advplug.errors import Interrupted
-from advplug.evaluate import evaluate, gather_tensors
-from advplug.hookspecs import HintsStrength
+from advplug.evaluate import gather_tensors
 from advplug.models import build_model
 from advplug.plugins import enable, per_plugin
 from advplug.run import checkpoint
 from advplug.run import directory as rundir
 from advplug.run.dump import SampleDump
 from advplug.run.metrics import MetricsWriter
-
-INERT_ESS, INERT_EPOCHS = 0.995, 3  # weights this uniform for this many epochs: the method is effectively off
 
 
 class Trainer:
@@ -57,15 +64,7 @@ class Trainer:
         resolved = cfg.resolved()
         self.log = log if self.rank == 0 else (lambda s: None)
         self.device = pick_device(resolved.device, local)
-        out = (
-            resolved.out
-            if resolved.out is not None
-            else str(
-                distributed.broadcast_object(
-                    rundir.default_dir(resolved.plugins, resolved.objective, resolved.seed) if self.rank == 0 else None
-                )
-            )
-        )
+        out = run_dir(resolved, self.rank)
         self.out = Path(out)
         self.lock: rundir.RunLock | None = None
         self.metrics: MetricsWriter | None = None
@@ -109,23 +108,14 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(cfg.milestones), gamma=cfg.lr_gamma)
         self.attack = self.runtime.make_attack("pgd")
         self.attack.track = self.enabled.reads_attack_stats
-        self.loader = device_batches(
-            self.data.train,
-            self.data.augment,
-            cfg.data_path,
-            cfg.batch_size,
-            self.device,
-            cfg.seed,
-            self.rank,
-            self.world,
-        ) or batches(self.data.train, cfg.batch_size, True, self.device, cfg.seed, self.rank, self.world, cfg.workers)
+        self.loader = train_batches(cfg, self.data, self.device, self.rank, self.world)
         x_test, y_test = gather_tensors(self.data.test, None, self.device)
         self.test = (x_test, y_test)
         self.select_data, self.select_prefix, self.selection_label = selection_split(
             cfg, self.data, self.test, self.device
         )
         self.progress = Progress()
-        self.inert_streak = 0
+        self.inert = InertWatch()
         self.step = Step(
             cfg,
             self.enabled,
@@ -151,25 +141,7 @@ class Trainer:
             self.world,
             self.log,
         )
-        val = self.data.validation
-        ctx = TrainContext(
-            model=self.model,
-            config=cfg,
-            num_train=self.data.num_train,
-            num_classes=self.data.num_classes,
-            input_shape=self.data.input_shape,
-            device=self.device,
-            epochs=cfg.epochs,
-            milestones=cfg.milestones,
-            objective=cfg.objective,
-            make_attack=self.runtime.make_attack,
-            log=self.log,
-            validation=(val[0].to(self.device), val[1].to(self.device)) if val is not None else None,
-            train_data=self.data.train,
-            rank=self.rank,
-            world_size=self.world,
-            loss_fn=self.step.loss,
-        )
+        ctx = train_context(cfg, self.data, self.model, self.runtime, self.step.loss, self.rank, self.world, self.log)
         self.log(run_header(cfg, self.data, len(self.test[1]), self.device, start_by, self.selection_label))
         self.pm.hook.on_train_start(ctx=ctx)
         if resume:
@@ -250,17 +222,9 @@ class Trainer:
         self.sched.step()
         key = f"{prefix}_pgd_acc"
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            for model, tag in [(self.model, "")] + ([(ema.model, "ema_")] if ema is not None else []):
-                res = evaluate(
-                    model,
-                    *self.select_data,
-                    ["natural", f"pgd{cfg.eval_steps}"],
-                    eps=cfg.eps,
-                    num_classes=self.data.num_classes,
-                    seed=cfg.seed,
-                )
-                rec[f"{tag}{prefix}_clean_acc"], rec[f"{tag}{key}"] = res["natural"], res[f"pgd{cfg.eval_steps}"]
-        self._check_inert(rec)
+            models = [(self.model, "")] + ([(ema.model, "ema_")] if ema is not None else [])
+            rec.update(selection_metrics(models, self.select_data, prefix, cfg, self.data.num_classes))
+        self.inert.check(rec, [(n, self.enabled.plugin(n)) for n in self.step.weighers])
         self._epoch_end_hooks(epoch, rec)
         is_best = rec.get(key, -1.0) > progress.best_acc
         if is_best:
@@ -273,44 +237,19 @@ class Trainer:
         if self.rank != 0:
             return
         payload = self.checkpoints.payload(epoch, rng, progress)
-        rundir.fault_point("before-last", epoch)
-        checkpoint.save(self.out / "last.pt", payload)
-        rundir.fault_point("after-last", epoch)
-        if is_best:
-            checkpoint.save(self.out / "best.pt", payload)
-        if is_best_ema:
-            checkpoint.save(self.out / "best-ema.pt", {**payload, "model": ema.model.state_dict()})
-        rundir.fault_point("after-best", epoch)
-        self.metrics.write(rec, self.epoch_weights)
-        rundir.fault_point("after-metrics", epoch)
-        if self.weight_dump is not None:
-            self.weight_dump.write(epoch)
-        msg = (
-            f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train_acc {rec['train_acc']:.3f}  "
-            f"lr {rec['lr']:.4g}  {rec['seconds']:.1f}s"
+        write_epoch(
+            self.out,
+            epoch,
+            payload,
+            best=is_best,
+            best_ema=ema.model if is_best_ema else None,
+            metrics=self.metrics,
+            rec=rec,
+            weights=self.epoch_weights,
+            dump=self.weight_dump,
         )
-        if key in rec:
-            msg += f"  {prefix} clean {rec[f'{prefix}_clean_acc']:.3f}  pgd {rec[key]:.3f}"
-        if "weights" in rec:
-            msg += f"  w[{rec['weights']['min']:.2f}, {rec['weights']['max']:.2f}] ess {rec['weights']['ess']:.3f}"
-        self.log(msg)
-        for w in rec.get("warnings", []):
-            self.log(f"warning: {w}")
-
-    def _check_inert(self, rec: dict[str, Any]) -> None:
-        """Warn when a reweighting method's weights stay nearly uniform after its burn-in."""
-        ess = rec.get("weights", {}).get("ess")
-        self.inert_streak = self.inert_streak + 1 if ess is not None and ess > INERT_ESS else 0
-        if self.inert_streak == INERT_EPOCHS:
-            who = self.step.weighers
-            plugins = [(n, self.enabled.plugin(n)) for n in who]
-            default = "see its options in `advplug plugins`"
-            hints = [f"{n}: {p.strength_hint if isinstance(p, HintsStrength) else default}" for n, p in plugins]
-            rec["warnings"] = [
-                f"weights of {', '.join(who) or 'the plugins'} have been nearly uniform for "
-                f"{INERT_EPOCHS} epochs (effective sample size {ess:.4f} > {INERT_ESS}): the "
-                f"reweighting is effectively off ({'; '.join(hints)})"
-            ]
+        for line in epoch_lines(rec, epoch, cfg.epochs, prefix):
+            self.log(line)
 
     def _epoch_end_hooks(self, epoch: int, rec: dict[str, Any]) -> None:
         """``on_epoch_end``, one plugin at a time (``plugins.per_plugin``: wrappers wrap each call), each given a copy
@@ -324,17 +263,14 @@ class Trainer:
         """Final accuracies on the whole test split (``engine.final_eval``); rank 0 only."""
         if self.rank != 0:
             return {}
-        ema = self.runtime.ema
         return final_eval(
             self.cfg,
             self.out,
             self.test,
             model=self.model,
-            ema_model=ema.model if ema is not None else None,
-            best_epoch=self.progress.best_epoch,
-            best_ema_epoch=self.progress.best_ema_epoch,
-            num_classes=self.data.num_classes,
-            input_shape=self.data.input_shape,
+            ema=self.runtime.ema,
+            progress=self.progress,
+            data=self.data,
             device=self.device,
             low_precision=self.runtime.autocast if self.runtime.amp_dtype is not None else None,
             selection_label=self.selection_label,

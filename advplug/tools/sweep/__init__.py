@@ -16,16 +16,7 @@ from advplug.tools.sweep.launchers import (
     SlurmLauncher,
     make_launcher,
 )
-from advplug.tools.sweep.runner import (
-    NOTHING_FINISHED,
-    Tally,
-    dry_run,
-    report,
-    run_sweep,
-    summary,
-    tally,
-    train_args,
-)
+from advplug.tools.sweep.runner import NOTHING_FINISHED, Tally, dry_run, report, run_sweep, summary, tally, train_args
 from advplug.tools.sweep.spec import Point, Sweep, expand, load_sweep, point_name
 from advplug.tools.sweep.state import STATUS_FILE, PointState, last_error, state
 
