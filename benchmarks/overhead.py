@@ -11,7 +11,7 @@ plain advplug AT.
     python benchmarks/overhead.py --plugin meow --plugin mail
     python benchmarks/overhead.py --shape cifar --n 64 --precision bf16 --channels-last --ema 0.999
 
-The switches of issue 16 (``--precision``, ``--channels-last``, ``--compile``, ``--ema``,
+The GPU-scale switches (``--precision``, ``--channels-last``, ``--compile``, ``--ema``,
 ``--data-path``) apply to every contender, the hand-written loop included (autocast, a gradient
 scaler for fp16, the memory format, torch.compile, a fused EMA update, and the same batches:
 on the device with on-device crop-flip, or from a DataLoader), so each ratio compares like with
@@ -41,7 +41,7 @@ REWEIGHT_NOW = {
     "bat": {"bat-burn-in": 0},
     "awp": {"awp-warmup": 0},
 }
-# Baselines (issue 17): `--plugin awp` costs one extra forward and backward per step (its proxy
+# Baselines: `--plugin awp` costs one extra forward and backward per step (its proxy
 # step: work 1 + 1/(K + 1) of AT's for PGD-K, 1.09 for PGD-10), so its time/work should stay near 1
 # (<= 1.05); `--plugin fat` does less work than AT (early-stopped PGD); `--plugin wmmr` the same.
 

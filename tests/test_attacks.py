@@ -5,13 +5,7 @@ import torch
 from torch import nn
 
 from advplug import OptionError
-from advplug.attacks import (
-    CWLinf,
-    TrackedPGD,
-    cw_margin_loss,
-    make_attack,
-    parse_eval_attack,
-)
+from advplug.attacks import CWLinf, TrackedPGD, cw_margin_loss, make_attack, parse_eval_attack
 from advplug.testing import ScriptedTwoClass
 
 

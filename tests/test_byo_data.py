@@ -1,4 +1,4 @@
-"""Issue 15: your own data (folder:, npz:, module:), its one-line errors, the import rule for
+"""Your own data (folder:, npz:, module:), its one-line errors, the import rule for
 module: data, the schedule that follows --epochs, strict JSON from `advplug plugins --json`."""
 
 from __future__ import annotations
@@ -225,6 +225,7 @@ def test_train_eval_on_folder(tmp_path):
     run(["eval", str(out), "--attack", "natural"])
 
 
+@pytest.mark.slow
 def test_auto_model_follows_the_input_shape(tmp_path):
     npz = make_npz(
         tmp_path / "d.npz",
@@ -249,6 +250,7 @@ def data():
 """
 
 
+@pytest.mark.slow
 def test_module_data_and_the_import_rule(tmp_path, monkeypatch):
     marker = tmp_path / "marker"
     (tmp_path / "my_data_i15.py").write_text(textwrap.dedent(MODULE.format(marker=str(marker))))

@@ -59,6 +59,7 @@ def test_bad_input_is_one_clear_line(args, pattern, tmp_path):
     one_line_error(run(*args, *(["--out", str(tmp_path)] if args[0] == "train" else [])), pattern)
 
 
+@pytest.mark.slow
 def test_eval_a_run_directory(tmp_path):
     Trainer(tiny_config(str(tmp_path)), data=digits_subset(), log=lambda s: None).fit()
     res = run("eval", str(tmp_path), "--which", "last", "--attack", "natural", "--attack", "cw5", "--n-eval", "64")
@@ -87,6 +88,7 @@ def test_eval_refuses_a_damaged_eval_json_before_evaluating(tmp_path, monkeypatc
     assert (tmp_path / "eval.json").read_text().endswith("[")
 
 
+@pytest.mark.slow
 def test_eval_adds_to_eval_json_and_is_reproducible(tmp_path):
     """A later quick evaluation never wipes an earlier one; the same key is replaced, with the
     same number (seeded random starts)."""
@@ -112,6 +114,7 @@ def test_resume_refuses_new_settings(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_art_backend_cross_checks_pgd(tmp_path):
     Trainer(tiny_config(str(tmp_path)), data=digits_subset(), log=lambda s: None).fit()
     res = run(
@@ -132,6 +135,7 @@ def test_art_backend_cross_checks_pgd(tmp_path):
     assert "PGD-5 (ART)" in res.output and "Natural (ART)" in res.output
 
 
+@pytest.mark.slow
 def test_config_file_and_tensorboard(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(

@@ -12,14 +12,7 @@ from hypothesis import strategies as st
 
 from advplug import CombinedWeights, Declaration, PluginError, Variant, Weights
 from advplug.composition import check_composition
-from advplug.weights import (
-    adv_matrix,
-    combine_weights,
-    merge_variants,
-    nat_vector,
-    natural_weights,
-    summary,
-)
+from advplug.weights import adv_matrix, combine_weights, merge_variants, nat_vector, natural_weights, summary
 
 
 def v(name):

@@ -1,5 +1,6 @@
 """Every pair of installed plugins, under each objective: a defined meaning (one step runs) or a
-one-line start-up error naming both; and the measurements of issue 14 on real plugins."""
+one-line start-up error naming both; the README's pair table and `advplug hooks`' account of how
+the weights combine."""
 
 from pathlib import Path
 

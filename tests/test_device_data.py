@@ -1,4 +1,4 @@
-"""The on-device data path (#16): torchvision-style data sets as uint8 tensors on the device,
+"""The on-device data path: torchvision-style data sets as uint8 tensors on the device,
 crop-flip augmentation with torchvision's distribution, held-out splits without augmentation."""
 
 import numpy as np
@@ -8,13 +8,7 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset, Subset
 
 from advplug.data import DataBundle, hold_out
-from advplug.data.device import (
-    DeviceBatches,
-    crop_flip,
-    crop_flip_params,
-    device_batches,
-    raw_tensors,
-)
+from advplug.data.device import DeviceBatches, crop_flip, crop_flip_params, device_batches, raw_tensors
 
 
 class FakeCIFAR(Dataset):

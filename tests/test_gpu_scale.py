@@ -1,4 +1,4 @@
-"""The GPU-scale switches (#16) on the CPU: --precision, --channels-last, --compile, --ema, the
+"""The GPU-scale switches on the CPU: --precision, --channels-last, --compile, --ema, the
 on-device data path; weights in fp32 under autocast; exact resume with each."""
 
 import json
@@ -9,14 +9,7 @@ import torch
 from advplug.engine.ema import EMA
 from advplug.engine.trainer import Trainer
 from advplug.run import checkpoint
-from advplug.testing import (
-    DtypeProbe,
-    digits_subset,
-    installed_plugins,
-    run_and_resume,
-    same_tensors,
-    tiny_config,
-)
+from advplug.testing import DtypeProbe, digits_subset, installed_plugins, run_and_resume, same_tensors, tiny_config
 
 
 def quiet(_):
@@ -50,6 +43,7 @@ def test_the_step_forward_runs_in_bf16(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(precision="bf16"), dict(ema=0.9), dict(channels_last=True)])
+@pytest.mark.slow
 def test_resume_is_exact_with_each_switch(tmp_path, kw):
     full, part = run_and_resume(tmp_path, small(), epochs=2, milestones=(1,), **kw)
     assert same_tensors(full["model"], part["model"], atol=0)
@@ -58,12 +52,14 @@ def test_resume_is_exact_with_each_switch(tmp_path, kw):
         assert same_tensors(full["ema"]["model"], part["ema"]["model"], atol=0)
 
 
+@pytest.mark.slow
 def test_fp16_uses_a_gradient_scaler_and_resumes_it(tmp_path):
     full, part = run_and_resume(tmp_path, small(), epochs=2, milestones=(1,), precision="fp16")
     assert full["scaler"]["scale"] == part["scaler"]["scale"] and "_growth_tracker" in full["scaler"]
     assert same_tensors(full["model"], part["model"], atol=0)
 
 
+@pytest.mark.slow
 def test_compile_runs_the_step_and_the_attack(tmp_path):
     t = Trainer(tiny_config(str(tmp_path), epochs=1, compile="eager"), data=digits_subset(64, 16), log=quiet)
     assert t.net is not t.model and t.attack.model is t.attack_model is not t.model
@@ -89,6 +85,7 @@ def test_ema_formula_by_hand():
     assert ema.steps == 4
 
 
+@pytest.mark.slow
 def test_ema_is_evaluated_selected_and_reported(tmp_path):
     res = Trainer(
         tiny_config(str(tmp_path), epochs=3, milestones=(2,), ema=0.5, selection="validation"),
@@ -128,6 +125,7 @@ def test_bad_switch_values():
             tiny_config(None, **kw).resolved()
 
 
+@pytest.mark.slow
 def test_compile_with_a_meta_gradient_plugin_falls_back_for_the_step(tmp_path):
     """BiLAW differentiates through the loss twice, which torch.compile cannot: the step runs
     uncompiled (said in the log), the attacks compiled, and training works."""

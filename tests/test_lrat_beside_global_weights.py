@@ -1,7 +1,7 @@
-"""The measurements of issue 14, as tests (each fails on the code before the composition algebra):
-LRAT's floor (Eq. 7) and Eq. 15 survive a global method beside it, the within-pair split stays
-LRAT's, MAIL's fixed scale beside Eq. 15 is refused, and LRAT + GAIRAT / MAIL-dif either run
-their reweighted steps or fail at start-up, never at the first reweighted step."""
+"""LRAT's local weights beside a global (one weight per instance) method: LRAT's floor (Eq. 7) and
+Eq. 15 survive a global method beside it, the within-pair split stays LRAT's, MAIL's fixed scale
+beside Eq. 15 is refused, and LRAT + GAIRAT / MAIL-dif either run their reweighted steps or fail
+at start-up, never at the first reweighted step; the order of plugin flags does not change the step."""
 
 import pytest
 import torch
@@ -41,7 +41,7 @@ def fixed_batch_step(tr, n=48):
 
 
 def lrat_part(w):
-    """The weights LRAT's invariants are about: the local part (the whole product before #14)."""
+    """The weights LRAT's invariants are about: the local part (the whole product where there is none)."""
     part = getattr(w, "local", None)
     return w.adv if part is None else part
 

@@ -34,6 +34,7 @@ def test_names():
             names(bad)
 
 
+@pytest.mark.slow
 def test_generated_package_installs_lists_and_passes_its_test(tmp_path):
     r = CliRunner().invoke(cli, ["new-plugin", "my_method", "--dest", str(tmp_path)], catch_exceptions=False)
     assert r.exit_code == 0, r.output

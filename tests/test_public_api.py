@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import advplug
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -28,6 +30,7 @@ def test_readme_lists_the_public_api():
     assert set(advplug.__all__) - {"__version__"} <= listed
 
 
+@pytest.mark.slow
 def test_importing_advplug_loads_no_wing():
     code = (
         "import sys, advplug, advplug.signals; "

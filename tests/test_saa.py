@@ -71,6 +71,7 @@ def test_sequential_waves_are_apgdt_on_every_sample_it_fools(model_and_data, eps
     assert torch.equal(ours[~correct], x[~correct])  # misclassified at x: returned as is, as APGDT does
 
 
+@pytest.mark.slow
 def test_default_waves_are_as_strong_as_apgdt(model_and_data):
     """Targets 2 and 3 at once on the survivors of target 1: the same per-sample attack from other
     random starts, so over several seeds it fools at least as many samples (within noise)."""

@@ -1,4 +1,4 @@
-"""Model selection on held-out training data (#13): the "best" checkpoint is never chosen on the
+"""Model selection on held-out training data: the "best" checkpoint is never chosen on the
 test set unless the user asks for it, explicitly and labelled."""
 
 import json
@@ -9,12 +9,7 @@ import torch
 from advplug.engine.inputs import SPLIT_SEED, training_data
 from advplug.engine.trainer import Trainer
 from advplug.run import checkpoint
-from advplug.testing import (
-    ConstantWeights,
-    digits_subset,
-    installed_plugins,
-    tiny_config,
-)
+from advplug.testing import ConstantWeights, digits_subset, installed_plugins, tiny_config
 
 
 def quiet(_):
@@ -25,6 +20,7 @@ def rows(x):
     return {tuple(r.flatten().tolist()) for r in x}
 
 
+@pytest.mark.slow
 def test_selection_split_is_held_out_disjoint_and_recorded(tmp_path):
     data = digits_subset(400, 64)
     logs = []

@@ -273,6 +273,7 @@ def _epochs(run):
     return [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_local_2x2_killed_and_rerun_finishes_without_redoing_finished_points(tmp_path):
     f = write(tmp_path, GRID_2X2, epochs=2)
     out = tmp_path / "out"
@@ -310,6 +311,7 @@ def test_local_2x2_killed_and_rerun_finishes_without_redoing_finished_points(tmp
     assert rep.exit_code == 0 and "| mail mail-burn-in=0 | 2 |" in rep.output
 
 
+@pytest.mark.slow
 def test_a_run_that_dies_is_reported_then_resumed_from_its_checkpoint(tmp_path):
     """Local launcher first; the re-run goes through the SLURM launcher (submitit's in-process
     debug executor: the same submit/done/result code a cluster gets) when submitit is installed."""
@@ -335,6 +337,7 @@ def test_a_run_that_dies_is_reported_then_resumed_from_its_checkpoint(tmp_path):
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["points"]["at-seed0"]["attempts"] == 2
 
 
+@pytest.mark.slow
 def test_the_same_2x2_sweep_on_a_local_ray_instance(tmp_path):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'advplug[ray]')")
     s = sw.load_sweep(write(tmp_path, GRID_2X2))

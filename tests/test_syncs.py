@@ -1,4 +1,4 @@
-"""No host synchronisation inside the training step (#16): on the CPU the calls that would sync
+"""No host synchronisation inside the training step: on the CPU the calls that would sync
 a GPU (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, ``bool()``/``int()``/``float()`` of
 a tensor) are counted during steps; only the periodic check (every 20 steps and at the epoch's
 end, outside ``step``) may make them. LRAT's SAA sizes its two waves from the data (two

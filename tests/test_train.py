@@ -7,13 +7,7 @@ import pytest
 from advplug.engine.trainer import Trainer
 from advplug.errors import NonFiniteLossError
 from advplug.run import checkpoint
-from advplug.testing import (
-    digits_subset,
-    installed_plugins,
-    run_and_resume,
-    same_tensors,
-    tiny_config,
-)
+from advplug.testing import digits_subset, installed_plugins, run_and_resume, same_tensors, tiny_config
 
 
 def quiet(_):
@@ -36,6 +30,7 @@ def test_train_writes_run_directory(tmp_path):
     assert ck["epoch"] == 1 and "rng" in ck and "optimizer" in ck
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     full, part = run_and_resume(tmp_path, digits_subset(), milestones=(2,))
     assert same_tensors(full["model"], part["model"], atol=1e-6)
@@ -62,6 +57,7 @@ def test_meow_end_to_end_with_resume_state(tmp_path):
     assert state["initialized"] and state["codebook"].shape[0] == recs[0]["meow"]["codes"]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     """torchrun with 2 gloo processes: sharded batches, all-reduced weight normalisation, rank-0 outputs."""
     import json

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from advplug.testing import installed_plugins
@@ -47,6 +48,7 @@ def test_flags_follow_the_trainers_numbering(tmp_path):
         assert (data.train[1].numpy() == y_file[flags["injected_index"]]).all()
 
 
+@pytest.mark.slow
 def test_benchmark_table_and_a_planted_signal(tmp_path):
     """A tiny benchmark: AT, MAIL and a test double that weighs exactly the flipped samples down
     (AUROC 1 for flipped, about 0.5 for the others); the table, CSV, JSON, plots and ROC come out."""

@@ -207,6 +207,7 @@ def test_runs_end_to_end(tmp_path):
     assert res and all(math.isfinite(v) for r in res.values() for v in r.values())
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
     """torchrun, 2 gloo CPU processes: the proxy pass runs under DDP's no_sync, its gradients are
     averaged over ranks (one perturbation for all), and training completes."""

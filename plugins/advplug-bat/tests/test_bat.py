@@ -5,13 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from advplug_bat import (
-    BAT,
-    bat_weights,
-    discrimination_loss,
-    ensemble_disagreement,
-    poisoning_score,
-)
+from advplug_bat import BAT, bat_weights, discrimination_loss, ensemble_disagreement, poisoning_score
 
 from advplug import DataError, OptionError, TrainConfig, TrainContext
 from advplug.data import DataBundle

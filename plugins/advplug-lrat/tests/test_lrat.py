@@ -4,24 +4,12 @@ import math
 
 import pytest
 import torch
-from advplug_lrat import (
-    LRAT,
-    floor_weight,
-    local_weight,
-    parse_attacks,
-    variable_factor,
-)
+from advplug_lrat import LRAT, floor_weight, local_weight, parse_attacks, variable_factor
 
 from advplug import FeatureTap, PluginError, StepContext, Variant, Weights
 from advplug.engine.trainer import Trainer
 from advplug.plugins import enable
-from advplug.testing import (
-    TableModel,
-    digits_subset,
-    run_and_resume,
-    same_tensors,
-    tiny_config,
-)
+from advplug.testing import TableModel, digits_subset, run_and_resume, same_tensors, tiny_config
 
 
 def test_variable_factor_and_weight_by_hand():
@@ -235,6 +223,7 @@ def test_lrat_with_mail_mail_weighs_the_pair_lrat_splits_it(tmp_path):
     assert ctx.forward_count == 3  # one forward per variant, shared by both plugins and the loss
 
 
+@pytest.mark.slow
 def test_end_to_end_resume_is_exact(tmp_path):
     opts = {"lrat-saa-steps": 3, "lrat-dump": "true"}
     full, part = run_and_resume(tmp_path, digits_subset(128, 32), plugins=("lrat",), plugin_options=opts)
@@ -502,12 +491,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 @st.composite
 def prob_tables(draw):
-    b, k = (
-        draw(
-            st.integers(1, 4),
-        ),
-        draw(st.integers(2, 4)),
-    )
+    b, k = (draw(st.integers(1, 4)), draw(st.integers(2, 4)))
 
     def row():
         z = draw(st.lists(st.floats(-6, 6), min_size=k, max_size=k))

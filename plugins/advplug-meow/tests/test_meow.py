@@ -221,6 +221,7 @@ def test_embedding_selection_pulls_codes_toward_misclassified_samples(tmp_path, 
     assert w_minus[atypical].mean() > w_minus[~atypical].mean()
 
 
+@pytest.mark.slow
 def test_end_to_end_resume_keeps_the_codebook(tmp_path):
     from advplug.testing import digits_subset, run_and_resume, same_tensors
 

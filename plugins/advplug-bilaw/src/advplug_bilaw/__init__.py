@@ -50,17 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from advplug import (
-    NATURAL,
-    Declaration,
-    OptionError,
-    StepContext,
-    TrainContext,
-    Variant,
-    Weights,
-    hookimpl,
-    opt,
-)
+from advplug import NATURAL, Declaration, OptionError, StepContext, TrainContext, Variant, Weights, hookimpl, opt
 from advplug.signals import probabilistic_margin, true_prob
 
 __version__ = "0.1.0"

@@ -67,10 +67,7 @@ from advplug import (
     hookimpl,
     opt,
 )
-from advplug.signals import (  # PM of Eq. 5/6: p_y - max_{j != y} p_j
-    probabilistic_margin,
-    true_prob,
-)
+from advplug.signals import probabilistic_margin, true_prob  # PM of Eq. 5/6: p_y - max_{j != y} p_j
 
 __version__ = "0.1.0"
 PRESETS = {"at": (10.0, -0.5), "trades": (2.0, 0.0), "mart": (2.0, 0.0)}
