@@ -13,7 +13,7 @@ Step and run data
     CombinedWeights          the core's product of all plugins' weights, as the loss receives it
     Declaration              what a plugin declares at start-up: weight kind, needs, meaning
     NATURAL                  the name of the clean view
-    FeatureTap               penultimate features of a model (forward hook on its last linear layer)
+    FeatureTap               penultimate features of a model from its own forward (its head's input, or features(x))
     TrainConfig              a run's settings (``TrainContext.config``)
 Options and errors
     opt                      a plugin option field: default, help text, bounds, choices

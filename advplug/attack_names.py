@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from advplug.errors import OptionError
+from advplug.errors import OptionError, did_you_mean
 
 _EVAL_RE = re.compile(r"^(natural|fgsm|pgd|cw|apgd-ce|aa)(\d+)?$")
 EVAL_ATTACKS = "natural, fgsm, pgdK (e.g. pgd20), cw / cwK (CW-Linf margin, PGD-K), apgd-ce, aa (AutoAttack standard)"
@@ -15,7 +15,10 @@ EVAL_ATTACKS = "natural, fgsm, pgdK (e.g. pgd20), cw / cwK (CW-Linf margin, PGD-
 def parse_eval_attack(spec: str) -> tuple[str, int | None]:
     m = _EVAL_RE.match(spec.lower())
     if not m:
-        raise OptionError(f"unknown attack {spec!r} (choose from {EVAL_ATTACKS})")
+        joined = re.sub(r"[-_ ]+(?=\d)", "", spec.lower())  # pgd-100 -> pgd100
+        choices = [joined] if _EVAL_RE.match(joined) else ["natural", "fgsm", "pgd20", "cw20", "apgd-ce", "aa"]
+        hint = did_you_mean(joined, choices)
+        raise OptionError(f"unknown attack {spec!r} ({hint}choose from {EVAL_ATTACKS})")
     kind, steps = m.group(1), int(m.group(2)) if m.group(2) else None
     if kind in ("natural", "fgsm", "aa") and steps is not None:
         raise OptionError(f"attack {spec!r}: {kind} takes no step count")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advplug.errors import OptionError
+from advplug.errors import AdvplugError, OptionError
 from advplug.source_names import SOURCES, is_custom, normalise_source
 
 # Defaults per data set where the papers differ. CIFAR/SVHN: GAIRAT/MAIL settings (eps 8/255,
@@ -133,6 +133,21 @@ def milestones_for(epochs: int, fractions: tuple[float, ...]) -> tuple[int, ...]
     return tuple(out)
 
 
+def extended_milestones(
+    milestones: tuple[int, ...], fractions: tuple[float, ...] | None, epochs: int, done: int
+) -> tuple[int, ...]:
+    """The learning-rate drops of a run extended to ``epochs`` after ``done`` epochs (``--resume --epochs``).
+    Explicit milestones (``fractions=None``) are kept (those that still fit in ``epochs``). Drops derived from
+    ``fractions`` of the run (one drop per fraction, in order): those already passed (``<= done``) are kept, the
+    remaining fractions are placed on the new length (floor(f * epochs), at the earliest ``done + 1``).
+    ``extended_milestones((1, 2), (0.6, 0.85), 5, done=1) == (1, 4)``."""
+    if fractions is None:
+        return tuple(m for m in milestones if m < epochs)
+    passed = [m for m in milestones if m <= done]
+    ahead = [max(done + 1, int(math.floor(f * epochs + 1e-9))) for f in fractions[len(passed) :]]
+    return tuple(sorted({*passed, *(m for m in ahead if m < epochs)}))
+
+
 SELECTIONS = ("validation", "test")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -187,8 +202,10 @@ class TrainConfig:
     ema: float | None = None
     data_path: str = "auto"
 
-    def resolved(self) -> TrainConfig:
-        """Fill the ``None`` fields from the data set's defaults and validate everything."""
+    def resolved(self, *, recorded: bool = False) -> TrainConfig:
+        """Fill the ``None`` fields from the data set's defaults and validate everything. ``recorded``: the
+        settings of a run that exists (its ``config.json``), read as they were: a milestone past its end, which
+        older versions accepted, is no error there."""
         cfg = dataclasses.replace(self)
         check_types(cfg)
         cfg.data = normalise_source(cfg.data)
@@ -201,7 +218,20 @@ class TrainConfig:
         cfg.plugins = tuple(cfg.plugins)
         cfg.final_attacks = tuple(cfg.final_attacks)
         cfg.validate()
+        if not recorded:
+            cfg.check_milestones()
         return cfg
+
+    def check_milestones(self) -> None:
+        """A learning-rate drop at epoch index ``m >= epochs`` never happens (``MultiStepLR`` counts 0-based
+        epochs): an error naming it, not a run that silently keeps its initial rate."""
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            are = "is" if len(late) == 1 else "are"
+            raise OptionError(
+                f"--milestones {', '.join(map(str, late))} {are} at or past --epochs {self.epochs}: the learning rate "
+                f"would never drop there (milestones are 0-based epoch indices, so at most {self.epochs - 1} here)"
+            )
 
     def validate(self) -> None:
         checks = [
@@ -384,24 +414,75 @@ def table_entries(
             yield "unknown", k, v
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A JSON or TOML file with run settings; plugin options under ``[plugin_options]`` as
-    ``"mail-gamma" = 10`` or nested ``[mail] gamma = 10`` tables."""
+def read_settings_file(path: str | Path, what: str = "config", default: str = "json") -> Any:
+    """The parsed content of a JSON (``.json``) or TOML (``.toml``) file; another suffix is read as
+    ``default``. One-line errors for a missing, unreadable or unparsable file, and for YAML (not read:
+    the message names the formats that are)."""
     p = Path(path)
+    if p.is_dir():
+        raise OptionError(f"{what} file {str(p)!r} is a directory")
     if not p.is_file():
-        raise OptionError(f"config file {str(p)!r} not found")
+        raise OptionError(f"{what} file {str(p)!r} not found")
+    if p.suffix.lower() in (".yaml", ".yml"):
+        raise OptionError(
+            f"{what} file {str(p)!r}: {what} files are JSON or TOML (got YAML?): write it as {p.stem}.toml "
+            "(key = value) or .json"
+        )
+    toml = p.suffix == ".toml" or (p.suffix != ".json" and default == "toml")
     try:
         text = p.read_text()  # inside the try: a binary file is a UnicodeDecodeError, a ValueError
-        if p.suffix == ".toml":
+        if toml:
             import tomllib
 
-            raw = tomllib.loads(text)
-        else:
-            raw = json.loads(text)
+            return tomllib.loads(text)
+        return json.loads(text)
+    except OSError as e:  # permission denied, a directory, an I/O error
+        raise OptionError(f"{what} file {str(p)!r} cannot be read ({e.strerror or e})") from None
     except ValueError as e:
-        raise OptionError(f"config file {str(p)!r} cannot be parsed: {e}") from None
+        read_as = (
+            "" if p.suffix in (".json", ".toml") else f" (read as {'TOML' if toml else 'JSON'}: name it .toml or .json)"
+        )
+        raise OptionError(f"{what} file {str(p)!r} cannot be parsed: {e}{read_as}") from None
+
+
+def run_config_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run's own ``config.json`` used as a config file: the settings the run used, without what it recorded
+    about itself (``RECORD_ONLY`` and any key that is not a setting), its run directory (``out``: a new run gets
+    its own) and the learning-rate milestones when they are the schedule the run derived from its epochs (so that
+    another ``--epochs`` moves them; an extended run's are kept: they are the schedule it ran)."""
+    out = {k: v for k, v in raw.items() if k in FIELDS and k != "out"}
+    if raw.get("extended_from"):
+        return out
+    if "milestones_derived_from" in raw:  # recorded: fractions of the run, or null for explicit milestones
+        if raw["milestones_derived_from"] is not None:
+            out.pop("milestones", None)
+        return out
+    data, epochs, milestones = out.get("data"), out.get("epochs"), out.get("milestones")
+    if isinstance(data, str) and _is_int(epochs) and isinstance(milestones, list):  # older runs: compare
+        try:
+            fractions = data_defaults(normalise_source(data))["milestone_fractions"]
+        except AdvplugError:
+            return out  # resolving reports the bad data name
+        if milestones == list(milestones_for(epochs, fractions)):
+            del out["milestones"]
+    return out
+
+
+def is_run_config(raw: dict[str, Any]) -> bool:
+    """A ``config.json`` the trainer wrote (it carries record-only keys such as ``num_train``)."""
+    return any(k in raw for k in RECORD_ONLY)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON or TOML file with run settings; plugin options under ``[plugin_options]`` as
+    ``"mail-gamma" = 10`` or nested ``[mail] gamma = 10`` tables. A run's own ``config.json`` is
+    accepted too (``run_config_settings``)."""
+    p = Path(path)
+    raw = read_settings_file(p)
     if not isinstance(raw, dict):
         raise OptionError(f"config file {str(p)!r}: expected a table of settings, got {type(raw).__name__}")
+    if is_run_config(raw):
+        raw = run_config_settings(raw)
     if any(k.replace("-", "_") == "plugin_options" and not isinstance(v or {}, dict) for k, v in raw.items()):
         raise OptionError(f'config file {str(p)!r}: plugin_options must be a table of "plugin-option" = value')
     out: dict[str, Any] = {}
@@ -457,7 +538,16 @@ def build_config(*layers: SettingsSource) -> TrainConfig:
         raise OptionError(str(e)) from None
 
 
-RECORD_ONLY = ("resolved_plugin_options", "num_train", "world_size", "num_selection", "num_validation", "split_seed")
+RECORD_ONLY = (
+    "resolved_plugin_options",
+    "num_train",
+    "world_size",
+    "num_selection",
+    "num_validation",
+    "split_seed",
+    "milestones_derived_from",  # the fractions of the run the milestones came from; null: given explicitly
+    "extended_from",  # one entry per --resume --epochs: epochs and milestones before and after, and the rule
+)
 # Settings that do not change a run's numbers (where and how it runs, what else it writes).
 NUMBERS_FREE = ("progress", "device", "workers", "data_root", "download", "tensorboard", "dump_weights", "out")
 
@@ -481,10 +571,8 @@ def check_run_config(d: dict[str, Any], name: str, error: type[Exception] = Opti
     """A run's saved settings hold the types and values ``advplug train`` accepts (a hand-edited
     ``config.json`` with ``eps = "x"``, ``NaN`` or ``plugins = "mail"`` is one clear error, not a
     crash or a silently wrong table). Keys this advplug does not know are left to the caller."""
-    from advplug.errors import AdvplugError
-
     try:
-        TrainConfig(**{k: v for k, v in d.items() if k in FIELDS}).resolved()
+        TrainConfig(**{k: v for k, v in d.items() if k in FIELDS}).resolved(recorded=True)
     except AdvplugError as e:
         raise error(f"{name!r} is damaged: {e}") from None
     nulls = [k for k in (*DATA_DEFAULTS["digits"], "milestones") if k in d and d[k] is None]

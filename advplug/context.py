@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from advplug.errors import OptionError
 
 NATURAL = "natural"
 
@@ -79,7 +82,8 @@ class Declaration:
     ``natural_weights``: returns ``Weights.nat`` (needs a loss owner with a natural term).
     ``variants``: ``{name: stats keys}`` of the variants ``generate_adversaries`` returns.
     ``anchor``: a local method's stand-in view of its pair (LRAT's x*), or ``None``.
-    ``needs``: ``"natural"`` (natural logits), ``"features"``, ``"validation"`` (also ask for
+    ``needs``: ``"natural"`` (natural logits), ``"features"`` (penultimate features: taken from the model only
+    when a plugin declares this need or declares nothing; ``advplug.models``), ``"validation"`` (also ask for
     it with ``requirements``), ``"loss"`` (the run's loss as a function of this plugin's weights
     alone: meta-learning), ``"stat:KEY"`` (per-sample ``Variant.stats[KEY]`` on its view).
     ``provides``: ``"natural-term"`` for a loss owner whose loss weighs a natural term.
@@ -100,29 +104,77 @@ class Declaration:
     meaning: str = ""
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
-    head = getattr(model, "advplug_head", None)
-    if isinstance(head, nn.Linear):
-        return head
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise TypeError(f"{type(model).__name__} has no nn.Linear layer to take penultimate features from")
-    return linears[-1]
+FEATURES_HOW = (
+    "end it in an nn.Linear classifier (its input is taken), or define a method features(x) that returns the "
+    "penultimate features and call it in forward (README: models without an nn.Linear head)"
+)
+
+
+class _FeaturesCall:
+    """Stands in for a model's ``features`` method on the instance: calls it and keeps its output, flattened to
+    ``[B, D]``, as the tap's ``last``."""
+
+    def __init__(self, tap: FeatureTap, inner: Callable[..., Tensor]) -> None:
+        self.tap, self.inner = tap, inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.inner(*args, **kwargs)
+        self.tap.last = out.flatten(1) if out.dim() > 2 else out
+        return out
 
 
 class FeatureTap:
-    """Keeps the input of the model's last linear layer (the penultimate features) of the latest
-    forward pass. A forward pre-hook: it stores a reference, it computes nothing."""
+    """Keeps the penultimate features of the model's latest forward pass, without a forward pass of its own: the
+    input of its head (``advplug_head``, else its last ``nn.Linear``: a forward pre-hook), or the output of its
+    ``features(x)`` method when it defines one (``advplug.models``: how a model exposes its features).
 
-    def __init__(self, model: nn.Module) -> None:
+    ``needed_by``: the plugins that read features (``needs={"features"}``); ``[]`` taps nothing, and a model that
+    exposes no features is then an ``OptionError`` naming them. ``None`` (needs unknown): taps what the model
+    exposes; ``StepContext.features`` says what is missing."""
+
+    def __init__(self, model: nn.Module, needed_by: Sequence[str] | None = None) -> None:
         self.last: Tensor | None = None
-        self._handle = _last_linear(model).register_forward_pre_hook(self._hook)
+        self.missing: str | None = None  # why there are no features; None when tapped
+        self._undo: Callable[[], None] | None = None
+        if needed_by is not None and not needed_by:
+            self.missing = "no enabled plugin declares that it reads features (needs={'features'})"
+            return
+        self._undo = self._attach(model)
+        if self._undo is None:
+            self.missing = f"the model {type(model).__name__} exposes none: {FEATURES_HOW}"
+            if needed_by:
+                raise OptionError(
+                    f"{' and '.join(needed_by)} {'reads' if len(needed_by) == 1 else 'read'} the model's penultimate "
+                    f"features, but {type(model).__name__} has no nn.Linear layer or features(x) method: to expose "
+                    f"them, {FEATURES_HOW}"
+                )
+
+    def _attach(self, model: nn.Module) -> Callable[[], None] | None:
+        """Tap the model's feature source; returns how to undo it (``None``: it exposes none)."""
+        head = getattr(model, "advplug_head", None)
+        if isinstance(head, nn.Module):
+            return head.register_forward_pre_hook(self._hook).remove
+        if inspect.isfunction(getattr(type(model), "features", None)):
+            before = vars(model).get("features")
+            vars(model)["features"] = _FeaturesCall(self, model.features)  # shadows the method on this instance
+
+            def undo() -> None:
+                if before is None:
+                    vars(model).pop("features", None)
+                else:
+                    vars(model)["features"] = before
+
+            return undo
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        return linears[-1].register_forward_pre_hook(self._hook).remove if linears else None
 
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         self.last = inputs[0]
 
     def remove(self) -> None:
-        self._handle.remove()
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -222,12 +274,23 @@ class StepContext:
                 self._features[key] = _at_least_fp32(self._tap.last)
         return self._logits[key]
 
+    def logits_again(self, view: Variant | str = NATURAL) -> Tensor:
+        """Logits ``[B, K]`` of one more forward pass on ``view``, not cached (counted in ``forward_count``): for a
+        loss whose authors' code runs a view twice, so that BatchNorm's running statistics (and dropout's masks)
+        follow that code. ``logits(view)`` still returns the first pass."""
+        _, x = self._key_and_input(view)
+        with self._autocast():
+            out = self.model(x)
+        self.forward_count += 1
+        return _at_least_fp32(out)
+
     def features(self, view: Variant | str = NATURAL) -> Tensor:
         """Penultimate features ``[B, D]`` from the same forward pass as ``logits(view)``."""
         key, _ = self._key_and_input(view)
         self.logits(view)
         if key not in self._features:
-            raise RuntimeError(f"the model's forward did not pass through its last nn.Linear; no features for {key!r}")
+            why = self._tap.missing or "the model's forward did not pass through its head (or its features method)"
+            raise RuntimeError(f"no penultimate features for {key!r}: {why}")
         return self._features[key]
 
     def probs(self, view: Variant | str = NATURAL) -> Tensor:

@@ -1,5 +1,10 @@
 """Errors that the CLI turns into a one-line message and a non-zero exit."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class AdvplugError(Exception):
     """Base class: anything the user can fix (bad option, missing data, ...)."""
@@ -39,3 +44,10 @@ class RunDirError(AdvplugError):
 
 class Interrupted(AdvplugError):
     """Training was interrupted (Ctrl-C); the message names the last checkpoint and the resume command."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"did you mean X? "`` for the choice closest to a mistyped ``word`` (difflib), else ``""``: the hint that
+    opens the parenthesis of an "unknown ..." message."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean {close[0]}? " if close else ""

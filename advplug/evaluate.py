@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import time
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -49,17 +51,32 @@ def evaluate(
     seed: int = 0,
     backend: str = "torchattacks",
     progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Accuracy per attack spec (``natural``, ``fgsm``, ``pgd20``, ``cw``, ``apgd-ce``, ``aa``),
     keyed by canonical spec (``pgd`` -> ``pgd20``). The model is evaluated in eval mode and left as it was.
+    ``log``: where a warning goes before a long attack (ART's AutoAttack, with its estimated time).
 
     Reproducible: each attack runs under its own RNG stream seeded with ``seed`` (random starts
     are the same whenever the same model is evaluated), and the caller's RNG is left untouched."""
-    attacks = list(attacks)
+    attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     for a in attacks:
         parse_eval_attack(a)
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be >= 1, got {batch_size}")
     if backend == "art":
-        return evaluate_art(model, x, y, attacks, eps=eps, alpha=alpha, num_classes=num_classes, batch_size=batch_size)
+        return evaluate_art(
+            model,
+            x,
+            y,
+            attacks,
+            eps=eps,
+            alpha=alpha,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            progress=progress,
+            log=log,
+        )
     if backend != "torchattacks":
         raise OptionError(f"unknown backend {backend!r} (torchattacks or art)")
     was_training = model.training
@@ -95,8 +112,14 @@ def evaluate_art(
     alpha: float | None,
     num_classes: int,
     batch_size: int,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """The same evaluation through ART's ``PyTorchClassifier`` (PGD, FGSM, AutoAttack), keyed by canonical spec."""
+    """The same evaluation through ART's ``PyTorchClassifier`` (PGD, FGSM, AutoAttack), keyed by canonical spec.
+    AutoAttack is ART's default ensemble: it needs ``multiprocess`` (checked first) and takes long, so a warning
+    with an estimate goes to ``log`` first; ``progress``: ART's own progress bars of its attacks."""
+    if any(parse_eval_attack(s)[0] == "aa" for s in attacks):
+        check_art_autoattack()
     import numpy as np
     from art.attacks.evasion import AutoAttack, FastGradientMethod, ProjectedGradientDescent
     from art.estimators.classification import PyTorchClassifier
@@ -135,7 +158,13 @@ def evaluate_art(
                     verbose=False,
                 ).generate(xn, yn)
             elif kind == "aa":
-                xa = AutoAttack(clf, norm=np.inf, eps=eps, eps_step=alpha, batch_size=batch_size).generate(xn, yn)
+                if log is not None:
+                    log(art_autoattack_warning(model, x))
+                aa = AutoAttack(clf, norm=np.inf, eps=eps, eps_step=alpha, batch_size=batch_size)
+                for a in aa.attacks:  # APGD, DeepFool and Square each have a tqdm bar
+                    if hasattr(a, "verbose"):
+                        a.verbose = progress
+                xa = aa.generate(xn, yn)
             else:
                 raise OptionError(f"attack {spec!r} is not available with --backend art (natural, fgsm, pgdK, aa)")
             pred = clf.predict(xa, batch_size=batch_size).argmax(1)
@@ -144,3 +173,40 @@ def evaluate_art(
         np.random.set_state(np_state)
         model.train(was_training)
     return out
+
+
+def check_art_autoattack() -> None:
+    """ART's AutoAttack imports ``multiprocess`` when it runs (a dependency of advplug; an environment may lack
+    it): missing, a one-line error before anything runs, not a traceback after the other attacks."""
+    try:
+        import multiprocess  # noqa: F401
+    except ImportError:
+        raise OptionError(
+            "--backend art --attack aa: ART's AutoAttack needs the package multiprocess: pip install multiprocess"
+        ) from None
+
+
+# ART's default AutoAttack (APGD-CE and APGD-DLR with 5 restarts x 100 iterations, DeepFool, Square with 5 restarts x
+# 5000 queries) costs mostly per call, not per image: on a PGD-trained digits-cnn it took 5-6 min for 32 and for 128
+# test images on one CPU core, about 40 000 times one forward and backward pass of 32 images (torchattacks' aa: 1 min).
+ART_AA_PASSES = 40_000
+ART_AA_IMAGES_PER_UNIT = 128  # the time grows by about one unit per this many images (an estimate, not a bound)
+
+
+def art_autoattack_warning(model: nn.Module, x: Tensor) -> str:
+    """One line before ART's AutoAttack starts: what it runs and about how long it takes here, from the time of one
+    forward and backward pass of 32 images on this machine (the best of three)."""
+    xb = x[:32].detach().clone().requires_grad_(True)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        torch.autograd.grad(model(xb).sum(), xb)
+        if xb.is_cuda:
+            torch.cuda.synchronize(xb.device)
+        times.append(time.perf_counter() - t)
+    minutes = ART_AA_PASSES * min(times) * math.ceil(len(x) / ART_AA_IMAGES_PER_UNIT) / 60
+    return (
+        f"warning: ART's AutoAttack (its defaults: APGD-CE, APGD-DLR, DeepFool, Square) on {len(x)} images takes "
+        f"about {max(minutes, 0.1):.1f} min here (estimated); torchattacks' aa, the default backend, is far faster; "
+        "--n-eval-aa N attacks fewer images"
+    )

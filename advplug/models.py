@@ -1,7 +1,18 @@
 """Models by name. Inputs are in [0, 1]; any normalisation lives inside the model.
 
-Every model ends with an ``nn.Linear`` head whose input is the penultimate embedding that
-MeoW, BAT and others read (``advplug.context.FeatureTap``).
+Penultimate features. Plugins that declare ``needs={"features"}`` (BAT, MeoW) read the penultimate
+features of the training forward itself, never from a pass of their own (``advplug.context.FeatureTap``),
+and only when such a plugin is enabled. A model exposes them in one of three ways, tried in this order:
+
+* an ``advplug_head`` attribute holding its classifier module: the classifier's input;
+* a method ``features(x)`` returning the penultimate features, called by ``forward``
+  (``return self.classifier(self.features(x))``): its output, read flattened to ``[B, D]``. This is the
+  way for a model without an ``nn.Linear`` head (all-convolutional: a 1x1-conv classifier, global pooling);
+* otherwise the input of its last ``nn.Linear``, as in every model here (``features`` is a submodule
+  there, so the head's input is the same tensor).
+
+A model that exposes none trains with every other plugin; with a plugin that reads features the run
+is refused at start-up, naming the plugin.
 """
 
 from __future__ import annotations

@@ -6,6 +6,16 @@
   attack from ``x + 0.001 N(0, 1)``, not clamped, as in TRADES' ``trades.py`` (torchattacks'
   TPGD clamps the start to [0, 1] first: ``--attack-start normal-clamped``); natural weights on
   the CE term, adversarial weights on the KL term (as MAIL-TRADES Eq. 10 and MeoW Eq. 6 place them).
+  Natural forward passes (``--trades-natural-forwards``): ``1`` (default) runs ``f(x)`` once, for CE and
+  KL; the authors' ``trades.py`` runs it twice in train mode (``model(x_natural)`` for CE, ``model(x_adv)``,
+  then ``model(x_natural)`` again for the KL's target), which is ``2``. The loss and its gradient are the
+  same (the same batch statistics); BatchNorm's running statistics, used at evaluation, differ (one more
+  momentum update with the natural batch), and so would dropout's masks. Default ``1``: earlier runs stay
+  bit-identical and a step costs one forward less. With ``2`` the order is the code's, natural, adversarial,
+  natural, unless a weighting plugin read the adversarial logits first. The KL attack runs in eval mode
+  (``--attack-bn eval``, as ``trades.py``) and updates no statistics, so the option counts training forwards
+  only; under ``--attack-bn train`` the attack's passes update them as well, in torchattacks' TPGD order
+  (``f(x)`` once, then ``f(x')`` per step; ``trades.py`` would run ``f(x)`` at every step).
 * ``mart``: Wang et al. (2020), ``BCE(p(x'), y) + beta * KL(p(x) || p(x')) (1 - p_y(x))``,
   where BCE is CE plus ``-log(1 - max_{k != y} p_k(x'))``; training attack from
   ``x + 0.001 N(0, 1)`` as in MART's code. Adversarial weights (``--mart-weighted``): ``bce``
@@ -63,6 +73,13 @@ class TRADES:
     @dataclass(frozen=True)
     class Options:
         beta: float = opt(6.0, "trade-off 1/lambda between natural CE and the KL term", min=0.0)
+        natural_forwards: int = opt(
+            1,
+            "forward passes of the natural batch per step: 1 (its logits serve CE and KL) or 2 (the authors' "
+            "trades.py: again for the KL's target, so BatchNorm's running statistics are updated once more)",
+            min=1,
+            max=2,
+        )
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -71,6 +88,8 @@ class TRADES:
     @hookimpl
     def on_train_start(self, ctx: TrainContext) -> None:
         self.attack = ctx.make_attack("tpgd")
+        if self.options.natural_forwards == 2:
+            ctx.log("trades: the natural forward twice per step, for CE and again for the KL's target (trades.py)")
 
     @hookimpl
     def generate_adversaries(self, ctx: StepContext) -> list[Variant]:
@@ -81,7 +100,9 @@ class TRADES:
     def combine_loss(self, ctx: StepContext, variants: list[Variant], weights: Weights | None) -> Tensor:
         nat = ctx.logits(NATURAL)
         ce = F.cross_entropy(nat, ctx.y, reduction="none")
-        kl = torch.stack([trades_kl(nat, ctx.logits(v)) for v in variants])  # [V, B]
+        adv = [ctx.logits(v) for v in variants]
+        target = ctx.logits_again(NATURAL) if self.options.natural_forwards == 2 else nat  # trades.py: after x_adv
+        kl = torch.stack([trades_kl(target, a) for a in adv])  # [V, B]
         w_adv = adv_matrix(weights, len(variants), ctx.batch_size, kl)
         return (nat_vector(weights, ctx.batch_size, ce) * ce).mean() + self.options.beta * (w_adv * kl).mean()
 

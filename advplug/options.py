@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any
 
-from advplug.errors import OptionError
+from advplug.errors import OptionError, did_you_mean
 
 
 def opt(
@@ -104,7 +104,8 @@ def build_options(cls: type | None, prefix: str, values: dict[str, Any]) -> Any:
         name = name.replace("-", "_")
         if name not in fields:
             known = ", ".join(flag_name(prefix, n) for n in fields) or "none"
-            raise OptionError(f"unknown option {flag_name(prefix, name)} (options of {prefix!r}: {known})")
+            hint = did_you_mean(flag_name(prefix, name), [flag_name(prefix, n) for n in fields])
+            raise OptionError(f"unknown option {flag_name(prefix, name)} ({hint}options of {prefix!r}: {known})")
         kwargs[name] = parse_value(hints[name], raw, flag_name(prefix, name))
     try:
         options = cls(**kwargs)

@@ -18,10 +18,15 @@ from pluggy import HookCaller
 from advplug import hookspecs
 from advplug.composition import Composition, check_composition
 from advplug.context import Declaration
-from advplug.errors import CompositionError, OptionError, PluginError
+from advplug.errors import CompositionError, OptionError, PluginError, did_you_mean
 from advplug.options import build_options, describe, flag_name
 
 GROUP = "advplug"
+
+# The plugins shipped with advplug (the packages under plugins/ and the example under examples/): names that
+# ``advplug new-plugin`` refuses even when they are not installed. tests/test_plugin_names.py checks it against the
+# repository.
+SHIPPED_PLUGINS = ("awp", "bat", "bilaw", "fat", "gairat", "lrat", "mail", "meow", "wmmr", "focal")
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,6 +37,23 @@ def _entry_points() -> tuple[EntryPoint, ...]:
 def installed() -> dict[str, EntryPoint]:
     """Installed plugins by name, without importing them."""
     return {ep.name: ep for ep in _entry_points()}
+
+
+def duplicates() -> dict[str, list[tuple[str, str]]]:
+    """Entry-point names that several installed distributions register: name -> their (distribution, version)."""
+    by_name: dict[str, set[tuple[str, str]]] = {}
+    for ep in _entry_points():
+        dist = (ep.dist.name, ep.dist.version) if ep.dist is not None else ("?", "?")
+        by_name.setdefault(ep.name, set()).add(dist)
+    return {n: sorted(d) for n, d in by_name.items() if len(d) > 1}
+
+
+def duplicate_message(name: str, dists: list[tuple[str, str]]) -> str:
+    listed = " and ".join(f"{d} {v}" for d, v in dists)
+    return (
+        f"plugin {name!r} is registered by {len(dists)} distributions ({listed}); keep one of them "
+        f"(e.g. pip uninstall {dists[-1][0]})"
+    )
 
 
 def builtin_objectives() -> dict[str, type]:
@@ -45,7 +67,10 @@ def load_class(name: str) -> type:
     eps = installed()
     if name not in eps:
         known = ", ".join(sorted(eps)) or "none"
-        raise PluginError(f'unknown plugin "{name}" (installed: {known})')
+        raise PluginError(f'unknown plugin "{name}" ({did_you_mean(name, eps)}installed: {known})')
+    dups = duplicates()
+    if name in dups:
+        raise PluginError(duplicate_message(name, dups[name]))
     try:
         return eps[name].load()
     except Exception as e:  # the plugin's own import error, whatever it is
@@ -148,7 +173,8 @@ def enable(names: list[str], objective: str = "at", options: dict[str, Any] | No
     """Load, instantiate and register the objective and the named plugins, then check them."""
     objectives = builtin_objectives()
     if objective not in objectives:
-        raise OptionError(f"unknown objective {objective!r} (choose from {', '.join(objectives)})")
+        hint = did_you_mean(objective, objectives)
+        raise OptionError(f"unknown objective {objective!r} ({hint}choose from {', '.join(objectives)})")
     if len(set(names)) != len(names):
         raise PluginError(f"plugin named twice: {', '.join(n for n in names if names.count(n) > 1)}")
     for n in names:
@@ -303,9 +329,13 @@ def describe_plugin(name: str, cls: type, version: str | None) -> dict[str, Any]
 
 
 def list_plugins() -> tuple[list[dict[str, Any]], list[str]]:
-    """Describe every installed plugin (imports each); returns (descriptions, errors)."""
+    """Describe every installed plugin (imports each); returns (descriptions, errors). A name that several
+    distributions register is left out (see ``duplicates``)."""
     out, errors = [], []
+    dups = duplicates()
     for name, ep in sorted(installed().items()):
+        if name in dups:
+            continue
         try:
             cls = load_class(name)
             check_hooks(name, cls)

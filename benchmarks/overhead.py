@@ -196,7 +196,7 @@ def main() -> None:
             epochs=1000,
             batch_size=args.batch_size,
             lr=0.01,
-            milestones=(1000,),
+            milestones=(),
             eps=eps,
             alpha=alpha,
             steps=args.steps,

@@ -139,7 +139,7 @@ def test_art_backend_cross_checks_pgd(tmp_path):
 def test_config_file_and_tensorboard(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(
-        'epochs = 1\nsteps = 2\neval_steps = 2\nfinal_attacks = ["natural"]\nmilestones = [1]\n'
+        'epochs = 1\nsteps = 2\neval_steps = 2\nfinal_attacks = ["natural"]\n'
         f'out = "{tmp_path / "run"}"\n[meow]\ntemperature = 5.0\n'
     )
     res = run("train", "--config", str(cfg), "--plugin", "meow", "--tensorboard", "--no-progress")

@@ -79,8 +79,10 @@ def test_mismatched_settings_are_flagged(tmp_path):
 
 
 def test_eval_json_is_preferred_and_its_settings_compared(tmp_path):
-    a = fake_run(tmp_path, "a", 0, 0.8, 0.4)
-    b = fake_run(tmp_path, "b", 1, 0.8, 0.4)
+    """eval.json's Natural (360 test samples) is chosen over results.json's (not recorded); results.json's
+    PGD-20, which eval.json lacks, is kept (the files are merged)."""
+    a = fake_run(tmp_path, "a", 0, 0.8, 0.4, 0.81, 0.45)
+    b = fake_run(tmp_path, "b", 1, 0.8, 0.4, 0.81, 0.45)
     for path, n_aa in ((a, 1000), (b, 500)):
         (tmp_path / path / "eval.json").write_text(
             json.dumps(
@@ -99,10 +101,12 @@ def test_eval_json_is_preferred_and_its_settings_compared(tmp_path):
             )
         )
     md, warnings = compare([a, b])
-    assert (
-        "AutoAttack best" in md
-        and "| AT ⚠ | 2 | test | 90.00 ± 0.00 | 88.00 ± 0.00 | 30.00 ± 0.00 | 20.00 ± 0.00 |" in md
+    assert "AutoAttack best" in md
+    row = (
+        "| AT ⚠ | 2 | test | 90.00 ± 0.00 | 88.00 ± 0.00 | 45.00 ± 0.00 | 40.00 ± 0.00 | "
+        + "30.00 ± 0.00 | 20.00 ± 0.00 |"
     )
+    assert row in md
     assert len(warnings) == 1 and "AutoAttack 500" in warnings[0]
     with pytest.raises(Exception, match="not a run directory"):
         compare([str(tmp_path / "nowhere")])
@@ -185,7 +189,8 @@ def test_report_writes_every_plot(small_run):
     for n in names:
         p = small_run / "report" / n
         assert p.is_file() and p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
-    assert set(res.output.split()) == {str(small_run / "report" / n) for n in names}
+    pdfs = {n.replace(".png", ".pdf") for n in names}  # a vector copy beside each PNG
+    assert set(res.output.split()) == {str(small_run / "report" / n) for n in names | pdfs}
 
 
 def test_eval_suite_records_the_autoattack_subset(small_run):

@@ -82,8 +82,6 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
         "0",
         "--epochs",
         "1",
-        "--milestones",
-        "1",
         "--steps",
         "3",
         "--no-progress",

@@ -85,16 +85,42 @@ def as_labels(y: Any, n: int, where: str) -> Tensor:
     return y.long()
 
 
+def _numbers(ks: list[int], most: int = 10) -> str:
+    shown = ", ".join(map(str, ks[:most]))
+    return shown + (f" ... ({len(ks)} in all)" if len(ks) > most else "")
+
+
+def check_classes(y_train: Tensor, k: int, name: str, class_names: list[str] | None = None) -> None:
+    """Every class 0..k-1 has a training sample. A gap is a stray label (12 in a 10-class set makes
+    K = 13 with classes 10 and 11 empty) or a class left out: the model would get output units that
+    never see a sample, silently. Called on the whole training set, before any split is held out."""
+    counts = torch.bincount(y_train.long(), minlength=k)
+    missing = (counts[:k] == 0).nonzero().flatten().tolist()
+    if not missing:
+        return
+    if class_names is not None:
+        what = ", ".join(f"{m} ({class_names[m]!r})" for m in missing[:10])
+        why = f"{k} class folders; an empty one is a class the model cannot learn"
+    else:
+        what = _numbers(missing)
+        top = int(counts[k - 1])
+        why = f"labels must be 0..K-1; label {k - 1} appears {top} time{'s' if top != 1 else ''}"
+    has = "has" if len(missing) == 1 else "have"
+    raise DataError(f"{name}: class{'es' if len(missing) > 1 else ''} {what} {has} no training sample ({why})")
+
+
 def check_tensors(
     train: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
     name: str,
     num_classes: int | None = None,
     image_size: int | None = None,
+    class_names: list[str] | None = None,
 ) -> DataBundle:
     """Validate and bundle in-memory train / test data: images ``[N, C, H, W]`` in [0, 1] (uint8 is
-    scaled), integer labels 0..K-1; K from the data (max label + 1) unless given. One-line errors
-    for: no samples, one class only, labels out of range, mismatched shapes, values outside [0, 1], NaN."""
+    scaled), integer labels 0..K-1; K from the data (max label + 1) unless given (``class_names``: the
+    classes' names, for messages). One-line errors for: no samples, one class only, a class without
+    training samples, labels out of range, mismatched shapes, values outside [0, 1], NaN."""
     xs = []
     for part, (x, y) in (("train", train), ("test", test)):
         x = _resize(as_images(x, f"{name}: x_{part}"), image_size)
@@ -121,6 +147,7 @@ def check_tensors(
                 f"{name}: {part} has label {int(y.max())}, out of range for {k} classes "
                 + ("(the training labels go up to " + str(int(yt.max())) + ")" if part == "y_test" else "")
             )
+    check_classes(yt, k, name, class_names)
     return DataBundle((xt, yt), (xe, ye), k, tuple(xt.shape[1:]))
 
 
@@ -182,4 +209,5 @@ def _check_datasets(train: Dataset, test: Dataset, name: str) -> DataBundle:
         raise DataError(f"{name}: y_test has label {int(ye.max())}, out of range for {k} classes")
     if len(torch.unique(yt)) < 2:
         raise DataError(f"{name}: the training data has one class only; a classifier needs two or more")
+    check_classes(yt, k, name)
     return DataBundle(train, test, k, shapes[0])

@@ -12,8 +12,27 @@ from advplug.data.bundle import DataBundle
 from advplug.data.checks import check_tensors
 from advplug.errors import DataError
 
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")  # folders that hold a split, not a class
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FOLDER_SPLIT_SEED = 4321  # folder: without train/ and test/: the test split is fixed by this seed
+
+
+def _not_an_npz(path: str) -> str | None:
+    """Why the file is not an npz (zip) archive, from its first bytes; ``None`` if it starts like one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip archive (an empty one: PK\x05\x06)
+        return None
+    if not head:
+        return "not a valid npz/zip file (it is empty)"
+    if head.startswith(b"\x93NUMPY"):
+        return "one .npy array, not an .npz archive of x_train, y_train, x_test, y_test (write it with numpy.savez)"
+    if head[:1] == b"\x80":  # a pickle's protocol opcode
+        return "not a valid npz/zip file (it looks like a Python pickle, which advplug never loads)"
+    return "not a valid npz/zip file (write it with numpy.savez)"
 
 
 def load_npz(path: str, image_size: int | None = None) -> DataBundle:
@@ -24,6 +43,9 @@ def load_npz(path: str, image_size: int | None = None) -> DataBundle:
     name = f"npz:{path}"
     if not os.path.isfile(path):
         raise DataError(f"{name}: no such file")
+    why = _not_an_npz(path)  # else numpy reads any other bytes as a pickle, and says so
+    if why is not None:
+        raise DataError(f"{name}: {why}")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
@@ -89,6 +111,20 @@ def _read_images(items: list[tuple[str, int]], name: str, image_size: int | None
     return x, torch.tensor([k for _, k in items], dtype=torch.long)
 
 
+def _refuse_half_a_split(path: str, name: str) -> None:
+    """A folder whose only subfolders are split names (``train/`` alone, ``train/`` and ``val/``) is a split layout
+    missing a part, not classes named "train" and "val"."""
+    subs = sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
+    if not subs or any(s.lower() not in SPLIT_NAMES for s in subs):
+        return
+    has = ", ".join(f"{s}/" for s in subs)
+    lacks = " and ".join(f"{p}/" for p in ("train", "test") if p not in subs)
+    raise DataError(
+        f"{name}: has {has} but no {lacks}: a split folder needs {path}/train/<class>/ and {path}/test/<class>/ "
+        f"(or the class folders directly in {path}, split by --test-fraction)"
+    )
+
+
 def load_folder(path: str, image_size: int | None = None, test_fraction: float = 0.2) -> DataBundle:
     """torchvision's ``ImageFolder`` layout: ``PATH/train/<class>/*.png`` and ``PATH/test/<class>/*.png``,
     or ``PATH/<class>/*.png`` split into train and test by ``test_fraction`` (stratified, fixed seed).
@@ -98,6 +134,8 @@ def load_folder(path: str, image_size: int | None = None, test_fraction: float =
     if not os.path.isdir(path):
         raise DataError(f"{name}: no such directory")
     split = os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test"))
+    if not split:
+        _refuse_half_a_split(path, name)
     if split:
         classes, tr = _folder_images(os.path.join(path, "train"), None, name)
         _, te = _folder_images(os.path.join(path, "test"), classes, name)
@@ -131,4 +169,4 @@ def load_folder(path: str, image_size: int | None = None, test_fraction: float =
         if len(te_idx) == 0:
             raise DataError(f"{name}: too few images to hold out a test split (give {path}/train and {path}/test)")
         train, test = (x[mask], y[mask]), (x[te_idx], y[te_idx])
-    return check_tensors(train, test, name, num_classes=len(classes))
+    return check_tensors(train, test, name, num_classes=len(classes), class_names=classes)

@@ -75,9 +75,16 @@ def selection_split(
 
 
 def config_record(
-    cfg: TrainConfig, enabled: Enabled, data: DataBundle, num_selection: int, world: int
+    cfg: TrainConfig,
+    enabled: Enabled,
+    data: DataBundle,
+    num_selection: int,
+    world: int,
+    milestone_fractions: tuple[float, ...] | None = None,
+    extended_from: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """``config.json``: the final config, with every enabled plugin's resolved options and the data's numbers."""
+    """``config.json``: the final config, with every enabled plugin's resolved options, the data's numbers, the
+    fractions of the run the milestones were derived from (``None``: given explicitly) and the run's extensions."""
     rec = cfg.to_json()
     rec["resolved_plugin_options"] = {
         name: dataclasses.asdict(p.options)
@@ -89,6 +96,9 @@ def config_record(
     rec["num_validation"] = len(data.validation[1]) if data.validation is not None else 0
     rec["split_seed"] = SPLIT_SEED
     rec["world_size"] = world
+    rec["milestones_derived_from"] = list(milestone_fractions) if milestone_fractions is not None else None
+    if extended_from:
+        rec["extended_from"] = extended_from
     return rec
 
 
@@ -97,7 +107,8 @@ def run_header(
 ) -> str:
     """The run's one-line description, logged before it trains."""
     return (
-        f"advplug: {cfg.data} ({data.num_train} train, {n_test} test), model {cfg.model}, "
+        f"advplug: {cfg.data} ({data.num_train} train, {n_test} test, {data.num_classes} classes), "
+        f"model {cfg.model}, "
         f"objective {cfg.objective}, plugins {', '.join(cfg.plugins) or 'none'}, eps {cfg.eps:.4g}, "
         f"PGD-{cfg.steps} step {cfg.alpha:.4g}, attack start {cfg.attack_start} ({start_by}), "
         f"attack BN mode {cfg.attack_bn}, device {device}"
@@ -123,6 +134,15 @@ def resume_config(run_dir: str | Path, model: str | None = None, data: str | Non
     check_model_import(cfg.model, model)
     check_data_import(cfg.data, data)
     return dataclasses.replace(cfg, out=str(run_dir))
+
+
+def feature_readers(enabled: Enabled) -> list[str] | None:
+    """The plugins that declare they read penultimate features (``FeatureTap``'s ``needed_by``), or ``None`` when an
+    enabled plugin declares nothing (its needs are unknown: features are tapped where the model exposes them)."""
+    declared = {i.plugin_name for i in enabled.pm.hook.declare.get_hookimpls()}
+    if any(n not in declared for n in enabled.names):
+        return None
+    return [n for n, d in enabled.declarations.items() if "features" in d.needs]
 
 
 def run_dir(cfg: TrainConfig, rank: int) -> str:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +15,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from advplug.config import NUMBERS_FREE, TrainConfig
+from advplug.config import (
+    NUMBERS_FREE,
+    TrainConfig,
+    data_defaults,
+    extended_milestones,
+    milestones_for,
+    read_run_config,
+)
 from advplug.engine.runtime import Runtime
-from advplug.errors import CheckpointError
+from advplug.errors import CheckpointError, OptionError
 from advplug.hookspecs import Stateful
 from advplug.plugins import Enabled
 from advplug.run import checkpoint, metrics
@@ -50,6 +59,9 @@ class Checkpointing:
     rank: int
     world: int
     log: Callable[[str], None]
+    # milestones last.pt may hold instead of the config's: those before each extension (``config.json``'s
+    # ``extended_from``), until the extended run's first checkpoint
+    earlier_milestones: tuple[tuple[int, ...], ...] = ()
 
     def stateful(self) -> dict[str, Stateful]:
         return {n: p for n, p in self.enabled.items() if isinstance(p, Stateful)}
@@ -79,10 +91,10 @@ class Checkpointing:
             "best_ema_epoch": progress.best_ema_epoch,
         }
 
-    def restore(self) -> Progress:
-        """Load ``last.pt`` into the run after its four checks (config, epoch counters, process count, optimizer
-        state); returns where the run stands."""
-        ck = checkpoint.load(self.out, "last", need="training")
+    def restore(self, ck: dict[str, Any] | None = None) -> Progress:
+        """Load ``last.pt`` (``ck``: already loaded) into the run after its four checks (config, epoch counters,
+        process count, optimizer state); returns where the run stands."""
+        ck = ck if ck is not None else checkpoint.load(self.out, "last", need="training")
         self._check_config(ck)
         self._check_progress(ck)
         if ck["world_size"] != self.world or len(ck["rng"]) != ck["world_size"]:
@@ -101,6 +113,7 @@ class Checkpointing:
         try:
             self.opt.load_state_dict(ck["optimizer"])
             self.sched.load_state_dict(ck["scheduler"])
+            self.sched.milestones = Counter(self.cfg.milestones)  # the config's (an extension may move them)
             for n, state in ck["plugins"].items():
                 self.enabled.plugin(n).load_state_dict(state)
         except (KeyError, ValueError, RuntimeError) as e:
@@ -139,6 +152,11 @@ class Checkpointing:
         if self.rank == 0 and ema is not None and progress.best_ema_epoch == int(ck["epoch"]):
             checkpoint.repair_best(self.out, ema=True)
         self.log(f"resumed from {ck['path']} after epoch {progress.start_epoch}")
+        if progress.start_epoch == self.cfg.epochs:  # finished, or killed before its final evaluation
+            self.log(
+                f"all {self.cfg.epochs} epochs are trained: only the final evaluation runs; to train more, extend "
+                f"the run: advplug train --resume {self.out} --epochs N (N > {self.cfg.epochs})"
+            )
         return progress
 
     def _check_config(self, ck: dict[str, Any]) -> None:
@@ -152,6 +170,8 @@ class Checkpointing:
             raise CheckpointError(f"{ck['path']!r} is damaged: its config is not JSON ({e})") from None
         mine = json.loads(json.dumps(self.cfg.to_json(), default=str))
         free = {"epochs", *NUMBERS_FREE}
+        if saved.get("milestones") in [list(m) for m in self.earlier_milestones]:
+            free.add("milestones")  # extended (--resume --epochs) after this checkpoint
         diff = [k for k in sorted(mine) if k not in free and k in saved and saved[k] != mine[k]]
         if diff:
             what = "; ".join(f"{k} {mine[k]!r} (last.pt: {saved[k]!r})" for k in diff[:3])
@@ -190,3 +210,68 @@ class Checkpointing:
                     raise CheckpointError(
                         f"checkpoint {path!r} is damaged: the optimizer's {k} of parameter {i} is {what}"
                     )
+
+
+# -- extending a run (--resume RUN --epochs N) ---------------------------------------------------------------------
+def extend(cfg: TrainConfig, out: Path, epochs: int, done: int) -> tuple[TrainConfig, dict[str, Any]]:
+    """``cfg`` (a run's config, ``done`` epochs trained) extended to ``epochs``, and the ``config.json`` entry
+    recording it (``extended_from``). The schedule: ``config.extended_milestones``."""
+    if not isinstance(epochs, int) or isinstance(epochs, bool):
+        raise OptionError(f"--epochs must be a whole number, got {epochs!r}")
+    if epochs <= done:
+        raise OptionError(
+            f"--epochs {epochs}: {str(out)!r} has trained {done} epochs; to extend it give more than {done}"
+            + (f" (or drop --epochs to resume it to its {cfg.epochs})" if done < cfg.epochs else "")
+        )
+    fractions, how = milestone_fractions(read_run_config(out, CheckpointError), cfg)
+    milestones = extended_milestones(cfg.milestones, fractions, epochs, done)
+    if fractions is None:
+        rule = "explicit milestones kept" + how
+    else:
+        shares = ", ".join(f"{f:g}" for f in fractions)
+        rule = (
+            f"milestones at fractions {shares} of the run{how}: drops passed after {done} epochs kept, the others "
+            f"at their fractions of {epochs} epochs"
+        )
+    new = dataclasses.replace(cfg, epochs=epochs, milestones=milestones).resolved()
+    record = {
+        "epochs_before": cfg.epochs,
+        "epochs": epochs,
+        "completed": done,
+        "milestones_before": list(cfg.milestones),
+        "milestones": list(milestones),
+        "milestones_derived_from": list(fractions) if fractions is not None else None,
+        "rule": rule,
+    }
+    return new, record
+
+
+def milestone_fractions(raw: dict[str, Any], cfg: TrainConfig) -> tuple[tuple[float, ...] | None, str]:
+    """(the fractions of the run a run's milestones were derived from, ``None`` when given explicitly; how that is
+    known): from ``config.json``'s ``milestones_derived_from``, or, for a run that does not record it, inferred (the
+    milestones equal the data set's default drops for its epochs)."""
+    if "milestones_derived_from" in raw:
+        f = raw["milestones_derived_from"]
+        if f is not None and not (isinstance(f, list) and all(isinstance(x, (int, float)) for x in f)):
+            raise CheckpointError(f"{str(cfg.out)!r}: config.json's milestones_derived_from is damaged: {f!r}")
+        return (tuple(float(x) for x in f) if f is not None else None), ""
+    fractions = tuple(data_defaults(cfg.data)["milestone_fractions"])
+    derived = tuple(cfg.milestones) == milestones_for(cfg.epochs, fractions)
+    return (fractions if derived else None), " (inferred: they equal the default drops)" if derived else ""
+
+
+def extension_line(record: dict[str, Any]) -> str:
+    """The log line of an extension."""
+    r = record
+    return (
+        f"extended from {r['epochs_before']} to {r['epochs']} epochs after {r['completed']} trained: learning-rate "
+        f"milestones {r['milestones'] or 'none'} (were {r['milestones_before'] or 'none'}; {r['rule']})"
+    )
+
+
+def extensions(out: Path) -> list[dict[str, Any]]:
+    """``config.json``'s record of a run's earlier extensions (malformed entries are left out: ``--resume``'s
+    config check then reports the mismatch)."""
+    entries = read_run_config(out, CheckpointError).get("extended_from") or []
+    ok = isinstance(entries, list)
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("milestones_before"), list)] if ok else []

@@ -47,7 +47,13 @@ class Runtime:
             )
         self.net = torch.compile(net, backend=cfg.compile) if cfg.compile and not twice else net
         self.attack_model = torch.compile(model, backend=cfg.compile) if cfg.compile else model
-        self.ema = EMA(model, new_model(), cfg.ema) if cfg.ema is not None else None
+        self.ema = EMA(model, self._shadow(new_model), cfg.ema) if cfg.ema is not None else None
+
+    def _shadow(self, new_model: Callable[[], nn.Module]) -> nn.Module:
+        """EMA's model, built under a forked RNG: its initialisation (overwritten at once) must not draw from the
+        training stream, or ``--ema`` would change the raw model's trajectory."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return new_model()
 
     def autocast(self) -> Any:
         """The low-precision context of the training attack and the step's forward passes."""

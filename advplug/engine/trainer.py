@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advplug.config import TrainConfig
+from advplug.config import TrainConfig, data_defaults
 from advplug.context import FeatureTap
 from advplug.data import DataBundle
 from advplug.devices import pick_device
@@ -19,6 +19,7 @@ from advplug.engine.epoch import train_epoch
 from advplug.engine.final_eval import final_eval
 from advplug.engine.inputs import (
     config_record,
+    feature_readers,
     final_config,
     run_dir,
     run_header,
@@ -29,10 +30,10 @@ from advplug.engine.inputs import (
     training_data,
 )
 from advplug.engine.records import InertWatch, epoch_lines, write_epoch
-from advplug.engine.resume import Checkpointing, Progress
+from advplug.engine.resume import Checkpointing, Progress, extend, extension_line, extensions
 from advplug.engine.runtime import Runtime
 from advplug.engine.step import Step
-from advplug.errors import Interrupted
+from advplug.errors import Interrupted, OptionError
 from advplug.evaluate import gather_tensors
 from advplug.models import build_model
 from advplug.plugins import enable, per_plugin
@@ -46,7 +47,9 @@ class Trainer:
     """Adversarial training with plugins. ``Trainer(cfg).fit()`` runs, checkpoints and evaluates.
 
     ``resume=True``: ``cfg.out``'s ``last.pt`` is continued exactly (model, optimizer, scheduler,
-    per-process RNG states, plugin states, data order, metrics). A new run refuses a directory
+    per-process RNG states, plugin states, data order, metrics); with ``epochs``, a finished or
+    interrupted run is extended to that many epochs (``resume.extend``: the schedule's rule,
+    recorded in ``config.json``'s ``extended_from``). A new run refuses a directory
     that holds a run unless ``overwrite=True`` (which deletes the old run's files first); the
     run directory is locked while the trainer lives (``close()``, called at the end of ``fit``).
     """
@@ -58,10 +61,13 @@ class Trainer:
         data: DataBundle | None = None,
         resume: bool = False,
         overwrite: bool = False,
+        epochs: int | None = None,
         log: Callable[[str], None] = print,
     ) -> None:
+        if epochs is not None and not resume:
+            raise OptionError("epochs= extends a resumed run (resume=True); a new run sets epochs in its config")
         self.rank, self.world, local = distributed.init()
-        resolved = cfg.resolved()
+        resolved = cfg.resolved(recorded=resume)  # a resumed run's milestones are read as it recorded them
         self.log = log if self.rank == 0 else (lambda s: None)
         self.device = pick_device(resolved.device, local)
         out = run_dir(resolved, self.rank)
@@ -72,16 +78,32 @@ class Trainer:
         self.enabled = enable(list(resolved.plugins), resolved.objective, resolved.plugin_options)
         self.pm = self.enabled.pm
         if self.rank == 0:
-            rundir.prepare(self.out, resume=resume, overwrite=overwrite)
-            self.lock = rundir.RunLock(self.out).acquire()
+            self.lock = rundir.prepare(self.out, resume=resume, overwrite=overwrite)
         try:
-            self._setup(resolved, out, data, resume, local)
+            self._setup(resolved, out, data, resume, local, epochs, cfg.milestones is None)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, resolved: TrainConfig, out: str, data: DataBundle | None, resume: bool, local: int) -> None:
+    def _setup(
+        self,
+        resolved: TrainConfig,
+        out: str,
+        data: DataBundle | None,
+        resume: bool,
+        local: int,
+        epochs: int | None,
+        derived_milestones: bool,
+    ) -> None:
         self.log(f"run directory: {self.out}")
+        fractions = data_defaults(resolved.data)["milestone_fractions"] if derived_milestones else None
+        last, extended_from = None, []
+        if resume:
+            last, extended_from = checkpoint.load(self.out, "last", need="training"), extensions(self.out)
+        if epochs is not None:  # --resume RUN --epochs N
+            resolved, extension = extend(resolved, self.out, epochs, int(last["epoch"]) + 1)
+            fractions, extended_from = extension["milestones_derived_from"], [*extended_from, extension]
+            self.log(extension_line(extension))
         torch.manual_seed(resolved.seed)
         self.data = training_data(resolved, data, "validation" in self.enabled.requirements)
         # The final config, made once (nothing changes it afterwards). It comes from the user (command line, a config
@@ -90,7 +112,7 @@ class Trainer:
         self.cfg, start_by = final_config(resolved, out, self.data.input_shape, self.enabled)
         cfg = self.cfg
         self.model = self._new_model()
-        self.tap = FeatureTap(self.model)
+        self.tap = FeatureTap(self.model, feature_readers(self.enabled))
         self.runtime = Runtime(
             cfg,
             self.model,
@@ -140,15 +162,17 @@ class Trainer:
             self.rank,
             self.world,
             self.log,
+            earlier_milestones=tuple(tuple(e["milestones_before"]) for e in extended_from),
         )
         ctx = train_context(cfg, self.data, self.model, self.runtime, self.step.loss, self.rank, self.world, self.log)
         self.log(run_header(cfg, self.data, len(self.test[1]), self.device, start_by, self.selection_label))
         self.pm.hook.on_train_start(ctx=ctx)
         if resume:
-            self.progress = self.checkpoints.restore()
+            self.progress = self.checkpoints.restore(last)
         if self.rank == 0:
-            if not resume:
-                record = config_record(cfg, self.enabled, self.data, len(self.select_data[1]), self.world)
+            if not resume or epochs is not None:  # a new run, or an extended one (after its checks)
+                n_select = len(self.select_data[1])
+                record = config_record(cfg, self.enabled, self.data, n_select, self.world, fractions, extended_from)
                 rundir.write_json(self.out / "config.json", record)
             self.metrics = MetricsWriter(self.out, cfg.tensorboard, self.progress.records)
         self.weight_dump = SampleDump(self.out, "weights") if cfg.dump_weights and self.rank == 0 else None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from advplug.errors import CheckpointError
-from advplug.run.directory import create_new
+from advplug.run.directory import create_new, fault_point, os_error_in, write_failure
 
 FORMAT = "advplug-checkpoint"
 VERSION = 2
@@ -65,15 +65,15 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
             torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("mid-write", path.name)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"cannot write checkpoint {str(path)!r}: {e.strerror or _first_line(e)}; the previous checkpoint is intact"
-        ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        cause = os_error_in(e) if isinstance(e, (OSError, RuntimeError)) else None
+        if cause is None:
+            raise
+        kept = "the previous checkpoint is intact" if path.is_file() else "no checkpoint was written"
+        raise CheckpointError(write_failure(cause, "checkpoint", path, kept)) from None
 
 
 def resolve(path: str | Path, which: str = "last") -> Path:
@@ -95,6 +95,8 @@ def _read(p: Path) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(p) as z:
             bad = z.testzip()
+    except PermissionError:
+        raise CheckpointError(f"cannot read {name!r}: permission denied (see its owner and mode: ls -l)") from None
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(
             f"{name!r} is corrupt or truncated: not a readable checkpoint ({_first_line(e)})"
@@ -164,12 +166,24 @@ def saved_config(ck: dict[str, Any]) -> Any:
         raise CheckpointError(f"{ck['path']!r} is damaged: its config is not readable ({e})") from None
 
 
+def has_ema(last: dict[str, Any]) -> bool:
+    return isinstance(last.get("ema"), dict) and "model" in last["ema"]
+
+
+def no_ema(last: dict[str, Any]) -> CheckpointError:
+    run = str(Path(last["path"]).parent)
+    return CheckpointError(
+        f"the run {run!r} has no EMA model: it was trained without --ema (train with --ema DECAY to keep one; "
+        "evaluate best or last)"
+    )
+
+
 def last_as(last: dict[str, Any], ema: bool) -> dict[str, Any]:
     """``last.pt``, or the EMA weights it carries, as a model checkpoint."""
     if not ema:
         return last
-    if not isinstance(last.get("ema"), dict) or "model" not in last["ema"]:
-        raise CheckpointError(f"{last['path']!r} holds no EMA weights (the run was trained without --ema)")
+    if not has_ema(last):
+        raise no_ema(last)
     return {**last, "model": last["ema"]["model"]}
 
 
@@ -180,6 +194,8 @@ def load_best(run_dir: str | Path, ema: bool = False) -> dict[str, Any]:
     than the recorded best, and then the recorded best is ``last.pt`` itself, which is returned.
     """
     last = load(run_dir, "last", need="eval")
+    if ema and not has_ema(last):
+        raise no_ema(last)
     recorded = int(last.get("best_ema_epoch" if ema else "best_epoch", last["epoch"]))
     which = "best-ema" if ema else "best"
     best_path = Path(run_dir) / f"{which}.pt"

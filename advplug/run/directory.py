@@ -10,7 +10,8 @@ Rules (the README's "Errors" section lists them for users):
 * one writer at a time: an advisory ``flock`` on ``RUN/.lock`` (released by the kernel when the
   process dies, so a killed run never leaves a stale lock);
 * text files (``config.json``, ``metrics.jsonl``, ``results.json``, ``eval.json``) are replaced
-  atomically (temp file + rename); temp files of interrupted writes are removed at start.
+  atomically (temp file + rename); temp files of interrupted writes are removed at start, once
+  the lock is held (never those of a running writer).
 """
 
 from __future__ import annotations
@@ -49,8 +50,33 @@ def default_dir(plugins: tuple[str, ...], objective: str, seed: int, root: str |
     return path
 
 
-def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
-    """Check ``out`` for a new run (or a resumed one), create it, and clean stale temp files."""
+def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> RunLock:
+    """Check ``out`` for a new run (or a resumed one), create it, lock it, and only then clean it
+    (``--overwrite``) and remove stale temp files: a refused second writer touches nothing of the
+    process that holds the directory. Returns the held lock (the caller releases it)."""
+    check_target(out, resume=resume, overwrite=overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"  # a name of this process alone: no other writer's file
+        probe.unlink(missing_ok=True)  # a planted symlink is removed, never written through
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"cannot write to {str(out)!r}: {e.strerror or e}") from None
+    lock = RunLock(out).acquire()
+    try:
+        check_target(out, resume=resume, overwrite=overwrite)  # again: it may have changed before we held it
+        if overwrite and holds_run(out):
+            clear(out)
+        remove_stale_temps(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def check_target(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse ``out`` for this run (reads only)."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {str(out)!r} is a file, not a directory")
     if resume:
@@ -65,26 +91,17 @@ def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> None
                 f"{str(out)!r} already holds a run: continue it with `advplug train --resume {out}`, "
                 "or replace it with --overwrite (deletes all its files)"
             )
-        with RunLock(out):  # never delete a directory another process is writing
-            pass
-        clear(out)
     elif out.is_dir() and _has_content(out):
         raise RunDirError(f"{str(out)!r} is not empty and holds no advplug run: choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test{os.getpid()}"
-        probe.unlink(missing_ok=True)  # a planted symlink is removed, never written through
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunDirError(f"cannot write to {str(out)!r}: {e.strerror or e}") from None
-    remove_stale_temps(out)
 
 
 def clear(out: Path) -> None:
-    """Delete everything in ``out`` but not ``out`` itself (it may be a symlink to the user's
-    storage); symlinks inside are removed, never followed, so nothing outside ``out`` is deleted."""
+    """Delete everything in ``out`` but ``out`` itself (it may be a symlink to the user's storage)
+    and its lock (held by the caller); symlinks inside are removed, never followed, so nothing
+    outside ``out`` is deleted."""
     for p in out.iterdir():
+        if p.name == LOCK:
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
@@ -107,6 +124,34 @@ def create_new(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
 
 
+# errno values that mean the file system (or the user's share of it) is full
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``e``: itself, or one in its chain (torch's zip writer re-raises a
+    failed write as a ``RuntimeError`` whose ``__context__`` is the ``OSError``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def write_failure(e: OSError, what: str, path: Path, kept: str) -> str:
+    """One line for a failed atomic write of ``path`` (``what``: "checkpoint" or ""); ``kept``
+    says what is still there, e.g. "the previous checkpoint is intact"."""
+    if e.errno in _FULL:
+        return f"{_FULL[e.errno]} writing {str(path)!r} ({kept})"
+    why = e.strerror or str(e).strip().splitlines()[0]
+    if e.errno == errno.EFBIG:
+        why = "file too large (a file-size limit: ulimit -f)"
+    return f"cannot write {what + ' ' if what else ''}{str(path)!r}: {why}; {kept}"
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` atomically: readers see the old file or the new one, never a mix. A
     symlink at ``path`` is replaced by the file, its target is never written."""
@@ -116,10 +161,12 @@ def write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("mid-write", path.name)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise RunDirError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+        kept = "its previous version is intact" if path.exists() else "nothing was written"
+        raise RunDirError(write_failure(e, "", path, kept)) from None
 
 
 def write_text(path: Path, text: str) -> None:
@@ -206,20 +253,29 @@ class RunLock:
         self.release()
 
 
-# -- fault injection (tests): ADVPLUG_FAULT="point@epoch" raises InjectedFault there ----------
+# -- fault injection (tests): ADVPLUG_FAULT="point@where" raises InjectedFault there ----------
 class InjectedFault(BaseException):
     """Raised at a named point when ``ADVPLUG_FAULT`` asks for it (a simulated kill: it is a
     BaseException so that no ``except Exception`` on the way recovers from it)."""
 
 
-def fault_point(name: str, epoch: int) -> None:
-    """``ADVPLUG_FAULT=after-last@1`` stops the run there in epoch 1 (0-based);
-    ``ADVPLUG_FAULT_EXIT=1`` makes it a hard ``os._exit(137)`` instead (no clean-up runs)."""
+def fault_point(name: str, at: int | str) -> None:
+    """``ADVPLUG_FAULT=after-last@1`` stops the run there in epoch 1 (0-based); ``mid-write@last.pt``
+    while that file's temp file is written and not yet renamed. ``ADVPLUG_FAULT_EXIT=1`` makes it a
+    hard ``os._exit(137)`` instead (no clean-up runs); ``ADVPLUG_FAULT_STOP=1`` a ``SIGSTOP`` of the
+    process, once (a test resumes it with ``SIGCONT``)."""
     spec = os.environ.get("ADVPLUG_FAULT")
     if not spec:
         return
-    point, _, at = spec.partition("@")
-    if point == name and (not at or int(at) == epoch):
-        if os.environ.get("ADVPLUG_FAULT_EXIT"):
-            os._exit(137)
-        raise InjectedFault(f"{name}@{epoch}")
+    point, _, where = spec.partition("@")
+    if point != name or (where and where != str(at)):
+        return
+    if os.environ.get("ADVPLUG_FAULT_STOP"):
+        import signal
+
+        del os.environ["ADVPLUG_FAULT"]
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    if os.environ.get("ADVPLUG_FAULT_EXIT"):
+        os._exit(137)
+    raise InjectedFault(f"{name}@{at}")

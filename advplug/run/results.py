@@ -1,8 +1,10 @@
 """Evaluation results of a run, one entry with fields per (checkpoint, attack, settings): the training
 run's final evaluation (``RUN_DIR/results.json``) and ``advplug eval``'s (``RUN_DIR/eval.json``, where
 re-running the same key replaces only that entry, so a quick FGSM check never wipes minutes of
-AutoAttack). This module owns both files: entries are made, written, read (older versions too),
-checked and chosen here, and turned into display strings only to be printed.
+AutoAttack). A run's results are both files merged by key, ``eval.json``'s entry replacing the
+``results.json`` one of the same key (``read_run``). This module owns both files: entries are made,
+written, read (older versions too), checked and chosen here, and turned into display strings only
+to be printed.
 
 An entry::
 
@@ -349,6 +351,20 @@ def best_from_last(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not any(e["checkpoint"] == f"best{kind}" for e in entries):
             out += [{**e, "checkpoint": f"best{kind}"} for e in entries if e["checkpoint"] == f"last{kind}"]
     return out
+
+
+def read_run(run_dir: str | Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's entries from both files, merged by key: ``results.json``'s (best filled in from last
+    where training recorded last only), then ``eval.json``'s. An ``eval.json`` entry replaces the
+    ``results.json`` entry of the same key (the same evaluation, measured again: the newer wins);
+    every other entry of either file is kept (``select`` then chooses among those of one column).
+    ``[]`` when the run has neither file."""
+    run = Path(run_dir)
+    merged: dict[str, dict[str, Any]] = {}
+    if (run / "results.json").is_file():
+        merged = {key(e): e for e in best_from_last(read_results(run / "results.json", config))}
+    merged.update(read_evals(run / "eval.json"))  # same key: replaced in place (column order kept)
+    return list(merged.values())
 
 
 # -- choosing what compare shows ---------------------------------------------------------------------

@@ -73,7 +73,8 @@ def train(
     uint8 or float in [0, 1]) or a torch ``Dataset`` of ``(image, label)``, or a
     :class:`~advplug.data.DataBundle`. In-memory data is recorded as ``data = "python"``: pass it
     again to resume or evaluate. ``resume``: a run directory to continue (with ``data`` again when
-    it was in memory or ``module:``; no other settings). ``log``: where progress lines go
+    it was in memory or ``module:``; ``epochs=N`` extends a finished or interrupted run to N epochs,
+    as ``advplug train --resume RUN --epochs N``; no other settings). ``log``: where progress lines go
     (``None``: quiet; progress bars are off unless ``progress=True``).
     """
     from advplug.engine.inputs import resume_config
@@ -82,15 +83,17 @@ def train(
 
     say = log if log is not None else (lambda s: None)
     if resume is not None:
-        if config is not None or settings or out is not None or overwrite:
+        if config is not None or set(settings) - {"epochs", "model"} or out is not None or overwrite:
             raise OptionError(
-                "resume continues the saved configuration; pass only data= (if it was in memory or module:) and log="
+                "resume continues the saved configuration; pass only data= (if it was in memory or module:), "
+                "epochs= (to extend it) and log="
             )
         name, bundle = _bundle(data, None)
         cfg = resume_config(resume, settings.get("model"), name if name != PYTHON else None)
         if cfg.data == PYTHON and bundle is None:
             raise OptionError(f"{resume}: this run's data was passed from Python: pass it again as data=")
-        trainer = Trainer(build_config(cfg, {"progress": False}), data=bundle, resume=True, log=say)
+        cfg = build_config(cfg, {"progress": False})
+        trainer = Trainer(cfg, data=bundle, resume=True, epochs=settings.get("epochs"), log=say)
     else:
         s = merge_settings({"progress": False}, config, settings, {"out": str(out)} if out is not None else None)
         name, bundle = _bundle(data, s.get("image_size"))
@@ -105,7 +108,7 @@ def train(
 
 def evaluate(
     run_dir: str | Path,
-    attacks: tuple[str, ...] | list[str] = ("natural", "pgd20", "cw20"),
+    attacks: str | tuple[str, ...] | list[str] = ("natural", "pgd20", "cw20"),
     *,
     which: str = "best",
     test: Any = None,
@@ -117,13 +120,15 @@ def evaluate(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Accuracies of a run's ``best`` / ``last`` checkpoint under ``attacks`` (as ``advplug eval``),
-    on its test set, or on ``test=(x, y)`` (required when the run's data was in memory), by the names
-    tables show (``{"Natural": 0.9, "PGD-20": 0.5}``). ``data`` / ``model``: repeat a run's ``module:``
+    on its test set, or on ``test=(x, y)`` (required when the run's data was in memory; images of the
+    shape the model was trained on), by the names tables show (``{"Natural": 0.9, "PGD-20": 0.5}``);
+    one attack may be given as a string (``"pgd20"``). ``data`` / ``model``: repeat a run's ``module:``
     data or model to allow importing it."""
     from advplug.data import as_images, as_labels
     from advplug.run.results import label
     from advplug.tools.evaluation import evaluate_checkpoints
 
+    attacks = [attacks] if isinstance(attacks, str) else list(attacks)  # evaluate(run, "pgd20"): one attack
     pair = None
     if test is not None:
         x = as_images(test[0], "test x")

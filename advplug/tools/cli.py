@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,7 +21,7 @@ from advplug.config import (
     build_config,
     load_config_file,
 )
-from advplug.errors import AdvplugError, Interrupted, OptionError
+from advplug.errors import AdvplugError, Interrupted, OptionError, did_you_mean
 from advplug.tools.sweep.launchers import LAUNCHERS
 
 
@@ -62,6 +64,28 @@ def parse_extra(args: list[str]) -> dict[str, str]:
             i += 2
         out[k] = v
     return out
+
+
+def check_extra(ctx: click.Context, extra: dict[str, str]) -> None:
+    """A leftover ``--key`` under no plugin's or objective's prefix is click's "No such option", with its did-you-mean
+    over the command's options and every installed plugin's; the others go on to ``plugins.enable``."""
+    from advplug.plugins import builtin_objectives, installed
+
+    prefixes = tuple(n.replace("_", "-") + "-" for n in {*installed(), *builtin_objectives()})
+    for key in extra:
+        if not key.replace("_", "-").startswith(prefixes):
+            raise click.NoSuchOption("--" + key, possibilities=_closest_flag(ctx, "--" + key), ctx=ctx)
+
+
+def _closest_flag(ctx: click.Context, flag: str) -> list[str]:
+    """The one closest option among the command's own and the installed plugins' and objectives'."""
+    from advplug.objectives import OBJECTIVES
+    from advplug.plugins import describe_plugin, list_plugins
+
+    static = [o for p in ctx.command.get_params(ctx) for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+    found, _ = list_plugins()  # imports every installed plugin: only on this error's path
+    found += [describe_plugin(n, c, __version__) for n, c in OBJECTIVES.items()]
+    return difflib.get_close_matches(flag, static + [o["flag"] for p in found for o in p["options"]], n=1)
 
 
 def _csv_ints(s: str | None) -> tuple[int, ...] | None:
@@ -168,7 +192,7 @@ class _TrainCommand(click.Command):
 
     def _plugin_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         from advplug.objectives import OBJECTIVES
-        from advplug.plugins import describe_plugin, list_plugins
+        from advplug.plugins import describe_plugin, duplicate_message, duplicates, list_plugins
 
         names = ctx.meta.get("help_plugins") or []
         if not names:
@@ -178,11 +202,17 @@ class _TrainCommand(click.Command):
         found, _ = list_plugins()
         known = {p["name"]: p for p in found}
         known.update({n: describe_plugin(n, c, __version__) for n, c in OBJECTIVES.items()})
+        dups = duplicates()
         for n in names:
             p = known.get(n)
+            if p is None and n in dups:
+                formatter.write_paragraph()
+                formatter.write_text(f"--plugin {n}: {duplicate_message(n, dups[n])}")
+                continue
             if p is None:
                 formatter.write_paragraph()
-                formatter.write_text(f"--plugin {n}: not installed (installed: {', '.join(sorted(known))})")
+                hint = did_you_mean(n, known)
+                formatter.write_text(f"--plugin {n}: not installed ({hint}installed: {', '.join(sorted(known))})")
                 continue
             rows = []
             for o in p["options"]:
@@ -319,7 +349,12 @@ class _TrainCommand(click.Command):
     "DataLoader; auto: device when the set fits (in-memory tensors, or CIFAR/SVHN/MNIST-sized).",
 )
 @click.option("--config", "config_file", default=None, help="JSON or TOML file with the same settings.")
-@click.option("--resume", default=None, help="Continue the run in this directory from its last checkpoint.")
+@click.option(
+    "--resume",
+    default=None,
+    help="Continue the run in this directory from its last checkpoint; with --epochs N, extend a finished or "
+    "interrupted run to N epochs (explicit milestones kept, drops derived from --epochs moved where not passed).",
+)
 @click.pass_context
 def train(
     ctx: click.Context,
@@ -342,15 +377,17 @@ def train(
     from advplug.engine.trainer import Trainer
 
     extra = parse_extra(ctx.args)
+    check_extra(ctx, extra)
     if resume:
         model = kw.pop("model")  # allowed: repeating an imported model is how the user vouches for it
         data = kw.pop("data")  # the same for a module: data source
+        epochs = kw.pop("epochs")  # extends a finished or interrupted run
         given = [k for k, v in kw.items() if v is not None] + (["plugin"] if plugins else []) + list(extra)
         if given or config_file or milestones or overwrite:
             drop = ", ".join("--" + g.replace("_", "-") for g in given) or "--config/--milestones/--overwrite"
-            raise OptionError(f"--resume continues the saved configuration; drop {drop}")
+            raise OptionError(f"--resume continues the saved configuration (--epochs N extends it); drop {drop}")
         cfg = build_config(resume_config(resume, model, data), {"progress": not no_progress})
-        Trainer(cfg, resume=True).fit()
+        Trainer(cfg, resume=True, epochs=epochs).fit()
         return
     from_file = load_config_file(config_file) if config_file else None  # its errors before those of --milestones
     options = {k: v for k, v in kw.items() if v is not None}
@@ -367,16 +404,18 @@ def train(
 def plugins(as_json: bool) -> None:
     """List installed plugins: version, hooks, options with defaults."""
     from advplug.objectives import OBJECTIVES
-    from advplug.plugins import describe_plugin, list_plugins
+    from advplug.plugins import describe_plugin, duplicate_message, duplicates, list_plugins
     from advplug.run.directory import json_safe
 
     found, errors = list_plugins()
     objectives = [describe_plugin(n, c, __version__) for n, c in OBJECTIVES.items()]
+    dups = duplicates()
     if as_json:
-        doc = json_safe({"plugins": found, "objectives": objectives, "errors": errors})
+        both = {n: [{"distribution": d, "version": v} for d, v in ds] for n, ds in dups.items()}
+        doc = json_safe({"plugins": found, "objectives": objectives, "errors": errors, "duplicates": both})
         click.echo(json.dumps(doc, indent=2, allow_nan=False))
         return
-    if not found:
+    if not found and not dups:
         click.echo("no plugins installed (pip install plugins/advplug-<name>)")
     for section, items in (("plugins (--plugin NAME)", found), ("objectives (--objective NAME)", objectives)):
         click.echo(f"{section}:")
@@ -386,25 +425,40 @@ def plugins(as_json: bool) -> None:
             for o in p["options"]:
                 extra = f" {list(o['choices'])}" if o.get("choices") else ""
                 click.echo(f"    {o['flag']} ({o['type']}, default {o['default']}){extra}: {o['help']}")
+    if dups:
+        click.echo("registered by several distributions (--plugin NAME refused until one is uninstalled):")
+        for n, ds in sorted(dups.items()):
+            click.echo(f"  {n}  " + ", ".join(f"{d} {v}" for d, v in ds))
     for e in errors:
         click.echo(f"! {e}", err=True)
+    for n, ds in sorted(dups.items()):
+        click.echo(f"warning: {duplicate_message(n, ds)}", err=True)
 
 
-@cli.command()
+@cli.command(cls=_TrainCommand, context_settings=dict(ignore_unknown_options=True, allow_extra_args=True))
 @click.option("--plugin", "plugins", multiple=True, help="Enabled plugins, as for train.")
 @click.option("--objective", default="at")
 @click.option(
     "--pairs", is_flag=True, help="Print the README's table: every pair of installed plugins under each objective."
 )
-def hooks(plugins: tuple[str, ...], objective: str, pairs: bool) -> None:
+@click.pass_context
+def hooks(ctx: click.Context, plugins: tuple[str, ...], objective: str, pairs: bool) -> None:
     """Show, per hook, which implementations run for these plugins and in what order, and how
-    their weights combine."""
+    their weights combine. Plugin options as for train:
+
+    \b
+    advplug hooks --plugin lrat --lrat-floor saa
+    """
     from advplug.plugins import enable, hook_order, loss_owners, pair_table
 
+    extra = parse_extra(ctx.args)
+    check_extra(ctx, extra)
     if pairs:
+        if plugins or extra:
+            raise OptionError("--pairs shows every pair with default options; drop --plugin and plugin options")
         click.echo(pair_table())
         return
-    en = enable(list(plugins), objective)
+    en = enable(list(plugins), objective, extra)
     owners = loss_owners(en)
     for spec, impls in hook_order(en.pm).items():
         click.echo(f"{spec}:")
@@ -451,7 +505,7 @@ def hooks(plugins: tuple[str, ...], objective: str, pairs: bool) -> None:
     default=1000,
     help="AutoAttack on the first N test samples (the papers' practice).",
 )
-@click.option("--batch-size", type=int, default=256)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default=None)
 @click.option("--data-root", default=None)
 @click.option(
@@ -526,23 +580,40 @@ def eval_cmd(
             lock.release()
 
 
+def _table_file(output: str, fmt: str) -> Path:
+    """``--output`` as a file to write, checked before any work: not a directory, in one that exists."""
+    path = Path(output)
+    suffix = {"markdown": "md", "csv": "csv", "json": "json"}[fmt]
+    if path.is_dir():
+        raise OptionError(f"--output {output!r} is a directory: give a file, e.g. {path / f'compare.{suffix}'}")
+    if not path.parent.is_dir():
+        raise OptionError(f"--output {output!r}: the directory {str(path.parent)!r} does not exist")
+    return path
+
+
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True)
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json"]), default="markdown")
-@click.option("--output", "-o", default=None, help="Write the table to this file as well.")
+@click.option(
+    "--output", "-o", default=None, help="Write the table to this file as well (a file; replaced if it exists)."
+)
 def compare(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
     """The papers' table: one row per method (plugins + objective + options), attacks x best/last,
-    mean ± std over seeds. Runs with differing settings are flagged."""
+    mean ± std over seeds. Runs with differing settings are flagged; a cell from fewer runs than
+    its row says how many, (n=1/2). A run's eval.json and results.json are merged (eval.json's
+    entry replaces the same evaluation in results.json)."""
     from advplug.tools.compare import compare as make_table
 
+    table = _table_file(output, fmt) if output else None
     text, warnings = make_table(list(run_dirs), fmt)
     click.echo(text)
     for w in warnings:
         click.echo(f"warning: settings differ: {w}", err=True)
-    if output:
-        from pathlib import Path
-
-        Path(output).write_text(text + "\n")
+    if table is not None:
+        try:
+            table.write_text(text + "\n")
+        except OSError as e:
+            raise OptionError(f"cannot write --output {output!r}: {e.strerror or e}") from None
 
 
 @cli.command()
@@ -553,8 +624,8 @@ def compare(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
     help="Repeat a run's module:pkg.mod:callable data to allow importing it (extremes.png shows training images).",
 )
 def report(run_dir: str, data: str | None) -> None:
-    """Write PNG plots of a run: accuracy per epoch, weights per epoch, weight against signal,
-    the training images with the highest and lowest weights (train with --dump-weights)."""
+    """Write figures of a run, each as PNG and PDF: accuracy per epoch, weights per epoch, weight
+    against signal, the training images with the highest and lowest weights (train with --dump-weights)."""
     from advplug.tools.report import report as make_report
 
     for p in make_report(run_dir, data=data, log=click.echo):

@@ -2,8 +2,19 @@
 
 Runs are grouped by method: plugins (order-free) + objective + the plugin options the user set.
 Each group is one row; the columns are the attacks, for the best and the last checkpoint, as
-mean +- std over the group's runs (seeds). Results come from ``RUN_DIR/eval.json`` (``advplug
-eval --suite paper``) when present, else from the training run's ``results.json``.
+mean +- std over the group's runs (seeds).
+
+A run's results are its training run's ``results.json`` and ``advplug eval``'s ``RUN_DIR/eval.json``
+merged per evaluation (checkpoint and epoch, attack, precision, backend, eps, step, test samples):
+an ``eval.json`` entry replaces the ``results.json`` entry of the same evaluation (the newer
+measurement); every other entry is kept. Of several entries for one cell (say PGD-20 on the whole
+test set and on 1000 samples), the run's own eps wins, then the most test samples, then the newest
+(``results.select``); only a checkpoint's latest epoch counts.
+
+A cell that averages fewer runs than its row holds (an attack evaluated on some seeds only) says
+so, ``(n=1/2)``, and a note under the table names the runs without it; the CSV and JSON outputs
+give each cell's ``n`` and the runs it is missing in. Such a cell is never shown as the method's
+value over all its runs.
 
 A run whose settings differ from the others' (data set, model, training budget, epochs, the
 evaluation's eps, step, backend or test-sample counts) is flagged with its differences, in the
@@ -73,10 +84,8 @@ def load_run(path: str | Path) -> Run:
     cfg = read_run_config(run, DataError)
     settings = {k: cfg.get(k) for k in TRAIN_KEYS}
     settings["selection"] = cfg.get("selection", "test")  # runs from before held-out selection chose on test
-    entries = list(results.read_evals(run / "eval.json").values())
-    if not entries and (run / "results.json").is_file():
-        entries = results.best_from_last(results.read_results(run / "results.json", cfg))
-    elif not entries:
+    entries = results.read_run(run, cfg)
+    if not entries:
         raise DataError(f"{str(run)!r} has no results yet (no eval.json or results.json)")
     accuracies, ev_settings = results.select(entries, cfg.get("eps"))
     settings.update(ev_settings)
@@ -115,7 +124,9 @@ def _attack_order(runs: list[Run]) -> list[str]:
 
 
 def table(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per method: ``{"method", "n", "seeds", "flagged", "cells": {(attack, which): (mean, std)}}``."""
+    """One row per method: ``{"method", "n", "seeds", "selection", "flagged", "cells", "missing"}``; ``cells``:
+    ``{(attack, which): (mean, std, n)}`` over the runs that have the result, ``missing``: ``{(attack, which):
+    [paths of the row's runs without it]}`` for the cells that not every run has."""
     flag_mismatches(runs)
     groups: dict[str, list[Run]] = {}
     for r in runs:
@@ -123,13 +134,15 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
     attacks = _attack_order(runs)
     rows = []
     for method, rs in groups.items():
-        cells = {}
+        cells, missing = {}, {}
         for a in attacks:
             for which in _whiches(runs):
                 vals = [100 * r.results[which][a] for r in rs if a in r.results.get(which, {})]
                 if vals:
                     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
                     cells[(a, which)] = (statistics.fmean(vals), std, len(vals))
+                    if len(vals) < len(rs):
+                        missing[(a, which)] = [r.path for r in rs if a not in r.results.get(which, {})]
         rows.append(
             {
                 "method": method,
@@ -138,15 +151,26 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
                 "selection": "/".join(sorted({str(r.settings.get("selection")) for r in rs})),
                 "flagged": {r.path: r.flags for r in rs if r.flags},
                 "cells": cells,
+                "missing": missing,
             }
         )
     return rows
 
 
-def _cell(c: tuple[float, float, int] | None) -> str:
+def _cell(c: tuple[float, float, int] | None, runs: int) -> str:
+    """``mean ± std``, with ``(n=k/N)`` when only k of the row's N runs have the result."""
     if c is None:
         return "-"
-    return f"{c[0]:.2f}" if c[2] == 1 else f"{c[0]:.2f} ± {c[1]:.2f}"
+    text = f"{c[0]:.2f}" if c[2] == 1 else f"{c[0]:.2f} ± {c[1]:.2f}"
+    return text + (f" (n={c[2]}/{runs})" if c[2] < runs else "")
+
+
+def _missing_notes(row: dict[str, Any]) -> list[str]:
+    """One line per set of runs lacking some of the row's cells: the cells and the runs."""
+    by_runs: dict[tuple[str, ...], list[str]] = {}
+    for (a, which), paths in row["missing"].items():
+        by_runs.setdefault(tuple(paths), []).append(f"{a} {which}")
+    return [f"{row['method']}: {', '.join(cols)}: none in {', '.join(paths)}" for paths, cols in by_runs.items()]
 
 
 def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
@@ -170,6 +194,7 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
                         f"{a} ({w})": (
                             {"mean": c[0], "std": c[1], "n": c[2]} if c[2] > 1 else {"mean": c[0], "n": c[2]}
                         )  # one run: no std
+                        | ({"missing_in": r["missing"][(a, w)]} if (a, w) in r["missing"] else {})
                         for (a, w), c in r["cells"].items()
                     },
                 }
@@ -180,7 +205,8 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["method", "runs", "best chosen on", "attack", "checkpoint", "mean", "std", "n", "flagged"])
+        head = ["method", "runs", "best chosen on", "attack", "checkpoint", "mean", "std", "n", "flagged", "missing in"]
+        w.writerow(head)
         for r in rows:
             for (a, which), c in r["cells"].items():
                 w.writerow(
@@ -194,23 +220,30 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
                         f"{c[1]:.4f}" if c[2] > 1 else "",
                         c[2],
                         "yes" if r["flagged"] else "",
+                        "; ".join(r["missing"].get((a, which), [])),
                     ]
                 )
         return buf.getvalue()
     head = ["method", "runs", "best chosen on", *[f"{a} {w}" for a, w in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    notes = []
+    notes, partial = [], []
     for r in rows:
         name = r["method"] + (" ⚠" if r["flagged"] else "")
-        cells = [name, str(r["n"]), r["selection"], *[_cell(r["cells"].get(c)) for c in cols]]
+        cells = [name, str(r["n"]), r["selection"], *[_cell(r["cells"].get(c), r["n"]) for c in cols]]
         lines.append("| " + " | ".join(cells) + " |")
         for path, flags in r["flagged"].items():
             notes.append(f"⚠ {path}: " + "; ".join(flags))
+        partial += _missing_notes(r)
     text = "\n".join(lines) + (
         '\n\nTest accuracy (%), mean ± std over runs (seeds). "best" is the checkpoint '
         'chosen by PGD accuracy on the split named under "best chosen on" (validation: held '
         "out from training; test: chosen on the test set itself, optimistic)."
     )
+    if partial:
+        text += (
+            "\n(n=k/N): the mean of only k of the row's N runs, not the method's value over all of them. "
+            "Runs without the result (evaluate them too: advplug eval RUN --attack ...):\n" + "\n".join(partial)
+        )
     if notes:
         text += "\nSettings differ, not comparable as they stand:\n" + "\n".join(notes)
     return text

@@ -12,7 +12,7 @@ from advplug.config import TrainConfig
 from advplug.data import check_data_import, load_dataset
 from advplug.devices import pick_device
 from advplug.errors import CheckpointError, OptionError
-from advplug.evaluate import evaluate, gather_tensors
+from advplug.evaluate import check_art_autoattack, evaluate, gather_tensors
 from advplug.models import build_model, check_model_import
 from advplug.run import checkpoint, results
 
@@ -48,9 +48,13 @@ def evaluate_checkpoints(
     trained on ``module:`` data only if ``data`` names it; ``test_data``: an ``(x, y)`` pair to
     evaluate on instead of the run's test set (a run whose data came from Python in memory).
     """
-    specs = list(specs)
+    specs = [specs] if isinstance(specs, str) else list(specs)  # "pgd20" is one attack, not five
     for s in specs:
         parse_eval_attack(s)
+    if backend == "art" and any(parse_eval_attack(s)[0] == "aa" for s in specs):
+        check_art_autoattack()  # before minutes of other attacks
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be >= 1, got {batch_size}")
     if eps is not None and not 0 < eps < 1:
         raise OptionError(f"--eps must be in (0, 1) (inputs are in [0, 1]), got {eps}")
     if alpha is not None and not 0 < alpha <= 1:
@@ -68,7 +72,7 @@ def evaluate_checkpoints(
             ck = checkpoint.load(target, which or "last", need="eval")
         saved = checkpoint.saved_config(ck)
         try:
-            cfg = TrainConfig.from_json(saved).resolved()
+            cfg = TrainConfig.from_json(saved).resolved(recorded=True)
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{ck['path']!r} is damaged: its config is not readable ({e})") from None
         check_model_import(cfg.model, model)
@@ -85,6 +89,7 @@ def evaluate_checkpoints(
             ) from None
         checkpoint.load_model_state(net, ck, cfg.model)
         if test_data is not None and cfg.data not in data_cache:
+            _check_test_data(test_data, ck)
             data_cache[cfg.data] = tuple(t.to(dev) for t in test_data)
         if cfg.data not in data_cache:
             bundle = load_dataset(
@@ -113,6 +118,7 @@ def evaluate_checkpoints(
             backend=backend,
             progress=progress,
             seed=cfg.seed,
+            log=log,
         )
         n_main = len(y) if n_eval is None else min(n_eval, len(y))
         n_aa = n_main if n_eval_aa is None else min(n_eval_aa, n_main)
@@ -157,3 +163,16 @@ def evaluate_checkpoints(
         )
         entries += new
     return entries
+
+
+def _check_test_data(test_data: tuple, ck: dict[str, Any]) -> None:
+    """Test images of the shape the checkpoint's model takes, labels among its classes: a one-line error naming
+    both, not a shape error from inside the model."""
+    x, y = test_data
+    want, k = tuple(int(d) for d in ck["input_shape"]), int(ck["num_classes"])
+    if tuple(x.shape[1:]) != want:
+        raise OptionError(
+            f"test images are {tuple(x.shape[1:])} (channels, height, width), but {ck['path']!r}'s model takes {want}"
+        )
+    if len(y) and int(y.max()) >= k:
+        raise OptionError(f"test labels go up to label {int(y.max())}, but {ck['path']!r} has {k} classes (0..{k - 1})")

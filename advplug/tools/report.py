@@ -1,22 +1,31 @@
-"""``advplug report RUN_DIR``: PNG plots of a run with matplotlib (Agg, no display needed).
+"""``advplug report RUN_DIR``: figures of a run with matplotlib (Agg, no display needed).
 
-Files go to ``RUN_DIR/report/``:
+Files go to ``RUN_DIR/report/``, each as a PNG (200 dpi) and a vector PDF beside it, in one style fit
+for a paper (fonts of 8-10 pt at the written size, constrained layout, TrueType fonts in the PDF);
+every title names the run: plugins, objective, data set, eps, seed and the plugin options set.
 
-* ``accuracy.png``: training, clean and PGD accuracy per epoch, learning-rate drops marked;
-* ``weights.png``: the distribution of the per-sample weights per epoch (box plots from the
+* ``accuracy``: training, clean and PGD accuracy per epoch, learning-rate drops marked;
+* ``weights``: the distribution of the per-sample weights per epoch (box plots from the
   ``--dump-weights`` files; from the logged min/mean/max when there are none);
-* ``weight_vs_signal.png``: weight against the probabilistic margin of the sample (every
+* ``weight_vs_signal``: weight against the probabilistic margin of the sample (every
   plugin), and against each plugin's own signal where its dump records one (MAIL's PM,
   GAIRAT's kappa, LRAT's t, BAT's poisoning score q);
-* ``extremes.png``: the training images with the highest and the lowest weights of the last
+* ``extremes``: the training images with the highest and the lowest weights of the last
   dumped epoch (as MeoW Fig. 2 and BiLAW Fig. 3 show them);
-* ``roc.png``: only for a run with injection flags (``RUN_DIR/injection.npz``, written by the
+* ``roc``: only for a run with injection flags (``RUN_DIR/injection.npz``, written by the
   ground-truth benchmark ``benchmarks/groundtruth``): ROC curves of "low weight means injected"
   and of the run's true-class confidence per injected group.
+
+``figures(RUN_DIR)`` returns the matplotlib figures unsaved (to inspect or restyle them);
+``report(RUN_DIR)`` writes them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +35,28 @@ from advplug.config import read_run_config
 from advplug.errors import DataError
 from advplug.run.dump import read_dumps, weight_column
 from advplug.run.metrics import read_metrics
-from advplug.tools.compare import method_label
 
 SIGNALS = {"mail": "pm", "gairat": "kappa", "bat": "q", "lrat": "t_"}
+SIGNAL_NAMES = {"mail": "MAIL's PM", "gairat": "GAIRAT's κ", "bat": "BAT's poisoning score q", "lrat": "LRAT's t"}
+DPI = 200  # PNG resolution; the PDF beside it is vector
+WIDTH = 6.0  # inches: a figure spanning a paper's text width, read at this size
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "figure.titlesize": 9.5,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "figure.constrained_layout.use": True,
+    "savefig.dpi": DPI,
+    "pdf.fonttype": 42,  # TrueType in the PDF: editable text, as publishers ask
+    "ps.fonttype": 42,
+}
 
 
 def _plt():
@@ -38,6 +66,81 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextlib.contextmanager
+def paper_style() -> Iterator[None]:
+    """The report's matplotlib settings, while figures are built and saved."""
+    plt = _plt()
+    with plt.rc_context(STYLE):
+        yield
+
+
+def styled(make: Callable[..., Any]) -> Callable[..., Any]:
+    """``make`` (a function building a figure) run under :func:`paper_style`."""
+
+    @functools.wraps(make)
+    def inner(*args: Any, **kw: Any) -> Any:
+        with paper_style():
+            return make(*args, **kw)
+
+    return inner
+
+
+def eps_label(eps: Any) -> str:
+    """``8/255`` for a budget on the 1/255 grid that is not a round decimal, else the number (``0.2``)."""
+    if not isinstance(eps, int | float):
+        return "?"
+    k = round(eps * 255)
+    if 0 < k < 255 and abs(eps * 255 - k) < 1e-4 and abs(eps - round(eps, 3)) > 1e-9:
+        return f"{k}/255"
+    return f"{eps:g}"
+
+
+def run_parts(cfg: dict[str, Any]) -> list[str]:
+    """What names a run in a title: plugins, objective, data set, eps, seed, then the plugin options set."""
+    opts = {k: v for k, v in (cfg.get("plugin_options") or {}).items() if not k.endswith("-dump")}
+    return [
+        "+".join(sorted(cfg.get("plugins") or [])) or "no plugin",
+        f"{str(cfg.get('objective') or 'at').upper()} objective",
+        _data_label(cfg),
+        f"ε = {eps_label(cfg.get('eps'))}",
+        f"seed {cfg.get('seed', 0)}",
+        *(f"{k}={v}" for k, v in sorted(opts.items())),
+    ]
+
+
+def _wrap(parts: list[str], width: int, sep: str) -> str:
+    """``parts`` joined by ``sep``, broken into lines of at most ``width`` characters between parts."""
+    lines = [""]
+    for p in parts:
+        if lines[-1] and len(lines[-1]) + len(sep) + len(p) > width:
+            lines.append(p)
+        else:
+            lines[-1] = f"{lines[-1]}{sep}{p}" if lines[-1] else p
+    return "\n".join(lines)
+
+
+def set_title(fig, subject: str, cfg: dict[str, Any] | None = None) -> None:
+    """The figure's title: what it shows, then the run, both wrapped to the figure's width; the figure
+    grows by each line past two, so that a long title does not shrink the plots."""
+    size = STYLE["figure.titlesize"]
+    width = int(fig.get_figwidth() * 72 / (0.6 * size))  # characters of about 0.6 em fit on a line
+    text = "\n".join(textwrap.wrap(subject, width))
+    if cfg is not None:
+        text += "\n" + _wrap(run_parts(cfg), width, " · ")
+    fig.suptitle(text, fontsize=size)
+    extra = text.count("\n") - 1
+    if extra > 0:
+        fig.set_figheight(fig.get_figheight() + extra * 1.25 * size / 72)
+
+
+def epoch_axis(ax, first: int, last: int) -> None:
+    """Epochs first..last on the x axis, whole numbers only."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(first - 0.5, last + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(10, last - first + 1)))
 
 
 def epoch_offset(records: list[dict[str, Any]]) -> int:
@@ -65,11 +168,10 @@ def best_epoch(records: list[dict[str, Any]]) -> int | None:
     return at
 
 
-def plot_accuracy(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, Any]) -> Path:
-    from matplotlib.ticker import MaxNLocator
-
+@styled
+def figure_accuracy(records: list[dict[str, Any]], cfg: dict[str, Any]):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
     ep = [r["epoch"] + epoch_offset(records) for r in records]
     pre = selection_prefix(records)
     where = {"val": "held-out", "test": "test"}.get(pre, "test")
@@ -90,50 +192,62 @@ def plot_accuracy(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, A
     if b is not None:
         r = records[ep.index(b)]
         ax.plot(
-            [b], [100 * r[key("pgd_acc")]], marker="*", ms=14, color="crimson", ls="none", label=f"best (epoch {b})"
+            [b], [100 * r[key("pgd_acc")]], marker="*", ms=12, color="crimson", ls="none", label=f"best (epoch {b})"
         )
-    ax.set_xlim(0.5, last + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{method_label(cfg)} on {_data_label(cfg)}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, run_dir / "report" / "accuracy.png")
+    epoch_axis(ax, 1, last)
+    ax.set(xlabel="epoch", ylabel="accuracy (%)")
+    handles = ax.get_legend_handles_labels()[0]
+    fig.legend(loc="outside lower center", ncols=min(3, len(handles)), frameon=False)
+    set_title(fig, "accuracy per epoch", cfg)
+    return fig
 
 
 def _data_label(cfg: dict[str, Any]) -> str:
+    """The data set as titles name it: a long path shortened to its scheme and file name."""
     d = str(cfg.get("data"))
-    return d if len(d) < 40 else "..." + d[-37:]
+    if len(d) < 40:
+        return d
+    scheme = d.split(":", 1)[0] + ":" if ":" in d.split("/", 1)[0] else ""
+    short = f"{scheme}…/{d.rstrip('/').rsplit('/', 1)[-1]}"
+    return short if len(short) < 40 else "…" + d[-37:]
 
 
-def plot_weights(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, Any]) -> Path | None:
+@styled
+def figure_weights(run_dir: Path, records: list[dict[str, Any]], cfg: dict[str, Any]):
     plt = _plt()
     ds = read_dumps(run_dir, "weights")
-    fig, ax = plt.subplots(figsize=(6.4, 4))
     if ds:
+        fig, ax = plt.subplots(figsize=(WIDTH, 3.4))
         epochs = sorted(ds)
         ax.boxplot(
             [weight_column(ds[e]) for e in epochs],
             positions=epochs,
             widths=0.6,
-            showfliers=True,
+            manage_ticks=False,
+            medianprops=dict(color="crimson"),
             flierprops=dict(ms=2, alpha=0.3),
         )
-        ax.set_xticks(epochs[:: max(1, len(epochs) // 10)])
+        first, last = epochs[0], epochs[-1]
     else:
         pts = [(r["epoch"] + epoch_offset(records), r["weights"]) for r in records if "weights" in r]
         if not pts:
-            plt.close(fig)
             return None
+        fig, ax = plt.subplots(figsize=(WIDTH, 3.4))
         e = [p[0] for p in pts]
         ax.fill_between(e, [p[1]["min"] for p in pts], [p[1]["max"] for p in pts], alpha=0.3, label="min-max")
         ax.plot(e, [p[1]["mean"] for p in pts], marker="o", ms=3, label="mean")
         ax.legend()
-    ax.set(xlabel="epoch", ylabel="per-sample weight", title=f"weights per epoch, {method_label(cfg)}")
-    ax.grid(alpha=0.3)
-    return _save(fig, run_dir / "report" / "weights.png")
+        first, last = e[0], e[-1]
+    epoch_axis(ax, first, last)
+    ax.set(xlabel="epoch", ylabel="per-sample weight")
+    set_title(fig, "per-sample weights per epoch" + ("" if ds else " (logged min, mean, max)"), cfg)
+    return fig
 
 
-def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
+@styled
+def figure_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]):
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
     panels: list[tuple[str, np.ndarray, np.ndarray]] = []
     ds = read_dumps(run_dir, "weights")
@@ -141,7 +255,7 @@ def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
     if ds:
         last = ds[max(ds)]
         epochs.append(max(ds))
-        panels.append(("probabilistic margin p_y - max p_j", last["margin"], weight_column(last)))
+        panels.append((r"probabilistic margin $p_y - \max_{j \neq y} p_j$", last["margin"], weight_column(last)))
     for plugin, key in SIGNALS.items():
         pd = read_dumps(run_dir, plugin)
         if not pd:
@@ -151,20 +265,26 @@ def plot_weight_vs_signal(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
         sig = sorted(k for k in cols if k.startswith(key))
         wkey = (f"weight_{sig[0][len(key) :]}" if key.endswith("_") else "weight") if sig else ""
         if sig and wkey in cols:  # LRAT dumps t_<variant> with weight_<variant>, the others one signal with weight
-            panels.append((f"{plugin}: {sig[0]}", cols[sig[0]], cols[wkey]))
+            variant = f" ({sig[0][len(key) :]})" if key.endswith("_") else ""
+            panels.append((SIGNAL_NAMES[plugin] + variant, cols[sig[0]], cols[wkey]))
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (label, x, w) in zip(axes[0], panels):
-        ax.scatter(x, w, s=4, alpha=0.4)
+    rows = -(-len(panels) // 3)  # at most 3 panels a row, the figure at the text width
+    ncols = -(-len(panels) // rows)
+    fig, axes = plt.subplots(rows, ncols, figsize=(WIDTH, 0.8 + 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (label, x, w) in zip(axes.flat, panels):
+        ax.scatter(x, w, s=4, alpha=0.4, linewidths=0)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4 if ncols < 3 else 3))
         ax.set(xlabel=label, ylabel="weight")
-        ax.grid(alpha=0.3)
     which = f"epoch {epochs[0]}" if len(set(epochs)) == 1 else "epochs " + ", ".join(map(str, epochs))
-    fig.suptitle(f"weight against signal, {which} (the last dumped), {method_label(cfg)}")
-    return _save(fig, run_dir / "report" / "weight_vs_signal.png")
+    set_title(fig, f"weight against signal, {which} (the last dumped)", cfg)
+    return fig
 
 
-def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8, data: str | None = None) -> Path | None:
+@styled
+def figure_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8, data: str | None = None):
     plt = _plt()
     ds = read_dumps(run_dir, "weights")
     if not ds:
@@ -179,25 +299,26 @@ def plot_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8, data: str | No
     order = np.argsort(w, kind="stable")
     picks = [("lowest", order[:n]), ("highest", order[::-1][:n])]
     x, y = training_images(cfg, idx[np.concatenate([p[1] for p in picks])])
-    fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.4))
+    fig, axes = plt.subplots(2, n, figsize=(WIDTH, 1.4 + 1.6 * WIDTH / n), squeeze=False)
     k = 0
     for row, (name, sel) in enumerate(picks):
         for col in range(n):
             ax = axes[row, col]
-            ax.axis("off")
-            if col < len(sel):
-                img = x[k].transpose(1, 2, 0)
-                ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
-                pred = f" pred={cols['pred'][sel[col]]}" if "pred" in cols else ""
-                ax.set_title(f"y={y[k]}{pred}\nw={w[sel[col]]:.2f}", fontsize=7)
-                k += 1
-        axes[row, 0].text(-0.3, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right")
-    fig.suptitle(
-        f"training images with the lowest and highest weights (epoch {max(ds)}), {method_label(cfg)}"
-        + ("; pred: the class the model predicted on the training attack" if "pred" in cols else ""),
-        fontsize=9,
-    )
-    return _save(fig, run_dir / "report" / "extremes.png")
+            if col >= len(sel):
+                ax.set_visible(False)
+                continue
+            img = x[k].transpose(1, 2, 0)
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+            ax.set(xticks=[], yticks=[])
+            ax.grid(False)
+            ax.spines[:].set_visible(False)
+            pred = f" pred {cols['pred'][sel[col]]}" if "pred" in cols else ""
+            ax.set_title(f"y {y[k]}{pred}\nw {w[sel[col]]:.2f}", fontsize=7)
+            k += 1
+        axes[row, 0].set_ylabel(name)
+    note = " (pred: the class predicted under the training attack)" if "pred" in cols else ""
+    set_title(fig, f"training images with the lowest and highest weights w, epoch {max(ds)}{note}", cfg)
+    return fig
 
 
 def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +327,7 @@ def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray,
     from advplug.engine.inputs import training_data
 
     tc = TrainConfig.from_json({k: v for k, v in cfg.items() if k not in RECORD_ONLY})
-    data = training_data(tc.resolved())  # module: data checked by the caller (plot_extremes)
+    data = training_data(tc.resolved(recorded=True))  # module: data checked by the caller (figure_extremes)
     train = data.train
     n = len(train[1]) if isinstance(train, tuple) else len(train)
     if len(index) and int(index.max()) >= n:
@@ -222,20 +343,24 @@ def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray,
     return x, y
 
 
-def _save(fig, path: Path) -> Path:
-    """``fig`` as ``RUN/report/<name>.png``, replaced atomically (a symlink there is replaced, not
-    written through; a symlinked ``report/`` is refused)."""
+def save_figure(fig, path: Path) -> list[Path]:
+    """``fig`` as ``path`` (a PNG) and as the PDF beside it, each replaced atomically (a symlink there is
+    replaced, not written through; a symlinked ``report/`` is refused); closes ``fig``."""
     import io
 
     from advplug.run.directory import subdir, write_bytes
 
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    folder = subdir(path.parent.parent, path.parent.name)
+    made = []
+    with paper_style():
+        for fmt in ("png", "pdf"):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=DPI, metadata={"Software": "advplug"} if fmt == "png" else None)
+            out = folder / path.with_suffix(f".{fmt}").name
+            write_bytes(out, buf.getvalue())
+            made.append(out)
     _plt().close(fig)
-    path = subdir(path.parent.parent, path.parent.name) / path.name
-    write_bytes(path, buf.getvalue())
-    return path
+    return made
 
 
 # -- runs with injection flags (RUN_DIR/injection.npz, written by benchmarks/groundtruth) -------------
@@ -274,7 +399,8 @@ def auroc_low(flag: np.ndarray, clean: np.ndarray, value: np.ndarray) -> float:
     return float(roc_auc_score(flag[keep], -value[keep]))
 
 
-def plot_roc(run_dir: str | Path) -> Path | None:
+@styled
+def figure_roc(run_dir: str | Path):
     """``RUN_DIR/report/roc.png``: ROC curves of "low weight means injected" per group at the last
     dumped epoch with weights, and of the run's own final true-class confidence; ``None`` for a
     run without ``injection.npz``."""
@@ -302,7 +428,7 @@ def plot_roc(run_dir: str | Path) -> Path | None:
     if not signals:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.2, 5))
+    fig, ax = plt.subplots(figsize=(4.6, 5.4))
     for label, v, ls in signals:
         for g in GROUPS:
             keep = (flags[g] | clean) & np.isfinite(v)
@@ -313,34 +439,42 @@ def plot_roc(run_dir: str | Path) -> Path | None:
                 fpr, tpr, ls=ls, color=COLOURS[g], label=f"{g}, low {label}: AUROC {auroc_low(flags[g], clean, v):.2f}"
             )
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
-    ax.set(
-        xlabel="false positive rate (clean samples)",
-        ylabel="true positive rate (injected samples)",
-        title="finding the injected samples",
-    )
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    return _save(fig, run / "report" / "roc.png")
+    # near square by its size: a fixed aspect makes constrained layout misplace the legend on the first draw
+    ax.set(xlabel="false positive rate (clean samples)", ylabel="true positive rate (injected)")
+    fig.legend(loc="outside lower center", fontsize=7, frameon=False)
+    set_title(fig, "finding the injected samples", read_run_config(run, DataError))
+    return fig
 
 
-def report(run_dir: str | Path, data: str | None = None, log=None) -> list[Path]:
-    """Write every plot the run's files allow; returns their paths. ``data``: the run's
-    ``module:`` data source, repeated by the user (needed for ``extremes.png`` only)."""
+def figures(run_dir: str | Path, data: str | None = None, log=None) -> dict[str, Any]:
+    """Every figure the run's files allow, by file stem (``accuracy``, ``weights``, ...), unsaved:
+    matplotlib ``Figure`` objects to inspect, restyle or save; ``report`` writes them."""
     run = Path(run_dir)
     cfg = read_run_config(run, DataError)
     records = read_metrics(run)
     if not records:
         raise DataError(f"{str(run)!r} has no metrics.jsonl records yet")
     say = log or (lambda s: None)
-    made = [plot_accuracy(run, records, cfg), plot_weights(run, records, cfg), plot_weight_vs_signal(run, cfg)]
+    figs = {
+        "accuracy": figure_accuracy(records, cfg),
+        "weights": figure_weights(run, records, cfg),
+        "weight_vs_signal": figure_weight_vs_signal(run, cfg),
+    }
     try:
-        made.append(plot_extremes(run, cfg, data=data))
+        figs["extremes"] = figure_extremes(run, cfg, data=data)
     except DataError as e:
         say(f"note: {e}")
-    made.append(plot_roc(run))  # roc.png: only for runs with injection flags
+    figs["roc"] = figure_roc(run)  # only for runs with injection flags
     if not read_dumps(run, "weights"):
         say(
             "note: no per-sample dumps in this run: weights.png shows the logged min/mean/max only, and "
             "weight_vs_signal.png and extremes.png need them; train with --dump-weights"
         )
-    return [p for p in made if p is not None]
+    return {k: f for k, f in figs.items() if f is not None}
+
+
+def report(run_dir: str | Path, data: str | None = None, log=None) -> list[Path]:
+    """Write every figure the run's files allow, as PNG and PDF; returns their paths. ``data``: the run's
+    ``module:`` data source, repeated by the user (needed for ``extremes`` only)."""
+    run = Path(run_dir)
+    return [p for k, f in figures(run, data, log).items() for p in save_figure(f, run / "report" / f"{k}.png")]

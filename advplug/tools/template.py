@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import keyword
 import re
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+from advplug import plugins
 from advplug.errors import OptionError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
@@ -200,9 +202,40 @@ Edit `src/{module}/__init__.py`: `Options` (the `--{prefix}-*` flags), the hooks
 """
 
 
-def new_plugin(name: str, dest: str | Path = ".") -> Path:
-    """Write ``DEST/advplug-NAME/`` (refused if it exists); returns its path."""
+def check_free(name: str) -> None:
+    """Refuse a name that an objective, a shipped or installed plugin, or an installed distribution already has:
+    installing the new package would replace that plugin (or share its ``--NAME-*`` options) without a word."""
     n = names(name)
+    same = lambda other: other.replace("_", "-") == n["prefix"]  # noqa: E731  my_x and my-x share --my-x-*
+    if any(same(o) for o in plugins.builtin_objectives()):
+        raise OptionError(f"plugin name {name!r} is a built-in objective's (--objective {name}); choose another name")
+    if any(same(s) for s in plugins.SHIPPED_PLUGINS):
+        raise OptionError(f"plugin name {name!r} is the name of a plugin shipped with advplug; choose another name")
+    for taken, ep in plugins.installed().items():
+        if same(taken):
+            dist = ep.dist.name if ep.dist is not None else "an unknown distribution"
+            raise OptionError(f"plugin name {name!r} is taken: plugin {taken!r} is installed ({dist}); choose another")
+    try:
+        version = distribution(n["dist"]).version
+    except PackageNotFoundError:
+        return
+    raise OptionError(
+        f"{n['dist']} is an installed distribution ({version}): installing the new package would replace it; "
+        f"choose another name"
+    )
+
+
+def _check_dest(dest: Path) -> None:
+    blocker = next((p for p in (dest, *dest.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OptionError(f"--dest {dest}: {blocker} is not a directory")
+
+
+def new_plugin(name: str, dest: str | Path = ".") -> Path:
+    """Write ``DEST/advplug-NAME/`` (refused if it exists or NAME is taken); returns its path."""
+    n = names(name)
+    check_free(name)
+    _check_dest(Path(dest))
     root = Path(dest) / n["dist"]
     if root.exists():
         raise OptionError(f"{root} exists; choose another name or --dest")
@@ -212,7 +245,10 @@ def new_plugin(name: str, dest: str | Path = ".") -> Path:
         root / "src" / n["module"] / "__init__.py": INIT,
         root / "tests" / f"test_{n['module'][len('advplug_') :]}.py": TEST,
     }
-    for path, text in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text.format(**n))
+    try:
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text.format(**n))
+    except OSError as e:
+        raise OptionError(f"cannot write {root}: {e.strerror or e}") from None
     return root

@@ -6,12 +6,19 @@ from pathlib import Path
 
 import numpy as np
 
-from advplug.tools.report import COLOURS, _plt, _save
+from advplug.tools.report import COLOURS, WIDTH, _plt, epoch_axis, save_figure, set_title, styled
 from benchmarks.groundtruth.scoring import weights_by_group
 
 
 def plot_groups(runs: list[Path], title: str, path: Path) -> Path | None:
-    """Weight distribution per group over epochs (median and 10-90 % band, seeds pooled)."""
+    """Weight distribution per group over epochs (median and 10-90 % band, seeds pooled), as ``path`` (PNG)
+    and the PDF beside it."""
+    fig = figure_groups(runs, title)
+    return None if fig is None else save_figure(fig, path)[0]
+
+
+@styled
+def figure_groups(runs: list[Path], title: str):
     pooled: dict[int, dict[str, list[np.ndarray]]] = {}
     for r in runs:
         for ep, groups in weights_by_group(r).items():
@@ -20,7 +27,7 @@ def plot_groups(runs: list[Path], title: str, path: Path) -> Path | None:
     if not pooled:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6))
     epochs = sorted(pooled)
     for g, colour in COLOURS.items():
         vals = [np.concatenate(pooled[e].get(g, [np.array([])])) for e in epochs]
@@ -31,7 +38,8 @@ def plot_groups(runs: list[Path], title: str, path: Path) -> Path | None:
         off = (list(COLOURS).index(g) - 1.5) * 0.08
         ax.plot(e + off, med, marker="o", ms=3, color=colour, label=g)
         ax.fill_between(e + off, lo, hi, color=colour, alpha=0.15)
-    ax.set(xlabel="epoch", ylabel="weight / epoch mean (median, 10-90 %)", title=title)
-    ax.grid(alpha=0.3)
+    epoch_axis(ax, epochs[0], epochs[-1])
+    ax.set(xlabel="epoch", ylabel="weight / epoch mean\n(median, 10-90 %)")
     ax.legend()
-    return _save(fig, path)
+    set_title(fig, title)
+    return fig

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advplug.config import NUMBERS_FREE, build_config, merge_settings, table_entries
+from advplug.config import NUMBERS_FREE, build_config, merge_settings, read_settings_file, table_entries
 from advplug.errors import AdvplugError, OptionError
 
 # Set by the sweep itself, not by the sweep file.
@@ -82,16 +82,10 @@ class Sweep:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise OptionError(f"sweep file {str(path)!r} not found")
-    try:
-        if path.suffix == ".json":
-            return json.loads(path.read_text())
-        import tomllib
-
-        return tomllib.loads(path.read_text())
-    except ValueError as e:
-        raise OptionError(f"sweep file {str(path)!r} cannot be parsed: {e}") from None
+    raw = read_settings_file(path, "sweep", default="toml")
+    if not isinstance(raw, dict):
+        raise OptionError(f"sweep file {str(path)!r}: expected a table of settings, got {type(raw).__name__}")
+    return raw
 
 
 @dataclass
@@ -287,4 +281,6 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     if not isinstance(raw.get("out", ""), str):
         raise OptionError(f"sweep file {str(path)!r}: out must be a directory path (a string), got {raw['out']!r}")
     out = Path(out or raw.get("out") or Path("sweeps") / path.stem)
+    if out.exists() and not out.is_dir():  # found now, --dry-run too, not by the first mkdir
+        raise OptionError(f"sweep directory {str(out)!r} is a file, not a directory: choose another out (or --out)")
     return Sweep(path, out.absolute(), points, retries, jobs, dict(slurm))

@@ -152,11 +152,11 @@ def test_proxy_leaves_batchnorm_statistics_alone():
 
 def test_trades_warm_up_and_defaults(tmp_path):
     t = trainer(tmp_path / "short", objective="trades", epochs=20)
-    assert t.enabled.plugin("awp").options.warmup == 1  # a 20-epoch run keeps the authors' 9 % share
+    assert t.enabled.plugin("awp").options.warmup == 1  # a 20-epoch run warms up for 9 % (our rule)
     t.close()
     t = trainer(tmp_path, objective="trades", epochs=100)
     awp = t.enabled.plugin("awp")
-    assert (awp.options.gamma, awp.options.warmup) == (0.005, 9)  # TRADES-AWP: from the 10th epoch of 100
+    assert (awp.options.gamma, awp.options.warmup) == (0.005, 9)  # TRADES-AWP: from the 10th epoch, as the script
     x, y = t.data.train
     ctx = StepContext(
         model=t.net,
@@ -236,8 +236,6 @@ def test_ddp_two_processes(tmp_path):
         "--mail-burn-in",
         "0",
         "--epochs",
-        "1",
-        "--milestones",
         "1",
         "--steps",
         "2",

@@ -186,7 +186,7 @@ def train_on_mixture(tmp_path, monkeypatch, select):
         epochs=15,
         batch_size=32,
         lr=0.1,
-        milestones=(100,),
+        milestones=(),
         eps=0.05,
         alpha=0.02,
         steps=3,

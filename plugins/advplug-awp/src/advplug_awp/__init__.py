@@ -31,7 +31,10 @@ the authors' code (``csdongxian/AWP``: ``AT_AWP/utils_awp.py``, ``AT_AWP/train_c
   (``TrainContext.loss_fn``: the loss owner plus wrappers) with no weights, on a scratch
   ``StepContext`` whose forward passes are not shared with the step. **Choice:** reweighting plugins
   (``--plugin awp --plugin mail``) weigh the training loss at ``w + v`` but not the proxy loss:
-  their weights come from the forward at ``w + v``, which needs ``v`` first.
+  their weights come from the forward at ``w + v``, which needs ``v`` first. The TRADES script's
+  training step runs the natural forward twice, like TRADES' own code (adversarial, natural for the KL's
+  target, natural for CE): ``--trades-natural-forwards 2`` for its BatchNorm statistics (in the order
+  natural, adversarial, natural); the proxy's passes leave the statistics alone either way.
 
 **Measured on the digits default (digits-cnn, 20 epochs, no BatchNorm):** AT-AWP with gamma 0.01
 from the first epoch stays at chance (10 % test accuracy: the model never leaves the initial
@@ -54,7 +57,12 @@ Defaults (the authors' scripts): ``gamma`` 0.01 for ``--objective at`` (``AT_AWP
 0.005 for ``trades`` (``trades_AWP/train_trades_cifar.py``) and, our choice for want of a script,
 0.005 for ``mart``; ``warmup``: AT-AWP perturbs from the first epoch (``--awp-warmup 0``),
 TRADES-AWP from the tenth (``--awp-warmup 10`` with epochs counted from 1: ``epoch >= 10``), so 9
-epochs without AWP in advplug's 0-based count; MART: 0 (our choice). Cost: one extra forward and
+epochs without AWP in advplug's 0-based count, of the script's default 200 epochs (``--epochs 200``; learning
+rate x0.1 at epochs 100 and 150), a 4.5 % share; MART: 0 (our choice). A TRADES run shorter than 100 epochs
+warms up for 9 % of its epochs, rounded down (``min(9, floor(9 epochs / 100))``: 1 of 20). That rule is ours,
+not the script's: it was written as "the script's 9 of 100 epochs", but the script trains 200, and we keep it
+so that earlier runs stay identical; ``--awp-warmup N`` sets any warm-up (``floor(0.045 epochs)`` for the
+script's share, 0 of 20). Cost: one extra forward and
 backward pass per step (the proxy), the same as the authors' code.
 """
 
@@ -125,8 +133,8 @@ class AWP:
         )
         warmup: int | None = opt(
             None,
-            "epochs trained without AWP first (default: 0 at and mart; trades 9, "
-            "or 9 % of a run shorter than 100 epochs)",
+            "epochs trained without AWP first (default: 0 at and mart; trades 9 as the script, of its 200 "
+            "epochs, or 9 % of a run shorter than 100 epochs, rounded down: our rule)",
             min=0,
         )
 
@@ -141,7 +149,7 @@ class AWP:
     def on_train_start(self, ctx: TrainContext) -> None:
         o = self.options
         gamma = o.gamma if o.gamma is not None else GAMMA.get(ctx.objective, 0.01)
-        # the authors' 9 of 100 TRADES epochs; a shorter run keeps the same share of warm-up
+        # the script's 9 warm-up epochs; a run shorter than 100 epochs keeps 9 % (our rule: the script trains 200)
         warmup = (
             o.warmup
             if o.warmup is not None

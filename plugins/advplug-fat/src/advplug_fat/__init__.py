@@ -32,10 +32,11 @@ Per-sample signals recorded in ``Variant.stats`` (``[B]``, on the device) for ot
   iterations run), and ``p_true_lps``: the true-class probability at the first misclassified
   iteration (the last one run if none; MAIL's Eq. 7), so GAIRAT and MAIL combine with FAT.
 
-tau schedule (``dynamic``, default on, the authors' ``adjust_tau`` with epochs counted from 1):
-``tau = tau0 + #{m in tau_epochs : epoch > m}``, i.e. tau increases by one after each listed
-epoch. Defaults per objective, from the authors' scripts: ``at`` (``FAT.py``): 50, 90 (tau 0, 1,
-2 over 120 epochs); ``trades`` (``FAT_for_TRADES.py``): 30, 50, 70 (tau 0..3 over 85 epochs);
+tau schedule (``dynamic``, default on, the increases of the authors' ``adjust_tau`` with epochs counted
+from 1): ``tau = tau0 + #{m in tau_epochs : epoch > m}``, i.e. tau increases by one after each listed
+epoch (``tau0`` is ``--fat-tau``, which ``adjust_tau`` ignores: see below). Defaults per objective,
+from the authors' scripts: ``at`` (``FAT.py``): 50, 90 (tau 0, 1, 2 over 120 epochs);
+``trades`` (``FAT_for_TRADES.py``): 30, 50, 70 (tau 0..3 over 85 epochs);
 ``mart`` (``FAT_for_MART.py``): 20, 40, 60, 80 (tau 0..4 over 90 epochs). Whether the paper
 states the same schedules we could not check.
 
@@ -46,6 +47,22 @@ batch in eval mode, start ``clamp(x + 0.001 N(0, 1), 0, 1)`` (``normal_distribut
 omega 0; ``mart``: cross-entropy, start normal, omega 0. eps and step size are the run's
 (``--eps``, ``--alpha``; the scripts use 0.031 and 0.007) and ``K`` is ``--steps`` (10).
 ``tau >= K`` recovers the conventional attack (the authors' README).
+
+Where advplug's numbers differ from the authors' code (each an option; the defaults keep the numbers of
+earlier advplug runs; with ``--fat-noise continuing --fat-schedule-base zero`` the attack is ``earlystop.py``'s,
+draw for draw, on the CPU from a start without numpy's generator, which the code's uniform start uses; on a
+GPU the code draws its noise from the CPU generator, advplug from the device's):
+
+* **omega's noise** (``--fat-noise``): ``active`` (default) draws ``omega N(0, 1)`` for every sample still
+  running at an iteration and drops the draws of those that stop there; ``earlystop.py`` shrinks the batch to
+  the samples that continue first and draws only for them (``continuing``). Same distribution for every
+  sample, other random numbers from the first stop on, and so every later draw of the run differs too.
+  ``earlystop.py`` also draws the noise at omega 0 (FAT-TRADES, FAT-MART), which only moves the generator;
+  ``continuing`` does the same, ``active`` draws nothing then.
+* **tau in the dynamic schedule** (``--fat-schedule-base``): ``tau`` (default) adds the increases to
+  ``--fat-tau``; the authors' ``adjust_tau`` returns ``0, 1, 2, ...`` and ignores ``--tau`` while
+  ``--dynamictau`` is on (``zero``; a nonzero ``--fat-tau`` is then refused, having no effect). Both agree at
+  the scripts' ``--tau 0``; with the schedule off both use ``--fat-tau``.
 """
 
 from __future__ import annotations
@@ -80,12 +97,13 @@ def parse_epochs(text: str) -> tuple[int, ...]:
     return out
 
 
-def tau_at(epoch: int, tau0: int, epochs: tuple[int, ...], dynamic: bool = True) -> int:
-    """tau for 0-based ``epoch``: the authors' ``adjust_tau(epoch + 1)``, ``tau0`` plus one per
-    listed epoch already completed (``epoch + 1 > m``)."""
+def tau_at(epoch: int, tau0: int, epochs: tuple[int, ...], dynamic: bool = True, base: str = "tau") -> int:
+    """tau for 0-based ``epoch``: one per listed epoch already completed (``epoch + 1 > m``, the authors'
+    ``adjust_tau(epoch + 1)``) plus ``tau0`` (``base="tau"``) or plus nothing (``"zero"``, as ``adjust_tau``,
+    which ignores ``--tau`` when the schedule is on); ``tau0`` alone when the schedule is off."""
     if not dynamic:
         return tau0
-    return tau0 + sum(1 for m in epochs if epoch + 1 > m)
+    return (tau0 if base == "tau" else 0) + sum(1 for m in epochs if epoch + 1 > m)
 
 
 class EarlyStoppedPGD(torchattacks.PGD):
@@ -93,7 +111,9 @@ class EarlyStoppedPGD(torchattacks.PGD):
     the eps-ball and [0, 1]) that returns each sample ``tau`` misclassified iterations after its
     first misclassification. ``loss``: ``"ce"`` or ``"kl"`` (TRADES). ``start``: ``"uniform"``,
     ``"normal"`` (``clamp(x + 0.001 N(0, 1), 0, 1)``) or ``"none"``. ``omega``: std of the Gaussian
-    noise added at every update. After a call, ``stats()`` gives the per-sample signals.
+    noise added at every update; ``noise``: drawn for every sample still running (``"active"``, the
+    stopping ones' draws dropped) or only for those updated (``"continuing"``, ``earlystop.py``).
+    After a call, ``stats()`` gives the per-sample signals.
 
     >>> atk = EarlyStoppedPGD(model, eps=8/255, alpha=2/255, steps=10, tau=1); x_adv = atk(x, y)
     """
@@ -108,13 +128,16 @@ class EarlyStoppedPGD(torchattacks.PGD):
         loss: str = "ce",
         start: str = "uniform",
         omega: float = 0.0,
+        noise: str = "active",
     ) -> None:
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=start != "none")
-        self.tau, self.loss, self.start, self.omega = tau, loss, start, omega
+        self.tau, self.loss, self.start, self.omega, self.noise = tau, loss, start, omega, noise
         if loss not in ("ce", "kl"):
             raise OptionError(f"--fat-loss: {loss!r} is not one of ce, kl")
         if start not in ("uniform", "normal", "none"):
             raise OptionError(f"--fat-start: {start!r} is not one of uniform, normal, none")
+        if noise not in ("active", "continuing"):
+            raise OptionError(f"--fat-noise: {noise!r} is not one of active, continuing")
         object.__setattr__(self, "_stats", {})
 
     def first_iterate(self, images: Tensor) -> Tensor:
@@ -160,14 +183,9 @@ class EarlyStoppedPGD(torchattacks.PGD):
             else:
                 cost = F.cross_entropy(logits, ya, reduction="sum")
             grad = torch.autograd.grad(cost, xa)[0]
-            nxt = xa.detach() + self.alpha * grad.sign()
-            if self.omega:
-                nxt = nxt + self.omega * torch.randn_like(nxt)
-            x0 = images[active]
-            nxt = torch.clamp(x0 + torch.clamp(nxt - x0, -self.eps, self.eps), 0, 1)
             keep = ~stop
             go = active[keep]
-            adv[go] = nxt[keep]
+            adv[go] = self.update(xa.detach(), grad, images[active], keep)
             stop_step[go] += 1
             active = go
             if active.numel() == 0:
@@ -175,6 +193,16 @@ class EarlyStoppedPGD(torchattacks.PGD):
         stats = {"stop_step": stop_step, "first_wrong": first_wrong, "kappa": kappa, "p_true_lps": p_true_lps}
         object.__setattr__(self, "_stats", stats)  # torchattacks' __setattr__ walks dicts of attacks
         return adv.detach()
+
+    def update(self, x: Tensor, grad: Tensor, x0: Tensor, keep: Tensor) -> Tensor:
+        """The next iterate of the rows ``keep`` of the running batch: sign step, omega's noise, projection."""
+        if self.noise == "continuing":  # earlystop.py: the batch shrinks first, then the noise is drawn
+            x, grad, x0 = x[keep], grad[keep], x0[keep]
+        nxt = x + self.alpha * grad.sign()
+        if self.omega or self.noise == "continuing":  # earlystop.py draws the noise even at omega 0
+            nxt = nxt + self.omega * torch.randn_like(nxt)
+        nxt = torch.clamp(x0 + torch.clamp(nxt - x0, -self.eps, self.eps), 0, 1)
+        return nxt if self.noise == "continuing" else nxt[keep]
 
     def stats(self) -> dict[str, Tensor]:
         return dict(self._stats)
@@ -202,8 +230,25 @@ class FAT:
         omega: float | None = opt(
             None, "std of the Gaussian noise added at every update (default: 0.001 at, 0 otherwise)", min=0.0
         )
+        noise: str = opt(
+            "active",
+            "omega's noise drawn for every sample still running (active) or only for those that continue "
+            "(continuing, as earlystop.py): same distribution, other random numbers",
+            choices=("active", "continuing"),
+        )
+        schedule_base: str = opt(
+            "tau",
+            "the dynamic schedule adds one per listed epoch to --fat-tau (tau) or to 0 "
+            "(zero, the authors' adjust_tau, which ignores --tau)",
+            choices=("tau", "zero"),
+        )
 
     def __init__(self, options: Options) -> None:
+        if options.dynamic and options.schedule_base == "zero" and options.tau:
+            raise OptionError(
+                f"--fat-tau {options.tau} has no effect with --fat-schedule-base zero (the schedule starts at 0); "
+                "drop one of them, or turn the schedule off with --fat-dynamic false"
+            )
         self.options = options
         self.attack: EarlyStoppedPGD | None = None
         self.epochs: tuple[int, ...] = ()
@@ -240,13 +285,17 @@ class FAT:
             loss=o.loss,
             start=o.start,
             omega=o.omega,
+            noise=o.noise,
         )
         set_bn_mode(self.attack, cfg.attack_bn)
-        sched = f"tau {o.tau} + 1 after each of epochs {o.tau_epochs}" if o.dynamic else f"tau {o.tau}"
-        ctx.log(f"fat: early-stopped PGD-{cfg.steps}, {sched}, loss {o.loss}, start {o.start}, omega {o.omega}")
+        base = o.tau if o.schedule_base == "tau" else 0
+        sched = f"tau {base} + 1 after each of epochs {o.tau_epochs}" if o.dynamic else f"tau {o.tau}"
+        noise = f" ({o.noise} samples)" if o.omega or o.noise == "continuing" else ""
+        ctx.log(f"fat: early-stopped PGD-{cfg.steps}, {sched}, loss {o.loss}, start {o.start}, omega {o.omega}{noise}")
 
     def tau(self, epoch: int) -> int:
-        return tau_at(epoch, self.options.tau, self.epochs, self.options.dynamic)
+        o = self.options
+        return tau_at(epoch, o.tau, self.epochs, o.dynamic, o.schedule_base)
 
     @hookimpl
     def generate_adversaries(self, ctx: StepContext) -> list[Variant]:

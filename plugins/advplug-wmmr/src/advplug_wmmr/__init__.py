@@ -34,6 +34,12 @@ Choices (code vs what advplug does):
   ``--attack-bn`` (the AT script attacks in train mode, the TRADES script in eval mode). The
   attack also records GAIRAT's ``kappa`` and MAIL's ``p_true_lps`` like the core's PGD, so
   ``--plugin wmmr --plugin gairat`` works.
+* **the TRADES attack is the file before its last commit**: the KL attack above follows
+  ``TRADES_base/trades.py`` as of commit ``66dc538``. Commit ``0652a2d``, the file's last change, added a
+  ``break`` after the weighted KL inside the step loop, so at HEAD the loop ends before its first sign step
+  and WMMR-TRADES trains on ``clamp(x + 0.001 N(0, 1), 0, 1)``, with no attack at all. We read it as a
+  debugging leftover (``AT_base/trades.py`` holds the same function without it) and offer no option for it.
+  The same commit removed that file's ``--normalize`` branch (still in ``AT_base/trades.py``).
 * **alpha** defaults per objective from the scripts: ``at`` 0.5 (``train_at_cifar10.py``),
   ``trades`` 2.0 (``train_trades_cifar10.py``); ``mart`` 0.5 (our choice: no script). BiLAW's
   MNIST baseline used alpha 0.1 (``AT_base/configs/train.json``).
