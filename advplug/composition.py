@@ -59,7 +59,7 @@ class Composition:
         return lines
 
     def cell(self) -> str:
-        """The pair's meaning in a few words (the README's pair table)."""
+        """The pair's meaning in a few words (the pair table, docs/pairs.md)."""
         parts = [f"{n}({self.reads[n]})" for n in self.globals] + ([f"{self.local}[v]"] if self.local else [])
         out = " x ".join(parts) if parts else "no weights"
         nat = [n for n in self.globals if self.declarations[n].natural_weights]
@@ -86,7 +86,7 @@ class Composition:
 
 
 def _fail(a: str, b: str, problem: str, short: str = "") -> CompositionError:
-    """One line naming both plugins and the missing piece; ``short`` for the README's pair table."""
+    """One line naming both plugins and the missing piece; ``short`` for the pair table, docs/pairs.md."""
     pair = f"{a!r} with {b!r}" if a != b else repr(a)
     return CompositionError(f"{pair}: {problem}", short or problem)
 

@@ -90,7 +90,7 @@ class Declaration:
     ``own_scale``: the weights carry a loss scale of their own rather than mean 1 (MeoW's raw
     Eq. 4, MAIL's fixed ``3 w``; for a local method, a normalisation such as LRAT's Eq. 15). A
     global with its own scale beside a local method with its own is refused: both set the scale.
-    ``meaning``: one line on what the weights mean (``advplug hooks``, the README's pair table).
+    ``meaning``: one line on what the weights mean (``advplug hooks``, the pair table, docs/pairs.md).
     """
 
     weights: str | None = None

@@ -15,7 +15,7 @@ class PluginError(AdvplugError):
 
 
 class CompositionError(PluginError):
-    """Plugins that cannot run together; ``short`` says why in a few words (the README's pair table)."""
+    """Plugins that cannot run together; ``short`` says why in a few words (the pair table, docs/pairs.md)."""
 
     def __init__(self, message: str, short: str) -> None:
         super().__init__(message)

@@ -439,7 +439,7 @@ def plugins(as_json: bool) -> None:
 @click.option("--plugin", "plugins", multiple=True, help="Enabled plugins, as for train.")
 @click.option("--objective", default="at")
 @click.option(
-    "--pairs", is_flag=True, help="Print the README's table: every pair of installed plugins under each objective."
+    "--pairs", is_flag=True, help="Print docs/pairs.md's table: every pair of installed plugins under each objective."
 )
 @click.pass_context
 def hooks(ctx: click.Context, plugins: tuple[str, ...], objective: str, pairs: bool) -> None:

@@ -6,9 +6,9 @@ plugin, several seeds), and scores the per-sample weights of the ``--dump-weight
 the flags. The definitions (transforms, weights, AUROC direction) are in the package docstring
 (``benchmarks/groundtruth/__init__.py``). From the repository root:
 
-    python -m benchmarks.groundtruth --out runs/groundtruth            # everything, 3 seeds
+    python -m benchmarks.groundtruth --out runs/groundtruth            # everything: 20 epochs, 5 seeds
     python -m benchmarks.groundtruth --methods at,bat,meow --seeds 2    # a subset
-    python -m benchmarks.groundtruth --out runs/groundtruth --score-only --score-epochs 2,5
+    python -m benchmarks.groundtruth --out runs/groundtruth --score-only --score-epochs 6,20
 
 Writes ``OUT/groundtruth.{md,csv,json}``, ``OUT/plots/<method>.png`` and one run directory per
 (method, seed) under ``OUT/runs/`` (each with ``injection.npz``: ``advplug report RUN_DIR`` draws
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=Settings.out, help="output folder (runs/, data/, plots/, groundtruth.{md,csv,json})"
     )
     p.add_argument("--methods", default="", help="comma-separated: at,trades,mart and plugin names (default: all)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     p.add_argument("--flip", type=float, default=Settings.flip)
     p.add_argument("--atypical", type=float, default=Settings.atypical)
     p.add_argument("--duplicate", type=float, default=Settings.duplicate)

@@ -25,12 +25,12 @@ class Settings:
 
     out: str = "runs/groundtruth"
     methods: tuple[str, ...] = ()  # () = AT, TRADES, MART and every installed plugin (with AT)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     flip: float = 0.08
     atypical: float = 0.08
     duplicate: float = 0.08
     transform: str = "rotate"
-    epochs: int = 5
+    epochs: int = 20
     steps: int = 3
     alpha: float = 0.1
     eval_steps: int = 3
