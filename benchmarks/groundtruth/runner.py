@@ -46,7 +46,7 @@ def default_methods() -> list[str]:
 
 
 def burn_in(epochs: int) -> int:
-    """MAIL's burn-in and GAIRAT's first reweighted epoch here: a quarter of the run."""
+    """MAIL's burn-in, GAIRAT's first reweighted epoch and AWP's warm-up here: a quarter of the run."""
     return max(1, epochs // 4)
 
 
@@ -62,6 +62,8 @@ def method_config(method: str, seed: int, s: Settings, data_file: Path, out: Pat
         opts["mail-burn-in"] = burn_in(s.epochs)
     if method == "gairat":
         opts["gairat-begin-epoch"] = burn_in(s.epochs)
+    if method == "awp":  # at its default warm-up 0 AWP never leaves the start's uniform-output plateau here
+        opts["awp-warmup"] = burn_in(s.epochs)
     opts.update(s.plugin_options.get(method, {}))
     return TrainConfig(
         data=f"npz:{data_file}",

@@ -41,6 +41,11 @@ from the first epoch stays at chance (10 % test accuracy: the model never leaves
 plateau of the loss, and the ascent step keeps it there); with ``--awp-warmup 6`` it reaches
 96.1 / 58.3 (natural / PGD-20), with ``--awp-gamma 0.002`` 97.5 / 58.6 (AT: 97.8 / 62.8). The
 paper's setting (PreActResNet-18 on CIFAR-10) starts AWP at epoch 1; small models may need a warm-up.
+This is AWP's, not ours: a line-by-line transcription of the authors' step (``calc_awp``, ``perturb``,
+``opt.step()``, ``restore``) stays at chance on the same data too. On the plateau (near-constant logits)
+the gradient at ``w + v`` is 0.3 times as long as at ``w`` and at cosine 0.5 to it (gamma 0.01; 0.9 and
+0.99 at gamma 0.001), so the escape is about 7 times slower, and ``||v_l|| = gamma ||w_l||`` does not
+shrink with the gradient. Once AT has left the plateau (about 3 epochs here) gamma 0.01 trains.
 
 Order within advplug's step (hook ``perturb_weights``): the attack runs at ``w``
 (``generate_adversaries``); AWP computes ``v`` and the core enters its perturbation; every forward
