@@ -139,13 +139,16 @@ def extended_milestones(
     """The learning-rate drops of a run extended to ``epochs`` after ``done`` epochs (``--resume --epochs``).
     Explicit milestones (``fractions=None``) are kept (those that still fit in ``epochs``). Drops derived from
     ``fractions`` of the run (one drop per fraction, in order): those already passed (``<= done``) are kept, the
-    remaining fractions are placed on the new length (floor(f * epochs), at the earliest ``done + 1``).
-    ``extended_milestones((1, 2), (0.6, 0.85), 5, done=1) == (1, 4)``."""
+    remaining fractions are placed on the new length (floor(f * epochs), at the earliest ``done``: applied at once,
+    twice if two fall there). ``extended_milestones((1, 2), (0.6, 0.85), 5, done=1) == (1, 4)``;
+    ``extended_milestones((6, 8), (0.6, 0.85), 3, done=2) == (2, 2)``, as a fresh 3-epoch run's (1, 2) by then."""
     if fractions is None:
         return tuple(m for m in milestones if m < epochs)
     passed = [m for m in milestones if m <= done]
-    ahead = [max(done + 1, int(math.floor(f * epochs + 1e-9))) for f in fractions[len(passed) :]]
-    return tuple(sorted({*passed, *(m for m in ahead if m < epochs)}))
+    # a drop whose place on the new length is already trained is applied at once (placed at ``done``; the
+    # resume applies drops at ``<= done`` it has not yet applied), so the schedule matches a fresh run's
+    ahead = [max(done, m) for m in milestones_for(epochs, tuple(fractions[len(passed) :]))]
+    return tuple(sorted([*passed, *ahead]))
 
 
 SELECTIONS = ("validation", "test")
@@ -225,6 +228,12 @@ class TrainConfig:
     def check_milestones(self) -> None:
         """A learning-rate drop at epoch index ``m >= epochs`` never happens (``MultiStepLR`` counts 0-based
         epochs): an error naming it, not a run that silently keeps its initial rate."""
+        repeated = sorted({m for m in self.milestones if self.milestones.count(m) > 1})
+        if repeated:
+            raise OptionError(
+                f"--milestones {', '.join(map(str, repeated))} given more than once: each would drop the learning "
+                "rate again (for a larger drop use --lr-gamma)"
+            )
         late = [m for m in self.milestones if m >= self.epochs]
         if late:
             are = "is" if len(late) == 1 else "are"

@@ -119,3 +119,30 @@ def test_cli_and_api_extend_and_still_refuse_other_changes(tmp_path, one_thread)
     assert [e["epochs"] for e in result.config["extended_from"]] == [2, 3]
     with pytest.raises(OptionError, match="resume"):
         api.train(resume=out, epochs=4, eps=0.1, log=None)
+
+
+def lrs_of(out):
+    return [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("planned, done, epochs", [(10, 2, 3), (10, 2, 4), (1, 1, 2)])
+def test_a_drop_moved_onto_trained_epochs_is_applied_at_once(tmp_path, one_thread, monkeypatch, planned, done, epochs):
+    """The recomputed schedule gives every epoch the learning rate a fresh run of the new length gives it: a drop
+    whose new place is already trained is applied at the next epoch, never lost (nor two merged into one)."""
+    fit(tmp_path / "fresh", epochs=epochs, milestones=None)
+    out = tmp_path / "run"
+    if done < planned:
+        monkeypatch.setenv("ADVPLUG_FAULT", f"after-metrics@{done - 1}")
+        with pytest.raises(rundir.InjectedFault):
+            fit(out, epochs=planned, milestones=None)
+        monkeypatch.delenv("ADVPLUG_FAULT")
+    else:
+        fit(out, epochs=planned, milestones=None)
+    extend(out, epochs)
+    fresh, run = lrs_of(tmp_path / "fresh"), lrs_of(out)
+    assert run[done:] == pytest.approx(fresh[done:]), (run, fresh)
+
+
+def test_repeated_milestones_are_refused(tmp_path):
+    with pytest.raises(OptionError, match="more than once"):
+        tiny_config(str(tmp_path / "r"), epochs=3, milestones=(1, 1)).resolved()

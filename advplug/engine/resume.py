@@ -113,7 +113,7 @@ class Checkpointing:
         try:
             self.opt.load_state_dict(ck["optimizer"])
             self.sched.load_state_dict(ck["scheduler"])
-            self.sched.milestones = Counter(self.cfg.milestones)  # the config's (an extension may move them)
+            self._reschedule()
             for n, state in ck["plugins"].items():
                 self.enabled.plugin(n).load_state_dict(state)
         except (KeyError, ValueError, RuntimeError) as e:
@@ -211,6 +211,18 @@ class Checkpointing:
                         f"checkpoint {path!r} is damaged: the optimizer's {k} of parameter {i} is {what}"
                     )
 
+    def _reschedule(self) -> None:
+        """The config's milestones replace the checkpoint's (an extension may move them); a drop now at or before
+        the epochs trained that the checkpoint had not applied is applied at once."""
+        last = self.sched.last_epoch
+        applied = sum(c for m, c in self.sched.milestones.items() if m <= last)
+        self.sched.milestones = Counter(self.cfg.milestones)
+        due = sum(c for m, c in self.sched.milestones.items() if m <= last)
+        if due > applied:
+            for g in self.opt.param_groups:
+                g["lr"] *= self.sched.gamma ** (due - applied)
+            self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+
 
 # -- extending a run (--resume RUN --epochs N) ---------------------------------------------------------------------
 def extend(cfg: TrainConfig, out: Path, epochs: int, done: int) -> tuple[TrainConfig, dict[str, Any]]:
@@ -233,7 +245,7 @@ def extend(cfg: TrainConfig, out: Path, epochs: int, done: int) -> tuple[TrainCo
             f"milestones at fractions {shares} of the run{how}: drops passed after {done} epochs kept, the others "
             f"at their fractions of {epochs} epochs"
         )
-    new = dataclasses.replace(cfg, epochs=epochs, milestones=milestones).resolved()
+    new = dataclasses.replace(cfg, epochs=epochs, milestones=milestones).resolved(recorded=True)
     record = {
         "epochs_before": cfg.epochs,
         "epochs": epochs,
@@ -264,7 +276,8 @@ def extension_line(record: dict[str, Any]) -> str:
     """The log line of an extension."""
     r = record
     return (
-        f"extended from {r['epochs_before']} to {r['epochs']} epochs after {r['completed']} trained: learning-rate "
+        f"{'extended' if r['epochs'] > r['epochs_before'] else 'shortened'} from {r['epochs_before']} to "
+        f"{r['epochs']} epochs after {r['completed']} trained: learning-rate "
         f"milestones {r['milestones'] or 'none'} (were {r['milestones_before'] or 'none'}; {r['rule']})"
     )
 
