@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advplug.errors import AdvplugError, OptionError
+from advplug.errors import AdvplugError, OptionError, did_you_mean
 from advplug.source_names import SOURCES, is_custom, normalise_source
 
 # Defaults per data set where the papers differ. CIFAR/SVHN: GAIRAT/MAIL settings (eps 8/255,
@@ -505,7 +505,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         elif kind == "option":
             popts[key] = v
         else:
-            raise OptionError(f"config file {str(p)!r}: unknown setting {key!r}")
+            hint = did_you_mean(str(key), (f.name for f in dataclasses.fields(TrainConfig)))
+            raise OptionError(
+                f"config file {str(p)!r}: unknown setting {key!r}" + (f" ({hint.strip()})" if hint else "")
+            )
     popts = {**table, **popts}
     if popts:
         out["plugin_options"] = popts
@@ -541,10 +544,13 @@ def build_config(*layers: SettingsSource) -> TrainConfig:
     """The one way to a run's ``TrainConfig`` (``advplug train``, ``advplug.tools.api.train``, a
     sweep point): ``layers`` merged by :func:`merge_settings`. Not yet resolved: ``resolved()``
     fills the data set's defaults and validates."""
-    try:
-        return TrainConfig(**merge_settings(*layers))
-    except TypeError as e:  # an unknown setting name
-        raise OptionError(str(e)) from None
+    settings = merge_settings(*layers)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(k for k in settings if k not in known)
+    if unknown:
+        hint = did_you_mean(unknown[0], known)
+        raise OptionError(f"unknown setting {unknown[0]!r}" + (f" ({hint.strip()})" if hint else ""))
+    return TrainConfig(**settings)
 
 
 RECORD_ONLY = (

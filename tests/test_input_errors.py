@@ -223,3 +223,15 @@ def test_art_autoattack_warns_with_an_estimate_and_shows_progress(trained, monke
     assert any(v is True for v in seen["verbose"])
     res = run("eval", trained, "--attack", "aa", "--backend", "art", "--n-eval-aa", "16")
     assert res.exit_code == 0 and "ART's AutoAttack (its defaults: APGD-CE" in res.output, res.output
+
+
+def test_a_mistyped_setting_gets_the_closest_name(tmp_path):
+    from advplug.errors import OptionError
+    from advplug.tools import api
+
+    with pytest.raises(OptionError, match=r"unknown setting 'epoch' \(did you mean epochs\?\)"):
+        api.train(epoch=1)
+    bad = tmp_path / "c.json"
+    bad.write_text('{"epoch": 1}')
+    r = CliRunner().invoke(cli, ["train", "--config", str(bad)])
+    assert r.exit_code == 2 and "did you mean epochs?" in r.output
