@@ -135,6 +135,7 @@ class FeatureTap:
     def __init__(self, model: nn.Module, needed_by: Sequence[str] | None = None) -> None:
         self.last: Tensor | None = None
         self.missing: str | None = None  # why there are no features; None when tapped
+        self.needed_by = list(needed_by or [])
         self._undo: Callable[[], None] | None = None
         if needed_by is not None and not needed_by:
             self.missing = "no enabled plugin declares that it reads features (needs={'features'})"
@@ -289,8 +290,14 @@ class StepContext:
         key, _ = self._key_and_input(view)
         self.logits(view)
         if key not in self._features:
-            why = self._tap.missing or "the model's forward did not pass through its head (or its features method)"
-            raise RuntimeError(f"no penultimate features for {key!r}: {why}")
+            if self._tap.missing:
+                raise RuntimeError(f"no penultimate features for {key!r}: {self._tap.missing}")
+            who = " and ".join(self._tap.needed_by) or "a plugin"
+            name = type(getattr(self.model, "module", self.model)).__name__  # unwrapped from DDP
+            raise OptionError(
+                f"{who} reads the model's penultimate features, but the forward of {name} did not pass through its "
+                "head or call its features(x) method: forward must call features(x)"
+            )
         return self._features[key]
 
     def probs(self, view: Variant | str = NATURAL) -> Tensor:

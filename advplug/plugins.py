@@ -50,9 +50,11 @@ def duplicates() -> dict[str, list[tuple[str, str]]]:
 
 def duplicate_message(name: str, dists: list[tuple[str, str]]) -> str:
     listed = " and ".join(f"{d} {v}" for d, v in dists)
+    shipped = f"advplug-{name}" if name in SHIPPED_PLUGINS else None
+    others = [d for d, _ in dists if d.lower().replace("_", "-") != shipped]  # suggest keeping the shipped one
     return (
         f"plugin {name!r} is registered by {len(dists)} distributions ({listed}); keep one of them "
-        f"(e.g. pip uninstall {dists[-1][0]})"
+        f"(e.g. pip uninstall {(others or [dists[-1][0]])[-1]})"
     )
 
 

@@ -124,3 +124,19 @@ def test_linear_head_models_are_tapped_only_when_asked():
     assert not model.head._forward_pre_hooks
     FeatureTap(model, needed_by=["bat"])
     assert len(model.head._forward_pre_hooks) == 1
+
+
+class FeaturesNotCalled(AllConvWithFeatures):
+    """Defines ``features(x)`` but its ``forward`` does not call it: no features are seen."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x))
+
+
+@pytest.mark.parametrize("plugin", ["bat", "meow"])
+def test_features_method_not_called_by_forward_is_a_one_line_error(tmp_path, one_thread, monkeypatch, plugin):
+    monkeypatch.setitem(models.MODELS, "features-not-called", FeaturesNotCalled)
+    with pytest.raises(OptionError) as e:
+        fit(tmp_path, model="features-not-called", plugins=(plugin,))
+    msg = str(e.value)
+    assert "\n" not in msg and plugin in msg and "forward" in msg and "features(x)" in msg, msg

@@ -154,3 +154,17 @@ def test_hooks_takes_plugin_options():
     assert "x* = pgd" in default.output and "x* = saa" in saa.output
     one_line_error(run("hooks", "--plugin", "lrat", "--lrat-floor", "bogus"), "--lrat-floor")
     one_line_error(run("hooks", "--plugin", "lrat", "--mail-gamma", "2"), "add --plugin mail")
+
+
+@pytest.mark.parametrize("impostor", ["advplug-fake", "zz-fake"])  # sorted before and after the shipped one
+def test_a_shipped_name_taken_by_another_distribution_suggests_uninstalling_the_other(impostor):
+    msg = plugins.duplicate_message("mail", sorted([(impostor, "0.1.0"), ("advplug-mail", "0.1.0")]))
+    assert f"pip uninstall {impostor})" in msg and "uninstall advplug-mail" not in msg, msg
+
+
+def test_a_shipped_name_taken_by_an_installed_impostor_suggests_uninstalling_it(fake_dists):
+    if "mail" not in plugins.installed():
+        pytest.skip("advplug-mail is not installed")
+    fake_dists("advplug-fake", mail=TARGET)
+    with pytest.raises(PluginError, match=r"pip uninstall advplug-fake\)"):
+        enable(["mail"])

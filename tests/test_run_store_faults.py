@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from advplug.config import TrainConfig
 from advplug.engine.trainer import Trainer
-from advplug.errors import CheckpointError
+from advplug.errors import CheckpointError, RunDirError
 from advplug.run import checkpoint
 from advplug.run import directory as rundir
 from advplug.tools.cli import cli
@@ -162,6 +162,7 @@ def test_a_refused_second_writer_leaves_the_running_one_intact(tmp_path, monkeyp
         refused(
             ["train", "--data", f"npz:{npz}", "--epochs", "1", *FAST_ARGS, "--out", str(new), "--overwrite"], "in use"
         )
+        refused(["train", "--resume", str(new)], "in use by another")  # before "holds no checkpoint"
         assert temps(new) == tmp
     finally:
         os.kill(p.pid, signal.SIGCONT)
@@ -177,12 +178,23 @@ def test_a_refused_second_writer_leaves_the_running_one_intact(tmp_path, monkeyp
         tmp = temps(out)
         assert tmp == [f".last.pt.tmp{p.pid}"]
         refused(["train", "--resume", str(out)], "in use by another advplug process")
+        refused(["train", "--data", f"npz:{npz}", *FAST_ARGS, "--out", str(out)], "in use")  # before "holds a run"
         assert temps(out) == tmp
     finally:
         os.kill(p.pid, signal.SIGCONT)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert checkpoint.load(out, need="training")["epoch"] == 1 and temps(out) == []
+
+
+@pytest.mark.parametrize("files, kw", [(["config.json"], {"resume": True}), (["config.json", "last.pt"], {})])
+def test_a_locked_directory_is_refused_as_in_use_before_any_other_check(tmp_path, files, kw):
+    for f in files:
+        (tmp_path / f).write_text("")
+    with rundir.RunLock(tmp_path):
+        with pytest.raises(RunDirError, match=r"in use by another advplug process \(pid \d+\)"):
+            rundir.prepare(tmp_path, **kw)
+        assert sorted(os.listdir(tmp_path)) == sorted([*files, ".lock"])
 
 
 # -- misleading messages -----------------------------------------------------------------------

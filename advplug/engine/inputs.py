@@ -22,7 +22,7 @@ from advplug.errors import CheckpointError
 from advplug.evaluate import evaluate
 from advplug.models import auto_model, check_model_import
 from advplug.plugins import Enabled, enable
-from advplug.run.directory import default_dir
+from advplug.run.directory import default_dir, refuse_if_in_use
 
 SPLIT_SEED = 1234  # fixes the held-out selection split (and SPLIT_SEED + 1 the plugins' validation split)
 
@@ -124,6 +124,7 @@ def run_header(
 def resume_config(run_dir: str | Path, model: str | None = None, data: str | None = None) -> TrainConfig:
     """The saved configuration of a run directory. A model given as ``module:callable`` is code:
     it is imported only if the user repeats it (``model``), never because the file says so."""
+    refuse_if_in_use(Path(run_dir))  # a live writer's half-written files are no reason to refuse
     d = read_run_config(run_dir, CheckpointError)
     for k in RECORD_ONLY:
         d.pop(k, None)

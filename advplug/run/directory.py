@@ -54,6 +54,7 @@ def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> RunL
     """Check ``out`` for a new run (or a resumed one), create it, lock it, and only then clean it
     (``--overwrite``) and remove stale temp files: a refused second writer touches nothing of the
     process that holds the directory. Returns the held lock (the caller releases it)."""
+    refuse_if_in_use(out)  # a live writer first: the checks below would misread its half-written files
     check_target(out, resume=resume, overwrite=overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +74,28 @@ def prepare(out: Path, *, resume: bool = False, overwrite: bool = False) -> RunL
         lock.release()
         raise
     return lock
+
+
+def in_use_message(out: Path, holder: str) -> str:
+    return f"{str(out)!r} is in use by another advplug process (pid {holder}); wait for it to finish or stop it"
+
+
+def refuse_if_in_use(out: Path) -> None:
+    """Refuse ``out`` when another process holds its lock (reads only: a shared flock tried and dropped at once)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(out) / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO never blocks
+    except OSError:
+        return  # no lock file (or none we can read): acquire() decides
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            raise RunDirError(in_use_message(out, holder)) from None
+    finally:
+        os.close(fd)  # drops the shared lock, if taken
 
 
 def check_target(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -231,10 +254,7 @@ class RunLock:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 self.holder = holder
-                raise RunDirError(
-                    f"{str(self.path.parent)!r} is in use by another advplug process (pid {holder}); "
-                    "wait for it to finish or stop it"
-                ) from None
+                raise RunDirError(in_use_message(self.path.parent, holder)) from None
             raise RunDirError(f"cannot lock {str(self.path.parent)!r}: {e.strerror or e}") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
