@@ -180,3 +180,22 @@ def test_the_layout_check_sees_crowded_ticks_and_a_clipped_title():
     with pytest.raises(AssertionError, match="clipped"):
         check_layout(fig, "clipped")
     plt.close(fig)
+
+
+@pytest.mark.parametrize("first, last", [(1, 1), (1, 2), (3, 7), (1, 20), (6, 200)])
+def test_epoch_axis_has_whole_visible_ticks_for_any_length(first, last):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from advplug.tools.report import epoch_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([first, last], [0, 1])
+    epoch_axis(ax, first, last)
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    shown = [t for t in ax.get_xticks() if lo <= t <= hi]
+    plt.close(fig)
+    assert shown and all(float(t).is_integer() and first <= t <= last for t in shown), shown

@@ -137,10 +137,13 @@ def set_title(fig, subject: str, cfg: dict[str, Any] | None = None) -> None:
 
 def epoch_axis(ax, first: int, last: int) -> None:
     """Epochs first..last on the x axis, whole numbers only."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FixedLocator, MaxNLocator
 
     ax.set_xlim(first - 0.5, last + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(10, last - first + 1)))
+    if last - first < 10:  # every epoch (MaxNLocator falls back to fractions for a single epoch)
+        ax.xaxis.set_major_locator(FixedLocator(list(range(first, last + 1))))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
 
 
 def epoch_offset(records: list[dict[str, Any]]) -> int:
@@ -466,9 +469,10 @@ def figures(run_dir: str | Path, data: str | None = None, log=None) -> dict[str,
         say(f"note: {e}")
     figs["roc"] = figure_roc(run)  # only for runs with injection flags
     if not read_dumps(run, "weights"):
+        shown = "weights.png shows the logged min/mean/max only, and " if figs["weights"] is not None else ""
         say(
-            "note: no per-sample dumps in this run: weights.png shows the logged min/mean/max only, and "
-            "weight_vs_signal.png and extremes.png need them; train with --dump-weights"
+            f"note: no per-sample dumps in this run: {shown}weight_vs_signal.png and extremes.png need them; "
+            "train with --dump-weights"
         )
     return {k: f for k, f in figs.items() if f is not None}
 
