@@ -111,3 +111,24 @@ def test_output_to_a_directory_is_a_one_line_error(two_seeds, tmp_path):
         assert len(err) == 1 and err[0].startswith("error: ") and str(target) in err[0], res.output
     ok = CliRunner().invoke(cli, ["compare", s0, s1, "-o", str(tmp_path / "t.md")])
     assert ok.exit_code == 0 and "| AT | 2 |" in (tmp_path / "t.md").read_text()
+
+
+def test_a_cell_averaging_different_eps_is_marked(two_seeds):
+    """`advplug eval s0 --attack fgsm` and `advplug eval s1 --attack fgsm --eps 0.1`: the FGSM cell averages two
+    budgets and says so in the cell, the CSV and the JSON (the row's settings warning alone is not enough)."""
+    s0, s1 = two_seeds
+
+    def fgsm(acc, seed, eps):
+        return results.entry(
+            "last", 1, "fgsm", acc, eps=eps, alpha=eps, n_test=360, n_total=360, data="digits", seed=seed
+        )
+
+    results.merge_evals(f"{s0}/eval.json", [fgsm(0.20, 0, 0.2)])
+    results.merge_evals(f"{s1}/eval.json", [fgsm(0.40, 1, 0.1)])
+    md, _ = compare([s0, s1])
+    assert "30.00 ± 14.14 (eps mixed: 0.1, 0.2)" in md
+    assert "| 35.00 ± 7.07 |" in md and "35.00 ± 7.07 (eps" not in md  # natural: one budget, unmarked
+    rows = [r for r in csv.DictReader(io.StringIO(compare([s0, s1], "csv")[0])) if r["attack"].startswith("FGSM")]
+    assert [r["eps mixed"] for r in rows] == ["0.1; 0.2"]
+    (row,) = json.loads(compare([s0, s1], "json")[0])
+    assert [v.get("eps_mixed") for k, v in row["results"].items() if k.startswith("FGSM")] == [[0.1, 0.2]]

@@ -408,6 +408,8 @@ def select(
 
     settings = {
         "eval eps": joined("eps"),
+        # each column's eps, so that a cell averaging runs attacked at different budgets can be marked
+        "column eps": {(which, column): e["eps"] for (which, column), (_, e) in chosen.items()},
         "eval step": joined("alpha"),
         "backend": joined("backend"),
         "test samples": _samples(picked),

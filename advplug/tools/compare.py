@@ -60,6 +60,7 @@ class Run:
     results: dict[str, dict[str, float]]  # {"best"|"last"|...: {attack column: accuracy in [0, 1]}}
     settings: dict[str, Any]
     flags: list[str] = field(default_factory=list)
+    column_eps: dict[tuple[str, str], float] = field(default_factory=dict)  # {(checkpoint, column): eps}
 
 
 def method_label(cfg: dict[str, Any]) -> str:
@@ -88,8 +89,9 @@ def load_run(path: str | Path) -> Run:
     if not entries:
         raise DataError(f"{str(run)!r} has no results yet (no eval.json or results.json)")
     accuracies, ev_settings = results.select(entries, cfg.get("eps"))
+    column_eps = ev_settings.pop("column eps")
     settings.update(ev_settings)
-    return Run(str(run), method_label(cfg), int(cfg.get("seed", 0)), accuracies, settings)
+    return Run(str(run), method_label(cfg), int(cfg.get("seed", 0)), accuracies, settings, column_eps=column_eps)
 
 
 def flag_mismatches(runs: list[Run]) -> None:
@@ -134,7 +136,7 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
     attacks = _attack_order(runs)
     rows = []
     for method, rs in groups.items():
-        cells, missing = {}, {}
+        cells, missing, mixed = {}, {}, {}
         for a in attacks:
             for which in _whiches(runs):
                 vals = [100 * r.results[which][a] for r in rs if a in r.results.get(which, {})]
@@ -143,6 +145,9 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
                     cells[(a, which)] = (statistics.fmean(vals), std, len(vals))
                     if len(vals) < len(rs):
                         missing[(a, which)] = [r.path for r in rs if a not in r.results.get(which, {})]
+                    budgets = sorted({r.column_eps[(which, a)] for r in rs if (which, a) in r.column_eps})
+                    if len(budgets) > 1:
+                        mixed[(a, which)] = budgets
         rows.append(
             {
                 "method": method,
@@ -152,17 +157,20 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
                 "flagged": {r.path: r.flags for r in rs if r.flags},
                 "cells": cells,
                 "missing": missing,
+                "mixed_eps": mixed,
             }
         )
     return rows
 
 
-def _cell(c: tuple[float, float, int] | None, runs: int) -> str:
-    """``mean ± std``, with ``(n=k/N)`` when only k of the row's N runs have the result."""
+def _cell(c: tuple[float, float, int] | None, runs: int, mixed: list[float] | None = None) -> str:
+    """``mean ± std``, with ``(n=k/N)`` when only k of the row's N runs have the result and ``(eps mixed: ...)``
+    when its runs were attacked at different budgets."""
     if c is None:
         return "-"
     text = f"{c[0]:.2f}" if c[2] == 1 else f"{c[0]:.2f} ± {c[1]:.2f}"
-    return text + (f" (n={c[2]}/{runs})" if c[2] < runs else "")
+    text += f" (n={c[2]}/{runs})" if c[2] < runs else ""
+    return text + (f" (eps mixed: {', '.join(f'{e:g}' for e in mixed)})" if mixed else "")
 
 
 def _missing_notes(row: dict[str, Any]) -> list[str]:
@@ -195,6 +203,7 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
                             {"mean": c[0], "std": c[1], "n": c[2]} if c[2] > 1 else {"mean": c[0], "n": c[2]}
                         )  # one run: no std
                         | ({"missing_in": r["missing"][(a, w)]} if (a, w) in r["missing"] else {})
+                        | ({"eps_mixed": r["mixed_eps"][(a, w)]} if (a, w) in r["mixed_eps"] else {})
                         for (a, w), c in r["cells"].items()
                     },
                 }
@@ -205,7 +214,10 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        head = ["method", "runs", "best chosen on", "attack", "checkpoint", "mean", "std", "n", "flagged", "missing in"]
+        head = [
+            *("method", "runs", "best chosen on", "attack", "checkpoint", "mean", "std", "n", "flagged"),
+            *("missing in", "eps mixed"),
+        ]
         w.writerow(head)
         for r in rows:
             for (a, which), c in r["cells"].items():
@@ -221,6 +233,7 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
                         c[2],
                         "yes" if r["flagged"] else "",
                         "; ".join(r["missing"].get((a, which), [])),
+                        "; ".join(f"{e:g}" for e in r["mixed_eps"].get((a, which), [])),
                     ]
                 )
         return buf.getvalue()
@@ -229,7 +242,12 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
     notes, partial = [], []
     for r in rows:
         name = r["method"] + (" ⚠" if r["flagged"] else "")
-        cells = [name, str(r["n"]), r["selection"], *[_cell(r["cells"].get(c), r["n"]) for c in cols]]
+        cells = [
+            name,
+            str(r["n"]),
+            r["selection"],
+            *[_cell(r["cells"].get(c), r["n"], r["mixed_eps"].get(c)) for c in cols],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
         for path, flags in r["flagged"].items():
             notes.append(f"⚠ {path}: " + "; ".join(flags))
@@ -244,6 +262,8 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
             "\n(n=k/N): the mean of only k of the row's N runs, not the method's value over all of them. "
             "Runs without the result (evaluate them too: advplug eval RUN --attack ...):\n" + "\n".join(partial)
         )
+    if any(r["mixed_eps"] for r in rows):
+        text += "\n(eps mixed: ...): the runs of this cell were attacked at different budgets; the mean mixes them."
     if notes:
         text += "\nSettings differ, not comparable as they stand:\n" + "\n".join(notes)
     return text
