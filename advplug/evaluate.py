@@ -34,8 +34,26 @@ def gather_tensors(data, n: int | None, device: torch.device) -> tuple[Tensor, T
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return (model(x).argmax(1) == y).sum()
+def _class_correct(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> Tensor:
+    """``[K]``: the samples of each class the model classifies correctly (on the device)."""
+    return torch.bincount(y[model(x).argmax(1) == y], minlength=num_classes)
+
+
+def class_accuracy(correct: Tensor, y: Tensor, num_classes: int) -> list[float | None]:
+    """Per-class accuracy from per-class correct counts ``[K]`` and the labels: ``None`` for a class with no sample
+    (JSON has no NaN)."""
+    seen = torch.bincount(y, minlength=num_classes).tolist()
+    return [c / n if n else None for c, n in zip(correct.tolist(), seen)]
+
+
+def worst_class(per_class: list[float | None]) -> tuple[int, float] | None:
+    """(the class with the lowest accuracy, its accuracy); ties: the lowest class index; ``None`` if no class has a
+    sample."""
+    present = [(acc, k) for k, acc in enumerate(per_class) if acc is not None]
+    if not present:
+        return None
+    acc, k = min(present)
+    return k, acc
 
 
 def evaluate(
@@ -52,10 +70,13 @@ def evaluate(
     backend: str = "torchattacks",
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    per_class: dict[str, list[float | None]] | None = None,
 ) -> dict[str, float]:
     """Accuracy per attack spec (``natural``, ``fgsm``, ``pgd20``, ``cw``, ``apgd-ce``, ``aa``),
     keyed by canonical spec (``pgd`` -> ``pgd20``). The model is evaluated in eval mode and left as it was.
     ``log``: where a warning goes before a long attack (ART's AutoAttack, with its estimated time).
+    ``per_class``: a dict filled with each spec's per-class accuracy (``class_accuracy``: ``[K]``, ``None`` for a
+    class absent from ``y``), from the same predictions as the overall accuracy.
 
     Reproducible: each attack runs under its own RNG stream seeded with ``seed`` (random starts
     are the same whenever the same model is evaluated), and the caller's RNG is left untouched."""
@@ -76,6 +97,7 @@ def evaluate(
             batch_size=batch_size,
             progress=progress,
             log=log,
+            per_class=per_class,
         )
     if backend != "torchattacks":
         raise OptionError(f"unknown backend {backend!r} (torchattacks or art)")
@@ -87,7 +109,7 @@ def evaluate(
             with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
                 torch.manual_seed(seed)
                 atk = make_eval_attack(spec, model, eps=eps, alpha=alpha, num_classes=num_classes, seed=seed)
-                correct = torch.zeros((), dtype=torch.long, device=x.device)
+                correct = torch.zeros(num_classes, dtype=torch.long, device=x.device)
                 it = _batches(x, y, batch_size)
                 if progress:
                     from tqdm import tqdm
@@ -95,8 +117,10 @@ def evaluate(
                     it = tqdm(it, total=-(-len(y) // batch_size), desc=display_name(spec), leave=False)
                 for xb, yb in it:
                     xa = xb if atk is None else atk(xb, yb)
-                    correct += _correct(model, xa, yb)
-                out[canonical_spec(spec)] = correct.item() / len(y)
+                    correct += _class_correct(model, xa, yb, num_classes)
+                out[canonical_spec(spec)] = correct.sum().item() / len(y)
+                if per_class is not None:
+                    per_class[canonical_spec(spec)] = class_accuracy(correct, y, num_classes)
     finally:
         model.train(was_training)
     return out
@@ -114,6 +138,7 @@ def evaluate_art(
     batch_size: int,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    per_class: dict[str, list[float | None]] | None = None,
 ) -> dict[str, float]:
     """The same evaluation through ART's ``PyTorchClassifier`` (PGD, FGSM, AutoAttack), keyed by canonical spec.
     AutoAttack is ART's default ensemble: it needs ``multiprocess`` (checked first) and takes long, so a warning
@@ -169,6 +194,11 @@ def evaluate_art(
                 raise OptionError(f"attack {spec!r} is not available with --backend art (natural, fgsm, pgdK, aa)")
             pred = clf.predict(xa, batch_size=batch_size).argmax(1)
             out[canonical_spec(spec)] = float((pred == yn).mean())
+            if per_class is not None:
+                hits = torch.as_tensor(pred == yn, device=y.device)
+                per_class[canonical_spec(spec)] = class_accuracy(
+                    torch.bincount(y[hits], minlength=num_classes), y, num_classes
+                )
     finally:
         np.random.set_state(np_state)
         model.train(was_training)
