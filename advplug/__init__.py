@@ -11,7 +11,10 @@ Step and run data
     Variant                  one adversarial (or natural) view of the batch, with its attack ``stats``
     Weights                  what ``compute_weights`` returns: global ``adv``/``nat`` ``[B]``, local ``[V, B]``
     CombinedWeights          the core's product of all plugins' weights, as the loss receives it
-    Declaration              what a plugin declares at start-up: weight kind, needs, meaning
+    Declaration              what a plugin declares at start-up: weight kind, needs, meaning, ``sets``
+    Budget                   a step's per-sample attack budget and loss strength (``eps``, ``alpha``, ``beta``
+                             ``[B]``), what ``attack_budget`` returns and ``StepContext.budget`` holds
+    ClassStats               per-class training and held-out accuracies, on the device (``ctx.class_stats``)
     NATURAL                  the name of the clean view
     FeatureTap               penultimate features of a model from its own forward (its head's input, or features(x))
     TrainConfig              a run's settings (``TrainContext.config``)
@@ -53,6 +56,8 @@ from typing import Any
 
 from advplug.context import (
     NATURAL,
+    Budget,
+    ClassStats,
     CombinedWeights,
     Declaration,
     FeatureTap,
@@ -90,6 +95,8 @@ __all__ = [
     "Weights",
     "CombinedWeights",
     "Declaration",
+    "Budget",
+    "ClassStats",
     "NATURAL",
     "FeatureTap",
     "opt",

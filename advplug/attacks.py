@@ -79,17 +79,22 @@ uniformly in the eps-ball; TRADES' ``trades.py`` and MART's ``train_wideresnet.p
 ``x + 0.001 N(0, 1)``, not clamped to [0, 1] before the first gradient."""
 
 
-def random_start(images: Tensor, start: str, eps: float) -> Tensor:
+def random_start(images: Tensor, start: str, eps: float, eps_b: Tensor | None = None) -> Tensor:
     """The attack's first iterate (``--attack-start``).
 
-    * ``uniform``: ``clamp(x + U(-eps, eps), 0, 1)`` (Madry et al.; torchattacks PGD; GAIRAT's code)
+    * ``uniform``: ``clamp(x + U(-eps, eps), 0, 1)`` (Madry et al.; torchattacks PGD; GAIRAT's code); with a
+      per-sample budget ``eps_b`` (``[B, 1, ...]``), ``U(-eps, eps)`` drawn as torchattacks draws it, scaled by
+      ``eps_b / eps`` (uniform in each sample's ball; a sample at the run's eps keeps the draw exactly)
     * ``normal``: ``x + 0.001 N(0, 1)``, *not* clamped (TRADES', MART's and MAIL's code): on
       saturated pixels half of the start lies outside [0, 1], which changes the first gradient
     * ``normal-clamped``: ``clamp(x + 0.001 N(0, 1), 0, 1)`` (torchattacks TPGD)
     * ``none``: ``x``
     """
     if start == "uniform":
-        return torch.clamp(images + torch.empty_like(images).uniform_(-eps, eps), 0, 1).detach()
+        noise = torch.empty_like(images).uniform_(-eps, eps)
+        if eps_b is not None:  # where(): no division where the budget is the run's (CUDA divides by a reciprocal)
+            noise = torch.where(eps_b == eps, noise, noise * (eps_b / eps))
+        return torch.clamp(images + noise, 0, 1).detach()
     if start == "normal":
         return (images + 0.001 * torch.randn_like(images)).detach()
     if start == "normal-clamped":
@@ -116,29 +121,65 @@ def resolve_attack_start(requested: str | None, objective: str, plugins: list[tu
     return OBJECTIVE_START.get(objective, "uniform"), f"{objective} default"
 
 
+def per_sample(t: Tensor | None, like: Tensor) -> Tensor | None:
+    """A ``[B]`` budget as ``[B, 1, ...]`` in ``like``'s dtype (broadcasts over a sample), or ``None``."""
+    return None if t is None else t.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+
 class TrackedPGD(_CountsCorrect, torchattacks.PGD):
     """torchattacks.PGD's loop (sign steps on the mean CE, projection, clamp to [0, 1]) from a
     chosen start (``random_start``), recording GAIRAT's kappa (iterations still correctly
     classified). ``start="uniform"`` is torchattacks.PGD exactly.
 
+    Per-sample budgets (``advplug.Budget``): ``set_budget(eps, alpha)`` (kept until changed) or ``atk(x, y, eps=,
+    alpha=)`` with ``[B]`` tensors (``None``: the scalar), broadcast as ``[B, 1, 1, 1]`` in the random start, the step
+    ``alpha_b sign(g)`` and the projection onto ``[-eps_b, eps_b]``; all equal to the scalars, the result is the
+    scalar attack's bit for bit. On the device, no host sync.
+
     >>> atk = TrackedPGD(model, eps=8/255, alpha=2/255, steps=10); x_adv = atk(x, y); atk.kappa
     """
 
     start = "uniform"
+    budget_eps: Tensor | None = None
+    budget_alpha: Tensor | None = None
 
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
+    def set_budget(self, eps: Tensor | None = None, alpha: Tensor | None = None) -> TrackedPGD:
+        """Per-sample ``eps`` / ``alpha`` ``[B]`` for the following calls (``None``: the attack's scalar)."""
+        self.budget_eps, self.budget_alpha = eps, alpha
+        return self
+
+    def forward(  # type: ignore[override]
+        self, images: Tensor, labels: Tensor, eps: Tensor | None = None, alpha: Tensor | None = None
+    ) -> Tensor:
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
+        eps_b = per_sample(eps if eps is not None else self.budget_eps, images)
+        alpha_b = per_sample(alpha if alpha is not None else self.budget_alpha, images)
+        step = self.alpha if alpha_b is None else alpha_b
         self._reset(labels)
         self.prepare(images)
-        adv = random_start(images, self.start if self.random_start else "none", self.eps)
+        adv = random_start(images, self.start if self.random_start else "none", self.eps, eps_b)
         for _ in range(self.steps):
-            adv.requires_grad_(True)
-            cost = self.loss_fn(images, adv, labels)
-            grad = torch.autograd.grad(cost, adv)[0]
-            adv = adv.detach() + self.alpha * grad.sign()
-            adv = torch.clamp(images + torch.clamp(adv - images, -self.eps, self.eps), 0, 1).detach()
+            adv = self.ascend(images, adv.requires_grad_(True), labels, step, eps_b)
         return adv
+
+    def ascend(
+        self,
+        images: Tensor,
+        adv: Tensor,
+        labels: Tensor,
+        step: float | Tensor | None = None,
+        eps_b: Tensor | None = None,
+    ) -> Tensor:
+        """One iteration from ``adv`` (which requires grad): the loss, its input gradient, the sign step (``step``,
+        default ``alpha``) and the projection onto the eps-ball (``eps_b`` ``[B, 1, ...]``: per sample) and [0, 1].
+        Compiles as one graph when dynamo traces ``torch.autograd.grad`` (``tests/test_graph_breaks.py``)."""
+        cost = self.loss_fn(images, adv, labels)
+        grad = torch.autograd.grad(cost, adv)[0]
+        adv = adv.detach() + (self.alpha if step is None else step) * grad.sign()
+        delta = adv - images
+        delta = torch.clamp(delta, -self.eps, self.eps) if eps_b is None else torch.clamp(delta, -eps_b, eps_b)
+        return torch.clamp(images + delta, 0, 1).detach()
 
     def prepare(self, images: Tensor) -> None:
         pass

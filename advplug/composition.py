@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from advplug.context import ANCHOR, NATURAL, Declaration
+from advplug.context import ANCHOR, BUDGET_FIELDS, NATURAL, Declaration
 from advplug.errors import CompositionError
 
 CORE = "the core"
 CORE_VIEWS = {"pgd": ("kappa", "p_true_lps")}  # the core's PGD-K when no plugin generates variants
 CORE_NEEDS = {"natural", "features", "loss", "validation"}
+REGULARISED = ("trades", "mart")  # the losses with a strength Budget.beta sets per sample
 
 
 @dataclass
@@ -56,6 +57,12 @@ class Composition:
             )
         lines.append(f"loss: {self.owner or 'none'}")
         lines.append("combined: " + self.formula())
+        sets = [f"{n} sets {', '.join(sorted(d.sets))}" for n, d in self.declarations.items() if d.sets]
+        if sets:
+            lines.append("per-sample budget (attack_budget): " + "; ".join(sets))
+        averaging = [n for n, d in self.declarations.items() if "averaging" in d.provides]
+        if averaging:
+            lines.append(f"averaged model: {averaging[0]} (average_weights, once per epoch, in --ema's slot)")
         return lines
 
     def cell(self) -> str:
@@ -104,6 +111,8 @@ def check_composition(
     naming both plugins and the missing piece; returns the composition's meaning otherwise.
     Pure: no plugin is called.
     """
+    check_budget(declarations, objective, owner)
+    check_averaging(declarations)
     undeclared = list(undeclared_generators)
     views: dict[str, tuple[str, ...]] | None = {}
     makers: dict[str, str] = {}
@@ -232,3 +241,49 @@ def check_composition(
         reads=reads,
         declarations=dict(declarations),
     )
+
+
+def check_budget(declarations: dict[str, Declaration], objective: str, owner: str | None) -> None:
+    """``Declaration.sets``: known quantities, each set by one plugin at most, and ``beta`` only under a loss that
+    reads it (TRADES', MART's regulariser)."""
+    setter: dict[str, str] = {}
+    for n, d in declarations.items():
+        for q in sorted(d.sets, key=lambda q: (q not in BUDGET_FIELDS, q)):
+            if q not in BUDGET_FIELDS:
+                raise _fail(
+                    n, n, f"declares that it sets {q!r}, not a per-sample quantity (sets: {', '.join(BUDGET_FIELDS)})"
+                )
+            if q in setter:
+                raise _fail(
+                    setter[q], n, f"both set {q} per sample (attack_budget); only one plugin may", f"both set {q}"
+                )
+            setter[q] = n
+    if "beta" in setter and owner not in REGULARISED:
+        n = setter["beta"]
+        if owner in (None, objective):
+            raise _fail(
+                n,
+                n,
+                f"{n} sets beta, the per-sample strength of the objective's regulariser, but objective {objective!r} "
+                "has no regulariser: use --objective trades or --objective mart",
+                f"no beta under {objective}",
+            )
+        raise _fail(
+            n,
+            owner,
+            f"{n} sets beta, the per-sample strength of TRADES' / MART's regulariser, but the loss is {owner}'s, "
+            "which does not read it",
+            "beta with another loss",
+        )
+
+
+def check_averaging(declarations: dict[str, Declaration]) -> None:
+    """At most one plugin keeps the averaged model (``provides={"averaging"}``, hook ``average_weights``)."""
+    averagers = [n for n, d in declarations.items() if "averaging" in d.provides]
+    if len(averagers) > 1:
+        raise _fail(
+            averagers[0],
+            averagers[1],
+            "both keep the run's averaged model (average_weights); only one plugin may",
+            "two weight averagings",
+        )

@@ -66,6 +66,105 @@ class CombinedWeights(Weights):
     instance: Tensor | None = None
 
 
+BUDGET_FIELDS = ("eps", "alpha", "beta")
+
+
+@dataclass
+class Budget:
+    """Per-sample attack budget and loss strength of one step, from the ``attack_budget`` hook (``StepContext.budget``).
+
+    ``eps`` ``[B]``: the Linf radius of each sample's training attack; ``alpha`` ``[B]``: its step size; ``beta``
+    ``[B]``: the strength of the objective's regulariser per sample (TRADES' and MART's ``beta_b * KL_b``). Each on the
+    device; ``None``: the run's scalar (``--eps``, ``--alpha``, ``--trades-beta`` / ``--mart-beta``). The core's PGD
+    and TRADES' KL attack apply ``eps`` and ``alpha`` broadcast as ``[B, 1, 1, 1]`` to the random start, the step and
+    the projection; the ``pgd`` / ``tpgd`` attacks of ``TrainContext.make_attack`` take them as
+    ``atk(x, y, eps=ctx.budget.eps, alpha=ctx.budget.alpha)`` (or ``atk.set_budget``); a plugin's own attack reads
+    them here.
+    """
+
+    eps: Tensor | None = None
+    alpha: Tensor | None = None
+    beta: Tensor | None = None
+
+    def fields_set(self) -> list[str]:
+        """The names of the fields that are not ``None``, in ``BUDGET_FIELDS`` order."""
+        return [f for f in BUDGET_FIELDS if getattr(self, f) is not None]
+
+
+class ClassStats:
+    """Per-class accuracies of the run, kept by the core in one place on the device (``TrainContext.class_stats``,
+    ``StepContext.class_stats``; read them, do not modify them). ``[K]`` tensors, ``K = num_classes``; ``None`` until
+    known.
+
+    * ``train_correct`` / ``train_seen`` (long): per class, the training samples of the last finished epoch that the
+      anchor's (the first variant's) adversarial logits of the training step classified correctly (the logits
+      ``train_acc`` counts), and all training samples of that epoch; summed over DDP ranks.
+    * ``train_robust_acc`` (float): ``train_correct / train_seen`` (0 for a class not seen).
+    * ``val_clean_acc`` / ``val_robust_acc`` (float): per-class accuracy of the model on the held-out selection split
+      (clean, and under the selection's PGD; the test samples it uses under ``--selection test``), from the latest
+      evaluation (every ``--eval-every`` epochs), 0 for a class the split lacks; ``val_seen`` (long): the split's
+      samples per class (``val_robust_acc * val_seen`` are counts).
+    * ``train_epoch`` / ``val_epoch``: the epoch (0-based) those numbers are from (-1: none yet).
+
+    Plugins with their authors' normalisation (e.g. ``K * correct_k / N``) compute it from the counts. The core updates
+    the training counts every step with ``index_add_`` (no host sync) and the snapshots at each epoch's end, before
+    ``on_epoch_end``; they are checkpointed, so a resumed run reads the same numbers.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.train_correct: Tensor | None = None
+        self.train_seen: Tensor | None = None
+        self.train_robust_acc: Tensor | None = None
+        self.val_clean_acc: Tensor | None = None
+        self.val_robust_acc: Tensor | None = None
+        self.val_seen: Tensor | None = None
+        self.train_epoch = -1
+        self.val_epoch = -1
+        self._correct = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self._seen = torch.zeros(num_classes, dtype=torch.long, device=device)
+
+    # -- the core's side -------------------------------------------------------------------------------------------
+    def add(self, y: Tensor, correct: Tensor | None) -> None:
+        """Count one step's samples ``y`` ``[B]`` and which were classified correctly (``correct`` ``[B]`` bool, or
+        ``None``: none counted), on the device."""
+        self._seen.index_add_(0, y, torch.ones_like(y))
+        if correct is not None:
+            self._correct.index_add_(0, y, correct.to(torch.long))
+
+    def end_epoch(self, epoch: int, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Snapshot the epoch's counts (``reduce``: summed across ranks) and start the next epoch's."""
+        counts = torch.stack([self._correct, self._seen])
+        counts = reduce(counts) if reduce is not None else counts
+        self.train_correct, self.train_seen = counts[0].clone(), counts[1].clone()
+        self.train_robust_acc = self.train_correct.double().div(self.train_seen.clamp_min(1)).float()
+        self.train_epoch = epoch
+        self._correct.zero_()
+        self._seen.zero_()
+
+    def set_validation(self, epoch: int, y: Tensor, clean: list[float | None], robust: list[float | None]) -> None:
+        """The held-out split's per-class accuracies (``evaluate(per_class=...)``'s lists; ``None``: class absent)."""
+        device = self._seen.device
+        self.val_clean_acc = torch.tensor([a or 0.0 for a in clean], device=device)
+        self.val_robust_acc = torch.tensor([a or 0.0 for a in robust], device=device)
+        self.val_seen = torch.bincount(y, minlength=self.num_classes).to(device)
+        self.val_epoch = epoch
+
+    _STATE = ("train_correct", "train_seen", "train_robust_acc", "val_clean_acc", "val_robust_acc", "val_seen")
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {n: getattr(self, n) for n in self._STATE}
+        out.update(train_epoch=self.train_epoch, val_epoch=self.val_epoch)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s snapshots (a KeyError for a state that lacks one)."""
+        for n in self._STATE:
+            v = state[n]
+            setattr(self, n, v.to(self._seen.device) if isinstance(v, Tensor) else None)
+        self.train_epoch, self.val_epoch = int(state["train_epoch"]), int(state["val_epoch"])
+
+
 ANCHOR = "anchor"
 DECLARED_NEEDS = ("natural", "features", "validation", "loss", "stat:<key>")
 
@@ -91,6 +190,10 @@ class Declaration:
     Eq. 4, MAIL's fixed ``3 w``; for a local method, a normalisation such as LRAT's Eq. 15). A
     global with its own scale beside a local method with its own is refused: both set the scale.
     ``meaning``: one line on what the weights mean (``advplug hooks``, the pair table, docs/pairs.md).
+    ``sets``: the per-sample quantities its ``attack_budget`` returns, a subset of ``{"eps", "alpha", "beta"}``
+    (``Budget``); two plugins setting the same one, or ``"beta"`` under a loss without a regulariser (``at``), are
+    refused, and returning a field not declared here is an error at the first step.
+    ``provides`` may also hold ``"averaging"``: the plugin's ``average_weights`` keeps the run's averaged model.
     """
 
     weights: str | None = None
@@ -102,6 +205,7 @@ class Declaration:
     provides: frozenset[str] = frozenset()
     own_scale: bool = False
     meaning: str = ""
+    sets: frozenset[str] = frozenset()
 
 
 FEATURES_HOW = (
@@ -189,11 +293,16 @@ class StepContext:
     Forward passes are cached per view: the first call to ``logits(view)`` runs the model on that
     view (train mode, with gradients, so the loss reuses it); later calls, from any plugin,
     return the cached tensors. ``features(view)`` returns the penultimate features captured in
-    that same forward. Plugins must treat the context as read-only.
+    that same forward. Plugins must treat the context as read-only. The natural view records no
+    gradient when the run's loss cannot read it (``natural_grad`` False: the core's AT loss with no
+    wrapper), as its only readers are then plugins' signals, which are detached anyway.
 
     Under ``--precision bf16|fp16`` the forward runs under autocast and the cached logits and
     features are cast to fp32 (with gradient), so that every plugin's weights, margins and
     codebooks, and the loss, are computed in fp32.
+
+    ``budget``: the step's ``Budget`` (per-sample ``eps``, ``alpha``, ``beta``, from ``attack_budget``; all ``None``
+    when no plugin sets one). ``class_stats``: the run's ``ClassStats`` (per-class accuracies, on the device).
     """
 
     def __init__(
@@ -211,6 +320,7 @@ class StepContext:
         tap: FeatureTap,
         reduce_mean: Callable[[Tensor], Tensor] | None = None,
         autocast: Callable[[], Any] | None = None,
+        class_stats: ClassStats | None = None,
     ) -> None:
         self.model = model
         self._autocast = autocast or contextlib.nullcontext
@@ -225,6 +335,11 @@ class StepContext:
         self._reduce_mean = reduce_mean
         self.forward_count = 0
         self.anchor_name: str | None = None  # set by the core from the plugins' declarations
+        self.budget = Budget()  # set by the core from attack_budget, before generate_adversaries
+        self.class_stats = class_stats
+        # set by the core: False when no part of the run's loss reads the natural logits (the core's AT loss, no
+        # wrapper): the natural pass then records no graph (its activations are not held through the step)
+        self.natural_grad = True
 
     @property
     def batch_size(self) -> int:
@@ -263,11 +378,13 @@ class StepContext:
         raise KeyError(f"no view named {spec!r}; views: {[NATURAL] + [v.name for v in self.variants]}")
 
     def logits(self, view: Variant | str = NATURAL) -> Tensor:
-        """Logits ``[B, K]`` of the model on ``view`` (a Variant, its name, or ``"natural"``)."""
+        """Logits ``[B, K]`` of the model on ``view`` (a Variant, its name, or ``"natural"``); detached for the natural
+        view when the run's loss does not read it (``natural_grad``)."""
         key, x = self._key_and_input(view)
         if key not in self._logits:
             self._tap.last = None
-            with self._autocast():  # --precision: the forward in low precision, what follows in fp32
+            graph = contextlib.nullcontext() if self.natural_grad or key != NATURAL else torch.no_grad()
+            with self._autocast(), graph:  # --precision: the forward in low precision, what follows in fp32
                 out = self.model(x)
             self._logits[key] = _at_least_fp32(out)
             self.forward_count += 1
@@ -316,7 +433,8 @@ class StepContext:
 
 @dataclass
 class TrainContext:
-    """What ``on_train_start`` receives: the run's fixed facts and tools."""
+    """What ``on_train_start`` receives: the run's fixed facts and tools; ``class_stats``, the run's ``ClassStats``
+    (per-class accuracies, updated by the core each epoch: keep the object, read it later)."""
 
     model: nn.Module
     config: Any
@@ -334,3 +452,4 @@ class TrainContext:
     rank: int = 0
     world_size: int = 1
     loss_fn: Callable[..., Any] | None = None
+    class_stats: ClassStats | None = None

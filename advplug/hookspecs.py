@@ -8,9 +8,12 @@ At start-up, ``declare`` (checked as a whole by ``composition.check_composition`
 ``plugins.enable``), then ``requirements`` and ``on_train_start``. Order of one training step,
 for a batch ``(x, y, index)``::
 
-    generate_adversaries -> perturb_weights (entered) -> (core: forward passes, cached in ctx)
+    attack_budget -> generate_adversaries -> perturb_weights (entered) -> (core: forward passes, cached in ctx)
     -> compute_weights -> combine_loss -> (core: backward) -> perturb_weights (exited)
     -> (core: optimizer step) -> on_batch_end
+
+and at each epoch's end: (core: held-out evaluation of the model) -> average_weights -> (core: held-out
+evaluation of the averaged model) -> on_epoch_end.
 
 Besides hooks, a plugin may define plain methods and attributes the core looks for, each
 described by a ``Protocol`` at the end of this module: ``Stateful`` (``state_dict`` /
@@ -36,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import pluggy
 from torch import Tensor
 
-from advplug.context import Declaration, StepContext, TrainContext, Variant, Weights
+from advplug.context import Budget, Declaration, StepContext, TrainContext, Variant, Weights
 
 hookspec = pluggy.HookspecMarker("advplug")
 hookimpl = pluggy.HookimplMarker("advplug")  # re-exported as advplug.hookimpl
@@ -88,6 +91,31 @@ def on_train_start(ctx: TrainContext) -> None:
     objective it does not support, a burn-in past the last epoch).
 
     **Combining**: collected; every plugin is called, in registration order.
+    """
+
+
+@hookspec
+def attack_budget(ctx: StepContext) -> Budget | None:
+    """Set this step's per-sample attack budget and loss strength (e.g. from each sample's class: CFA, DAFA).
+
+    :param ctx: the step's context, before ``generate_adversaries``: ``ctx.x``, ``ctx.y``, ``ctx.index``,
+        ``ctx.epoch``, ``ctx.class_stats`` (per-class accuracies of the epochs before); no variants yet.
+    :return: a ``Budget`` whose fields are ``[B]`` tensors on the device or ``None``: ``eps`` (Linf radius per
+        sample), ``alpha`` (step size per sample), ``beta`` (TRADES' / MART's regulariser strength per sample, in
+        place of ``--trades-beta`` / ``--mart-beta``: ``beta_b * KL_b``, times the adversarial weights as before);
+        or ``None`` (the run's scalars this step, e.g. during a warm-up).
+
+    Called once per step, and only when an enabled plugin implements it. A plugin may return only the fields it
+    declares in ``Declaration.sets``; another is a ``PluginError`` naming it at the first step where it appears.
+
+    **Combining**: collected, merged field by field into ``ctx.budget`` (always a ``Budget``, all ``None`` when
+    nobody sets one). Two plugins setting the same field, or ``beta`` under a loss without a regulariser (``at``,
+    or a plugin's loss), are refused at start-up (``composition.check_composition``), so no field has two sources.
+    The core's PGD, TRADES' KL attack and the ``pgd`` / ``tpgd`` attacks of ``TrainContext.make_attack`` apply
+    ``eps`` and ``alpha`` (``[B, 1, 1, 1]`` in the random start, the step and the projection; equal to the run's
+    scalars they give exactly the scalar attack); a plugin's own attack reads ``ctx.budget`` itself.
+
+    Must not run the model for training purposes or sync the host (no ``.item()``): it runs every step.
     """
 
 
@@ -220,6 +248,28 @@ def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> dict[str, Any] | None:
     """
 
 
+@hookspec(firstresult=True)
+def average_weights(epoch: int, metrics: dict[str, Any]) -> float | None:
+    """Decide, once per epoch, how the run's averaged model takes the current weights (CFA's FAWA).
+
+    Called only for the plugin that declares ``provides={"averaging"}``: the run then keeps an averaged model in the
+    slot of ``--ema`` (checkpointed, resumed exactly, evaluated on the held-out split with the ``ema_`` prefix,
+    selected as ``best-ema`` and evaluated at the end), updated only by this hook, never per step.
+
+    :param epoch: the epoch that just ended (0-based).
+    :param metrics: the epoch's metrics so far (read-only), with the model's held-out numbers when the epoch was
+        evaluated (``val_pgd_acc``, ``val_pgd_worst_class_acc``...); per-class numbers in
+        ``TrainContext.class_stats``.
+    :return: the decay ``d`` in [0, 1] of ``avg = d * avg + (1 - d) * weights`` (parameters and floating-point
+        buffers; integer buffers are copied): ``0`` takes the current weights, ``1`` keeps the average; or ``None``:
+        no update this epoch. Before its first update the averaged model is not evaluated.
+
+    **Combining**: first result; at most one plugin provides averaging (two are refused at start-up, naming both;
+    ``--ema`` beside it is refused, naming it). After the update the core evaluates the averaged model on the
+    held-out split, then calls ``on_epoch_end``. Must not change the model or the averaged model itself.
+    """
+
+
 @runtime_checkable
 class Stateful(Protocol):
     """A plugin with state to checkpoint: a resumed run continues exactly.
@@ -287,16 +337,19 @@ SPEC_NAMES = (
     "declare",
     "requirements",
     "on_train_start",
+    "attack_budget",
     "generate_adversaries",
     "perturb_weights",
     "compute_weights",
     "combine_loss",
     "on_batch_end",
+    "average_weights",
     "on_epoch_end",
 )
 
 __all__ = [
     "Any",
+    "Budget",
     "Declaration",
     "HintsStrength",
     "OwnsLoss",

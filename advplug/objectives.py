@@ -23,6 +23,10 @@
   ``mail_loss.py``; MAIL's Algorithm 1, whose regulariser is unweighted, reads the same); ``both``
   on the BCE and the KL term.
 
+TRADES' and MART's ``beta`` may be set per sample by a plugin (``attack_budget`` returning ``Budget.beta`` ``[B]``):
+the regulariser is then ``mean_b(w_b * beta_b * KL_b)`` in place of ``beta * mean_b(w_b * KL_b)``, and TRADES' KL
+attack takes the step's per-sample ``eps`` / ``alpha`` (``Budget``) when set.
+
 Each objective's training attack starts as its authors' code starts it (``attacks.OBJECTIVE_START``:
 ``at`` uniform in the eps-ball, ``trades`` and ``mart`` ``x + 0.001 N(0, 1)``); ``--attack-start``
 overrides it and the run header logs the start used.
@@ -49,6 +53,13 @@ def _check_no_natural(name: str, weights: Weights | None) -> None:
             f"objective {name!r} has no natural term, but a plugin supplied natural weights; "
             "use --objective trades (or a plugin whose objective has one)"
         )
+
+
+def regularised(beta: float, ctx: StepContext, w: Tensor, kl: Tensor) -> Tensor:
+    """The regulariser ``beta * mean(w * KL)`` over ``[V, B]``; with a per-sample strength ``ctx.budget.beta`` ``[B]``
+    (``attack_budget``), ``mean(w[v, b] * beta_b * KL[v, b])`` in its place."""
+    b = ctx.budget.beta
+    return beta * (w * kl).mean() if b is None else (w * (b * kl)).mean()
 
 
 class AdversarialCE:
@@ -93,7 +104,12 @@ class TRADES:
 
     @hookimpl
     def generate_adversaries(self, ctx: StepContext) -> list[Variant]:
-        x_adv = self.attack(ctx.x, ctx.y)
+        b = ctx.budget  # a per-sample eps / alpha (attack_budget), if a plugin sets one
+        x_adv = (
+            self.attack(ctx.x, ctx.y)
+            if b.eps is None and b.alpha is None
+            else self.attack(ctx.x, ctx.y, b.eps, b.alpha)
+        )
         return [Variant("tpgd", x_adv, self.attack.stats())]
 
     @hookimpl
@@ -104,7 +120,7 @@ class TRADES:
         target = ctx.logits_again(NATURAL) if self.options.natural_forwards == 2 else nat  # trades.py: after x_adv
         kl = torch.stack([trades_kl(target, a) for a in adv])  # [V, B]
         w_adv = adv_matrix(weights, len(variants), ctx.batch_size, kl)
-        return (nat_vector(weights, ctx.batch_size, ce) * ce).mean() + self.options.beta * (w_adv * kl).mean()
+        return (nat_vector(weights, ctx.batch_size, ce) * ce).mean() + regularised(self.options.beta, ctx, w_adv, kl)
 
 
 def mart_terms(nat_logits: Tensor, adv_logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,7 +163,7 @@ class MART:
         kl = torch.stack([t[1] for t in terms])
         w = adv_matrix(weights, len(variants), ctx.batch_size, bce)
         w_kl = w if self.options.weighted == "both" else torch.ones_like(w)
-        return (w * bce).mean() + self.options.beta * (w_kl * kl).mean()
+        return (w * bce).mean() + regularised(self.options.beta, ctx, w_kl, kl)
 
 
 OBJECTIVES: dict[str, type] = {"at": AdversarialCE, "trades": TRADES, "mart": MART}

@@ -7,6 +7,7 @@ names; values are converted and validated here, with messages that say what is a
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 import types
 import typing
@@ -29,8 +30,15 @@ def opt(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def option_name(field_name: str) -> str:
+    """A field's option name: a Python keyword with PEP 8's trailing underscore (``lambda_``) is spelt without it."""
+    bare = field_name[:-1]
+    return bare if field_name.endswith("_") and keyword.iskeyword(bare) else field_name
+
+
 def flag_name(prefix: str, field_name: str) -> str:
-    return f"--{prefix.replace('_', '-')}-{field_name.replace('_', '-')}"  # entry point my_method: --my-method-x
+    name = option_name(field_name).replace("_", "-")
+    return f"--{prefix.replace('_', '-')}-{name}"  # entry point my_method: --my-method-x
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:
@@ -102,6 +110,7 @@ def build_options(cls: type | None, prefix: str, values: dict[str, Any]) -> Any:
     kwargs = {}
     for name, raw in values.items():
         name = name.replace("-", "_")
+        name = name + "_" if keyword.iskeyword(name) else name  # --dafa-lambda: field lambda_
         if name not in fields:
             known = ", ".join(flag_name(prefix, n) for n in fields) or "none"
             hint = did_you_mean(flag_name(prefix, name), [flag_name(prefix, n) for n in fields])

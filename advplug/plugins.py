@@ -26,7 +26,7 @@ GROUP = "advplug"
 # The plugins shipped with advplug (the packages under plugins/ and the example under examples/): names that
 # ``advplug new-plugin`` refuses even when they are not installed. tests/test_plugin_names.py checks it against the
 # repository.
-SHIPPED_PLUGINS = ("awp", "bat", "bilaw", "fat", "gairat", "lrat", "mail", "meow", "wmmr", "focal")
+SHIPPED_PLUGINS = ("awp", "bat", "bilaw", "fat", "gairat", "lrat", "mail", "meow", "wmmr", "focal", "dafa", "cfa")
 
 
 @functools.lru_cache(maxsize=1)

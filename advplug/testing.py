@@ -4,6 +4,7 @@ registering plugin classes as if installed through the ``advplug`` entry-point g
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from typing import Any
@@ -196,3 +197,88 @@ def run_and_resume(tmp, data: DataBundle, epochs: int = 3, **cfg) -> tuple[dict,
 
 def same_tensors(a: dict, b: dict, atol: float = 1e-5) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol) for k in a)
+
+
+# -- graph breaks under torch.compile -----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GraphBreak:
+    """One graph break: where dynamo stopped tracing (``file:line``) and why, in one line."""
+
+    where: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What ``torch._dynamo`` made of one call: the graphs it compiled and every break it logged (a break inside a
+    loop also skips the rest of that frame, which then runs eagerly: its reason ends in ``(frame skipped)``)."""
+
+    graphs: int
+    breaks: tuple[GraphBreak, ...]
+
+
+def _short_reason(text: str) -> str:
+    """The informative first line of dynamo's ``Graph Break Reason`` text."""
+    generic = ("Encountered graph break when attempting to trace", "Failed to handle graph break gracefully")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(generic)] or lines or ["?"]
+    skipped = "graph break in loop" in text or "Failed to handle graph break gracefully" in text
+    return lines[0] + (" (frame skipped)" if skipped else "")
+
+
+def _break_from_log(message: str) -> GraphBreak | None:
+    """A ``GraphBreak`` from one record of dynamo's ``graph_breaks`` log (``None``: not a break record)."""
+    import re
+
+    where = re.search(r"in user code at (\S+):(\d+)", message) or re.search(r'File "([^"]+)", line (\d+)', message)
+    if "Graph Break Reason:" in message:
+        reason = _short_reason(message.split("Graph Break Reason:", 1)[1])
+    elif "cannot properly resume" in message:
+        reason = "cannot resume after a graph break (frame skipped)"
+    else:
+        return None
+    path = where.group(1) if where else "?"
+    for root in ("site-packages/", "/advplug/", "/plugins/", "/benchmarks/", "/tests/"):
+        if root in path:
+            path = (root.strip("/") + "/" if root != "site-packages/" else "") + path.split(root, 1)[1]
+            break
+    return GraphBreak(f"{path}:{where.group(2)}" if where else path, reason)
+
+
+def graph_breaks(fn: Any, *args: Any, **kwargs: Any) -> CompileReport:
+    """Run ``fn(*args, **kwargs)`` once under ``torch._dynamo.explain`` (no compiler, works on the CPU) and report its
+    graphs and graph breaks, each with its place and reason (read from dynamo's ``graph_breaks`` log, which also
+    sees the breaks that skip a frame and that ``explain``'s own count misses). ``fn`` runs: its side effects
+    happen. Resets dynamo's caches before and after.
+
+    >>> graph_breaks(plugin.compute_weights, ctx, ctx.variants).breaks  # (): compiles as one graph
+    """
+    import logging
+
+    import torch._dynamo
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    names = [
+        n for n in list(logging.root.manager.loggerDict) if n.startswith("torch.") and n.endswith("__graph_breaks")
+    ]
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    handler = Collect(logging.DEBUG)
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False
+        lg.addHandler(handler)
+    try:
+        out = torch._dynamo.explain(fn)(*args, **kwargs)
+    finally:
+        for lg, (level, propagate) in zip(loggers, saved):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+    found = [b for b in map(_break_from_log, records) if b is not None]
+    return CompileReport(graphs=out.graph_count, breaks=tuple(found))

@@ -10,6 +10,15 @@ plain advplug AT.
     python benchmarks/overhead.py --shape cifar --device cuda  # PreActResNet-18, 32x32x3
     python benchmarks/overhead.py --plugin meow --plugin mail
     python benchmarks/overhead.py --shape cifar --n 64 --precision bf16 --channels-last --ema 0.999
+    python benchmarks/overhead.py --twin --plugin mail --epochs 5 --runs 3   # advplug MAIL vs MAIL by hand
+    python benchmarks/overhead.py --twin --plugin all                       # every method vs its twin
+
+``--twin``: each method (a plugin, or the objective ``at``/``trades``/``mart``) against its hand-written twin
+(``benchmarks/twins``: the same math on the same samples, checked equal in ``tests/test_twins.py``), both from the same
+initial model, on the same batches, epochs alternating; per method the per-epoch times, the machine's load and, last,
+``ratio NAME <advplug time / twin time>``: the median over the timed epochs of the paired per-epoch ratios (with
+``--runs R``, the median of the R runs' medians, whose range is printed before it). ``--twin`` alone is ``at`` against
+the plain loop; the GPU-scale switches apply to ``at`` only (the other twins are fp32 eager loops).
 
 The GPU-scale switches (``--precision``, ``--channels-last``, ``--compile``, ``--ema``,
 ``--data-path``) apply to every contender, the hand-written loop included (autocast, a gradient
@@ -21,8 +30,13 @@ like. ``--shape cifar`` builds a CIFAR-shaped uint8 image set (as torchvision's 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +45,13 @@ import torchattacks
 from advplug.config import TrainConfig
 from advplug.data import DataBundle, LoaderBatches, TensorBatches, load_digits_tensors
 from advplug.data.device import device_batches
+from advplug.engine.inputs import train_batches
 from advplug.engine.trainer import Trainer
 from advplug.models import build_model
 
-# time the reweighting itself, not a burn-in period
-REWEIGHT_NOW = {
-    "mail": {"mail-burn-in": 0},
-    "gairat": {"gairat-begin-epoch": 0},
-    "bat": {"bat-burn-in": 0},
-    "awp": {"awp-warmup": 0},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.twins importable
+from benchmarks.twins import METHODS, REWEIGHT_NOW, TWINS, advplug_settings, make_twin  # noqa: E402
+
 # Baselines: `--plugin awp` costs one extra forward and backward per step (its proxy
 # step: work 1 + 1/(K + 1) of AT's for PGD-K, 1.09 for PGD-10), so its time/work should stay near 1
 # (<= 1.05); `--plugin fat` does less work than AT (early-stopped PGD); `--plugin wmmr` the same.
@@ -97,28 +108,6 @@ class Plain:
                 self.t += 1
                 with torch.no_grad():
                     torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1 - d)
-
-
-def plain_lrat_epoch(model, opt, loader, attacks, epoch: int, alpha=2.0, beta=0.5, c=0.1) -> None:
-    """LRAT-SAA+CW with x* = PGD written by hand (Eq. 7, 11, 12, 15), same attacks as the plugin."""
-    loader.set_epoch(epoch)
-    model.train()
-    for x, y, _ in loader:
-        views = [attacks[n](x, y) for n in ("cw", "saa", "pgd")]
-        logits = [model(v) for v in views]
-        ce = torch.stack([F.cross_entropy(z, y, reduction="none") for z in logits])
-        w = []
-        for z in logits[:2]:
-            p = z.detach().softmax(1)
-            t = p.gather(1, y[:, None]).squeeze(1) - p.scatter(1, y[:, None], -1.0).amax(1)
-            w.append(alpha * (1 - t).clamp_min(0) ** beta)
-        w.append((c - w[0] - w[1]).clamp_min(0))
-        w = torch.stack(w)
-        w = w / w.sum(0).mean()
-        loss = (w * ce).sum(0).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
 
 def fresh_copy(trainer: Trainer, dev: torch.device) -> torch.nn.Module:
@@ -179,18 +168,27 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=None)
     ap.add_argument("--data-path", choices=["auto", "device", "loader"], default="auto")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for --data-path loader")
+    ap.add_argument(
+        "--twin",
+        action="store_true",
+        help="each --plugin NAME (a plugin or at/trades/mart; all: every method) against its hand-written twin",
+    )
+    ap.add_argument("--runs", type=int, default=1, help="--twin: repeat the whole alternation this many times")
     args = ap.parse_args()
+    if args.twin:
+        check_twin_args(ap, args)
     dev = torch.device(args.device)
     data = bundle(args.shape, args.n)
     model_name = "digits-cnn" if args.shape == "digits" else "preactresnet18"
     eps, alpha = (0.2, 0.05) if args.shape == "digits" else (8 / 255, 2 / 255)
 
-    def trainer(plugins: tuple[str, ...]) -> Trainer:
+    def trainer(plugins: tuple[str, ...], objective: str = "at") -> Trainer:
         opts = {k: v for p in plugins for k, v in REWEIGHT_NOW.get(p, {}).items()}
         # selection="test": every contender trains on the same samples (no held-out split)
         cfg = TrainConfig(
             data="digits",
             model=model_name,
+            objective=objective,
             plugins=plugins,
             plugin_options=opts,
             epochs=1000,
@@ -202,7 +200,7 @@ def main() -> None:
             steps=args.steps,
             device=args.device,
             progress=False,
-            out=f"/tmp/advplug-bench/{'+'.join(plugins) or 'at'}",
+            out=f"/tmp/advplug-bench/{'+'.join(plugins) or objective}",
             n_eval=16,
             selection="test",
             precision=args.precision,
@@ -215,6 +213,11 @@ def main() -> None:
         torch.manual_seed(0)
         return Trainer(cfg, data=data, log=lambda s: None, overwrite=True)  # one run directory per contender
 
+    if args.twin:
+        twin_mode(
+            args, trainer, dev, f"{args.shape} ({model_name}, PGD-{args.steps}, batch {args.batch_size}) on {dev}"
+        )
+        return
     contenders = {"advplug AT": trainer(())}
     for p in args.plugin:
         contenders[f"advplug +{p}"] = trainer(tuple(p.split("+")))
@@ -244,18 +247,9 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"plain loop": [], **{k: [] for k in contenders}}
     models = {"plain loop": plain_model, **{k: t.model for k, t in contenders.items()}}
-    if args.lrat_reference:
-        from advplug.attacks import make_attack
-
-        lrat_model = fresh_copy(base, dev)
-        lrat_opt = torch.optim.SGD(lrat_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        kw = dict(eps=eps, alpha=alpha, steps=args.steps)
-        lrat_attacks = {
-            "pgd": make_attack("pgd", lrat_model, **kw),
-            "cw": make_attack("cw", lrat_model, **kw),
-            "saa": make_attack("saa", lrat_model, **{**kw, "steps": 20}, n_target_classes=3),
-        }
-        times["hand LRAT loop"], models["hand LRAT loop"] = [], lrat_model
+    if args.lrat_reference:  # LRAT's twin (benchmarks/twins/lrat.py) on the same model init and batches
+        lrat_twin = make_twin("lrat", base)
+        times["hand LRAT loop"], models["hand LRAT loop"] = [], lrat_twin.model
     counters = {name: ForwardCounter(models[name]) for name in times}
     for epoch in range(args.epochs + 1):
         for name in times:
@@ -264,7 +258,7 @@ def main() -> None:
             if name == "plain loop":
                 plain.epoch(loader, epoch)
             elif name == "hand LRAT loop":
-                plain_lrat_epoch(lrat_model, lrat_opt, loader, lrat_attacks, epoch)
+                lrat_twin.epoch(loader, epoch)
             else:
                 contenders[name].train_epoch(epoch)
             sync(dev)
@@ -291,6 +285,101 @@ def main() -> None:
     if not args.no_art and args.precision == "fp32" and not args.compile:
         art_time = time_art(fresh_copy(base, dev), x, y, eps, alpha, args.steps, args.batch_size, dev)
         print(f"{'ART MadryPGD':<22} {art_time:9.3f} {art_time / ref:9.3f} {art_time / at:7.3f}")
+
+
+def check_twin_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--twin``: methods with a twin, one at a time (no ``a+b``); the GPU-scale switches for ``at`` only."""
+    if args.plugin == ["all"]:
+        args.plugin = list(METHODS)
+    args.plugin = args.plugin or ["at"]
+    unknown = [p for p in args.plugin if p not in TWINS]
+    if unknown:
+        ap.error(f"--twin: no twin for {', '.join(unknown)} (methods: {', '.join(METHODS)}, or all)")
+    switches = args.precision != "fp32" or args.channels_last or args.compile or args.ema is not None
+    if switches and args.plugin != ["at"]:
+        ap.error(
+            "--twin: --precision, --channels-last, --compile and --ema apply to at only (the twins run fp32 eager)"
+        )
+    if args.runs < 1 or args.epochs < 1:
+        ap.error("--runs and --epochs must be >= 1")
+
+
+def twin_mode(args: argparse.Namespace, trainer: Callable[..., Trainer], dev: torch.device, setting: str) -> None:
+    """Each method against its twin: per method the per-epoch times, the load, and ``ratio NAME x`` last; with
+    several methods a summary table after them."""
+    print(
+        f"advplug vs its hand-written twin: {setting}, {args.epochs} timed epochs after one warm-up, {args.runs} run(s)"
+    )
+    rows = []
+    for name in args.plugin:
+        settings = advplug_settings(name)
+        new_trainer = functools.partial(trainer, settings["plugins"], settings["objective"])
+        runs = [twin_run(name, args, new_trainer, dev) for _ in range(args.runs)]
+        ratios = [r["ratio"] for r in runs]
+        load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        print(f"{name}: load average {load} (1, 5, 15 min) on {os.cpu_count()} CPUs")
+        if args.runs > 1:
+            spread = f"median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})"
+            print(f"{name}: per-run medians {' '.join(f'{r:.3f}' for r in ratios)}: {spread}")
+        print(f"ratio {name} {statistics.median(ratios):.3f}")
+        rows.append((name, runs))
+    if len(rows) > 1:
+        print(
+            f"{'method':<8} {'advplug s/epoch':>15} {'twin s/epoch':>12} {'twin work':>9} {'ratio':>6}  range of runs"
+        )
+        for name, runs in rows:
+            ratios = [r["ratio"] for r in runs]
+            a, t = (statistics.median(x for r in runs for x in r[k]) for k in ("advplug", "twin"))
+            print(
+                f"{name:<8} {a:15.3f} {t:12.3f} {runs[0]['work']:9.2f} {statistics.median(ratios):6.3f}"
+                f"  {min(ratios):.3f}-{max(ratios):.3f}"
+            )
+
+
+def twin_run(name: str, args: argparse.Namespace, new_trainer: Callable[[], Trainer], dev: torch.device) -> dict:
+    """One alternation: advplug and the twin from the same initial model on the same batches, epoch by epoch (epoch 0
+    warms up, and counts each one's sample-forwards: ``work``, the twin's over advplug's)."""
+    adv = new_trainer()
+    try:
+        twin = twin_of(name, adv, args, dev)
+        batches = train_batches(adv.cfg, adv.data, dev, 0, 1)  # the trainer's batches, in the trainer's order
+        counters = (ForwardCounter(adv.model), ForwardCounter(getattr(twin.model, "_orig_mod", twin.model)))
+        times: dict[str, list[float]] = {"advplug": [], "twin": []}
+        work = float("nan")
+        for epoch in range(args.epochs + 1):
+            for who in ("advplug", "twin") if epoch % 2 else ("twin", "advplug"):  # who goes first alternates
+                sync(dev)
+                t0 = time.perf_counter()
+                if who == "advplug":
+                    adv.pm.hook.on_epoch_end(epoch=epoch, metrics=adv.train_epoch(epoch))
+                else:
+                    twin.epoch(batches, epoch)
+                sync(dev)
+                if epoch > 0:
+                    times[who].append(time.perf_counter() - t0)
+            if epoch == 0:
+                work = counters[1].stop() / max(counters[0].stop(), 1)
+    finally:
+        adv.close()
+    ratio = statistics.median(a / t for a, t in zip(times["advplug"], times["twin"]))
+    cells = " ".join(f"{a:.3f}/{t:.3f}" for a, t in zip(times["advplug"], times["twin"]))
+    print(f"{name}: s/epoch advplug/twin {cells}; twin work {work:.2f} of advplug's; median ratio {ratio:.3f}")
+    return {**times, "ratio": ratio, "work": work}
+
+
+def twin_of(name: str, adv: Trainer, args: argparse.Namespace, dev: torch.device) -> object:
+    """``at``: the plain loop with the run's GPU-scale switches (``Plain``); else the method's twin."""
+    if name != "at":
+        return make_twin(name, adv)
+    model = fresh_copy(adv, dev)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=adv.cfg.lr, momentum=adv.cfg.momentum, weight_decay=adv.cfg.weight_decay
+    )
+    fwd = torch.compile(model, backend=args.compile) if args.compile else model
+    attack = torchattacks.PGD(fwd, eps=adv.cfg.eps, alpha=adv.cfg.alpha, steps=adv.cfg.steps)
+    return Plain(fwd, opt, attack, args.precision, args.channels_last, args.ema)
 
 
 def time_art(model, x, y, eps, alpha, steps, batch_size, dev) -> float:

@@ -185,7 +185,7 @@ def small_run(tmp_path_factory):
 def test_report_writes_every_plot(small_run):
     res = CliRunner().invoke(cli, ["report", str(small_run)])
     assert res.exit_code == 0, res.output
-    names = {"accuracy.png", "weights.png", "weight_vs_signal.png", "extremes.png"}
+    names = {"accuracy.png", "weights.png", "weight_vs_signal.png", "extremes.png", "per_class.png"}
     for n in names:
         p = small_run / "report" / n
         assert p.is_file() and p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"

@@ -15,7 +15,7 @@ from advplug.tools.cli import cli
 from advplug.tools.report import figures
 
 N_TRAIN = 128
-STEMS = ("accuracy", "weights", "weight_vs_signal", "extremes", "roc")
+STEMS = ("accuracy", "weights", "weight_vs_signal", "extremes", "roc", "per_class")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_no_text_is_clipped_or_overlaps(runs, variant):
     import matplotlib.pyplot as plt
 
     figs = figures(runs[variant])
-    expected = {"full": set(STEMS), "one_panel": set(STEMS), "no_dumps": {"accuracy", "weights"}}[variant]
+    expected = {"full": set(STEMS), "one_panel": set(STEMS), "no_dumps": {"accuracy", "weights", "per_class"}}[variant]
     assert set(figs) == expected
     try:
         for name, fig in figs.items():

@@ -7,6 +7,10 @@
 Integer buffers (BatchNorm's ``num_batches_tracked``) are copied. The step count is a Python int
 and the update is one fused ``_foreach_lerp_``: no host sync per step (``torch.optim.swa_utils
 .AveragedModel`` tests ``n_averaged == 0`` on the device every step, a sync on a GPU).
+
+The same slot holds a plugin's averaged model (``decay=None``; hook ``average_weights``, e.g. CFA's FAWA): never
+updated per step, only by ``blend(d)`` once per epoch, ``avg = d * avg + (1 - d) * weights``; ``steps`` then counts
+those updates.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, shadow: nn.Module, decay: float) -> None:
-        """``shadow``: a fresh instance of the same architecture (not a deepcopy: hooks stay off it)."""
-        self.decay, self.steps = float(decay), 0
+    def __init__(self, model: nn.Module, shadow: nn.Module, decay: float | None) -> None:
+        """``shadow``: a fresh instance of the same architecture (not a deepcopy: hooks stay off it); ``decay``:
+        ``--ema``'s, or ``None`` for a plugin's per-epoch average (``blend``)."""
+        self.decay, self.steps = (float(decay) if decay is not None else None), 0
         self.model = shadow
         self.model.load_state_dict(model.state_dict())
         self.model.eval().requires_grad_(False)
@@ -30,6 +35,19 @@ class EMA:
         src, dst = model.state_dict(keep_vars=True), self.model.state_dict(keep_vars=True)
         self._float = [(dst[k], src[k]) for k in dst if dst[k].is_floating_point()]
         self._other = [(dst[k], src[k]) for k in dst if not dst[k].is_floating_point()]
+
+    @property
+    def per_step(self) -> bool:
+        """``--ema`` (updated after every optimizer step), not a plugin's per-epoch average."""
+        return self.decay is not None
+
+    @torch.no_grad()
+    def blend(self, d: float) -> None:
+        """``avg = d * avg + (1 - d) * weights`` (``d`` 0: the current weights; 1: the average kept)."""
+        self.steps += 1
+        torch._foreach_lerp_([e for e, _ in self._float], [w.detach() for _, w in self._float], 1.0 - d)
+        for e, w in self._other:
+            e.copy_(w)
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.steps) / (10 + self.steps))
@@ -49,4 +67,4 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.steps, self.decay = int(state["steps"]), float(state["decay"])
+        self.steps, self.decay = int(state["steps"]), (None if state["decay"] is None else float(state["decay"]))

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from advplug.context import ClassStats
 from advplug.engine import distributed
 from advplug.engine.step import Step, weight_columns
+from advplug.evaluate import worst_class
 from advplug.run.dump import SampleDump
 from advplug.weights import summary
 
@@ -38,8 +40,11 @@ def train_epoch(
         loss, ctx, w = step(x, y, idx, epoch, epoch * n_steps + i)
         losses[i] = loss
         first = ctx.variants[0]
-        if ctx.has_logits(first):
-            correct += (ctx.logits(first).detach().argmax(1) == y).sum()
+        hit = (ctx.logits(first).detach().argmax(1) == y) if ctx.has_logits(first) else None
+        if hit is not None:
+            correct += hit.sum()
+        if step.class_stats is not None:  # per class, the same logits (ClassStats; index_add_, no host sync)
+            step.class_stats.add(y, hit)
         seen += y.shape[0]
         if w is not None:
             weights_seen.append((w.adv[0] if w.adv is not None else w.nat).float())
@@ -65,8 +70,20 @@ def train_epoch(
         "train_loss": (stats[0] / stats[3]).item(),
         "train_acc": (stats[1] / stats[2]).item(),
     }
+    if step.class_stats is not None:
+        rec.update(train_worst_class(step.class_stats, epoch))
     weights = torch.cat(weights_seen) if weights_seen else None
     if weights is not None:
         rec["weights"] = summary(weights)
     rec["seconds"] = time.perf_counter() - t0
     return rec, weights
+
+
+def train_worst_class(stats: ClassStats, epoch: int) -> dict[str, Any]:
+    """The epoch's per-class training counts snapshotted (``ClassStats.end_epoch``, summed over ranks), and its
+    worst class by robust training accuracy: ``train_worst_class_acc``, ``train_worst_class`` (classes not seen left
+    out)."""
+    stats.end_epoch(epoch, distributed.all_sum)
+    correct, seen = stats.train_correct.tolist(), stats.train_seen.tolist()
+    worst = worst_class([c / n if n else None for c, n in zip(correct, seen)])
+    return {} if worst is None else {"train_worst_class_acc": worst[1], "train_worst_class": worst[0]}

@@ -28,13 +28,15 @@ def evaluate_model(
     low_precision: Callable[[], AbstractContextManager[Any]] | None,
 ) -> list[dict[str, Any]]:
     """The final attacks in fp32; after low-precision training (``low_precision``: the run's autocast), the robust
-    ones also under it ("PGD-20 (bf16 eval)"), so that a gap (gradient masking) shows. One result entry each."""
+    ones also under it ("PGD-20 (bf16 eval)"), so that a gap (gradient masking) shows. One result entry each, with
+    its per-class accuracy."""
     kw = dict(eps=cfg.eps, num_classes=num_classes, seed=cfg.seed, progress=cfg.progress)
-    runs = [("fp32", evaluate(model, *test, cfg.final_attacks, **kw))]
+    per_class: dict[str, dict[str, list[float | None]]] = {"fp32": {}, cfg.precision: {}}
+    runs = [("fp32", evaluate(model, *test, cfg.final_attacks, per_class=per_class["fp32"], **kw))]
     robust = [a for a in cfg.final_attacks if a != "natural"]
     if low_precision is not None and robust:
         with low_precision():
-            runs.append((cfg.precision, evaluate(model, *test, robust, **kw)))
+            runs.append((cfg.precision, evaluate(model, *test, robust, per_class=per_class[cfg.precision], **kw)))
     n = len(test[1])
     return [
         results.entry(
@@ -49,6 +51,7 @@ def evaluate_model(
             n_total=n,
             data=cfg.data,
             seed=cfg.seed,
+            per_class=per_class[precision][spec],
         )
         for precision, res in runs
         for spec, acc in res.items()
@@ -68,9 +71,10 @@ def final_eval(
     low_precision: Callable[[], AbstractContextManager[Any]] | None,
     selection_label: str,
     log: Callable[[str], None],
+    cost: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Final accuracies on the whole test split: last and best checkpoints (best as chosen on the selection split),
-    written to ``out/results.json`` and logged as a table; returned as that table
+    written to ``out/results.json`` with the training's ``cost`` and logged as a table; returned as that table
     (``{"last (epoch 20)": {"Natural": 0.9, ...}, ...}``)."""
     ema_model = ema.model if ema is not None else None
     best_epoch, best_ema_epoch = progress.best_epoch, progress.best_ema_epoch
@@ -84,7 +88,7 @@ def final_eval(
             saved = build_model(cfg.model, num_classes, input_shape, allow_import=True).to(device)
             checkpoint.load_model_state(saved, checkpoint.load_best(out, ema=ema), cfg.model)
             entries += evaluate_model(saved, f"best{suffix}", best + 1, test, cfg, num_classes, low_precision)
-    results.write_results(out / "results.json", entries)
+    results.write_results(out / "results.json", entries, cost=cost)
     log(
         results.results_table(
             entries, f"test accuracy (%), {len(test[1])} samples, eps {cfg.eps:.4g}; best chosen on {selection_label}"

@@ -19,7 +19,7 @@ from advplug.data import DataBundle, batches, check_data_import, hold_out, load_
 from advplug.data.device import device_batches
 from advplug.engine import distributed
 from advplug.errors import CheckpointError
-from advplug.evaluate import evaluate
+from advplug.evaluate import evaluate, worst_class
 from advplug.models import auto_model, check_model_import
 from advplug.plugins import Enabled, enable
 from advplug.run.directory import default_dir, refuse_if_in_use
@@ -161,16 +161,30 @@ def train_batches(cfg: TrainConfig, data: DataBundle, device: torch.device, rank
 
 
 def selection_metrics(
-    models: list[tuple[nn.Module, str]], data: tuple[Tensor, Tensor], prefix: str, cfg: TrainConfig, num_classes: int
-) -> dict[str, float]:
+    models: list[tuple[nn.Module, str]],
+    data: tuple[Tensor, Tensor],
+    prefix: str,
+    cfg: TrainConfig,
+    num_classes: int,
+    per_class: dict[str, dict[str, list[float | None]]] | None = None,
+) -> dict[str, float | int]:
     """Clean and PGD accuracy of each ``(model, tag)`` on the selection split: ``{tag}{prefix}_clean_acc`` and
-    ``{tag}{prefix}_pgd_acc``, "best" being chosen by the latter."""
-    rec = {}
+    ``{tag}{prefix}_pgd_acc``, "best" being chosen by the latter, and the class with the lowest PGD accuracy,
+    ``{tag}{prefix}_pgd_worst_class_acc`` / ``{tag}{prefix}_pgd_worst_class`` (``evaluate.worst_class``).
+    ``per_class``: filled per tag with ``evaluate``'s per-class accuracies (``{"natural": [K], "pgdN": [K]}``)."""
+    rec: dict[str, float | int] = {}
+    pgd = f"pgd{cfg.eval_steps}"
     for model, tag in models:
+        pc: dict[str, list[float | None]] = {}
         res = evaluate(
-            model, *data, ["natural", f"pgd{cfg.eval_steps}"], eps=cfg.eps, num_classes=num_classes, seed=cfg.seed
+            model, *data, ["natural", pgd], eps=cfg.eps, num_classes=num_classes, seed=cfg.seed, per_class=pc
         )
-        rec[f"{tag}{prefix}_clean_acc"], rec[f"{tag}{prefix}_pgd_acc"] = res["natural"], res[f"pgd{cfg.eval_steps}"]
+        rec[f"{tag}{prefix}_clean_acc"], rec[f"{tag}{prefix}_pgd_acc"] = res["natural"], res[pgd]
+        worst = worst_class(pc[pgd])
+        if worst is not None:
+            rec[f"{tag}{prefix}_pgd_worst_class_acc"], rec[f"{tag}{prefix}_pgd_worst_class"] = worst[1], worst[0]
+        if per_class is not None:
+            per_class[tag] = pc
     return rec
 
 

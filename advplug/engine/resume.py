@@ -23,6 +23,7 @@ from advplug.config import (
     milestones_for,
     read_run_config,
 )
+from advplug.context import ClassStats
 from advplug.engine.runtime import Runtime
 from advplug.errors import CheckpointError, OptionError
 from advplug.hookspecs import Stateful
@@ -33,7 +34,8 @@ from advplug.run import checkpoint, metrics
 @dataclass
 class Progress:
     """Where a run stands: the next epoch, the best selection accuracy so far and its epoch (of the EMA weights
-    too; -1: none yet), and one metrics record per epoch done."""
+    too; -1: none yet), one metrics record per epoch done, and every process's cost counts so far
+    (``CostMeter.state``)."""
 
     start_epoch: int = 0
     best_acc: float = -1.0
@@ -41,6 +43,7 @@ class Progress:
     best_ema_acc: float = -1.0
     best_ema_epoch: int = -1
     records: list[dict[str, Any]] = field(default_factory=list)
+    cost: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Checkpointing:
     # milestones last.pt may hold instead of the config's: those before each extension (``config.json``'s
     # ``extended_from``), until the extended run's first checkpoint
     earlier_milestones: tuple[tuple[int, ...], ...] = ()
+    class_stats: ClassStats | None = None  # per-class accuracies plugins read (a resumed run reads the same)
 
     def stateful(self) -> dict[str, Stateful]:
         return {n: p for n, p in self.enabled.items() if isinstance(p, Stateful)}
@@ -89,6 +93,8 @@ class Checkpointing:
             "ema": ema.state_dict() if ema is not None else {},
             "best_ema_acc": progress.best_ema_acc,
             "best_ema_epoch": progress.best_ema_epoch,
+            "cost": progress.cost,
+            "class_stats": self.class_stats.state_dict() if self.class_stats is not None else {},
         }
 
     def restore(self, ck: dict[str, Any] | None = None) -> Progress:
@@ -135,12 +141,17 @@ class Checkpointing:
             if ema is not None:
                 ema.load_state_dict(ck["ema"])
                 progress.best_ema_acc, progress.best_ema_epoch = float(ck["best_ema_acc"]), int(ck["best_ema_epoch"])
+            if self.class_stats is not None and ck.get("class_stats"):  # older checkpoints: none saved
+                self.class_stats.load_state_dict(ck["class_stats"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"checkpoint {ck['path']!r} does not match this run: {e}") from None
         try:
             progress.records = metrics.from_jsonl(ck["metrics"])
         except ValueError as e:
             raise CheckpointError(f"{ck['path']!r} is damaged: its metrics record is not JSON ({e})") from None
+        progress.cost = ck.get("cost") or []  # checkpoints written before costs were counted: none
+        if not (isinstance(progress.cost, list) and all(isinstance(c, dict) for c in progress.cost)):
+            raise CheckpointError(f"{ck['path']!r} is damaged: its cost record is not one object per process")
         records = progress.records
         if len(records) != progress.start_epoch or not all(isinstance(r, dict) for r in records):
             raise CheckpointError(

@@ -14,6 +14,8 @@ from advplug.attacks import make_attack
 from advplug.config import TrainConfig
 from advplug.context import Declaration
 from advplug.engine.ema import EMA
+from advplug.errors import OptionError, PluginError
+from advplug.plugins import Enabled
 
 
 class Runtime:
@@ -32,6 +34,7 @@ class Runtime:
         declarations: dict[str, Declaration],
         new_model: Callable[[], nn.Module],
         log: Callable[[str], None],
+        averaged_by: str | None = None,
     ) -> None:
         self.cfg, self.device, self.num_classes = cfg, device, num_classes
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -47,7 +50,18 @@ class Runtime:
             )
         self.net = torch.compile(net, backend=cfg.compile) if cfg.compile and not twice else net
         self.attack_model = torch.compile(model, backend=cfg.compile) if cfg.compile else model
-        self.ema = EMA(model, self._shadow(new_model), cfg.ema) if cfg.ema is not None else None
+        self.averaged_by = averaged_by  # the plugin whose average_weights keeps the EMA slot, per epoch
+        decay = cfg.ema if averaged_by is None else None
+        self.ema = EMA(model, self._shadow(new_model), decay) if cfg.ema is not None or averaged_by else None
+
+    def average(self, d: object) -> None:
+        """The averaging plugin's decay for this epoch (``average_weights``), checked, applied to the EMA slot."""
+        ok = isinstance(d, (int, float)) and not isinstance(d, bool) and 0.0 <= d <= 1.0
+        if not ok:
+            raise PluginError(
+                f"plugin {self.averaged_by!r}: average_weights must return a decay in [0, 1] or None, got {d!r}"
+            )
+        self.ema.blend(float(d))
 
     def _shadow(self, new_model: Callable[[], nn.Module]) -> nn.Module:
         """EMA's model, built under a forked RNG: its initialisation (overwritten at once) must not draw from the
@@ -75,3 +89,28 @@ class Runtime:
         }
         kw.update(overrides)
         return make_attack(name, self.attack_model, **kw)
+
+
+def averaging_plugin(enabled: Enabled, ema: float | None) -> str | None:
+    """The plugin that keeps the run's averaged model (``provides={"averaging"}`` and ``average_weights``), or
+    ``None``; one line naming it when it clashes with ``--ema`` or declares half of it (two averagers:
+    ``composition.check_averaging``)."""
+    declared = [n for n, d in enabled.declarations.items() if "averaging" in d.provides]
+    implements = [
+        i.plugin_name for i in enabled.pm.hook.average_weights.get_hookimpls() if not (i.wrapper or i.hookwrapper)
+    ]
+    for n in implements:
+        if n not in declared:
+            raise PluginError(
+                f"plugin {n!r} implements average_weights but does not declare provides={{'averaging'}}: the run "
+                "keeps no averaged model for it"
+            )
+    for n in declared:
+        if n not in implements:
+            raise PluginError(f"plugin {n!r} declares provides={{'averaging'}} but implements no average_weights")
+    if declared and ema is not None:
+        raise OptionError(
+            f"--ema: plugin {declared[0]!r} keeps the run's averaged model (average_weights, once per epoch); "
+            "drop --ema or the plugin"
+        )
+    return declared[0] if declared else None

@@ -12,7 +12,7 @@ from pluggy import HookCaller
 from torch import Tensor
 
 from advplug.config import TrainConfig
-from advplug.context import NATURAL, CombinedWeights, FeatureTap, StepContext, Variant, Weights
+from advplug.context import NATURAL, Budget, ClassStats, CombinedWeights, FeatureTap, StepContext, Variant, Weights
 from advplug.engine import distributed
 from advplug.engine.runtime import Runtime
 from advplug.errors import NonFiniteLossError, PluginError
@@ -40,14 +40,18 @@ class Step:
         num_classes: int,
         world: int,
         out: Path,
+        class_stats: ClassStats | None = None,
     ) -> None:
         self.cfg, self.enabled, self.pm, self.runtime = cfg, enabled, enabled.pm, runtime
         self.opt, self.tap, self.attack = opt, tap, attack
         self.num_classes, self.world, self.out = num_classes, world, out
+        self.class_stats = class_stats
+        self._budgeters: list[tuple[str, HookCaller]] | None = None  # attack_budget per plugin, at the first step
         # set at the first step, after any late registration: per weigher, then "a batch trained on nothing"
         self._weighers: list[tuple[str, HookCaller]] | None = None
         self.faults = torch.zeros(1, dtype=torch.bool, device=runtime.device)
         self._attackers: tuple[HookCaller, HookCaller | None] | None = None
+        self._natural_grad: bool | None = None
 
     @property
     def weighers(self) -> list[str]:
@@ -73,14 +77,21 @@ class Step:
             tap=self.tap,
             reduce_mean=distributed.global_row_mean if self.world > 1 else None,
             autocast=rt.autocast,
+            class_stats=self.class_stats,
         )
+        ctx.natural_grad = self._loss_may_read_natural()
+        if self._budgeters is None:
+            self._budgeters = per_plugin(self.pm, "attack_budget")
+        if self._budgeters:  # nobody sets a budget: the scalar path, no per-sample tensors
+            ctx.budget = self._budget(ctx)
         plugin_attacks, objective_attack = self._attack_callers()
         with rt.autocast():  # the training attacks in the run's precision
             variants = merge_variants(plugin_attacks(ctx=ctx))
             if not variants and objective_attack is not None:  # plugins' variants replace the objective's attack
                 variants = merge_variants(objective_attack(ctx=ctx))
             if not variants:
-                x_adv = self.attack(x, y)
+                b = ctx.budget
+                x_adv = self.attack(x, y) if b.eps is None and b.alpha is None else self.attack(x, y, b.eps, b.alpha)
                 variants = [Variant("pgd", x_adv, self.attack.stats())]
         ctx.variants = variants
         ctx.anchor_name = self.enabled.composition.anchor
@@ -103,7 +114,7 @@ class Step:
             rt.scaler.scale(loss).backward()  # fp16: scaled; otherwise the plain backward
         rt.scaler.step(self.opt)
         rt.scaler.update()
-        if rt.ema is not None:
+        if rt.ema is not None and rt.ema.per_step:  # --ema; a plugin's average (average_weights) is per epoch
             rt.ema.update()
         loss = loss.detach()
         self.pm.hook.on_batch_end(ctx=ctx, loss=loss)
@@ -114,6 +125,14 @@ class Step:
         """The run's training loss (loss owner plus wrappers) for given weights: for meta-learning plugins."""
         return self.pm.hook.combine_loss(ctx=ctx, variants=variants, weights=weights)
 
+    def _loss_may_read_natural(self) -> bool:
+        """False when the core's AT loss is the only ``combine_loss`` (no other owner, no wrapper): it reads the
+        variants only, so the natural forward pass (plugins' signals) needs no graph. Decided at the first step."""
+        if self._natural_grad is None:
+            impls = [i.plugin for i in self.pm.hook.combine_loss.get_hookimpls()]
+            self._natural_grad = not (self.enabled.objective == "at" and impls == [self.pm.get_plugin("at")])
+        return self._natural_grad
+
     def _attack_callers(self) -> tuple[HookCaller, HookCaller | None]:
         """(the plugins' ``generate_adversaries``, the objective's own or ``None``), each inside every wrapper."""
         if self._attackers is None:
@@ -123,6 +142,30 @@ class Step:
                 dict(per_plugin(self.pm, "generate_adversaries")).get(objective),
             )
         return self._attackers
+
+    def _budget(self, ctx: StepContext) -> Budget:
+        """The plugins' ``attack_budget`` results merged field by field; a field the plugin did not declare in
+        ``Declaration.sets``, or not ``[B]``, is an error naming it (start-up refused two setters of one field)."""
+        merged, declared = Budget(), self.enabled.declarations
+        for name, call in self._budgeters or []:
+            for b in call(ctx=ctx):
+                if not isinstance(b, Budget):
+                    raise PluginError(f"plugin {name!r}: attack_budget must return an advplug.Budget or None")
+                for f in b.fields_set():
+                    d = declared.get(name)
+                    if d is None or f not in d.sets:
+                        raise PluginError(
+                            f"plugin {name!r} returned a per-sample {f!r} from attack_budget without declaring it: "
+                            f"declare it with Declaration(sets={{{f!r}}})"
+                        )
+                    t = getattr(b, f)
+                    if tuple(t.shape) != (ctx.batch_size,):
+                        raise PluginError(
+                            f"plugin {name!r}: attack_budget's {f} has shape {tuple(t.shape)}, expected "
+                            f"({ctx.batch_size},), one value per sample"
+                        )
+                    setattr(merged, f, t)
+        return merged
 
     def _weights(self, ctx: StepContext, variants: list[Variant]) -> list[Weights | None]:
         """Every plugin's ``compute_weights`` result (``None``: abstained), each checked on the device for negative

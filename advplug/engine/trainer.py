@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from advplug.config import TrainConfig, data_defaults
-from advplug.context import FeatureTap
+from advplug.context import ClassStats, FeatureTap
 from advplug.data import DataBundle
 from advplug.devices import pick_device
 from advplug.engine import distributed
+from advplug.engine.cost import CostMeter, counted_modules, run_cost
 from advplug.engine.epoch import train_epoch
 from advplug.engine.final_eval import final_eval
 from advplug.engine.inputs import (
@@ -31,7 +32,7 @@ from advplug.engine.inputs import (
 )
 from advplug.engine.records import InertWatch, epoch_lines, write_epoch
 from advplug.engine.resume import Checkpointing, Progress, extend, extension_line, extensions
-from advplug.engine.runtime import Runtime
+from advplug.engine.runtime import Runtime, averaging_plugin
 from advplug.engine.step import Step
 from advplug.errors import Interrupted, OptionError
 from advplug.evaluate import gather_tensors
@@ -74,9 +75,11 @@ class Trainer:
         self.out = Path(out)
         self.lock: rundir.RunLock | None = None
         self.metrics: MetricsWriter | None = None
+        self.cost: CostMeter | None = None
         # plugins and options are checked before the run directory is touched
         self.enabled = enable(list(resolved.plugins), resolved.objective, resolved.plugin_options)
         self.pm = self.enabled.pm
+        self.averaged_by = averaging_plugin(self.enabled, resolved.ema)  # a plugin's average_weights, or None
         if self.rank == 0:
             self.lock = rundir.prepare(self.out, resume=resume, overwrite=overwrite)
         try:
@@ -123,7 +126,9 @@ class Trainer:
             declarations=self.enabled.declarations,
             new_model=self._new_model,
             log=self.log,
+            averaged_by=self.averaged_by,
         )
+        self.class_stats = ClassStats(self.data.num_classes, self.device)
         self.opt = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -148,6 +153,7 @@ class Trainer:
             num_classes=self.data.num_classes,
             world=self.world,
             out=self.out,
+            class_stats=self.class_stats,
         )
         self.checkpoints = Checkpointing(
             cfg,
@@ -163,12 +169,16 @@ class Trainer:
             self.world,
             self.log,
             earlier_milestones=tuple(tuple(e["milestones_before"]) for e in extended_from),
+            class_stats=self.class_stats,
         )
+        self.cost = CostMeter(counted_modules(self.model, self.runtime), self.device)  # the model's passes from here
         ctx = train_context(cfg, self.data, self.model, self.runtime, self.step.loss, self.rank, self.world, self.log)
+        ctx.class_stats = self.class_stats
         self.log(run_header(cfg, self.data, len(self.test[1]), self.device, start_by, self.selection_label))
         self.pm.hook.on_train_start(ctx=ctx)
         if resume:
             self.progress = self.checkpoints.restore(last)
+            self.cost.restore(self.progress.cost, self.rank, self.progress.start_epoch)
         if self.rank == 0:
             if not resume or epochs is not None:  # a new run, or an extended one (after its checks)
                 n_select = len(self.select_data[1])
@@ -195,7 +205,9 @@ class Trainer:
         return self.runtime.attack_model
 
     def close(self) -> None:
-        """Release the run directory (lock, TensorBoard writer). Idempotent."""
+        """Release the run directory (lock, TensorBoard writer) and the model (the cost's hooks). Idempotent."""
+        if self.cost is not None:
+            self.cost.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.lock is not None:
@@ -245,9 +257,15 @@ class Trainer:
         rec = self.train_epoch(epoch)
         self.sched.step()
         key = f"{prefix}_pgd_acc"
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            models = [(self.model, "")] + ([(ema.model, "ema_")] if ema is not None else [])
-            rec.update(selection_metrics(models, self.select_data, prefix, cfg, self.data.num_classes))
+        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+        if evaluated:
+            rec.update(self._selection_metrics(self.model, "", epoch))
+        if self.averaged_by is not None:  # a plugin's average (average_weights), after the model's evaluation
+            d = self.pm.hook.average_weights(epoch=epoch, metrics=dict(rec))
+            if d is not None:
+                self.runtime.average(d)
+        if evaluated and ema is not None and ema.steps > 0:  # a plugin's average before its first update: none yet
+            rec.update(self._selection_metrics(ema.model, "ema_", epoch))
         self.inert.check(rec, [(n, self.enabled.plugin(n)) for n in self.step.weighers])
         self._epoch_end_hooks(epoch, rec)
         is_best = rec.get(key, -1.0) > progress.best_acc
@@ -258,6 +276,7 @@ class Trainer:
             progress.best_ema_acc, progress.best_ema_epoch = rec[f"ema_{key}"], epoch
         progress.records.append(rec)
         rng = distributed.all_gather_object(checkpoint.rng_state())  # every process's stream
+        progress.cost = distributed.all_gather_object(self.cost.state())  # every process's counts
         if self.rank != 0:
             return
         payload = self.checkpoints.payload(epoch, rng, progress)
@@ -275,6 +294,20 @@ class Trainer:
         for line in epoch_lines(rec, epoch, cfg.epochs, prefix):
             self.log(line)
 
+    def _selection_metrics(self, model: nn.Module, tag: str, epoch: int) -> dict[str, Any]:
+        """``model``'s numbers on the selection split (``tag``: ``""`` or ``"ema_"``); the model's per-class
+        accuracies go to ``class_stats``."""
+        per_class: dict[str, dict[str, list[float | None]]] = {}
+        cfg, (_, y) = self.cfg, self.select_data
+        with self.cost.evaluating():  # counted apart from training
+            rec = selection_metrics(
+                [(model, tag)], self.select_data, self.select_prefix, cfg, self.data.num_classes, per_class
+            )
+        if tag == "":
+            pc = per_class[tag]
+            self.class_stats.set_validation(epoch, y, pc["natural"], pc[f"pgd{cfg.eval_steps}"])
+        return rec
+
     def _epoch_end_hooks(self, epoch: int, rec: dict[str, Any]) -> None:
         """``on_epoch_end``, one plugin at a time (``plugins.per_plugin``: wrappers wrap each call), each given a copy
         of the record; each plugin's result is then recorded under its name."""
@@ -284,7 +317,8 @@ class Trainer:
                 rec[name] = result[-1]
 
     def final_eval(self) -> dict[str, dict[str, float]]:
-        """Final accuracies on the whole test split (``engine.final_eval``); rank 0 only."""
+        """Final accuracies on the whole test split (``engine.final_eval``) and the training's cost; rank 0 only."""
+        self.cost.close()  # the training's passes are counted; the final evaluation's are not
         if self.rank != 0:
             return {}
         return final_eval(
@@ -292,11 +326,18 @@ class Trainer:
             self.out,
             self.test,
             model=self.model,
-            ema=self.runtime.ema,
+            ema=self.runtime.ema if self.runtime.ema is not None and self.runtime.ema.steps > 0 else None,
             progress=self.progress,
             data=self.data,
             device=self.device,
             low_precision=self.runtime.autocast if self.runtime.amp_dtype is not None else None,
             selection_label=self.selection_label,
             log=self.log,
+            cost=self.training_cost(),
         )
+
+    def training_cost(self) -> dict[str, Any]:
+        """``results.json``'s ``cost`` (``engine.cost.run_cost``): every process's counts at the last epoch, and the
+        wall time of the epochs trained (their records' ``seconds``, summed over resumes)."""
+        seconds = sum(float(r.get("seconds", 0.0)) for r in self.progress.records)
+        return run_cost(self.progress.cost or [self.cost.state()], seconds, self.device)

@@ -15,9 +15,13 @@ An entry::
 ``checkpoint``: best, last, best-ema, last-ema (``checkpoint`` for a file given by path); ``epoch``:
 1-based; ``attack``: the canonical spec (``attacks.canonical_spec``); ``precision``: the autocast the
 attack ran under (fp32, or after low-precision training also the run's bf16 / fp16: a gap shows
-gradient masking); ``n_test``: the test samples it saw, ``n_total``: the size of the test set.
+gradient masking); ``n_test``: the test samples it saw, ``n_total``: the size of the test set;
+``per_class`` (entries written since it was added): the accuracy per class ``[K]`` from the same
+predictions, ``null`` for a class without test samples.
 
-Both files are ``{"format": "advplug-results", "version": 3, "entries": {key: entry}}``. Older files
+Both files are ``{"format": "advplug-results", "version": 3, "entries": {key: entry}}``;
+``results.json`` also holds the training's ``cost`` (``read_cost``: wall time, forward / backward
+passes, peak memory, device). Older files
 still read: ``results.json`` version 1 (``{"last (epoch 20)": {"Natural": 0.9, "PGD-20 (bf16 eval)":
 ...}}``), ``eval.json`` version 1 (``{"settings", "results"}``) and 2 (entries whose ``attack`` is a
 display name, ``format`` ``advplug-eval``).
@@ -56,6 +60,7 @@ _V2_FIELDS: dict[str, tuple[type, ...]] = {
 }
 FIELDS = {**_V2_FIELDS, "precision": (str,), "n_test": (int, type(None))}  # n_test None: not recorded (version 1)
 PRECISIONS = ("fp32", "bf16", "fp16")
+COST_NUMBERS = ("train_seconds", "forward_passes", "backward_passes", "peak_memory_bytes")  # what compare --cost reads
 
 
 def entry(
@@ -72,7 +77,10 @@ def entry(
     n_total: int | None,
     data: str | None,
     seed: int,
+    per_class: list[float | None] | None = None,
 ) -> dict[str, Any]:
+    """A result entry (the fields above); ``per_class``: the accuracy per class from the same predictions
+    (``evaluate``'s ``per_class``; ``None`` for a class absent from the test samples), left out when not given."""
     return {
         "checkpoint": checkpoint,
         "epoch": epoch,
@@ -86,7 +94,7 @@ def entry(
         "n_total": n_total,
         "data": data,
         "seed": seed,
-    }
+    } | ({"per_class": per_class} if per_class is not None else {})
 
 
 def key(e: dict[str, Any]) -> str:
@@ -153,11 +161,22 @@ def check(e: Any, fields: dict[str, tuple[type, ...]] = FIELDS) -> None:
         raise ValueError(f"accuracy {e['accuracy']!r} is not in [0, 1]")
     if not (math.isfinite(e["eps"]) and math.isfinite(e["alpha"])):
         raise ValueError(f"eps {e['eps']!r} / alpha {e['alpha']!r} is not finite")
+    if "per_class" in e:
+        _check_per_class(e["per_class"])
     if fields is FIELDS:
         if e["precision"] not in PRECISIONS:
             raise ValueError(f"precision {e['precision']!r} is not one of {', '.join(PRECISIONS)}")
         if _spec(e["attack"]) != e["attack"]:
             raise ValueError(f"attack {e['attack']!r} is not an attack spec (e.g. pgd20)")
+
+
+def _check_per_class(pc: Any) -> None:
+    """``per_class``: a list of accuracies in [0, 1], ``null`` for a class without test samples."""
+    ok = isinstance(pc, list) and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1) for v in pc
+    )
+    if not ok:
+        raise ValueError(f"per_class {pc!r} is not a list of accuracies in [0, 1] (or null)")
 
 
 def _spec(attack: str) -> str | None:
@@ -285,9 +304,31 @@ def merge_evals(path: str | Path, new: list[dict[str, Any]]) -> dict[str, dict[s
 
 
 # -- results.json ------------------------------------------------------------------------------------
-def write_results(path: str | Path, entries: list[dict[str, Any]]) -> None:
-    """``results.json`` with ``entries`` (the training run's final evaluation), atomically."""
-    write_json(Path(path), {"format": FORMAT, "version": VERSION, "entries": {key(e): e for e in entries}})
+def write_results(path: str | Path, entries: list[dict[str, Any]], cost: dict[str, Any] | None = None) -> None:
+    """``results.json`` with ``entries`` (the training run's final evaluation) and the training's ``cost`` (the
+    trainer's ``CostMeter.result``), atomically."""
+    doc = {"format": FORMAT, "version": VERSION, "entries": {key(e): e for e in entries}}
+    write_json(Path(path), doc | ({"cost": cost} if cost is not None else {}))
+
+
+def read_cost(run_dir: str | Path) -> dict[str, Any] | None:
+    """What training the run cost (``results.json``'s ``cost``): ``None`` for a run without one (not finished, or
+    trained before costs were recorded); a damaged one is a one-line error."""
+    p = Path(run_dir) / "results.json"
+    if not p.is_file():
+        return None
+    try:
+        raw = json.loads(p.read_text())
+    except ValueError as e:
+        raise DataError(f"{str(p)!r} is corrupt: {e}") from None
+    cost = raw.get("cost") if isinstance(raw, dict) and raw.get("format") == FORMAT else None
+    if cost is None:
+        return None
+    get = cost.get if isinstance(cost, dict) else (lambda k: None)
+    bad = [k for k in COST_NUMBERS if isinstance(get(k), bool) or not isinstance(get(k), (int, float))]
+    if bad or not isinstance(get("device"), str):
+        raise DataError(f"{str(p)!r} is corrupt: its cost {cost!r} lacks numbers for {', '.join(bad) or 'device'}")
+    return cost
 
 
 def read_results(path: str | Path, config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -377,15 +418,9 @@ def _samples(picked: list[dict[str, Any]]) -> str:
     return ", ".join(sorted({f"{label(e)} {'all' if f else e['n_test']}" for e, f in zip(picked, full)}))
 
 
-def select(
-    entries: list[dict[str, Any]], eps: float | None = None
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """For ``compare``: per checkpoint (best / last, its latest epoch) and attack column, one accuracy.
-
-    Preference among entries of the same checkpoint and column: the run's own ``eps``, then
-    the most test samples, then the most recent. Returns ``(results, settings)``: results as
-    ``{checkpoint: {column: accuracy}}`` and the settings of the chosen entries (several values
-    are joined, so ``compare`` flags them)."""
+def chosen_entries(entries: list[dict[str, Any]], eps: float | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+    """The entry ``select`` shows per ``(checkpoint, column)``: of the checkpoint's latest epoch, the run's own
+    ``eps`` first, then the most test samples, then the most recent."""
     latest: dict[str, int] = {}
     for e in entries:
         latest[e["checkpoint"]] = max(latest.get(e["checkpoint"], -1), int(e["epoch"]))
@@ -397,10 +432,23 @@ def select(
         k = (e["checkpoint"], label(e))
         if k not in chosen or rank > chosen[k][0]:
             chosen[k] = (rank, e)
+    return {k: e for k, (_, e) in chosen.items()}
+
+
+def select(
+    entries: list[dict[str, Any]], eps: float | None = None
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """For ``compare``: per checkpoint (best / last, its latest epoch) and attack column, one accuracy.
+
+    Preference among entries of the same checkpoint and column: the run's own ``eps``, then
+    the most test samples, then the most recent. Returns ``(results, settings)``: results as
+    ``{checkpoint: {column: accuracy}}`` and the settings of the chosen entries (several values
+    are joined, so ``compare`` flags them)."""
+    chosen = chosen_entries(entries, eps)
     results: dict[str, dict[str, float]] = {}
-    for (which, column), (_, e) in chosen.items():
+    for (which, column), e in chosen.items():
         results.setdefault(which, {})[column] = e["accuracy"]
-    picked = [e for _, e in chosen.values()]
+    picked = list(chosen.values())
 
     def joined(k: str) -> Any:
         vals = sorted({e[k] for e in picked}, key=str)
@@ -409,7 +457,7 @@ def select(
     settings = {
         "eval eps": joined("eps"),
         # each column's eps, so that a cell averaging runs attacked at different budgets can be marked
-        "column eps": {(which, column): e["eps"] for (which, column), (_, e) in chosen.items()},
+        "column eps": {k: e["eps"] for k, e in chosen.items()},
         "eval step": joined("alpha"),
         "backend": joined("backend"),
         "test samples": _samples(picked),

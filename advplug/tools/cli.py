@@ -482,15 +482,17 @@ def hooks(ctx: click.Context, plugins: tuple[str, ...], objective: str, pairs: b
 @click.option("--attack", "attacks", multiple=True, help="natural, fgsm, pgdK, cw / cwK, apgd-ce, aa (repeatable).")
 @click.option(
     "--suite",
-    type=click.Choice(["paper"]),
+    type=click.Choice(["paper", "robustbench"]),
     default=None,
-    help="paper: natural, PGD-20, PGD-100, CW-Linf margin, APGD-CE, AutoAttack (on --n-eval-aa samples).",
+    help="paper: natural, PGD-20, PGD-100, CW-Linf margin, APGD-CE, AutoAttack (on --n-eval-aa samples); "
+    "robustbench: AutoAttack on the first 10,000 test points at the data set's standard eps, saved chunk by chunk "
+    "(an interrupted run continues; default --which best).",
 )
 @click.option(
     "--which",
     type=click.Choice(["best", "last", "both", "best-ema", "last-ema", "all"]),
     default=None,
-    help="Checkpoint(s) of a run directory (default: both with --suite, else best); -ema: the EMA weights "
+    help="Checkpoint(s) of a run directory (default: both with --suite paper, else best); -ema: the EMA weights "
     "of a run trained with --ema; all: best, last and, if present, both EMA ones.",
 )
 @click.option("--backend", type=click.Choice(["torchattacks", "art"]), default="torchattacks")
@@ -515,6 +517,14 @@ def hooks(ctx: click.Context, plugins: tuple[str, ...], objective: str, pairs: b
     "(advplug never imports code because a run file names it).",
 )
 @click.option("--data", default=None, help="Repeat a run's module:pkg.mod:callable data to allow importing it.")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="--suite robustbench: points attacked between two saves.",
+)
+@click.option("--progress", is_flag=True, help="--suite robustbench: a progress bar over the points (else lines).")
 def eval_cmd(
     target: str,
     attacks: tuple[str, ...],
@@ -530,6 +540,8 @@ def eval_cmd(
     data_root: str | None,
     model: str | None,
     data: str | None,
+    chunk_size: int = 500,
+    progress: bool = False,
 ) -> None:
     """Evaluate a checkpoint (or a run directory's best / last) under attacks.
 
@@ -545,6 +557,10 @@ def eval_cmd(
 
     if suite and attacks:
         raise OptionError("--suite and --attack exclude each other")
+    if suite == "robustbench":
+        rb = dict(chunk_size=chunk_size, batch_size=batch_size, device=device, data_root=data_root, model=model)
+        _eval_robustbench(target, which or "best", backend, {**rb, "data": data, "progress": progress})
+        return
     specs = SUITES[suite] if suite else (attacks or ("natural", "pgd20", "cw20"))
     is_run = Path(target).is_dir()
     which = which or ("both" if suite else "best")
@@ -580,6 +596,59 @@ def eval_cmd(
             lock.release()
 
 
+def _eval_robustbench(target: str, which: str, backend: str, kw: dict[str, Any]) -> None:
+    """``eval --suite robustbench``: its attack, points and eps are the leaderboard's; options that would change them
+    are refused."""
+    from advplug.tools.robustbench import robustbench_eval
+
+    src = click.get_current_context().get_parameter_source
+    given = [f"--{n.replace('_', '-')}" for n in ("eps", "alpha", "n_eval", "n_eval_aa") if src(n).name != "DEFAULT"]
+    if backend != "torchattacks":
+        given.append(f"--backend {backend}")
+    if given:
+        raise OptionError(
+            f"--suite robustbench attacks at the leaderboard's eps and points with torchattacks' AutoAttack: "
+            f"drop {', '.join(given)}"
+        )
+    has_ema = (Path(target) / "best-ema.pt").is_file()
+    groups = {"both": ["best", "last"], "all": ["best", "last"] + (["best-ema", "last-ema"] if has_ema else [])}
+    entries = robustbench_eval(target, groups.get(which, [which]), log=click.echo, **kw)
+    click.echo(f"saved {Path(target) / 'eval.json'} ({len(entries)} entries added)")
+
+
+@cli.command(name="export")
+@click.argument("run_dir")
+@click.option("--format", "fmt", default="robustbench", show_default=True, help="robustbench (the one format).")
+@click.option("--out", required=True, help="Directory for <name>.pt and <name>.json (created if missing).")
+@click.option(
+    "--which",
+    type=click.Choice(["best", "last", "best-ema", "last-ema"]),
+    default="best",
+    show_default=True,
+    help="The checkpoint to export.",
+)
+@click.option("--name", default=None, help="The model's name, and the files' (default <run dir name>-<which>).")
+@click.option("--title", default=None, help="The JSON's name field, RobustBench's paper title (default: --name).")
+@click.option("--link", default="", help="The paper's link (model-info JSON).")
+@click.option("--authors", default="", help="The paper's authors (model-info JSON).")
+@click.option("--venue", default="", help="Where the paper appeared, e.g. 'ICLR 2021' (model-info JSON).")
+@click.option(
+    "--allow-partial",
+    is_flag=True,
+    help="Give the AutoAttack accuracy even when it is not the leaderboard's (fewer test points, another eps, best "
+    "chosen on the test set); the footnote says so.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace <name>.pt and <name>.json if they exist.")
+@click.option("--model", default=None, help="Repeat a run's module:callable model to allow importing it.")
+def export_cmd(run_dir: str, fmt: str, out: str, which: str, name: str | None, title: str | None, **kw: Any) -> None:
+    """Export a run's checkpoint as RobustBench's model zoo loads a model: OUT/<name>.pt ({"state_dict": ...}) and
+    OUT/<name>.json (its model-info fields, from the run's results; `advplug eval RUN --suite robustbench` measures
+    the leaderboard's AutoAttack number)."""
+    from advplug.tools.robustbench import export
+
+    export(run_dir, out, fmt=fmt, which=which, name=name, title=title, log=click.echo, **kw)
+
+
 def _table_file(output: str, fmt: str) -> Path:
     """``--output`` as a file to write, checked before any work: not a directory, in one that exists."""
     path = Path(output)
@@ -597,15 +666,38 @@ def _table_file(output: str, fmt: str) -> Path:
 @click.option(
     "--output", "-o", default=None, help="Write the table to this file as well (a file; replaced if it exists)."
 )
-def compare(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
+@click.option(
+    "--reported",
+    "reported_file",
+    default=None,
+    help="A file of the papers' numbers ([[reported]] entries, or a sweep file with them): each beside our mean "
+    "± std, the difference, and the settings in which the runs differ from the paper's.",
+)
+@click.option(
+    "--cost",
+    is_flag=True,
+    help="Add what training cost, per method (mean over runs): wall time (s), forward and backward passes of the "
+    "model (millions; attack iterations included, held-out evaluation not), peak memory (MiB; GPU: allocated, CPU: "
+    "RSS), device.",
+)
+def compare(
+    run_dirs: tuple[str, ...], fmt: str, output: str | None, reported_file: str | None = None, cost: bool = False
+) -> None:
     """The papers' table: one row per method (plugins + objective + options), attacks x best/last,
     mean ± std over seeds. Runs with differing settings are flagged; a cell from fewer runs than
     its row says how many, (n=1/2). A run's eval.json and results.json are merged (eval.json's
-    entry replaces the same evaluation in results.json)."""
+    entry replaces the same evaluation in results.json). Beside each mean, (worst: class k, a): the
+    worst-class accuracy a, the mean over runs of each run's lowest per-class accuracy, and k, the
+    class lowest in most runs (a tie: the one with the lowest mean accuracy over the runs)."""
     from advplug.tools.compare import compare as make_table
 
     table = _table_file(output, fmt) if output else None
-    text, warnings = make_table(list(run_dirs), fmt)
+    if cost and reported_file is not None:
+        raise OptionError("--cost and --reported make two different tables: run compare once with each")
+    if reported_file is None:
+        text, warnings = make_table(list(run_dirs), fmt, cost)
+    else:
+        text, warnings = _beside_reported(list(run_dirs), fmt, reported_file)
     click.echo(text)
     for w in warnings:
         click.echo(f"warning: settings differ: {w}", err=True)
@@ -614,6 +706,15 @@ def compare(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
             table.write_text(text + "\n")
         except OSError as e:
             raise OptionError(f"cannot write --output {output!r}: {e.strerror or e}") from None
+
+
+def _beside_reported(run_dirs: list[str], fmt: str, reported_file: str) -> tuple[str, list[str]]:
+    """``compare --reported FILE``: compare's table and the papers' numbers beside ours."""
+    from advplug.tools import reported
+    from advplug.tools.sweep.spec import load_reported
+
+    entries, labels = load_reported(reported_file)
+    return reported.beside(run_dirs, fmt, entries, reported.by_label(labels, entries), methods_seen=labels is None)
 
 
 @cli.command()

@@ -19,6 +19,12 @@ value over all its runs.
 A run whose settings differ from the others' (data set, model, training budget, epochs, the
 evaluation's eps, step, backend or test-sample counts) is flagged with its differences, in the
 table and on stderr: it is never averaged silently with the others.
+
+Beside each mean stands the worst-class accuracy, as robust-fairness papers report it: the mean over
+the runs of each run's lowest per-class accuracy (the entries' ``per_class``), and the class that
+was the worst in most runs (a tie: the one of them with the lowest mean accuracy over the runs, then
+the lowest index). ``cost=True`` (``--cost``) adds what training cost per method, means over runs:
+wall time, forward and backward passes, peak memory, and the device.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 
 from advplug.config import read_run_config
 from advplug.errors import DataError
+from advplug.evaluate import worst_class
 from advplug.run import results
 from advplug.run.results import CHECKPOINTS
 
@@ -61,6 +68,8 @@ class Run:
     settings: dict[str, Any]
     flags: list[str] = field(default_factory=list)
     column_eps: dict[tuple[str, str], float] = field(default_factory=dict)  # {(checkpoint, column): eps}
+    per_class: dict[tuple[str, str], list[float | None]] = field(default_factory=dict)  # {(checkpoint, column): [K]}
+    cost: dict[str, Any] | None = None  # results.json's cost (results.read_cost)
 
 
 def method_label(cfg: dict[str, Any]) -> str:
@@ -91,7 +100,53 @@ def load_run(path: str | Path) -> Run:
     accuracies, ev_settings = results.select(entries, cfg.get("eps"))
     column_eps = ev_settings.pop("column eps")
     settings.update(ev_settings)
-    return Run(str(run), method_label(cfg), int(cfg.get("seed", 0)), accuracies, settings, column_eps=column_eps)
+    chosen = results.chosen_entries(entries, cfg.get("eps"))  # the entries of the accuracies shown
+    per_class = {k: e["per_class"] for k, e in chosen.items() if "per_class" in e}
+    return Run(
+        str(run),
+        method_label(cfg),
+        int(cfg.get("seed", 0)),
+        accuracies,
+        settings,
+        column_eps=column_eps,
+        per_class=per_class,
+        cost=results.read_cost(run),
+    )
+
+
+def worst_over_runs(per_run: list[list[float | None]]) -> tuple[float, int, int] | None:
+    """(the mean over runs of each run's worst-class accuracy in %, the class worst in most runs (a tie: the lowest
+    mean accuracy over the runs, then the lowest index), the runs that have a worst class); ``None`` if none has."""
+    worst = [w for w in map(worst_class, per_run) if w is not None]
+    if not worst:
+        return None
+    times = Counter(k for k, _ in worst)
+
+    def mean_acc(k: int) -> float:
+        return statistics.fmean(pc[k] for pc in per_run if k < len(pc) and pc[k] is not None)
+
+    most = max(times.values())
+    k = min((c for c in times if times[c] == most), key=lambda c: (mean_acc(c), c))
+    return 100 * statistics.fmean(acc for _, acc in worst), k, len(worst)
+
+
+COST_COLUMNS = {  # compare --cost: key -> (markdown header, scale)
+    "train_seconds": ("train time (s)", 1.0),
+    "forward_passes": ("forward passes (M)", 1e-6),
+    "backward_passes": ("backward passes (M)", 1e-6),
+    "peak_memory_mib": ("peak memory (MiB)", 1.0),
+}
+
+
+def mean_cost(rs: list[Run]) -> dict[str, Any] | None:
+    """The mean over the runs that record one of every number in their ``cost`` (``peak_memory_mib`` from the
+    bytes), their devices joined, and ``n``: how many runs; ``None`` when no run records a cost."""
+    costs = [{**r.cost, "peak_memory_mib": r.cost["peak_memory_bytes"] / 2**20} for r in rs if r.cost]
+    if not costs:
+        return None
+    shared = [k for k, v in costs[0].items() if isinstance(v, (int, float)) and all(k in c for c in costs)]
+    out: dict[str, Any] = {k: statistics.fmean(c[k] for c in costs) for k in shared}
+    return out | {"device": "; ".join(sorted({str(c["device"]) for c in costs})), "n": len(costs)}
 
 
 def flag_mismatches(runs: list[Run]) -> None:
@@ -128,7 +183,8 @@ def _attack_order(runs: list[Run]) -> list[str]:
 def table(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per method: ``{"method", "n", "seeds", "selection", "flagged", "cells", "missing"}``; ``cells``:
     ``{(attack, which): (mean, std, n)}`` over the runs that have the result, ``missing``: ``{(attack, which):
-    [paths of the row's runs without it]}`` for the cells that not every run has."""
+    [paths of the row's runs without it]}`` for the cells that not every run has, ``worst``: ``{(attack, which):
+    (worst-class accuracy, class, runs)}`` (``worst_over_runs``), ``cost``: ``mean_cost``."""
     flag_mismatches(runs)
     groups: dict[str, list[Run]] = {}
     for r in runs:
@@ -136,7 +192,7 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
     attacks = _attack_order(runs)
     rows = []
     for method, rs in groups.items():
-        cells, missing, mixed = {}, {}, {}
+        cells, missing, mixed, worst = {}, {}, {}, {}
         for a in attacks:
             for which in _whiches(runs):
                 vals = [100 * r.results[which][a] for r in rs if a in r.results.get(which, {})]
@@ -148,6 +204,9 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
                     budgets = sorted({r.column_eps[(which, a)] for r in rs if (which, a) in r.column_eps})
                     if len(budgets) > 1:
                         mixed[(a, which)] = budgets
+                    w = worst_over_runs([r.per_class[(which, a)] for r in rs if (which, a) in r.per_class])
+                    if w is not None:
+                        worst[(a, which)] = w
         rows.append(
             {
                 "method": method,
@@ -158,6 +217,8 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
                 "cells": cells,
                 "missing": missing,
                 "mixed_eps": mixed,
+                "worst": worst,
+                "cost": mean_cost(rs),
             }
         )
     return rows
@@ -181,7 +242,44 @@ def _missing_notes(row: dict[str, Any]) -> list[str]:
     return [f"{row['method']}: {', '.join(cols)}: none in {', '.join(paths)}" for paths, cols in by_runs.items()]
 
 
-def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
+def _worst_text(w: tuple[float, int, int] | None, runs: int) -> str:
+    """`` (worst: class 3, 20.00)``, with ``, n=k/N`` when only k of the cell's N runs record per-class numbers."""
+    if w is None:
+        return ""
+    return f" (worst: class {w[1]}, {w[0]:.2f}{f', n={w[2]}/{runs}' if w[2] < runs else ''})"
+
+
+def _worst_fields(w: tuple[float, int, int] | None) -> dict[str, Any]:
+    return {} if w is None else {"worst_class_acc": w[0], "worst_class": w[1]}
+
+
+CSV_COST = ("train_seconds", "forward_passes", "backward_passes", "peak_memory_mib", "device")
+
+
+def _worst_csv(w: tuple[float, int, int] | None) -> list[str]:
+    return ["", ""] if w is None else [f"{w[0]:.4f}", str(w[1])]
+
+
+def _cost_csv(cost: dict[str, Any] | None) -> list[str]:
+    if cost is None:
+        return [""] * len(CSV_COST)
+    return [f"{cost[k]:.10g}" if isinstance(cost[k], float) else str(cost[k]) for k in CSV_COST]
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def _cost_cells(cost: dict[str, Any] | None, runs: int) -> list[str]:
+    """The row's ``--cost`` cells: ``COST_COLUMNS`` scaled, and the device; ``(n=k/N)`` when k of its N runs have
+    a cost."""
+    if cost is None:
+        return ["-"] * (len(COST_COLUMNS) + 1)
+    n = f" (n={cost['n']}/{runs})" if cost["n"] < runs else ""
+    return [_num(cost[k] * scale) + n for k, (_, scale) in COST_COLUMNS.items()] + [cost["device"] + n]
+
+
+def render(rows: list[dict[str, Any]], fmt: str = "markdown", cost: bool = False) -> str:
     attacks: list[str] = []
     for row in rows:
         for a, _ in row["cells"]:
@@ -204,9 +302,11 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
                         )  # one run: no std
                         | ({"missing_in": r["missing"][(a, w)]} if (a, w) in r["missing"] else {})
                         | ({"eps_mixed": r["mixed_eps"][(a, w)]} if (a, w) in r["mixed_eps"] else {})
+                        | _worst_fields(r["worst"].get((a, w)))
                         for (a, w), c in r["cells"].items()
                     },
                 }
+                | ({"cost": r["cost"]} if cost else {})
                 for r in rows
             ],
             indent=2,
@@ -216,7 +316,8 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
         w = csv.writer(buf)
         head = [
             *("method", "runs", "best chosen on", "attack", "checkpoint", "mean", "std", "n", "flagged"),
-            *("missing in", "eps mixed"),
+            *("missing in", "eps mixed", "worst_class_acc", "worst_class"),
+            *(CSV_COST if cost else ()),
         ]
         w.writerow(head)
         for r in rows:
@@ -234,10 +335,13 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
                         "yes" if r["flagged"] else "",
                         "; ".join(r["missing"].get((a, which), [])),
                         "; ".join(f"{e:g}" for e in r["mixed_eps"].get((a, which), [])),
+                        *_worst_csv(r["worst"].get((a, which))),
+                        *(_cost_csv(r["cost"]) if cost else ()),
                     ]
                 )
         return buf.getvalue()
     head = ["method", "runs", "best chosen on", *[f"{a} {w}" for a, w in cols]]
+    head += [h for h, _ in COST_COLUMNS.values()] + ["device"] if cost else []
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     notes, partial = [], []
     for r in rows:
@@ -246,7 +350,12 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
             name,
             str(r["n"]),
             r["selection"],
-            *[_cell(r["cells"].get(c), r["n"], r["mixed_eps"].get(c)) for c in cols],
+            *[
+                _cell(r["cells"].get(c), r["n"], r["mixed_eps"].get(c))
+                + _worst_text(r["worst"].get(c), r["cells"][c][2] if c in r["cells"] else 0)
+                for c in cols
+            ],
+            *(_cost_cells(r["cost"], r["n"]) if cost else ()),
         ]
         lines.append("| " + " | ".join(cells) + " |")
         for path, flags in r["flagged"].items():
@@ -264,13 +373,23 @@ def render(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:
         )
     if any(r["mixed_eps"] for r in rows):
         text += "\n(eps mixed: ...): the runs of this cell were attacked at different budgets; the mean mixes them."
+    if any(r["worst"] for r in rows):
+        text += (
+            "\n(worst: class k, a): the worst-class accuracy, the mean over runs of each run's lowest per-class "
+            "accuracy, and k, the class lowest in most runs (a tie: the lowest mean accuracy)."
+        )
+    if cost:
+        text += (
+            "\nCost: means over runs of the training's wall time, forward and backward passes of the model "
+            "(attack iterations included, held-out evaluation not), peak memory (GPU: allocated; CPU: RSS)."
+        )
     if notes:
         text += "\nSettings differ, not comparable as they stand:\n" + "\n".join(notes)
     return text
 
 
-def compare(paths: list[str], fmt: str = "markdown") -> tuple[str, list[str]]:
-    """The rendered table and the warnings (one per flagged run)."""
+def compare(paths: list[str], fmt: str = "markdown", cost: bool = False) -> tuple[str, list[str]]:
+    """The rendered table and the warnings (one per flagged run); ``cost``: with the training's cost per method."""
     if not paths:
         raise DataError("compare needs at least one run directory")
     seen: dict[Path, str] = {}
@@ -282,7 +401,7 @@ def compare(paths: list[str], fmt: str = "markdown") -> tuple[str, list[str]]:
     runs = [load_run(p) for p in paths]
     rows = table(runs)
     warnings = [f"{p}: " + "; ".join(f) for r in rows for p, f in r["flagged"].items()]
-    return render(rows, fmt), warnings
+    return render(rows, fmt, cost), warnings
 
 
 __all__ = ["compare", "load_run", "table", "render", "method_label"]

@@ -39,7 +39,8 @@ def evaluate_checkpoints(
     test_data: tuple | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the named checkpoints of a run (``which`` best / last / best-ema / last-ema, or
-    ``None`` for a checkpoint file); returns one result entry per checkpoint and attack.
+    ``None`` for a checkpoint file); returns one result entry per checkpoint and attack, each with its per-class
+    accuracy (``per_class``).
 
     AutoAttack runs on the first ``n_eval_aa`` test samples, the other attacks on the first
     ``n_eval`` (all if ``None``); each entry records its eps, step, backend, seed, data set and the
@@ -133,11 +134,12 @@ def evaluate_checkpoints(
         if which is not None:
             done[same] = name
         res: dict[str, float] = {}
+        per_class: dict[str, list[float | None]] = {}
         main = [s for s in specs if parse_eval_attack(s)[0] != "aa"]
         if main:
-            res.update(evaluate(net, x[:n_main], y[:n_main], main, **kw))
+            res.update(evaluate(net, x[:n_main], y[:n_main], main, per_class=per_class, **kw))
         if len(main) < len(specs):
-            res.update(evaluate(net, x[:n_aa], y[:n_aa], ["aa"], **kw))
+            res.update(evaluate(net, x[:n_aa], y[:n_aa], ["aa"], per_class=per_class, **kw))
         new = [
             results.entry(
                 name,
@@ -151,6 +153,7 @@ def evaluate_checkpoints(
                 n_total=len(y),
                 data=cfg.data,
                 seed=int(cfg.seed),
+                per_class=per_class[spec],
             )
             for spec, acc in res.items()
         ]

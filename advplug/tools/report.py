@@ -12,6 +12,9 @@ every title names the run: plugins, objective, data set, eps, seed and the plugi
   GAIRAT's kappa, LRAT's t, BAT's poisoning score q);
 * ``extremes``: the training images with the highest and the lowest weights of the last
   dumped epoch (as MeoW Fig. 2 and BiLAW Fig. 3 show them);
+* ``per_class``: robust accuracy per class on the test set, one panel per attack, one group of
+  bars per checkpoint evaluated (best, last, EMA), each checkpoint's worst class named: only
+  when ``results.json`` / ``eval.json`` record per-class accuracies;
 * ``roc``: only for a run with injection flags (``RUN_DIR/injection.npz``, written by the
   ground-truth benchmark ``benchmarks/groundtruth``): ROC curves of "low weight means injected"
   and of the run's true-class confidence per injected group.
@@ -33,6 +36,7 @@ import numpy as np
 
 from advplug.config import read_run_config
 from advplug.errors import DataError
+from advplug.run import results
 from advplug.run.dump import read_dumps, weight_column
 from advplug.run.metrics import read_metrics
 
@@ -324,6 +328,63 @@ def figure_extremes(run_dir: Path, cfg: dict[str, Any], n: int = 8, data: str | 
     return fig
 
 
+def per_class_groups(run_dir: Path, cfg: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{attack column: {checkpoint label: entry}}``: the robust entries with per-class accuracies that ``compare``
+    would show (``results.chosen_entries``); a best that is the last checkpoint (same epoch and numbers) is one
+    group, ``best = last``."""
+    robust = [e for e in results.read_run(run_dir, cfg) if e["attack"] != "natural" and e.get("per_class")]
+    chosen = results.chosen_entries(robust, cfg.get("eps"))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for which in results.CHECKPOINTS:
+        for (w, column), e in chosen.items():
+            if w == which:
+                out.setdefault(column, {})[which] = e
+    for panel in out.values():
+        for kind in ("", "-ema"):
+            best, last = panel.get(f"best{kind}"), panel.get(f"last{kind}")
+            if best and last and (best["epoch"], best["per_class"]) == (last["epoch"], last["per_class"]):
+                del panel[f"best{kind}"]
+                panel[f"best{kind} = last{kind}"] = panel.pop(f"last{kind}")
+    return out
+
+
+@styled
+def figure_per_class(run_dir: Path, cfg: dict[str, Any]):
+    """Robust accuracy per class: one panel per attack, a group of bars per checkpoint; ``None`` without per-class
+    data."""
+    from matplotlib.ticker import MaxNLocator
+
+    panels = per_class_groups(run_dir, cfg)
+    if not panels:
+        return None
+    plt = _plt()
+    names = list(dict.fromkeys(n for groups in panels.values() for n in groups))  # one colour per checkpoint
+    fig, axes = plt.subplots(len(panels), 1, figsize=(WIDTH, 0.9 + 2.1 * len(panels)), squeeze=False)
+    legend: dict[str, Any] = {}
+    for ax, (column, groups) in zip(axes[:, 0], panels.items()):
+        width = 0.8 / len(groups)
+        worst = []
+        for i, (name, e) in enumerate(groups.items()):
+            pts = [(k, 100 * a) for k, a in enumerate(e["per_class"]) if a is not None]
+            x = [k - 0.4 + (i + 0.5) * width for k, _ in pts]
+            bars = ax.bar(x, [a for _, a in pts], width, color=f"C{names.index(name)}")
+            legend.setdefault(f"{name} (epoch {e['epoch']})", bars)
+            w = min(pts, key=lambda p: (p[1], p[0]))
+            worst.append(f"{w[0]} ({name}, {w[1]:.1f} %)")
+        k = max(len(e["per_class"]) for e in groups.values())
+        ax.set_xlim(-0.6, k - 0.4)
+        if k <= 20:
+            ax.set_xticks(range(k))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
+        ax.set_ylim(0, 100)
+        ax.set(ylabel="accuracy (%)", title=f"{column}: worst class {', '.join(worst)}")
+    axes[-1, 0].set_xlabel("class")
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(3, len(legend)), frameon=False)
+    set_title(fig, "robust accuracy per class on the test set", cfg)
+    return fig
+
+
 def training_images(cfg: dict[str, Any], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Training images by training-set index, as the run numbered them (validation held out)."""
     from advplug.config import RECORD_ONLY, TrainConfig
@@ -468,6 +529,10 @@ def figures(run_dir: str | Path, data: str | None = None, log=None) -> dict[str,
     except DataError as e:
         say(f"note: {e}")
     figs["roc"] = figure_roc(run)  # only for runs with injection flags
+    try:  # only for runs whose results record per-class accuracies
+        figs["per_class"] = figure_per_class(run, cfg)
+    except DataError as e:  # a damaged results.json / eval.json: the other figures still
+        say(f"note: per_class.png skipped: {e}")
     if not read_dumps(run, "weights"):
         shown = "weights.png shows the logged min/mean/max only, and " if figs["weights"] is not None else ""
         say(

@@ -252,8 +252,10 @@ def summary(sweep: Sweep, points: dict[str, Any] | None = None) -> list[str]:
 
 def report(sweep: Sweep, fmt: str = "markdown") -> tuple[str, list[str]]:
     """The compare table over the finished points, one table per combination of the non-seed
-    grid axes (data sets...), mean ± std over seeds; and compare's warnings."""
+    grid axes (data sets...), mean ± std over seeds, with the sweep's reported numbers beside them; and
+    compare's warnings."""
     from advplug.tools.compare import compare
+    from advplug.tools.reported import beside
 
     groups: dict[str, list[str]] = {}
     skipped = []
@@ -267,8 +269,12 @@ def report(sweep: Sweep, fmt: str = "markdown") -> tuple[str, list[str]]:
     if not groups:
         return NOTHING_FINISHED, skipped
     texts, warnings = [], list(skipped)
+    method_of = {str(sweep.dir(p)): p.method for p in sweep.points}
     for key, paths in groups.items():
-        text, warn = compare(paths, fmt)
+        if sweep.reported:  # the papers' numbers beside ours (advplug.tools.reported)
+            text, warn = beside(paths, fmt, sweep.reported, lambda path, cfg: method_of.get(path))
+        else:
+            text, warn = compare(paths, fmt)
         texts.append((f"### {key}\n\n" if key and fmt == "markdown" else "") + text)
         warnings += warn
     return "\n\n".join(texts), warnings

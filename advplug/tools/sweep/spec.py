@@ -26,6 +26,14 @@ The sweep file (TOML, or JSON with the same structure)::
     [[method]]
     name = "at"                     # optional: the point names' prefix
 
+    [[reported]]                    # the papers' numbers, beside ours in the report (advplug.tools.reported)
+    method = "at"                   # a method's name: its name, else <plugins>-<objective>
+    attack = "pgd20"
+    checkpoint = "best"
+    value = 52.8
+    paper = "..."
+    table = "Table 1, row AT"
+
 Points are ``method x grid``, seed 0 of every method first. A setting's value is the grid's,
 else the method's, else ``[base]``'s, else ``advplug train``'s default.
 
@@ -49,13 +57,16 @@ from typing import Any
 
 from advplug.config import NUMBERS_FREE, build_config, merge_settings, read_settings_file, table_entries
 from advplug.errors import AdvplugError, OptionError
+from advplug.tools.reported import DEFAULTS, SECTION, Reported, is_reported_only, read_file
+from advplug.tools.reported import parse as parse_reported
 
+REPORTED_KEYS = (SECTION, DEFAULTS)  # the papers' numbers (advplug.tools.reported)
 # Set by the sweep itself, not by the sweep file.
 RESERVED = ("out", "progress")
 # Settings that do not change a run's numbers: left out of point names and of the check that a
 # run directory holds this point's run.
 NAME_FREE = NUMBERS_FREE
-TOP_KEYS = ("out", "retries", "jobs", "base", "grid", "method", "resources", "env", "slurm")
+TOP_KEYS = ("out", "retries", "jobs", "base", "grid", "method", "resources", "env", "slurm", *REPORTED_KEYS)
 
 
 @dataclass
@@ -66,6 +77,9 @@ class Point:
     env: dict[str, str] = field(default_factory=dict)
     cpus: float = 1.0
     gpus: float = 0.0
+    # the method's name (what [[reported]] names): its ``name``, else ``<plugins>-<objective>``, with ``#<number of
+    # its [[method]]>`` when several unnamed methods share that
+    method: str = ""
 
 
 @dataclass
@@ -76,6 +90,7 @@ class Sweep:
     retries: int = 2
     jobs: int = 1
     slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters (slurm_partition, timeout_min ...)
+    reported: list[Reported] = field(default_factory=list)  # the papers' numbers ([[reported]])
 
     def dir(self, p: Point) -> Path:
         return self.out / p.name
@@ -207,6 +222,7 @@ def expand(raw: dict[str, Any], where: str = "sweep file") -> list[Point]:
         axes.append((next(iter(first.settings)) if first.settings else k, bool(first.options), vals))
     axes.sort(key=lambda a: a[0] != "seed")  # seed outermost: every method's seed 0 runs first
     points: list[Point] = []
+    owner: list[int] = []  # each point's [[method]] index
     for combo in itertools.product(*[a[2] for a in axes]) if axes else [()]:
         g = _Layer(
             {k: v for (k, is_p, _), v in zip(axes, combo) if not is_p},
@@ -230,8 +246,16 @@ def expand(raw: dict[str, Any], where: str = "sweep file") -> list[Point]:
                     {**base.env, **m.env},
                     res["cpus"],
                     res["gpus"],
+                    m.name or "-".join([*(settings.get("plugins") or []), settings.get("objective", "at")]),
                 )
             )
+            owner.append(i)
+    owners: dict[str, set[int]] = {}
+    for p, i in zip(points, owner):
+        owners.setdefault(p.method, set()).add(i)
+    for p, i in zip(points, owner):  # unnamed methods sharing <plugins>-<objective>: told apart by their number
+        if len(owners[p.method]) > 1:
+            p.method += f"#{i + 1}"
     seen: dict[str, Point] = {}
     for p in points:
         if p.name in seen:
@@ -283,4 +307,26 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     out = Path(out or raw.get("out") or Path("sweeps") / path.stem)
     if out.exists() and not out.is_dir():  # found now, --dry-run too, not by the first mkdir
         raise OptionError(f"sweep directory {str(out)!r} is a file, not a directory: choose another out (or --out)")
-    return Sweep(path, out.absolute(), points, retries, jobs, dict(slurm))
+    reported = parse_reported(raw, {p.method for p in points}, f"sweep file {str(path)!r}")
+    return Sweep(path, out.absolute(), points, retries, jobs, dict(slurm), reported)
+
+
+def method_labels(sweep: Sweep) -> dict[str, set[str]]:
+    """Each method's name with the labels ``compare`` gives its runs (plugins, objective, options)."""
+    from advplug.tools.compare import method_label
+
+    out: dict[str, set[str]] = {}
+    for p in sweep.points:
+        out.setdefault(p.method, set()).add(method_label(build_config(p.settings).resolved().to_json()))
+    return out
+
+
+def load_reported(path: str | Path) -> tuple[list[Reported], dict[str, set[str]] | None]:
+    """``compare --reported FILE``: the entries of a file of reported numbers (its methods are compare's labels:
+    ``None``), or of a sweep file with each method's labels."""
+    if is_reported_only(read_settings_file(path, "reported", default="toml")):
+        return read_file(path), None
+    sweep = load_sweep(path)
+    if not sweep.reported:
+        raise OptionError(f"sweep file {str(path)!r} has no [[reported]] entries")
+    return sweep.reported, method_labels(sweep)

@@ -46,7 +46,9 @@ to escape local maxima); ``trades``: the KL loss ``KL(p(x) || p(x'))`` with ``p(
 batch in eval mode, start ``clamp(x + 0.001 N(0, 1), 0, 1)`` (``normal_distribution_randominit``),
 omega 0; ``mart``: cross-entropy, start normal, omega 0. eps and step size are the run's
 (``--eps``, ``--alpha``; the scripts use 0.031 and 0.007) and ``K`` is ``--steps`` (10).
-``tau >= K`` recovers the conventional attack (the authors' README).
+``tau >= K`` recovers the conventional attack (the authors' README). A per-sample budget a plugin sets
+(``ctx.budget``: ``eps`` / ``alpha`` ``[B]``, e.g. CFA's class-wise radius, its ``cw_fat_loss``) replaces the run's
+eps and step size per sample in the uniform start, the step and the projection.
 
 Where advplug's numbers differ from the authors' code (each an option; the defaults keep the numbers of
 earlier advplug runs; with ``--fat-noise continuing --fat-schedule-base zero`` the attack is ``earlystop.py``'s,
@@ -113,10 +115,15 @@ class EarlyStoppedPGD(torchattacks.PGD):
     ``"normal"`` (``clamp(x + 0.001 N(0, 1), 0, 1)``) or ``"none"``. ``omega``: std of the Gaussian
     noise added at every update; ``noise``: drawn for every sample still running (``"active"``, the
     stopping ones' draws dropped) or only for those updated (``"continuing"``, ``earlystop.py``).
-    After a call, ``stats()`` gives the per-sample signals.
+    After a call, ``stats()`` gives the per-sample signals. ``set_budget(eps, alpha)``: per-sample ``[B]`` radius and
+    step size (``advplug.Budget``; ``None``: the scalar) for the following calls, in the uniform start (the scalar
+    draw scaled by ``eps_b / eps``), the step and the projection; equal to the scalars, the scalar attack bit for bit.
 
     >>> atk = EarlyStoppedPGD(model, eps=8/255, alpha=2/255, steps=10, tau=1); x_adv = atk(x, y)
     """
+
+    budget_eps: Tensor | None = None
+    budget_alpha: Tensor | None = None
 
     def __init__(
         self,
@@ -140,9 +147,18 @@ class EarlyStoppedPGD(torchattacks.PGD):
             raise OptionError(f"--fat-noise: {noise!r} is not one of active, continuing")
         object.__setattr__(self, "_stats", {})
 
-    def first_iterate(self, images: Tensor) -> Tensor:
+    def set_budget(self, eps: Tensor | None = None, alpha: Tensor | None = None) -> EarlyStoppedPGD:
+        """Per-sample ``eps`` / ``alpha`` ``[B]`` for the following calls (``None``: the attack's scalar)."""
+        object.__setattr__(self, "budget_eps", eps)  # torchattacks' __setattr__ would compare tensors
+        object.__setattr__(self, "budget_alpha", alpha)
+        return self
+
+    def first_iterate(self, images: Tensor, eps_b: Tensor | None = None) -> Tensor:
         if self.start == "uniform":
-            return torch.clamp(images + torch.empty_like(images).uniform_(-self.eps, self.eps), 0, 1).detach()
+            noise = torch.empty_like(images).uniform_(-self.eps, self.eps)
+            if eps_b is not None:  # each sample's ball; a sample at the run's eps keeps the draw exactly
+                noise = torch.where(eps_b == self.eps, noise, noise * (eps_b / self.eps))
+            return torch.clamp(images + noise, 0, 1).detach()
         if self.start == "normal":
             return torch.clamp(images + 0.001 * torch.randn_like(images), 0, 1).detach()
         return images.clone().detach()
@@ -151,7 +167,8 @@ class EarlyStoppedPGD(torchattacks.PGD):
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
         b, k, dev = labels.shape[0], self.steps, images.device
-        adv = self.first_iterate(images)
+        eps_b, alpha_b = _per_sample(self.budget_eps, images), _per_sample(self.budget_alpha, images)
+        adv = self.first_iterate(images, eps_b)
         p_nat = None
         if self.loss == "kl":
             with torch.no_grad():
@@ -185,7 +202,7 @@ class EarlyStoppedPGD(torchattacks.PGD):
             grad = torch.autograd.grad(cost, xa)[0]
             keep = ~stop
             go = active[keep]
-            adv[go] = self.update(xa.detach(), grad, images[active], keep)
+            adv[go] = self.update(xa.detach(), grad, images[active], keep, _rows(eps_b, active), _rows(alpha_b, active))
             stop_step[go] += 1
             active = go
             if active.numel() == 0:
@@ -194,18 +211,32 @@ class EarlyStoppedPGD(torchattacks.PGD):
         object.__setattr__(self, "_stats", stats)  # torchattacks' __setattr__ walks dicts of attacks
         return adv.detach()
 
-    def update(self, x: Tensor, grad: Tensor, x0: Tensor, keep: Tensor) -> Tensor:
-        """The next iterate of the rows ``keep`` of the running batch: sign step, omega's noise, projection."""
+    def update(
+        self, x: Tensor, grad: Tensor, x0: Tensor, keep: Tensor, eps: Tensor | None = None, alpha: Tensor | None = None
+    ) -> Tensor:
+        """The next iterate of the rows ``keep`` of the running batch: sign step, omega's noise, projection.
+        ``eps`` / ``alpha``: the running rows' budgets ``[n, 1, ...]`` (``None``: the scalars)."""
         if self.noise == "continuing":  # earlystop.py: the batch shrinks first, then the noise is drawn
             x, grad, x0 = x[keep], grad[keep], x0[keep]
-        nxt = x + self.alpha * grad.sign()
+            eps, alpha = _rows(eps, keep), _rows(alpha, keep)
+        nxt = x + (self.alpha if alpha is None else alpha) * grad.sign()
         if self.omega or self.noise == "continuing":  # earlystop.py draws the noise even at omega 0
             nxt = nxt + self.omega * torch.randn_like(nxt)
-        nxt = torch.clamp(x0 + torch.clamp(nxt - x0, -self.eps, self.eps), 0, 1)
+        delta = torch.clamp(nxt - x0, -self.eps, self.eps) if eps is None else torch.clamp(nxt - x0, -eps, eps)
+        nxt = torch.clamp(x0 + delta, 0, 1)
         return nxt if self.noise == "continuing" else nxt[keep]
 
     def stats(self) -> dict[str, Tensor]:
         return dict(self._stats)
+
+
+def _per_sample(t: Tensor | None, like: Tensor) -> Tensor | None:
+    """A ``[B]`` budget as ``[B, 1, ...]`` in ``like``'s dtype, or ``None``."""
+    return None if t is None else t.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+
+def _rows(t: Tensor | None, rows: Tensor) -> Tensor | None:
+    return None if t is None else t[rows]
 
 
 class FAT:
@@ -300,6 +331,8 @@ class FAT:
     @hookimpl
     def generate_adversaries(self, ctx: StepContext) -> list[Variant]:
         self.attack.tau = self.tau(ctx.epoch)
+        budget = getattr(ctx, "budget", None)  # per-sample eps / alpha (CFA's CCM); None fields: the run's scalars
+        self.attack.set_budget(*((budget.eps, budget.alpha) if budget is not None else (None, None)))
         x_adv = self.attack(ctx.x, ctx.y)
         stats = self.attack.stats()
         self._stop_sum = self._stop_sum + stats["stop_step"].sum()  # on the device; read once per epoch

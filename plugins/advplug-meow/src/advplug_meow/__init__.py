@@ -306,7 +306,7 @@ class MeoW:
             self.optimizer.step()
         else:
             self._ema_update(feats.float(), idx, mask.float())
-        self.usage += torch.bincount(idx, minlength=self.usage.shape[0])
+        self.usage.index_add_(0, idx, torch.ones_like(idx))  # codes' use counts (no data-dependent shape)
         s = self._epoch_stats
         s["selected"] = s.get("selected", 0) + mask.sum()
         s["candidates"] = s.get("candidates", 0) + mask.numel()  # Python int
@@ -325,7 +325,7 @@ class MeoW:
         k = self.ema_count.shape[0]
         smoothed = (self.ema_count + 1e-5) / (total + k * 1e-5) * total  # Laplace smoothing (Sonnet's VQ-VAE)
         updated = n > 0  # codes without selected embeddings this step stay where they are
-        self.codebook[updated] = (self.ema_sum / smoothed[:, None])[updated]
+        self.codebook.copy_(torch.where(updated[:, None], self.ema_sum / smoothed[:, None], self.codebook))
 
     def _push_ring(self, feats: Tensor) -> None:
         r = self.ring.shape[0]
