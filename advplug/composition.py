@@ -13,6 +13,7 @@ CORE = "the core"
 CORE_VIEWS = {"pgd": ("kappa", "p_true_lps")}  # the core's PGD-K when no plugin generates variants
 CORE_NEEDS = {"natural", "features", "loss", "validation"}
 REGULARISED = ("trades", "mart")  # the losses with a strength Budget.beta sets per sample
+ATTACK_BUDGET = ("eps", "alpha")  # the Budget fields an attack applies (Declaration.reads of a variant's maker)
 
 
 @dataclass
@@ -111,9 +112,10 @@ def check_composition(
     naming both plugins and the missing piece; returns the composition's meaning otherwise.
     Pure: no plugin is called.
     """
-    check_budget(declarations, objective, owner)
-    check_averaging(declarations)
     undeclared = list(undeclared_generators)
+    check_budget(declarations, objective, owner)
+    check_budget_reads(declarations, objective, undeclared)
+    check_averaging(declarations)
     views: dict[str, tuple[str, ...]] | None = {}
     makers: dict[str, str] = {}
     replaced = any(d.variants for n, d in declarations.items() if n != objective)
@@ -258,7 +260,15 @@ def check_budget(declarations: dict[str, Declaration], objective: str, owner: st
                     setter[q], n, f"both set {q} per sample (attack_budget); only one plugin may", f"both set {q}"
                 )
             setter[q] = n
-    if "beta" in setter and owner not in REGULARISED:
+        unknown = sorted(d.reads - set(BUDGET_FIELDS))
+        if unknown:
+            raise _fail(
+                n,
+                n,
+                f"declares that it reads {unknown[0]!r}, not a per-sample quantity (reads: {', '.join(BUDGET_FIELDS)})",
+            )
+    reads_beta = owner is not None and "beta" in declarations.get(owner, Declaration()).reads
+    if "beta" in setter and owner not in REGULARISED and not reads_beta:
         n = setter["beta"]
         if owner in (None, objective):
             raise _fail(
@@ -272,9 +282,37 @@ def check_budget(declarations: dict[str, Declaration], objective: str, owner: st
             n,
             owner,
             f"{n} sets beta, the per-sample strength of TRADES' / MART's regulariser, but the loss is {owner}'s, "
-            "which does not read it",
+            f"which does not read it ({owner} does not declare reads={{'beta'}})",
             "beta with another loss",
         )
+
+
+def check_budget_reads(declarations: dict[str, Declaration], objective: str, undeclared: list[str]) -> None:
+    """A per-sample ``eps`` / ``alpha`` must reach every attack that makes the run's variants: each generator declares
+    it in ``Declaration.reads``; an undeclared generator may ignore it. The objective's own attack counts only when no
+    plugin's variants replace it (``check_composition``); ``beta`` is the loss's (``check_budget``)."""
+    setter = {q: n for n, d in declarations.items() for q in d.sets if q in ATTACK_BUDGET}
+    replaced = any(d.variants for n, d in declarations.items() if n != objective)
+    for q in (q for q in ATTACK_BUDGET if q in setter):
+        s = setter[q]
+        if undeclared:
+            g = undeclared[0]
+            raise _fail(
+                s,
+                g,
+                f"{s} sets the per-sample {q}, but {g} generates variants and declares nothing, so its attacks may "
+                f"ignore it (if its attack applies ctx.budget.{q}, say so with declare(objective) returning "
+                f"Declaration(variants={{name: stats}}, reads={{{q!r}}}))",
+                f"undeclared {g} beside per-sample {q}",
+            )
+        for g, d in declarations.items():
+            if d.variants and not (replaced and g == objective) and q not in d.reads:
+                raise _fail(
+                    s,
+                    g,
+                    f"{s} sets the per-sample {q}, but {g}'s attacks ignore it ({g} does not declare reads={{{q!r}}})",
+                    f"{g}'s attacks ignore {q}",
+                )
 
 
 def check_averaging(declarations: dict[str, Declaration]) -> None:

@@ -193,6 +193,11 @@ class Declaration:
     ``sets``: the per-sample quantities its ``attack_budget`` returns, a subset of ``{"eps", "alpha", "beta"}``
     (``Budget``); two plugins setting the same one, or ``"beta"`` under a loss without a regulariser (``at``), are
     refused, and returning a field not declared here is an error at the first step.
+    ``reads``: the quantities of ``ctx.budget`` it honours, a subset of ``{"eps", "alpha", "beta"}``: ``eps`` /
+    ``alpha`` for a plugin whose ``variants`` come from an attack that applies them (FAT's early-stopped PGD); ``beta``
+    for a loss owner whose loss applies it. A plugin that sets ``eps`` or ``alpha`` beside one that makes the run's
+    variants without reading it (or an undeclared generator) is refused, as is ``beta`` beside a plugin's loss that
+    does not read it: the budget would have no effect.
     ``provides`` may also hold ``"averaging"``: the plugin's ``average_weights`` keeps the run's averaged model.
     """
 
@@ -206,6 +211,7 @@ class Declaration:
     own_scale: bool = False
     meaning: str = ""
     sets: frozenset[str] = frozenset()
+    reads: frozenset[str] = frozenset()
 
 
 FEATURES_HOW = (

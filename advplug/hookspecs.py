@@ -55,12 +55,14 @@ def declare(objective: str) -> Declaration | None:
         weighs the natural term, the variants it generates with the per-sample stats they carry,
         a local method's anchor (its x*), its needs (``"stat:kappa"`` on its view,
         ``"validation"``, ``"loss"``, ...) and a one-line meaning; or ``None`` (an undeclared
-        plugin: global weights read from ``ctx.anchor``; variants it generates are unchecked).
+        plugin: global weights read from ``ctx.anchor``; variants it generates are unchecked, and refused
+        beside a plugin that sets a per-sample ``eps`` / ``alpha``).
 
     **Combining**: collected once, in ``plugins.enable``, before any data is loaded or any step
     runs; ``composition.check_composition`` checks the whole set: duplicate variant names, two local
     methods, a view nobody makes, a stat the view does not record, natural weights with a loss
-    that has no natural term, a meta-learning need beside local weights. Each failure is one line
+    that has no natural term, a meta-learning need beside local weights, a per-sample budget that an
+    attack making the run's variants ignores (``Declaration.reads``). Each failure is one line
     naming both plugins and the missing piece. Must not touch the model or data.
     """
 
@@ -113,7 +115,10 @@ def attack_budget(ctx: StepContext) -> Budget | None:
     or a plugin's loss), are refused at start-up (``composition.check_composition``), so no field has two sources.
     The core's PGD, TRADES' KL attack and the ``pgd`` / ``tpgd`` attacks of ``TrainContext.make_attack`` apply
     ``eps`` and ``alpha`` (``[B, 1, 1, 1]`` in the random start, the step and the projection; equal to the run's
-    scalars they give exactly the scalar attack); a plugin's own attack reads ``ctx.budget`` itself.
+    scalars they give exactly the scalar attack); a plugin's own attack reads ``ctx.budget`` itself and says so
+    with ``Declaration.reads`` (``{"eps", "alpha"}``: FAT's): a per-sample ``eps`` / ``alpha`` beside a plugin whose
+    variants come from an attack that does not declare it (LRAT's, WMMR's), or from an undeclared one, is refused at
+    start-up, since it would have no effect.
 
     Must not run the model for training purposes or sync the host (no ``.item()``): it runs every step.
     """

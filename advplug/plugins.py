@@ -196,13 +196,10 @@ def enable(names: list[str], objective: str = "at", options: dict[str, Any] | No
     owners = loss_owners(enabled)
     requested: set[str] = set().union(*[r for r in pm.hook.requirements() if r])
     gens = {i.plugin_name for i in pm.hook.generate_adversaries.get_hookimpls()}
-    decls = _declarations(enabled)
+    undeclared: set[str] = set()
+    decls = _declarations(enabled, undeclared)
     composition = check_composition(
-        decls,
-        objective,
-        owners[0] if owners else None,
-        requested,
-        [n for n in gens if not decls[n].variants and not _declares(pm, n)],
+        decls, objective, owners[0] if owners else None, requested, sorted(gens & undeclared)
     )
     if requested - KNOWN_REQUIREMENTS:
         raise PluginError(f"unknown requirement(s) {', '.join(sorted(requested - KNOWN_REQUIREMENTS))}")
@@ -221,19 +218,17 @@ OBJECTIVE_DECLARATIONS = {
     "trades": Declaration(
         variants={"tpgd": ("kappa", "p_true_lps")},
         provides=frozenset({"natural-term"}),
+        reads=frozenset({"eps", "alpha"}),  # its KL attack applies ctx.budget
         meaning="natural CE + beta KL(p(x) || p(x'))",
     ),
     "mart": Declaration(meaning="BCE(x') + beta KL (1 - p_y(x))"),
 }
 
 
-def _declares(pm: pluggy.PluginManager, name: str) -> bool:
-    return any(i.plugin_name == name for i in pm.hook.declare.get_hookimpls())
-
-
-def _declarations(enabled: Enabled) -> dict[str, Declaration]:
-    """Each enabled plugin's ``declare`` result (objective first). A plugin without one is a
-    global weigher reading ``ctx.anchor`` if it implements ``compute_weights``."""
+def _declarations(enabled: Enabled, undeclared: set[str] | None = None) -> dict[str, Declaration]:
+    """Each enabled plugin's ``declare`` result (objective first). A plugin without one (no ``declare``, or it
+    returned ``None``; added to ``undeclared``) is a global weigher reading ``ctx.anchor`` if it implements
+    ``compute_weights``."""
     pm = enabled.pm
     declare = dict(per_plugin(pm, "declare"))
     weighers = {i.plugin_name for i in pm.hook.compute_weights.get_hookimpls()}
@@ -245,6 +240,8 @@ def _declarations(enabled: Enabled) -> dict[str, Declaration]:
             d = OBJECTIVE_DECLARATIONS.get(name) if name == enabled.objective else None
         if d is None:
             d = Declaration(weights="global" if name in weighers else None)
+            if undeclared is not None:
+                undeclared.add(name)
         if not isinstance(d, Declaration):
             raise PluginError(f"plugin {name!r}: declare() must return an advplug.Declaration, got {type(d).__name__}")
         out[name] = d

@@ -23,7 +23,7 @@ def test_half_of_the_hard_class_is_flipped_to_other_classes_and_nothing_else():
     assert len(set(out[changed].tolist())) > 3  # spread over the other classes
 
 
-@pytest.mark.slow  # three tiny trainings and PGD-20 on the 360 test images: about 15 s
+@pytest.mark.slow  # four tiny trainings and PGD-20 on the 360 test images: about 20 s
 def test_a_tiny_run_of_every_method_writes_its_table(tmp_path):
     s = hc.Settings(out=str(tmp_path), seeds=(0,), epochs=2, n_train=200, steps=2)
     rows = hc.run(s, log=lambda line: None)
@@ -31,7 +31,7 @@ def test_a_tiny_run_of_every_method_writes_its_table(tmp_path):
     with np.load(tmp_path / "data" / "seed0.npz") as f:
         flipped = f["y_train"] != f["true_train"]
         assert flipped.sum() == round(s.flip * (f["true_train"] == 3).sum()) and (f["true_train"][flipped] == 3).all()
-    assert {r["method"] for r in rows} == {"trades", "cfa", "dafa"}
+    assert {r["method"] for r in rows} == {"trades", "cfa", "cfa-trades-scale", "dafa"}
     for r in rows:
         assert len(r["pgd20_per_class"]) == 10 and r["worst_pgd20"] == min(r["pgd20_per_class"])
         assert r["hard_pgd20"] == r["pgd20_per_class"][3]

@@ -8,13 +8,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from advplug.attack_names import parse_eval_attack
-from advplug.config import TrainConfig
-from advplug.data import check_data_import, load_dataset
 from advplug.devices import pick_device
-from advplug.errors import CheckpointError, OptionError
-from advplug.evaluate import check_art_autoattack, evaluate, gather_tensors
-from advplug.models import build_model, check_model_import
-from advplug.run import checkpoint, results
+from advplug.errors import OptionError
+from advplug.evaluate import check_art_autoattack, evaluate
+from advplug.run import results
+from advplug.tools.eval_inputs import checkpoint_model, checkpoint_test_set, load_checkpoint
 
 SUITES = {"paper": ("natural", "pgd20", "pgd100", "cw20", "apgd-ce", "aa")}
 
@@ -65,49 +63,15 @@ def evaluate_checkpoints(
     data_cache: dict = {}
     done: dict[tuple[bool, int], str] = {}  # (EMA?, epoch) -> the checkpoint name evaluated there
     for which in whiches:
-        if which in ("best", "best-ema"):
-            ck = checkpoint.load_best(target, ema=which == "best-ema")
-        elif which == "last-ema":
-            ck = checkpoint.last_as(checkpoint.load(target, "last", need="eval"), ema=True)
-        else:
-            ck = checkpoint.load(target, which or "last", need="eval")
-        saved = checkpoint.saved_config(ck)
-        try:
-            cfg = TrainConfig.from_json(saved).resolved(recorded=True)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{ck['path']!r} is damaged: its config is not readable ({e})") from None
-        check_model_import(cfg.model, model)
-        if test_data is None:
-            check_data_import(cfg.data, data)
+        ck = load_checkpoint(target, which)
+        cfg, net = checkpoint_model(ck, model, dev)
         if data_root:
             cfg.data_root = data_root
-        try:
-            net = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"]), allow_import=True).to(dev)
-        except RuntimeError as e:  # e.g. a damaged input shape that asks for terabytes
-            raise CheckpointError(
-                f"{ck['path']!r}: model {cfg.model!r} cannot be built for "
-                f"{ck['num_classes']} classes of shape {tuple(ck['input_shape'])} ({checkpoint._first_line(e)})"
-            ) from None
-        checkpoint.load_model_state(net, ck, cfg.model)
         if test_data is not None and cfg.data not in data_cache:
             _check_test_data(test_data, ck)
             data_cache[cfg.data] = tuple(t.to(dev) for t in test_data)
         if cfg.data not in data_cache:
-            bundle = load_dataset(
-                cfg.data,
-                cfg.data_root,
-                False,
-                image_size=cfg.image_size,  # module: repeated
-                test_fraction=cfg.test_fraction,
-                allow_import=True,
-            )  # (checked above)
-            if (bundle.num_classes, tuple(bundle.input_shape)) != (int(ck["num_classes"]), tuple(ck["input_shape"])):
-                raise CheckpointError(
-                    f"{ck['path']!r} was trained for {ck['num_classes']} classes of shape {tuple(ck['input_shape'])}, "
-                    f"but its data set {cfg.data!r} has {bundle.num_classes} classes of shape "
-                    f"{tuple(bundle.input_shape)}"
-                )
-            data_cache[cfg.data] = gather_tensors(bundle.test, None, dev)
+            data_cache[cfg.data] = checkpoint_test_set(cfg, ck, data, None, dev)[:2]
         x, y = data_cache[cfg.data]
         e = eps if eps is not None else cfg.eps
         a = alpha if alpha is not None else e / 4

@@ -23,13 +23,13 @@ from torch import Tensor, nn
 from advplug.attack_names import canonical_spec, display_name
 from advplug.attacks import make_eval_attack
 from advplug.config import TrainConfig, read_run_config
-from advplug.data import check_data_import, load_dataset
 from advplug.devices import pick_device
 from advplug.errors import CheckpointError, DataError, OptionError
-from advplug.evaluate import class_accuracy, evaluate, gather_tensors
-from advplug.models import build_model, check_model_import
+from advplug.evaluate import class_accuracy, evaluate
+from advplug.models import build_model
 from advplug.run import checkpoint, results
 from advplug.run.directory import RunLock, fault_point, subdir, write_bytes, write_json
+from advplug.tools.eval_inputs import checkpoint_model, checkpoint_test_set, load_checkpoint
 
 LEADERBOARD_EPS = {"cifar10": 8 / 255, "cifar100": 8 / 255}  # RobustBench's Linf leaderboards advplug has data for
 RB_DATASETS = ("cifar10", "cifar100", "imagenet")
@@ -114,15 +114,6 @@ def _run_dir(target: str | Path) -> Path:
     return run
 
 
-def load_checkpoint(run: Path, which: str) -> dict[str, Any]:
-    """``best`` / ``best-ema`` as recorded (``checkpoint.load_best``), ``last`` / ``last-ema`` from ``last.pt``."""
-    if which not in WHICH:
-        raise OptionError(f"--which {which!r}: choose from {', '.join(WHICH)}")
-    if which.startswith("best"):
-        return checkpoint.load_best(run, ema=which == "best-ema")
-    return checkpoint.last_as(checkpoint.load(run, "last", need="eval"), ema=which == "last-ema")
-
-
 def _unprefixed(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Keys without DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes."""
     out = {}
@@ -133,19 +124,14 @@ def _unprefixed(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def build_net(ck: dict[str, Any], model: str | None) -> tuple[TrainConfig, nn.Module]:
-    """The run's settings and its model with the checkpoint's weights, in eval mode (on the CPU)."""
-    try:
-        cfg = TrainConfig.from_json(checkpoint.saved_config(ck)).resolved(recorded=True)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{ck['path']!r} is damaged: its config is not readable ({e})") from None
-    check_model_import(cfg.model, model)
-    try:
-        net = build_model(cfg.model, int(ck["num_classes"]), tuple(ck["input_shape"]), allow_import=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{ck['path']!r}: model {cfg.model!r} cannot be built ({e})") from None
-    checkpoint.load_model_state(net, {**ck, "model": _unprefixed(ck["model"])}, cfg.model)
-    return cfg, net.eval()
+def _checkpoint_model(run: Path, which: str, model: str | None) -> tuple[dict[str, Any], TrainConfig, nn.Module]:
+    """Checkpoint ``which`` (one of ``WHICH``), the run's settings and its model with the checkpoint's weights
+    (keys without prefixes), in eval mode on the CPU."""
+    if which not in WHICH:
+        raise OptionError(f"--which {which!r}: choose from {', '.join(WHICH)}")
+    ck = load_checkpoint(run, which)
+    cfg, net = checkpoint_model({**ck, "model": _unprefixed(ck["model"])}, model)
+    return ck, cfg, net
 
 
 def _probe(shape: list[int]) -> Tensor:
@@ -288,8 +274,7 @@ def export(
     taken = [str(p) for p in (pt, js) if p.exists()]
     if taken and not overwrite:
         raise OptionError(f"{taken[0]!r} exists: --overwrite replaces it, or choose another --name or --out")
-    ck = load_checkpoint(run, which)
-    cfg, net = build_net(ck, model)
+    ck, cfg, net = _checkpoint_model(run, which, model)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     check_keys(state)
     check_deterministic(net, ck["input_shape"])
@@ -316,24 +301,6 @@ def export(
 
 
 # -- the resumable suite ---------------------------------------------------------------------------------------------
-def _test_points(
-    cfg: TrainConfig, ck: dict[str, Any], data: str | None, dev: torch.device
-) -> tuple[Tensor, Tensor, int]:
-    """The first ``N_POINTS`` test samples on the device, and the size of the test set."""
-    check_data_import(cfg.data, data)
-    bundle = load_dataset(
-        cfg.data, cfg.data_root, False, image_size=cfg.image_size, test_fraction=cfg.test_fraction, allow_import=True
-    )
-    if (bundle.num_classes, tuple(bundle.input_shape)) != (int(ck["num_classes"]), tuple(ck["input_shape"])):
-        raise CheckpointError(
-            f"{ck['path']!r} was trained for {ck['num_classes']} classes of shape {tuple(ck['input_shape'])}, but its "
-            f"data set {cfg.data!r} has {bundle.num_classes} of shape {tuple(bundle.input_shape)}"
-        )
-    total = len(bundle.test[1]) if isinstance(bundle.test, tuple) else len(bundle.test)
-    x, y = gather_tensors(bundle.test, N_POINTS, dev)
-    return x, y, total
-
-
 def _what(cfg: TrainConfig, attack: str, n: int, total: int, eps: float) -> str:
     points = f"the first {n} of {total} test points" if n < total else f"all {total} test points"
     if total < N_POINTS:
@@ -466,8 +433,7 @@ def robustbench_eval(
         results.read_evals(run / "eval.json")  # a damaged eval.json: found now, not after hours of attacks
         done: dict[str, str] = {}  # weights digest -> the checkpoint evaluated with them
         for which in whiches:
-            ck = load_checkpoint(run, which)
-            cfg, net = build_net(ck, model)
+            ck, cfg, net = _checkpoint_model(run, which, model)
             epoch, digest = int(ck["epoch"]) + 1, weights_digest(net)
             if digest in done:
                 out += [{**e, "checkpoint": which} for e in out if e["checkpoint"] == done[digest]]
@@ -478,7 +444,7 @@ def robustbench_eval(
             if data_root:
                 cfg.data_root = data_root
             net.to(dev)
-            x, y, total = _test_points(cfg, ck, data, dev)
+            x, y, total = checkpoint_test_set(cfg, ck, data, N_POINTS, dev)
             eps, n = standard_eps(cfg.data, cfg.eps), len(y)
             log(
                 f"{which} (epoch {epoch}): {_what(cfg, attack, n, total, eps)}, chunks of {chunk_size}, seed {cfg.seed}"

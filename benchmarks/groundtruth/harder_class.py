@@ -3,16 +3,17 @@ robust accuracy over plain TRADES?
 
 The embedded digits with one class made harder: a quarter of its training labels (``--flip 0.25``, of class
 ``--hard-class``, 3 by default) replaced by a uniformly drawn other class, fixed by the seed; the test split
-unchanged. Each seed's set
-is written as ``OUT/data/seed<S>.npz`` and every run trains on ``--data npz:<it>``. Methods: ``--objective trades``
-alone, ``--plugin cfa`` and ``--plugin dafa`` (both with TRADES), at their defaults except the epoch their class-wise
-part starts: ``--cfa-begin`` and ``--dafa-warmup`` are ``--switch`` (a third of the run by default), so that both
-switch within the run. Scores on the 360 test images, of the last epoch's model: natural accuracy, PGD-20 accuracy
-(eps 0.2, step eps/4, as ``advplug eval``) and, from the same predictions, the PGD-20 accuracy of each class, its
-minimum (the worst class, and which one) and the hard class's; for CFA also its FAWA model (the averaged model,
-when it took weights). From the repository root::
+unchanged. Each seed's set is written as ``OUT/data/seed<S>.npz`` and every run trains on ``--data npz:<it>``.
+Methods: ``--objective trades`` alone, ``--plugin cfa``, ``cfa-trades-scale`` (``--plugin cfa --cfa-loss-scale
+trades``: CFA's calibration at plain TRADES' loss scale, not its code's 1 / (1 + beta)) and ``--plugin dafa`` (all
+with TRADES), at their defaults except the epoch their class-wise part starts: ``--cfa-begin`` and ``--dafa-warmup``
+are ``--switch`` (a third of the run by default), so that both switch within the run. Scores on the 360 test images,
+of the last epoch's model: natural accuracy, PGD-20 accuracy (eps 0.2, step eps/4, as ``advplug eval``) and, from the
+same predictions, the PGD-20 accuracy of each class, its minimum (the worst class, and which one) and the hard
+class's; for CFA also its FAWA model (the averaged model, when it took weights). From the repository root::
 
-    python -m benchmarks.groundtruth.harder_class --out runs/harder-class          # 3 seeds x 3 methods x 12 epochs
+    python -m benchmarks.groundtruth.harder_class --out runs/harder-class          # 3 seeds x 4 methods x 12 epochs
+    python -m benchmarks.groundtruth.harder_class --out DIR --methods cfa-trades-scale   # one method alone
 
 Writes ``OUT/harder-class.json`` (every run's numbers, per class) and ``OUT/harder-class.md`` (the table).
 """
@@ -37,7 +38,8 @@ from advplug.engine.trainer import Trainer
 from advplug.evaluate import evaluate, worst_class
 from benchmarks.groundtruth.injection import save_npz
 
-METHODS = {"trades": (), "cfa": ("cfa",), "dafa": ("dafa",)}
+METHODS = {"trades": (), "cfa": ("cfa",), "cfa-trades-scale": ("cfa",), "dafa": ("dafa",)}  # name: plugins
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {"cfa-trades-scale": {"cfa-loss-scale": "trades"}}
 
 
 @dataclasses.dataclass
@@ -84,10 +86,11 @@ def write_data(path: Path, s: Settings, seed: int) -> Path:
 
 def method_config(method: str, seed: int, s: Settings, data_file: Path, out: Path) -> TrainConfig:
     opts: dict[str, Any] = {}
-    if method == "cfa":
+    if "cfa" in METHODS[method]:
         opts["cfa-begin"] = switch_epoch(s)
-    if method == "dafa":
+    if "dafa" in METHODS[method]:
         opts["dafa-warmup"] = switch_epoch(s)
+    opts.update(METHOD_OPTIONS.get(method, {}))
     return TrainConfig(
         data=f"npz:{data_file}",
         model="digits-cnn",

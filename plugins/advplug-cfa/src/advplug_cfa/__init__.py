@@ -30,12 +30,16 @@ classes.
 
 Where advplug differs from the code, and the choices (defaults named):
 
-* **TRADES' scale.** The code's TRADES loss is ``(CE + beta KL) / (1 + beta)`` even without CCR and before
-  ``--begin`` (``class_beta = beta / (1 + beta)``): ``1 / (1 + beta)`` (1/7 at beta 6) times Zhang et al.'s, so SGD's
-  steps are 1/7 as long while weight decay is not scaled. Under ``--objective trades`` the plugin always reproduces
+* **TRADES' scale** (``--cfa-loss-scale``, default ``code``). The code's TRADES loss is ``(CE + beta KL) / (1 +
+  beta)`` even without CCR and before ``--begin`` (``class_beta = beta / (1 + beta)``): ``1 / (1 + beta)`` (1/7 at
+  beta 6) times Zhang et al.'s, so SGD's steps are 1/7 as long while weight decay is not scaled. ``code`` reproduces
   it (weights ``1 / (1 + beta)`` on both terms until CCR starts or with ``--cfa-ccr false``): ``--plugin cfa
-  --cfa-ccm false --cfa-ccr false --cfa-fawa false`` is the code's TRADES baseline, not advplug's plain ``trades``.
-  beta is the run's ``--trades-beta`` (6, the code's ``--beta``).
+  --cfa-ccm false --cfa-ccr false --cfa-fawa false`` is then the code's TRADES baseline, not advplug's plain
+  ``trades``. ``trades`` multiplies the whole loss by ``1 + beta`` (weights ``(1 + beta) / (1 + s_y)``): the same
+  class-wise calibration at Zhang et al.'s scale, equal to plain ``--objective trades`` before CCR starts and
+  without it, so that a comparison with TRADES at one learning rate measures the calibration, not a 1/7 step size
+  (on a short schedule the code's scale leaves the model under-trained: docs/ground-truth.md, the harder class).
+  ``code`` stays the default, as the authors ran it. beta is the run's ``--trades-beta`` (6, the code's ``--beta``).
 * **CCR under ``at`` / ``mart``**: the code passes ``class_beta`` to ``pgd_loss`` / ``fat_loss``, which ignore it;
   ``--cfa-ccr`` (on by default) is ignored there with a line in the log, not an error.
 * **``--cfa-begin``** (the code's ``--begin 10`` of its 200 epochs, a 0-based epoch index: CCM and CCR apply from
@@ -104,11 +108,17 @@ def ccr_strength(acc: Tensor, beta: float, lambda_2: float) -> Tensor:
     return (lambda_2 + acc) * beta
 
 
-def trades_terms(s: Tensor) -> tuple[Tensor, Tensor]:
+def trades_terms(s: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """``attack.py``'s ``trades_loss`` ``sum_b ((1 - beta'_b) CE_b + beta'_b KL_b) / B`` with ``beta' = s / (1 + s)``,
     written as the contract's ``mean(w CE) + mean(beta_b w KL)``: ``(beta_b, w) = (s, 1 / (1 + s))``, since
-    ``1 - beta' = 1 / (1 + s)`` and ``beta' = s / (1 + s)``."""
-    return s, 1.0 / (1.0 + s)
+    ``1 - beta' = 1 / (1 + s)`` and ``beta' = s / (1 + s)``; times ``scale`` (``--cfa-loss-scale trades``: ``1 +
+    beta``, so that ``s = beta`` gives ``w = 1``, plain TRADES)."""
+    return s, scale / (1.0 + s)
+
+
+def loss_scale(name: str, beta: float) -> float:
+    """The factor on the code's TRADES loss: 1 (``code``) or ``1 + beta`` (``trades``, Zhang et al.'s scale)."""
+    return 1.0 + beta if name == "trades" else 1.0
 
 
 def fawa_decay(worst: float | None, threshold: float, started: bool, decay: float) -> tuple[float | None, bool]:
@@ -139,7 +149,8 @@ class CFA:
 
     strength_hint = (
         "--cfa-lambda-2 (CCR's weights differ only as the classes' robust training accuracies do; before --cfa-begin "
-        "and with --cfa-ccr false they are the code's uniform TRADES scale 1 / (1 + beta))"
+        "and with --cfa-ccr false they are uniform: the code's TRADES scale 1 / (1 + beta), or 1 with --cfa-loss-scale "
+        "trades)"
     )
 
     @dataclass(frozen=True)
@@ -163,6 +174,12 @@ class CFA:
         )
         decay: float = opt(
             0.88, "FAWA's decay: avg = decay avg + (1 - decay) w (the code's --decay-rate)", min=0.0, max=1.0
+        )
+        loss_scale: str = opt(
+            "code",
+            "TRADES' loss scale: code (the authors' (CE + beta KL) / (1 + beta)) or trades (times 1 + beta: "
+            "Zhang et al.'s, plain --objective trades before CCR starts)",
+            choices=("code", "trades"),
         )
 
     def __init__(self, options: Options) -> None:
@@ -191,7 +208,8 @@ class CFA:
         if self.ccr_on(objective):
             sets.add("beta")
         parts = (["CCM eps_y"] if o.ccm else []) + (["CCR beta_y"] if self.ccr_on(objective) else [])
-        parts += ["TRADES scaled 1 / (1 + beta)"] if trades else []
+        if trades:
+            parts.append("TRADES scaled 1 / (1 + beta)" if o.loss_scale == "code" else "TRADES at Zhang et al.'s scale")
         return Declaration(
             weights="global" if trades else None,
             natural_weights=trades,
@@ -225,8 +243,10 @@ class CFA:
             parts.append(f"CCR beta'_y = s / (1 + s), s = ({o.lambda_2} + t_y) {self.beta}")
         when = f" from epoch {self.begin + 1}" if calibrates else ""
         line = f"cfa: {', '.join(parts) or 'no calibration'}{when}"
-        if ctx.objective == "trades":
+        if ctx.objective == "trades" and o.loss_scale == "code":
             line += f"; TRADES scaled by 1 / (1 + beta) as the code's trades_loss (beta {self.beta})"
+        elif ctx.objective == "trades":
+            line += f"; TRADES at Zhang et al.'s scale, the code's trades_loss times 1 + beta (beta {self.beta})"
         elif o.ccr:
             line += f"; CCR is defined for TRADES only, off under --objective {ctx.objective}"
         if o.fawa:
@@ -265,7 +285,8 @@ class CFA:
             s = s_k[ctx.y]
         else:
             s = torch.full((ctx.batch_size,), self.beta, device=ctx.y.device)
-        _, w = trades_terms(s)  # the code's 1 - beta'_y, on CE and KL (beta_b = s_y from attack_budget)
+        # the code's 1 - beta'_y (times 1 + beta at --cfa-loss-scale trades), on CE and KL (beta_b = s_y: attack_budget)
+        _, w = trades_terms(s, loss_scale(self.options.loss_scale, self.beta))
         return Weights(adv=w, nat=w)
 
     # -- each epoch ------------------------------------------------------------------------------------------------

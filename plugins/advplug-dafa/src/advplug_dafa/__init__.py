@@ -216,7 +216,7 @@ class DAFA:
             natural_weights=objective == "trades",
             variants={"dafa": ()} if code else {},
             own_scale=True,
-            sets=frozenset({"eps", "alpha"}),
+            sets=frozenset() if code else frozenset({"eps", "alpha"}),  # code: its own attack scales them
             meaning=f"class weights from class similarity after a warm-up, on {term} and the class's eps",
         )
 

@@ -290,6 +290,7 @@ class FAT:
     def declare(self, objective: str) -> Any:
         return Declaration(
             variants={"fat": STATS},
+            reads=frozenset({"eps", "alpha"}),  # generate_adversaries: ctx.budget into EarlyStoppedPGD.set_budget
             meaning="early-stopped PGD: tau steps after the first misclassification (stats: stop_step)",
         )
 
