@@ -259,8 +259,9 @@ def main() -> None:
                 plain.epoch(loader, epoch)
             elif name == "hand LRAT loop":
                 lrat_twin.epoch(loader, epoch)
-            else:
-                contenders[name].train_epoch(epoch)
+            else:  # the plugins' epoch-end upkeep too (burn-ins, estimates: BAT's, DAFA's class weights)
+                trainer = contenders[name]
+                trainer.pm.hook.on_epoch_end(epoch=epoch, metrics=trainer.train_epoch(epoch))
             sync(dev)
             if epoch > 0:  # epoch 0 warms up
                 times[name].append(time.perf_counter() - t0)

@@ -58,6 +58,9 @@ REWEIGHT_NOW: dict[str, dict[str, Any]] = {
     "gairat": {"gairat-begin-epoch": 0},
     "bat": {"bat-burn-in": 0},
     "awp": {"awp-warmup": 0},
+    # no twins, timed against advplug AT (overhead.py --plugin): their switches after the untimed first epoch
+    "cfa": {"cfa-begin": 1},
+    "dafa": {"dafa-warmup": 1},
 }
 
 
