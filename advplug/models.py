@@ -229,10 +229,11 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], *, al
         factory = import_callable(name, "model", name, allow_import, OptionError)
         try:
             model = factory(num_classes=num_classes, input_shape=tuple(input_shape))
-        except Exception as e:  # the user's factory failed: say where
+        except Exception as e:  # the user's factory failed: say where, in one line (its first non-empty one)
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:200]
             raise OptionError(
                 f"--model {name}: calling it with num_classes={num_classes}, input_shape="
-                f"{tuple(input_shape)} failed ({type(e).__name__}: {e})"
+                f"{tuple(input_shape)} failed ({type(e).__name__}: {first})"
             ) from None
         if not isinstance(model, nn.Module):
             raise OptionError(f"--model {name} returned a {type(model).__name__}, not a torch.nn.Module")
