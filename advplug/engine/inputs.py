@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from advplug.attacks import resolve_attack_start
 from advplug.config import RECORD_ONLY, TrainConfig, read_run_config
-from advplug.context import TrainContext
+from advplug.context import ClassStats, TrainContext
 from advplug.data import DataBundle, batches, check_data_import, hold_out, load_dataset
 from advplug.data.device import device_batches
 from advplug.engine import distributed
@@ -189,9 +189,17 @@ def selection_metrics(
 
 
 def train_context(
-    cfg: TrainConfig, data: DataBundle, model: nn.Module, runtime: Any, loss_fn: Any, rank: int, world: int, log: Any
+    cfg: TrainConfig,
+    data: DataBundle,
+    model: nn.Module,
+    runtime: Any,
+    loss_fn: Any,
+    rank: int,
+    world: int,
+    log: Any,
+    class_stats: ClassStats | None = None,
 ) -> TrainContext:
-    """What ``on_train_start`` receives (the validation split moved to the run's device)."""
+    """What ``on_train_start`` receives (the validation split moved to the run's device, the run's ``ClassStats``)."""
     val, device = data.validation, runtime.device
     return TrainContext(
         model=model,
@@ -210,4 +218,5 @@ def train_context(
         rank=rank,
         world_size=world,
         loss_fn=loss_fn,
+        class_stats=class_stats,
     )

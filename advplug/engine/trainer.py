@@ -172,8 +172,9 @@ class Trainer:
             class_stats=self.class_stats,
         )
         self.cost = CostMeter(counted_modules(self.model, self.runtime), self.device)  # the model's passes from here
-        ctx = train_context(cfg, self.data, self.model, self.runtime, self.step.loss, self.rank, self.world, self.log)
-        ctx.class_stats = self.class_stats
+        ctx = train_context(
+            cfg, self.data, self.model, self.runtime, self.step.loss, self.rank, self.world, self.log, self.class_stats
+        )
         self.log(run_header(cfg, self.data, len(self.test[1]), self.device, start_by, self.selection_label))
         self.pm.hook.on_train_start(ctx=ctx)
         if resume:
